@@ -1,0 +1,319 @@
+"""The Kafka broker of the local stack: Apache Kafka 4.x jars from Maven Central, one KRaft node.
+
+One JVM is both broker and controller (``process.roles=broker,controller``), listening on the
+configured loopback host only. Everything lives under ``<root>/kafka/``: the jars of each version
+(``libs-<version>/``), ``server.properties``, the log4j2 configuration, the data (``data/``), the
+process log (``kafka.log``) and pid file, and the Maven log of the install.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from devstack._process import ManagedProcess, port_open, wait_until
+from devstack.config import StackConfig
+from devstack.errors import StackError
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_TIMEOUT = 1200.0  # a cold ~/.m2 downloads ~90 jars; Maven Central can be slow
+_FORMAT_TIMEOUT = 120.0
+_START_TIMEOUT = 90.0
+_STOP_TIMEOUT = 30.0  # a clean shutdown flushes logs and writes checkpoints: a few seconds
+_PROBE_TIMEOUT = 2.0
+
+# Console only: the process's stdout already goes to ManagedProcess's log file. Kafka logs ~150
+# INFO lines per start (thread starts, per-partition state); keep warnings, the server
+# lifecycle and the version banner.
+_LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+"""
+_INFO_LOGGERS = (
+    "kafka.server.BrokerServer",
+    "kafka.server.ControllerServer",
+    "kafka.server.KafkaRaftServer",
+    "org.apache.kafka.common.utils.AppInfoParser",
+)
+
+
+class KafkaService:
+    """A single-node Kafka (KRaft, combined broker + controller) on loopback."""
+
+    name = "kafka"
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.folder = config.folder(self.name)
+        self.libs = self.folder / f"libs-{config.kafka_version}"
+        self.data_dir = self.folder / "data"
+        self.properties_file = self.folder / "server.properties"
+        self.log4j_file = self.folder / "log4j2.properties"
+        self.process = ManagedProcess(self.name, self.folder)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.config.kafka_bootstrap
+
+    def install(self) -> None:
+        """Fetch the broker's jars with Maven into ``libs-<version>/``; a no-op once done.
+
+        Raises:
+            StackError: ``mvn`` is missing, fails or times out (the message names its log).
+        """
+        version = self.config.kafka_version
+        marker = self.libs / ".complete"
+        if marker.exists():
+            return
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise StackError("kafka: Apache Maven (`mvn`) is not on PATH; install it first.")
+        # A folder without the marker is a copy an earlier run did not finish: start afresh.
+        shutil.rmtree(self.libs, ignore_errors=True)
+        # Beside this module (package data); importlib.resources cannot read it while devstack is
+        # a namespace package under an editable install.
+        template = Path(__file__).with_name("kafka_pom.xml")
+        pom = self.folder / f"pom-{version}.xml"
+        pom.write_text(template.read_text(encoding="utf-8").replace("@KAFKA_VERSION@", version))
+        mvn_log = self.folder / f"mvn-{version}.log"
+        argv = [mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies"]
+        argv.append(f"-DoutputDirectory={self.libs}")
+        logger.info("kafka: fetching Kafka %s jars with Maven (log %s)", version, mvn_log)
+        try:
+            rc = _run_logged(argv, mvn_log, _INSTALL_TIMEOUT, append=False)
+        except subprocess.TimeoutExpired as exc:
+            raise StackError(
+                f"kafka: mvn did not finish within {_INSTALL_TIMEOUT:.0f}s; see {mvn_log}", mvn_log
+            ) from exc
+        if rc != 0 or not any(self.libs.glob("kafka_2.13-*.jar")):
+            text = mvn_log.read_text(errors="replace")
+            # Quote Maven's first error (past the colour codes it prints even in batch mode).
+            errors = [ln[ln.index("[ERROR]") :] for ln in text.splitlines() if "[ERROR]" in ln]
+            raise StackError(
+                f"kafka: mvn could not fetch Kafka {version} (exit {rc}); see {mvn_log}"
+                + (f"\n{errors[0]}" if errors else ""),
+                mvn_log,
+            )
+        marker.write_text(f"{version}\n")
+
+    def start(self) -> None:
+        """Install if needed, format the data dir once, start the broker and wait until it answers.
+
+        Raises:
+            StackError: java or mvn missing, install or format failed, a port is taken by another
+                process, or the broker did not answer a metadata request within 90 s.
+        """
+        if self.process.is_running():
+            if not self.healthy():  # started by someone else a moment ago: let it come up
+                self._wait_ready()
+            return
+        busy = self._wait_ports_released()
+        if busy:
+            raise StackError(
+                f"kafka: {self.config.host}:{busy[0]} is in use by a process this stack did not "
+                f"start (pid file {self.process.pid_file}); stop it or change the port.",
+                self.process.log_file,
+            )
+        self.install()
+        java = shutil.which("java")
+        if java is None:
+            raise StackError("kafka: `java` (17 or newer) is not on PATH; install a JDK first.")
+        self._write_config()
+        self._format_once(java)
+        self.process.start([java, *self._jvm_args(), "kafka.Kafka", str(self.properties_file)])
+        self._wait_ready()
+
+    def healthy(self) -> bool:
+        """True if the broker answers a metadata request within about 2 s."""
+        # Checking the port first keeps librdkafka from retrying (and logging) against nothing.
+        if not port_open(self.config.host, self.config.kafka_port):
+            return False
+        admin = AdminClient(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "socket.connection.setup.timeout.ms": int(_PROBE_TIMEOUT * 1000),
+            },
+            # librdkafka's own messages go to Python logging instead of stderr.
+            logger=logging.getLogger(f"{__name__}.probe"),
+        )
+        try:
+            metadata = admin.list_topics(timeout=_PROBE_TIMEOUT)
+        except KafkaException as exc:
+            logger.debug("kafka: metadata probe failed: %s", exc)
+            return False
+        return bool(metadata.brokers)
+
+    def stop(self) -> None:
+        """Stop the broker cleanly (SIGTERM, SIGKILL after 30 s); the data is kept. Never raises."""
+        if self.process.stop(timeout=_STOP_TIMEOUT):
+            self._wait_ports_released()
+
+    def kill(self) -> None:
+        """SIGKILL the broker at once (fault tests); the data is kept. Never raises."""
+        if self.process.is_running():
+            self.process.kill()
+            self._wait_ports_released()
+
+    def restart(self) -> None:
+        """Stop and start again, keeping the data.
+
+        Raises:
+            StackError: as ``start``.
+        """
+        self.stop()
+        self.start()
+
+    def status(self) -> dict[str, str | int | bool | None]:
+        """Running, healthy, pid, address and log path of the broker. Never raises."""
+        pid = self.process.pid()
+        return {
+            "name": self.name,
+            "running": pid is not None,
+            "healthy": pid is not None and self.healthy(),
+            "pid": pid,
+            "address": self.bootstrap_servers,
+            "log": str(self.process.log_file),
+        }
+
+    def reset(self) -> None:
+        """Stop the broker and delete its data (topics, offsets, metadata); jars are kept."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        logger.info("kafka: data deleted (%s)", self.data_dir)
+
+    def _wait_ports_released(self, timeout: float = 10.0) -> list[int]:
+        """Wait until no one listens on the broker's ports; return those still in use."""
+        # A killed JVM's main thread shows as a zombie (so ManagedProcess calls it gone) while its
+        # other threads, which keep the sockets open, are still exiting.
+        cfg = self.config
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [
+                p for p in (cfg.kafka_port, cfg.kafka_controller_port) if port_open(cfg.host, p)
+            ]
+            if not busy or time.monotonic() > deadline:
+                return busy
+            time.sleep(0.1)
+
+    def _wait_ready(self) -> None:
+        wait_until(
+            self.healthy,
+            timeout=_START_TIMEOUT,
+            what=f"kafka at {self.bootstrap_servers}",
+            process=self.process,
+            interval=1.0,
+        )
+        logger.info("kafka: ready at %s", self.bootstrap_servers)
+
+    def _jvm_args(self) -> list[str]:
+        return [
+            f"-Xmx{self.config.kafka_heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.log4j_file}",
+            f"-Dkafka.logs.dir={self.folder}",
+            "-cp",
+            f"{self.libs}/*",  # expanded by java itself, not by a shell
+        ]
+
+    def _write_config(self) -> None:
+        """Write server.properties and the log4j2 configuration (rewritten on every start)."""
+        cfg = self.config
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            # A static voter set: one node that is its own quorum, no dynamic membership.
+            "controller.quorum.voters": f"1@{cfg.host}:{cfg.kafka_controller_port}",
+            "listeners": f"PLAINTEXT://{cfg.host}:{cfg.kafka_port},"
+            f"CONTROLLER://{cfg.host}:{cfg.kafka_controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{cfg.host}:{cfg.kafka_port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "4",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "auto.create.topics.enable": "true",
+            # Internal topics default to 3 replicas and 50 partitions: impossible, resp. slow to
+            # create, on one small node.
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "8",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Tests join and leave groups constantly; the default 3 s delay only slows them down.
+            "group.initial.rebalance.delay.ms": "0",
+            "log.segment.bytes": str(16 * 1024 * 1024),
+            "log.retention.hours": "24",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+            "num.recovery.threads.per.data.dir": "1",
+        }
+        self.properties_file.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        loggers = "".join(
+            f"logger.l{i}.name = {name}\nlogger.l{i}.level = INFO\n"
+            for i, name in enumerate(_INFO_LOGGERS)
+        )
+        self.log4j_file.write_text(_LOG4J2 + loggers)
+
+    def _format_once(self, java: str) -> None:
+        """Format the data dir with a new cluster id unless it already holds a formatted log.
+
+        Raises:
+            StackError: the storage tool failed or timed out.
+        """
+        if (self.data_dir / "meta.properties").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [java, *self._jvm_args(), "kafka.tools.StorageTool", "format"]
+        argv += ["-t", _new_cluster_id(), "-c", str(self.properties_file)]
+        log = self.process.log_file
+        logger.info("kafka: formatting %s", self.data_dir)
+        try:
+            rc = _run_logged(argv, log, _FORMAT_TIMEOUT, append=True)
+        except subprocess.TimeoutExpired as exc:
+            raise StackError(f"kafka: formatting the data dir timed out; see {log}", log) from exc
+        if rc != 0:
+            raise StackError(f"kafka: formatting the data dir failed (exit {rc}); see {log}", log)
+
+
+def _run_logged(argv: list[str], log: Path, timeout: float, *, append: bool) -> int:
+    """Run a command to completion with its output in ``log``; return its exit code."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab" if append else "wb") as out:
+        out.write(f"\n===== running: {' '.join(argv)}\n".encode())
+        out.flush()
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        ).returncode
+
+
+def _new_cluster_id() -> str:
+    """A random cluster id in Kafka's format: 16 random bytes, URL-safe base64, no padding."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):  # Kafka's own generator avoids these: CLI-unfriendly
+            return cluster_id

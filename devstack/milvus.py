@@ -1,0 +1,385 @@
+"""The Milvus service of the local stack: a real Milvus 2.3.5 standalone server.
+
+The PyPI wheel ``milvus==2.3.5`` bundles the standalone binary (Go + C++, embedded etcd and
+rocksmq) and its shared libraries as ``.lzma`` files, plus a ``milvus.yaml`` template. Its own
+``MilvusServer`` picks random ports, writes under ``~/.milvus.io`` and keeps the process as a
+child of the Python that started it, so we only use the wheel as a carrier: ``install()`` puts it
+in its own venv (its pins stay out of the main venv) and unpacks the binary, and ``start()``
+renders the config and runs ``milvus run standalone`` through :class:`ManagedProcess` (own
+session, pid and log files), so stop/kill/restart work across CLI invocations.
+
+Layout under ``<root>/milvus``: ``venv/`` (the wheel), ``server/`` (unpacked binary, libraries,
+config template), ``configs/`` (rendered at each start), ``data/`` (etcd, rocksmq, segments;
+kept by stop, wiped by reset), ``logs/`` (etcd and C++ engine logs), ``milvus.log``/``milvus.pid``.
+"""
+
+from __future__ import annotations
+
+import logging
+import lzma
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from devstack._process import ManagedProcess, port_open, wait_until
+from devstack.config import StackConfig
+from devstack.errors import StackError
+
+logger = logging.getLogger(__name__)
+
+MILVUS_VERSION = "2.3.5"
+START_TIMEOUT = 120.0
+
+# Every port is an offset from config.milvus_port (19530 gives 19529-19541), so one setting moves
+# the whole server and nothing lands on Milvus's stock ports elsewhere: etcd's 2379/2380 and the
+# metrics/health port 9091 (Prometheus pushgateway's default) are the likeliest to be taken on a
+# developer machine. Kafka (19092/19093) and Triton (18000-18002) stay clear.
+_PORT_OFFSETS = {
+    "proxy_internal": -1,
+    "query_coord": 1,
+    "root_coord": 2,
+    "data_coord": 3,
+    "query_node": 4,
+    "data_node": 5,
+    "index_node": 6,
+    "index_coord": 7,
+    "etcd_client": 8,
+    "etcd_peer": 9,
+    "metrics": 10,
+}
+# Components whose advertised ``ip`` goes into etcd; pinning it keeps internal traffic on loopback.
+_COMPONENTS = (
+    "rootCoord",
+    "proxy",
+    "queryCoord",
+    "queryNode",
+    "indexNode",
+    "dataCoord",
+    "dataNode",
+)
+_PLACEHOLDER = re.compile(r"\{\{\s*\w+(?:\(\w+\))?\s*(?::\s*([^}]*?))?\s*\}\}")
+
+
+class MilvusService:
+    """Install, start, probe and stop the local Milvus standalone server."""
+
+    name = "milvus"
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.folder = config.folder(self.name)
+        self.venv = self.folder / "venv"
+        self.server_dir = self.folder / "server"
+        self.binary = self.server_dir / "bin" / "milvus"
+        self.configs = self.folder / "configs"
+        self.data = self.folder / "data"
+        self.logs = self.folder / "logs"
+        self.pip_log = self.folder / "pip.log"
+        self.marker = self.server_dir / f".installed-{MILVUS_VERSION}"
+        self.process = ManagedProcess(self.name, self.folder)
+        self.ports = {key: config.milvus_port + off for key, off in _PORT_OFFSETS.items()}
+
+    @property
+    def uri(self) -> str:
+        return self.config.milvus_uri
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.config.host}:{self.ports['metrics']}/healthz"
+
+    # ---------------------------------------------------------------- install
+
+    def install(self) -> None:
+        """Create the venv, pip-install the wheel and unpack the server binary (idempotent).
+
+        Raises:
+            StackError: venv creation or pip failed (see ``pip.log``), or the unpacked binary
+                misses a shared library.
+        """
+        if self.marker.exists() and self.binary.exists():
+            return
+        started = time.monotonic()
+        python = self.venv / "bin" / "python"
+        with self.pip_log.open("ab") as log:
+            for step, argv in (
+                ("create the venv", [self.config.python, "-m", "venv", str(self.venv)]),
+                (
+                    f"pip install milvus=={MILVUS_VERSION}",
+                    [
+                        str(python),
+                        "-m",
+                        "pip",
+                        "install",
+                        "--disable-pip-version-check",
+                        f"milvus=={MILVUS_VERSION}",
+                    ],
+                ),
+            ):
+                if step.startswith("create") and python.exists():
+                    continue
+                log.write(f"\n===== {step}: {' '.join(argv)}\n".encode())
+                log.flush()
+                try:
+                    done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False)
+                except OSError as exc:
+                    raise StackError(f"milvus: could not {step}: {exc}", self.pip_log) from exc
+                if done.returncode != 0:
+                    raise StackError(
+                        f"milvus: could not {step} (exit {done.returncode}); see {self.pip_log}",
+                        self.pip_log,
+                    )
+        self._unpack()
+        self.marker.write_text(MILVUS_VERSION)
+        logger.info("milvus %s installed in %.0fs", MILVUS_VERSION, time.monotonic() - started)
+
+    def _unpack(self) -> None:
+        packaged = next(self.venv.glob("lib/python*/site-packages/milvus/data"), None)
+        if packaged is None:
+            raise StackError(f"milvus: the wheel has no milvus/data in {self.venv}", self.pip_log)
+        bin_dir = self.binary.parent
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for packed in sorted((packaged / "bin").glob("*.lzma")):
+            target = bin_dir / packed.stem
+            with lzma.open(packed) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            target.chmod(0o755)
+        for name in ("config.yaml.template", "glog.conf"):
+            shutil.copy(packaged / name, self.server_dir / name)
+        # Fail at install, not at first start, if the host lacks a library the wheel assumes.
+        ldd = subprocess.run(
+            ["ldd", str(self.binary)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"LD_LIBRARY_PATH": str(bin_dir)},
+        )
+        missing = [line.strip() for line in ldd.stdout.splitlines() if "not found" in line]
+        if missing:
+            raise StackError(f"milvus: the server binary misses libraries: {missing}")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the server unless it runs, and wait until it answers ``list_collections``.
+
+        Raises:
+            StackError: not installed, the port is taken by another process, or the server
+                exited or was not ready within 120 s (the message quotes ``milvus.log``).
+        """
+        if not self.marker.exists():
+            raise StackError("milvus: not installed; run install() first")
+        if not self.process.is_running():
+            ports = (self.config.milvus_port, *self.ports.values())
+            busy = [port for port in ports if port_open(self.config.host, port)]
+            if busy:
+                raise StackError(
+                    f"milvus: ports {busy} already in use by another process "
+                    "(a milvus left over from a lost pid file is cleaned up by stop())",
+                    self.process.log_file,
+                )
+            self._write_configs()
+            for folder in (self.data, self.logs, self.folder / "run"):
+                folder.mkdir(parents=True, exist_ok=True)
+            self.process.start(
+                [str(self.binary), "run", "standalone"], env=self._env(), cwd=self.folder
+            )
+        started = time.monotonic()
+        # Loaded collections come back asynchronously after a restart; queries fail with
+        # "collection not loaded" until then, so ready means reloaded too.
+        wait_until(
+            lambda: self._probe(loaded=True),
+            timeout=START_TIMEOUT,
+            what="milvus",
+            process=self.process,
+            interval=1.0,
+        )
+        logger.info("milvus ready at %s after %.1fs", self.uri, time.monotonic() - started)
+
+    def healthy(self) -> bool:
+        """True if the server runs, says healthy and answers ``list_collections``; never raises."""
+        try:
+            return self.process.is_running() and self._probe()
+        except Exception as exc:  # any failure of the probe means "not healthy"
+            logger.debug("milvus probe failed: %s", exc)
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM the server (SIGKILL after 30 s) and any stray server of this stack; data kept."""
+        self.process.stop(timeout=30.0)
+        for pid in self._server_pids():
+            # A server whose pid file was lost (e.g. a wiped folder): same binary, so ours.
+            logger.warning("milvus: stopping stray server pid %d", pid)
+            os.kill(pid, signal.SIGKILL)
+        self._wait_released()
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (fault tests); the data stays as the crash left it."""
+        self.process.kill()
+        self._wait_released()
+
+    def restart(self) -> None:
+        """Stop, then start.
+
+        Raises:
+            StackError: as ``start()``.
+        """
+        self.stop()
+        self.start()
+
+    def reset(self) -> None:
+        """Stop the server and delete all its data (collections, etcd metadata, message log)."""
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "running": self.process.is_running(),
+            "healthy": self.healthy(),
+            "pid": self.process.pid(),
+            "uri": self.uri,
+            "log": str(self.process.log_file),
+        }
+
+    def listening_note(self) -> str:
+        """What listens where (measured with ``ss -ltnp`` on Milvus 2.3.5)."""
+        p = self.ports
+        return (
+            f"Milvus 2.3.5 listens on ALL interfaces (0.0.0.0/[::]) for its gRPC ports, whatever "
+            f"the config says: the client port {self.config.milvus_port} (gRPC + REST), proxy "
+            f"internal {p['proxy_internal']}, and the components' internal ports "
+            f"{p['query_coord']}-{p['index_node']}; plus the metrics/health HTTP port "
+            f"{p['metrics']} (/healthz, /metrics). The embedded etcd listens on "
+            f"{self.config.host}:{p['etcd_client']} (client) and :{p['etcd_peer']} (peer) only. "
+            "There is no authentication: keep the machine's firewall closed to these ports."
+        )
+
+    # ---------------------------------------------------------------- internals
+
+    def _probe(self, *, loaded: bool = False) -> bool:
+        """healthz says OK and ``list_collections`` answers; with ``loaded``, also no collection
+        is still (re)loading, as happens for a while after every restart."""
+        with urllib.request.urlopen(self.health_url, timeout=2) as response:
+            if b"OK" not in response.read():
+                return False
+        # healthz can be OK a moment before the proxy serves requests; ask the real API too.
+        # Imported here: pymilvus takes ~1 s to import and only a running server needs it.
+        from pymilvus import MilvusClient  # noqa: PLC0415
+
+        client = MilvusClient(uri=self.uri, timeout=5)
+        try:
+            names = client.list_collections()
+            if loaded:
+                states = [client.get_load_state(name)["state"].name for name in names]
+                return "Loading" not in states
+        finally:
+            client.close()
+        return True
+
+    def _env(self) -> dict[str, str]:
+        # A clean environment: Milvus reads overrides from env vars (ETCD_*, COMMON_*, ...), so
+        # nothing of the caller's environment may leak into the server's config.
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.folder),
+            "LD_LIBRARY_PATH": str(self.binary.parent),
+            "DEPLOY_MODE": "STANDALONE",
+            "MILVUSCONF": f"{self.configs}/",
+            "METRICS_PORT": str(self.ports["metrics"]),
+            "MILVUS_RUN_DIR": str(self.folder / "run"),
+        }
+
+    def _write_configs(self) -> None:
+        host, p = self.config.host, self.ports
+        template = (self.server_dir / "config.yaml.template").read_text()
+        # The wheel's own mini template syntax: {{ key(type): default }}; take the defaults and
+        # then set what we need on the parsed YAML.
+        settings: dict[str, Any] = yaml.safe_load(
+            _PLACEHOLDER.sub(lambda m: m.group(1) or "", template)
+        )
+        etcd_client = f"http://{host}:{p['etcd_client']}"
+        etcd_peer = f"http://{host}:{p['etcd_peer']}"
+        overrides: dict[str, Any] = {
+            "etcd.endpoints": f"{host}:{p['etcd_client']}",
+            "etcd.config.path": str(self.configs / "embedEtcd.yaml"),
+            "etcd.data.dir": str(self.data / "etcd"),
+            "etcd.log.path": str(self.logs / "etcd.log"),
+            "etcd.log.level": "warn",
+            "localStorage.path": str(self.data / "storage"),
+            "rocksmq.path": str(self.data / "rocksmq"),
+            "proxy.port": self.config.milvus_port,
+            "proxy.internalPort": p["proxy_internal"],
+            "rootCoord.port": p["root_coord"],
+            "queryCoord.port": p["query_coord"],
+            "queryNode.port": p["query_node"],
+            "dataCoord.port": p["data_coord"],
+            "dataNode.port": p["data_node"],
+            "indexNode.port": p["index_node"],
+            "indexCoord.bindIndexNodeMode.address": f"{host}:{p['index_coord']}",
+            # Only stdout, which ManagedProcess sends to milvus.log.
+            "log.file.rootPath": "",
+            # On SIGTERM the query node waits this long to hand its segments to another node;
+            # standalone has none, so the wait is pure loss (data is safe in the WAL anyway).
+            "common.gracefulStopTimeout": 3,
+            # A restarted server waits for the previous run's sessions (never revoked by 2.3.5's
+            # exit) to expire before DDL proceeds: the stock 30 s TTL stalled create_collection
+            # for ~25 s after each restart.
+            "common.session.ttl": 10,
+            **{f"{component}.ip": host for component in _COMPONENTS},
+        }
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = settings
+            for key in parents:
+                if not isinstance(node.get(key), dict):  # e.g. "ip:" parses as None
+                    node[key] = {}
+                node = node[key]
+            node[leaf] = value
+        self.configs.mkdir(parents=True, exist_ok=True)
+        (self.configs / "milvus.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        # Without its own config the embedded etcd takes etcd's stock localhost:2379/2380.
+        embed_etcd = {
+            "name": "milvus",
+            "listen-client-urls": etcd_client,
+            "advertise-client-urls": etcd_client,
+            "listen-peer-urls": etcd_peer,
+            "initial-advertise-peer-urls": etcd_peer,
+            "initial-cluster": f"milvus={etcd_peer}",
+            "log-level": "warn",
+            "log-outputs": [str(self.logs / "etcd.log")],
+        }
+        (self.configs / "embedEtcd.yaml").write_text(yaml.safe_dump(embed_etcd))
+        glog = (self.server_dir / "glog.conf").read_text()
+        glog = re.sub(r"--log_dir=.*", f"--log_dir={self.logs}/", glog)
+        (self.configs / "glog.conf").write_text(glog)
+
+    def _wait_released(self, timeout: float = 10.0) -> None:
+        # A killed Go process shows as a zombie (its leader thread) while its other threads are
+        # still exiting and holding the sockets; a start() then would find the ports taken.
+        ports = (self.config.milvus_port, *self.ports.values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (
+            self._server_pids() or any(port_open(self.config.host, port) for port in ports)
+        ):
+            time.sleep(0.1)
+
+    def _server_pids(self) -> list[int]:
+        """Pids of live processes running this stack's server binary (the pgrep of stop())."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if Path(os.readlink(entry / "exe")) == self.binary:
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids

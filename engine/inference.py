@@ -1,0 +1,173 @@
+"""Triton adapter: send a preprocessed batch, get embeddings back.
+
+Owns tritonclient's errors: everything that means "Triton is down, starting, overloaded or slow"
+becomes :class:`InferenceUnavailableError` (retriable); a request Triton rejects as malformed or a
+model it does not serve becomes :class:`InferenceConfigurationError`, because no retry and no
+dead letter can fix a deployment that does not match the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from engine.errors import ConfigurationError, InferenceUnavailableError, Stage
+from engine.settings import TritonSettings
+
+logger = logging.getLogger(__name__)
+
+# Statuses that describe a request the server understood and refused for good.
+_CONFIGURATION_STATUSES = frozenset(
+    {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "400", "404"}
+)
+
+
+class InferenceConfigurationError(ConfigurationError):
+    """Triton rejected the request itself: wrong model name, tensor name, shape or dtype."""
+
+    reason = "triton_configuration"
+
+
+class TritonEmbedder:
+    """Embeds preprocessed image batches with a model served by Triton.
+
+    Batches larger than the model's ``max_batch_size`` are split; the result always has one
+    row per input row.
+    """
+
+    def __init__(self, settings: TritonSettings) -> None:
+        self._settings = settings
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            if self._settings.protocol == "grpc":
+                self._client = grpcclient.InferenceServerClient(url=self._settings.url)
+            else:
+                self._client = httpclient.InferenceServerClient(
+                    url=self._settings.url,
+                    connection_timeout=self._settings.request_timeout_s,
+                    network_timeout=self._settings.request_timeout_s,
+                )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+
+    def __enter__(self) -> TritonEmbedder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def is_ready(self) -> bool:
+        """True when the server is up and the model is loaded; never raises."""
+        try:
+            client = self._connect()
+            return bool(
+                client.is_server_ready()
+                and client.is_model_ready(self._settings.model_name, self._settings.model_version)
+            )
+        except Exception as exc:  # any failure to answer means "not ready"
+            logger.debug("Triton readiness probe failed: %s", exc)
+            self._drop_client()
+            return False
+
+    def wait_until_ready(self, timeout_s: float | None = None) -> None:
+        """Block until :meth:`is_ready`.
+
+        Raises:
+            InferenceUnavailableError: not ready within ``timeout_s`` (default: the settings').
+        """
+        timeout = self._settings.ready_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise InferenceUnavailableError(
+                    f"Triton model {self._settings.model_name!r} at {self._settings.url} "
+                    f"not ready after {timeout:.0f}s",
+                    stage=Stage.EMBED,
+                )
+            time.sleep(0.5)
+
+    def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Return the embeddings ``[N, D]`` of a preprocessed ``[N, 3, H, W]`` batch.
+
+        Raises:
+            InferenceUnavailableError: Triton is unreachable, not ready, overloaded or timed out.
+            InferenceConfigurationError: Triton refused the request as invalid for its model.
+        """
+        if batch.shape[0] == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        step = self._settings.max_batch_size
+        parts = [
+            self._infer(batch[start : start + step]) for start in range(0, batch.shape[0], step)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        s = self._settings
+        module: Any = grpcclient if s.protocol == "grpc" else httpclient
+        data = np.ascontiguousarray(batch, dtype=np.float32)
+        tensor = module.InferInput(s.input_name, list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        output = module.InferRequestedOutput(s.output_name)
+        try:
+            client = self._connect()
+            if s.protocol == "grpc":
+                result = client.infer(
+                    s.model_name,
+                    [tensor],
+                    model_version=s.model_version,
+                    outputs=[output],
+                    client_timeout=s.request_timeout_s,
+                )
+            else:
+                result = client.infer(
+                    s.model_name, [tensor], model_version=s.model_version, outputs=[output]
+                )
+        except InferenceServerException as exc:
+            raise self._translate(exc) from exc
+        except (OSError, TimeoutError) as exc:  # the HTTP client's socket errors
+            self._drop_client()
+            raise InferenceUnavailableError(
+                f"Triton at {s.url} unreachable: {exc!r}", stage=Stage.EMBED
+            ) from exc
+        embeddings = result.as_numpy(s.output_name)
+        if embeddings is None or embeddings.shape[0] != data.shape[0]:
+            # Seen when the server's python backend runs with an incompatible numpy: a
+            # server-side fault, so retry rather than store garbage.
+            raise InferenceUnavailableError(
+                f"Triton returned {None if embeddings is None else embeddings.shape} "
+                f"for a batch of {data.shape[0]}",
+                stage=Stage.EMBED,
+            )
+        return np.asarray(embeddings, dtype=np.float32)
+
+    def _translate(self, exc: InferenceServerException) -> Exception:
+        status = str(exc.status() or "")
+        text = f"Triton {self._settings.url} model {self._settings.model_name!r}: {exc}"
+        if status in _CONFIGURATION_STATUSES and "not ready" not in str(exc).lower():
+            return InferenceConfigurationError(text, stage=Stage.EMBED)
+        self._drop_client()
+        reason = "triton_overloaded" if "queue" in str(exc).lower() else "triton_unavailable"
+        return InferenceUnavailableError(text, reason=reason, stage=Stage.EMBED)
+
+    def _drop_client(self) -> None:
+        # A broken channel can stay broken; the next call reconnects from scratch.
+        try:
+            self.close()
+        except Exception as exc:
+            logger.debug("closing Triton client failed: %s", exc)
+            self._client = None

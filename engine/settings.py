@@ -1,0 +1,163 @@
+"""Typed settings, read once at an entry point and passed down.
+
+Sources, later ones winning: defaults, a YAML file, environment variables prefixed ``TRIDENT_``
+with ``__`` between nesting levels (``TRIDENT_KAFKA__BOOTSTRAP_SERVERS=host:9092``). Core classes
+receive the section they need; none of them reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from engine.errors import ConfigurationError
+from engine.model.spec import DEFAULT_MODEL_SPEC
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic: str = "trident.ingest"
+    dead_letter_topic: str = "trident.ingest.dlq"
+    group_id: str = "trident-workers"
+    session_timeout_ms: int = 6000
+    # Must exceed the longest batch (including retries) so a slow batch does not cost the
+    # partitions: the worker pauses and rewinds long before this.
+    max_poll_interval_ms: int = 300_000
+    topic_partitions: int = Field(4, description="Partitions when the worker creates the topic.")
+    extra: dict[str, str] = Field(default_factory=dict, description="Raw librdkafka settings.")
+
+
+class TritonSettings(BaseModel):
+    url: str = "127.0.0.1:18001"
+    protocol: Literal["grpc", "http"] = "grpc"
+    model_name: str = DEFAULT_MODEL_SPEC.name
+    model_version: str = ""
+    input_name: str = DEFAULT_MODEL_SPEC.input_name
+    output_name: str = DEFAULT_MODEL_SPEC.output_name
+    max_batch_size: int = DEFAULT_MODEL_SPEC.max_batch_size
+    model_tag: str = Field(DEFAULT_MODEL_SPEC.model_version_tag, description="Stored with vectors.")
+    request_timeout_s: float = 30.0
+    ready_timeout_s: float = 120.0
+
+
+class MilvusSettings(BaseModel):
+    uri: str = "http://127.0.0.1:19530"
+    token: str = ""
+    collection: str = "images"
+    dimension: int = DEFAULT_MODEL_SPEC.output_dim
+    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
+    index_type: str = "HNSW"
+    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 64})
+    timeout_s: float = 30.0
+
+
+class FetchSettings(BaseModel):
+    """How image references are followed. Defaults are safe for untrusted events."""
+
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Local paths are read only below these folders."
+    )
+    timeout_s: float = 10.0
+    max_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    concurrency: int = 8
+    allow_private_addresses: bool = Field(
+        False, description="Allow URLs resolving to loopback/private/link-local/metadata addresses."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts always allowed, even if their address is private."
+    )
+
+
+class PreprocessSettings(BaseModel):
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+
+
+class BatchSettings(BaseModel):
+    max_size: int = Field(32, ge=1)
+    max_wait_ms: int = Field(250, ge=1)
+
+
+class RetrySettings(BaseModel):
+    attempts: int = Field(5, ge=1)
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    pause_s: float = Field(
+        5.0, description="How long partitions stay paused after retries run out."
+    )
+
+
+class WorkerSettings(BaseModel):
+    health_host: str = "127.0.0.1"
+    health_port: int = 9400
+    shutdown_grace_s: float = 30.0
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_upload_bytes: int = 25 * 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """All settings of every role; each role uses the sections it needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIDENT_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init values), which beats defaults.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from an optional YAML file, then the environment, then ``overrides``.
+
+    Raises:
+        ConfigurationError: the file is missing, is not a YAML mapping, or a value is invalid.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigurationError(f"settings file {path} must hold a mapping")
+        values = loaded or {}
+    try:
+        settings = Settings(**values)
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid settings: {exc}") from exc
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    return settings

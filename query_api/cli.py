@@ -1,0 +1,31 @@
+"""``trident-api``: serve the query API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from engine.cli_support import add_common_arguments, settings_from_arguments
+from query_api.app import create_app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="trident-api", description="Serve similarity search over HTTP."
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--host", default=None, help="Override api.host (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=None, help="Override api.port (default 8080).")
+    args = parser.parse_args(argv)
+    settings = settings_from_arguments(args)
+    host = args.host or settings.api.host
+    port = args.port or settings.api.port
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

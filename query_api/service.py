@@ -1,0 +1,111 @@
+"""What the query API does, independent of HTTP: turn a query into a vector, search Milvus."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from engine.errors import ImageContentError, InvalidQueryError, Stage
+from engine.fetch import ImageFetcher
+from engine.images import ImageDecodeError, decode_image
+from engine.inference import TritonEmbedder
+from engine.preprocess import JaxPreprocessor
+from engine.settings import Settings
+from engine.store import Hit, VectorStore
+from schemas import PathImage, SearchHit, UrlImage
+
+logger = logging.getLogger(__name__)
+
+
+class SearchService:
+    """Similarity search by image bytes, image reference, vector or stored id."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: VectorStore,
+        embedder: TritonEmbedder,
+        preprocessor: JaxPreprocessor,
+        fetcher: ImageFetcher,
+    ) -> None:
+        self._settings = settings
+        self.store = store
+        self.embedder = embedder
+        self._preprocessor = preprocessor
+        self._fetcher = fetcher
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SearchService:
+        return cls(
+            settings,
+            store=VectorStore(settings.milvus),
+            embedder=TritonEmbedder(settings.triton),
+            preprocessor=JaxPreprocessor(batch_sizes=(1,), device=settings.preprocess.device),
+            fetcher=ImageFetcher(settings.fetch),
+        )
+
+    def warmup(self) -> None:
+        self._preprocessor.warmup()
+
+    def close(self) -> None:
+        self._fetcher.close()
+        self.embedder.close()
+        self.store.close()
+
+    def embed_image(self, data: bytes) -> npt.NDArray[np.float32]:
+        """The embedding of one encoded image.
+
+        Raises:
+            ImageContentError: the bytes are not a usable image.
+            InferenceUnavailableError: Triton is unavailable.
+        """
+        try:
+            pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
+        except ImageDecodeError as exc:
+            raise ImageContentError(str(exc), reason=exc.reason, stage=Stage.DECODE_IMAGE) from exc
+        batch = self._preprocessor.preprocess([pixels])
+        return self.embedder.embed(batch)[0]
+
+    def embed_reference(self, reference: str) -> npt.NDArray[np.float32]:
+        """The embedding of the image at a path (under the allowed roots) or http(s) URL.
+
+        Raises:
+            ImageReferenceError: forbidden or missing reference.
+            ImageContentError, InferenceUnavailableError, FetchUnavailableError.
+        """
+        ref = (
+            UrlImage(url=reference)
+            if reference.startswith(("http://", "https://"))
+            else PathImage(path=reference)
+        )  # type: ignore[arg-type]
+        return self.embed_image(self._fetcher.fetch(ref))
+
+    def vector_of(self, item_id: str, collection: str | None) -> npt.NDArray[np.float32]:
+        """The stored vector of ``item_id``.
+
+        Raises:
+            InvalidQueryError: no such id.
+        """
+        rows = self.store.get([item_id], collection, with_vectors=True)
+        if not rows:
+            raise InvalidQueryError(
+                f"no item with id {item_id!r}", reason="unknown_id", stage=Stage.SEARCH
+            )
+        return np.asarray(rows[0]["embedding"], dtype=np.float32)
+
+    def search(
+        self,
+        vector: npt.NDArray[np.float32] | Sequence[float],
+        *,
+        top_k: int,
+        filter_expr: str | None = None,
+        collection: str | None = None,
+    ) -> list[SearchHit]:
+        hits: list[Hit] = self.store.search(
+            vector, top_k=top_k, filter_expr=filter_expr, collection=collection
+        )
+        return [SearchHit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits]

@@ -1,0 +1,108 @@
+"""Helpers for tests on the real stack: settings per test, in-process workers, waiting."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from devstack.stack import LocalStack
+from engine.kafka import consumer_config, ensure_topics
+from engine.settings import Settings
+from engine.store import VectorStore
+from worker import Worker, build_worker
+
+
+@pytest.fixture
+def settings(stack: LocalStack, unique: str, tmp_path: Path) -> Settings:
+    """Settings on the test stack with this test's own topics, group and collection."""
+    result = stack.settings(
+        kafka={
+            "topic": f"ingest-{unique}",
+            "dead_letter_topic": f"ingest-{unique}.dlq",
+            "group_id": f"workers-{unique}",
+        },
+        milvus={"collection": f"test_{unique}"},
+        fetch={"allowed_roots": [str(tmp_path)]},
+        batch={"max_size": 16, "max_wait_ms": 200},
+        retry={"attempts": 3, "initial_backoff_s": 0.2, "max_backoff_s": 1.0, "pause_s": 2.0},
+        preprocess={"batch_sizes": (1, 4, 16)},
+        worker={"health_port": 0},
+    )
+    ensure_topics(result.kafka)
+    return result
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[VectorStore]:
+    vector_store = VectorStore(settings.milvus)
+    yield vector_store
+    try:
+        vector_store.drop_collection(settings.milvus.collection)
+    finally:
+        vector_store.close()
+
+
+@contextmanager
+def running_worker(settings: Settings, worker_id: str = "test-worker") -> Iterator[Worker]:
+    """A worker consuming in a background thread of this process; stopped on exit."""
+    worker, _readiness = build_worker(settings, worker_id=worker_id)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    thread = threading.Thread(target=run, name=worker_id, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "worker did not stop within 60 s"
+    assert not failure, f"worker crashed: {failure[0]!r}"
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.5
+) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def committed_everything(settings: Settings) -> bool:
+    """True when the group's committed offsets reached the end of every partition."""
+    probe = Consumer(consumer_config(settings.kafka, **{"client.id": "test-probe"}))
+    try:
+        metadata = probe.list_topics(settings.kafka.topic, timeout=10)
+        partitions = [
+            TopicPartition(settings.kafka.topic, p)
+            for p in metadata.topics[settings.kafka.topic].partitions
+        ]
+        committed = probe.committed(partitions, timeout=10)
+        for tp in committed:
+            _low, high = probe.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=10
+            )
+            if high > 0 and tp.offset < high:
+                return False
+        return True
+    finally:
+        probe.close()

@@ -1,0 +1,228 @@
+"""The batch processor with fake services: isolation, classification, version guard."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from engine.errors import (
+    FetchUnavailableError,
+    ImageReferenceError,
+    InferenceUnavailableError,
+    TridentError,
+)
+from engine.settings import FetchSettings, RetrySettings
+from engine.store import StoredVersion, VectorRecord
+from schemas import IngestEvent, InlineImage, PathImage, encode_event
+from schemas.events import ImageRef
+from worker.metrics import WorkerMetrics
+from worker.pipeline import BatchProcessor, Outcome
+
+DIM = 8
+
+
+@dataclass
+class FakeMessage:
+    payload: bytes | None
+    offset_: int
+    key_: bytes | None = None
+
+    def value(self) -> bytes | None:
+        return self.payload
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def topic(self) -> str:
+        return "ingest"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return None
+
+
+class FakeFetcher:
+    """Inline images pass through; paths map to scripted results."""
+
+    def __init__(self, scripted: dict[str, list[bytes | TridentError]] | None = None) -> None:
+        self.scripted = scripted or {}
+        self.calls = 0
+
+    def fetch_many(self, refs: Sequence[ImageRef]) -> list[bytes | TridentError]:
+        self.calls += 1
+        results: list[bytes | TridentError] = []
+        for ref in refs:
+            if isinstance(ref, InlineImage):
+                results.append(ref.data)
+            else:
+                assert isinstance(ref, PathImage)
+                script = self.scripted[ref.path]
+                results.append(script.pop(0) if len(script) > 1 else script[0])
+        return results
+
+
+class FakePreprocessor:
+    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+        return np.stack([np.full((3, 4, 4), float(img.mean()), dtype=np.float32) for img in images])
+
+
+class FakeEmbedder:
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.batches: list[int] = []
+
+    def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if self.failures:
+            self.failures -= 1
+            raise InferenceUnavailableError("triton down")
+        self.batches.append(batch.shape[0])
+        vectors = np.ones((batch.shape[0], DIM), dtype=np.float32) * batch.mean(axis=(1, 2, 3))[:, None]
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@dataclass
+class FakeStore:
+    rows: dict[str, VectorRecord] = field(default_factory=dict)
+    upserts: int = 0
+
+    def stored_versions(self, ids: Sequence[str], collection: str | None = None) -> dict[str, StoredVersion]:
+        return {
+            i: StoredVersion(self.rows[i].event_version, self.rows[i].content_sha256, self.rows[i].model_version)
+            for i in ids
+            if i in self.rows
+        }
+
+    def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
+        self.upserts += 1
+        for record in records:
+            self.rows[record.id] = record
+        return len(records)
+
+    def get(self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False) -> list[dict[str, Any]]:
+        return [{"id": i, "embedding": self.rows[i].vector.tolist()} for i in ids if i in self.rows]
+
+
+def png(shade: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (shade, shade, shade)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def event(event_id: str, image: ImageRef, version: int = 1) -> bytes:
+    return encode_event(IngestEvent(id=event_id, image=image, version=version))
+
+
+def make_processor(fetcher: FakeFetcher, embedder: FakeEmbedder, store: FakeStore) -> BatchProcessor:
+    return BatchProcessor(
+        fetcher=fetcher, preprocessor=FakePreprocessor(), embedder=embedder, store=store,
+        fetch_settings=FetchSettings(max_pixels=10_000), retry_settings=RetrySettings(
+            attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0
+        ),
+        model_version="m1", default_collection="images", metrics=WorkerMetrics(),
+    )
+
+
+def test_each_bad_record_fails_alone_with_its_reason() -> None:
+    truncated = png(10)[:40]
+    fetcher = FakeFetcher({"/missing.jpg": [ImageReferenceError("no such file", reason="not_found")]})
+    store = FakeStore()
+    messages = [
+        FakeMessage(event("good-1", InlineImage(data=png(50))), 0),
+        FakeMessage(b"{oops", 1),
+        FakeMessage(event("missing", PathImage(path="/missing.jpg")), 2),
+        FakeMessage(event("not-image", InlineImage(data=b"hello world")), 3),
+        FakeMessage(event("truncated", InlineImage(data=truncated)), 4),
+        FakeMessage(event("good-2", InlineImage(data=png(200))), 5),
+    ]
+    result = make_processor(fetcher, FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    outcomes = {item.message.offset(): item.outcome for item in result.items}
+    assert outcomes == {
+        0: Outcome.STORED, 1: Outcome.DEAD, 2: Outcome.DEAD, 3: Outcome.DEAD, 4: Outcome.DEAD, 5: Outcome.STORED,
+    }
+    reasons = {item.message.offset(): (item.dead_letter.stage.value, item.dead_letter.reason)
+               for item in result.items if item.dead_letter}
+    assert reasons[1] == ("decode_event", "malformed_json")
+    assert reasons[2] == ("fetch", "not_found")
+    assert reasons[3][0] == "decode_image" and reasons[3][1] == "not_an_image"
+    assert reasons[4][0] == "decode_image" and reasons[4][1] == "truncated_image"
+    assert set(store.rows) == {"good-1", "good-2"}
+    assert store.rows["good-1"].content_sha256 and store.rows["good-1"].model_version == "m1"
+
+
+def test_transient_fetch_failure_is_retried_then_left_unfinished_never_dead() -> None:
+    flaky = FetchUnavailableError("503", reason="http_503")
+    fetcher = FakeFetcher({
+        "/recovers.jpg": [flaky, png(80)],
+        "/down.jpg": [flaky],
+    })
+    store = FakeStore()
+    messages = [
+        FakeMessage(event("recovers", PathImage(path="/recovers.jpg")), 0),
+        FakeMessage(event("down", PathImage(path="/down.jpg")), 1),
+    ]
+    result = make_processor(fetcher, FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    assert [item.outcome for item in result.items] == [Outcome.STORED, Outcome.UNFINISHED]
+    assert fetcher.calls == 3
+
+
+def test_inference_outage_propagates_after_retries_and_stores_nothing() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(failures=10), store)
+    with pytest.raises(InferenceUnavailableError):
+        processor.process([FakeMessage(event("a", InlineImage(data=png(1))), 0)])  # type: ignore[list-item]
+    assert store.rows == {}
+
+
+def test_inference_recovers_within_the_retries() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(failures=2), store)
+    result = processor.process([FakeMessage(event("a", InlineImage(data=png(1))), 0)])  # type: ignore[list-item]
+    assert result.items[0].outcome is Outcome.STORED
+
+
+def test_older_events_never_overwrite_newer_ones() -> None:
+    store = FakeStore()
+    embedder = FakeEmbedder()
+    processor = make_processor(FakeFetcher(), embedder, store)
+    processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=5), 0)])  # type: ignore[list-item]
+    result = processor.process([FakeMessage(event("a", InlineImage(data=png(30)), version=4), 1)])  # type: ignore[list-item]
+    assert result.items[0].outcome is Outcome.SKIPPED and result.items[0].skip_reason == "stale_version"
+    assert store.rows["a"].event_version == 5
+
+
+def test_same_image_and_model_skips_inference_but_updates_newer_metadata() -> None:
+    store = FakeStore()
+    embedder = FakeEmbedder()
+    processor = make_processor(FakeFetcher(), embedder, store)
+    processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=1), 0)])  # type: ignore[list-item]
+    assert embedder.batches == [1]
+    same = processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=1), 1)])  # type: ignore[list-item]
+    assert same.items[0].skip_reason == "unchanged"
+    newer = IngestEvent(id="a", image=InlineImage(data=png(100)), version=2, metadata={"tag": "new"})
+    result = processor.process([FakeMessage(encode_event(newer), 2)])  # type: ignore[list-item]
+    assert result.items[0].outcome is Outcome.STORED
+    assert embedder.batches == [1]  # no second inference
+    assert store.rows["a"].metadata == {"tag": "new"} and store.rows["a"].event_version == 2
+
+
+def test_only_the_newest_version_in_a_batch_is_processed() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    result = processor.process([  # type: ignore[list-item]
+        FakeMessage(event("a", InlineImage(data=png(10)), version=3), 0),
+        FakeMessage(event("a", InlineImage(data=png(20)), version=1), 1),
+    ])
+    assert [item.outcome for item in result.items] == [Outcome.STORED, Outcome.SKIPPED]
+    assert store.rows["a"].event_version == 3

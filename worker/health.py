@@ -1,0 +1,70 @@
+"""Liveness, readiness and Prometheus metrics over HTTP, served from a background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+logger = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], dict[str, bool]]
+
+
+class HealthServer:
+    """``GET /livez`` (the loop is alive), ``GET /readyz`` (dependencies), ``GET /metrics``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        registry: CollectorRegistry,
+        is_alive: Callable[[], bool],
+        readiness: ReadinessCheck,
+    ) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/livez":
+                    alive = is_alive()
+                    self._json(200 if alive else 503, {"alive": alive})
+                elif self.path == "/readyz":
+                    checks = readiness()
+                    ready = all(checks.values())
+                    self._json(200 if ready else 503, {"ready": ready, "checks": checks})
+                else:
+                    self._json(404, {"error": "not found"})
+
+            def _json(self, status: int, body: object) -> None:
+                self._send(status, orjson.dumps(body), "application/json")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                logger.debug("health: %s", format % args)
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="health", daemon=True
+        )
+        self.address = f"http://{host}:{self._httpd.server_address[1]}"
+
+    def start(self) -> None:
+        self._thread.start()
+        logger.info("health and metrics on %s", self.address)
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

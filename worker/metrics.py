@@ -1,0 +1,69 @@
+"""Prometheus metrics of a worker process (one registry per worker, served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    """Every metric the worker exports, registered in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("trident_events_consumed_total", "Records consumed.", registry=r)
+        self.upserted = Counter(
+            "trident_events_upserted_total", "Vectors upserted into Milvus.", registry=r
+        )
+        self.skipped = Counter(
+            "trident_events_skipped_total",
+            "Events needing no write (stale, unchanged, superseded).",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "trident_events_dead_lettered_total",
+            "Records sent to the dead-letter topic.",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "trident_retries_total",
+            "Retried calls to a dependency.",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.pauses = Counter(
+            "trident_partition_pauses_total",
+            "Times the partitions were paused after retries ran out.",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "trident_batch_size",
+            "Records per micro-batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_fill = Histogram(
+            "trident_batch_fill_ratio",
+            "Batch size divided by the maximum batch size.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "trident_stage_seconds",
+            "Time spent per pipeline stage and batch.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("trident_in_flight_items", "Records being processed.", registry=r)
+        self.lag = Gauge(
+            "trident_consumer_lag",
+            "High watermark minus committed position.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.assigned = Gauge("trident_assigned_partitions", "Partitions assigned.", registry=r)
