@@ -21,6 +21,10 @@ from devstack.errors import StackError
 
 logger = logging.getLogger(__name__)
 
+# Children started by this process, kept so they can be reaped: a stopped child that nobody
+# waits for stays a zombie (and looks alive to pid checks) until this process exits.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class ManagedProcess:
     """A server process identified by a pid file; safe to start and stop repeatedly."""
@@ -83,6 +87,7 @@ class ManagedProcess:
                 raise StackError(
                     f"{self.name}: could not start {argv[0]}: {exc}", self.log_file
                 ) from exc
+        _children[proc.pid] = proc
         self.pid_file.write_text(str(proc.pid))
         logger.info("%s started (pid %d), log %s", self.name, proc.pid, self.log_file)
         return proc.pid
@@ -128,6 +133,12 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _reap(pid: int) -> None:
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -137,6 +148,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 def _group_alive(pgid: int) -> bool:
     """True while any non-zombie process of the group is left."""
+    _reap(pgid)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -158,6 +170,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
+    _reap(pid)
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):

@@ -1,9 +1,10 @@
 """The Kafka broker of the local stack: Apache Kafka 4.x jars from Maven Central, one KRaft node.
 
 One JVM is both broker and controller (``process.roles=broker,controller``), listening on the
-configured loopback host only. Everything lives under ``<root>/kafka/``: the jars of each version
-(``libs-<version>/``), ``server.properties``, the log4j2 configuration, the data (``data/``), the
-process log (``kafka.log``) and pid file, and the Maven log of the install.
+configured loopback host only. The jars of each version (``libs-<version>/``) and the Maven log
+of the install live in the shared cache (``<cache>/kafka/``); ``server.properties``, the log4j2
+configuration, the data (``data/``), the process log (``kafka.log``) and the pid file under
+``<root>/kafka/``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class KafkaService:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.folder = config.folder(self.name)
-        self.libs = self.folder / f"libs-{config.kafka_version}"
+        # The jars are shared by every stack on this machine (quick start, tests): a cache.
+        self.cache = config.cache_folder(self.name)
+        self.libs = self.cache / f"libs-{config.kafka_version}"
         self.data_dir = self.folder / "data"
         self.properties_file = self.folder / "server.properties"
         self.log4j_file = self.folder / "log4j2.properties"
@@ -67,6 +70,7 @@ class KafkaService:
 
     @property
     def bootstrap_servers(self) -> str:
+        """``host:port`` of the broker's client listener."""
         return self.config.kafka_bootstrap
 
     def install(self) -> None:
@@ -84,12 +88,12 @@ class KafkaService:
             raise StackError("kafka: Apache Maven (`mvn`) is not on PATH; install it first.")
         # A folder without the marker is a copy an earlier run did not finish: start afresh.
         shutil.rmtree(self.libs, ignore_errors=True)
-        # Beside this module (package data); importlib.resources cannot read it while devstack is
-        # a namespace package under an editable install.
+        # Package data beside this module (read by path: works from a checkout, an editable and
+        # a regular install alike).
         template = Path(__file__).with_name("kafka_pom.xml")
-        pom = self.folder / f"pom-{version}.xml"
+        pom = self.cache / f"pom-{version}.xml"
         pom.write_text(template.read_text(encoding="utf-8").replace("@KAFKA_VERSION@", version))
-        mvn_log = self.folder / f"mvn-{version}.log"
+        mvn_log = self.cache / f"mvn-{version}.log"
         argv = [mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies"]
         argv.append(f"-DoutputDirectory={self.libs}")
         logger.info("kafka: fetching Kafka %s jars with Maven (log %s)", version, mvn_log)
@@ -164,8 +168,9 @@ class KafkaService:
 
     def kill(self) -> None:
         """SIGKILL the broker at once (fault tests); the data is kept. Never raises."""
-        if self.process.is_running():
-            self.process.kill()
+        was_running = self.process.is_running()
+        self.process.kill()
+        if was_running:
             self._wait_ports_released()
 
     def restart(self) -> None:
@@ -190,7 +195,10 @@ class KafkaService:
         }
 
     def reset(self) -> None:
-        """Stop the broker and delete its data (topics, offsets, metadata); jars are kept."""
+        """Stop the broker and delete its data (topics, offsets, metadata); jars are kept.
+
+        Never raises.
+        """
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         logger.info("kafka: data deleted (%s)", self.data_dir)
@@ -226,7 +234,6 @@ class KafkaService:
             "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.log4j_file}",
-            f"-Dkafka.logs.dir={self.folder}",
             "-cp",
             f"{self.libs}/*",  # expanded by java itself, not by a shell
         ]
@@ -261,6 +268,11 @@ class KafkaService:
             "share.coordinator.state.topic.min.isr": "1",
             # Tests join and leave groups constantly; the default 3 s delay only slows them down.
             "group.initial.rebalance.delay.ms": "0",
+            # After a SIGKILL the restarted broker waits until its old registration's session
+            # expires (9 s by default), and fault tests do that often. Not lower: on a loaded
+            # 2-core machine heartbeats then time out in the controller's queue.
+            "broker.heartbeat.interval.ms": "1000",
+            "broker.session.timeout.ms": "6000",
             "log.segment.bytes": str(16 * 1024 * 1024),
             "log.retention.hours": "24",
             "num.network.threads": "2",

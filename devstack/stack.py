@@ -61,7 +61,7 @@ class LocalStack:
         Raises:
             StackError: an install failed; the message names the service and its log.
         """
-        steps: list[Callable[[], None]] = [
+        steps: list[Callable[[], object]] = [
             self.kafka.install,
             self.milvus.install,
             self.triton.install,
@@ -104,7 +104,7 @@ class LocalStack:
         return report
 
     @staticmethod
-    def _all(steps: list[Callable[[], None]]) -> None:
+    def _all(steps: list[Callable[[], object]]) -> None:
         with ThreadPoolExecutor(max_workers=len(steps)) as pool:
             futures = [pool.submit(step) for step in steps]
         errors = [f.exception() for f in futures if f.exception() is not None]

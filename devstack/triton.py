@@ -9,9 +9,9 @@ backend, while the backend looks for ``triton_python_backend_stub`` next to itse
 runs the binary directly through :class:`ManagedProcess` (own session, pid and log files) on the
 model repository the caller built (python-backend ``model.py`` running onnxruntime).
 
-Layout under ``<root>/triton``: ``venv/``, ``bin/tritonserver``, ``backends/python/`` (backend
-library, its utils module and the stub), ``install.json`` (marker), ``pip.log``,
-``triton.log``/``triton.pid``.
+Layout: the install in the shared cache ``<cache>/triton``: ``venv/``, ``bin/tritonserver``,
+``backends/python/`` (backend library, its utils module and the stub), ``install.json``
+(marker), ``pip.log``; the running server's ``triton.log``/``triton.pid`` under ``<root>/triton``.
 """
 
 from __future__ import annotations
@@ -69,11 +69,13 @@ class TritonService:
         self.model_repository = model_repository.resolve()
         self._models = tuple(models) if models is not None else None
         self.folder = config.folder(self.name)
-        self.venv = self.folder / "venv"
-        self.binary = self.folder / "bin" / "tritonserver"
-        self.backends = self.folder / "backends"
-        self.marker = self.folder / "install.json"
-        self.pip_log = self.folder / "pip.log"
+        # Venv, binary and backends are shared by every stack on this machine: a cache.
+        cache = config.cache_folder(self.name)
+        self.venv = cache / "venv"
+        self.binary = cache / "bin" / "tritonserver"
+        self.backends = cache / "backends"
+        self.marker = cache / "install.json"
+        self.pip_log = cache / "pip.log"
         self.process = ManagedProcess(self.name, self.folder)
         # The python backend's shared-memory regions in /dev/shm carry this prefix, so that the
         # regions a SIGKILLed server leaves behind can be told apart from anyone else's.
@@ -157,9 +159,8 @@ class TritonService:
         except (FileNotFoundError, ValueError):
             return None
         stub = self.backends / "python" / "triton_python_backend_stub"
-        if info.get("requirements") != " ".join(REQUIREMENTS) or not (
-            self.binary.exists() and stub.exists()
-        ):
+        files = (self.binary, stub, Path(info.get("purelib", "")) / "nvidia_pytriton.libs")
+        if info.get("requirements") != " ".join(REQUIREMENTS) or not all(map(Path.exists, files)):
             return None
         return info
 
@@ -183,13 +184,18 @@ class TritonService:
         """Start the server unless it runs; wait until it and every model are ready.
 
         Raises:
-            StackError: not installed, no model in the repository, a port is taken by another
-                process, or the server exited or was not ready within 120 s (the message quotes
-                ``triton.log``; a server that did not get ready is stopped again).
+            StackError: not installed, tritonclient missing, no model in the repository, a port
+                is taken by another process, or the server exited or was not ready within 120 s
+                (the message quotes ``triton.log``; a server that did not get ready is stopped).
         """
         info = self._installed()
         if info is None:
             raise StackError("triton: not installed; run install() first")
+        try:
+            # The readiness probe needs it: failing now beats 120 s of silently failing probes.
+            import tritonclient.http  # noqa: F401, PLC0415
+        except ImportError as exc:
+            raise StackError(f"triton: tritonclient[http] cannot be imported: {exc}") from exc
         if not self.models:
             raise StackError(f"triton: no model (*/config.pbtxt) in {self.model_repository}")
         if not self.process.is_running():
@@ -289,13 +295,13 @@ class TritonService:
         ]
 
     def _env(self, info: dict[str, str]) -> dict[str, str]:
-        venv_bin = str(self.venv / "bin")
+        base = _base_env()
         libs = Path(info["purelib"]) / "nvidia_pytriton.libs"
         return {
-            **_base_env(),
+            **base,
             # The stub embeds libpython and finds its prefix (hence the venv's site-packages with
             # numpy<2 and onnxruntime) by looking up python on PATH: the venv's bin goes first.
-            "PATH": os.pathsep.join([venv_bin, _base_env()["PATH"]]),
+            "PATH": os.pathsep.join([str(self.venv / "bin"), base["PATH"]]),
             # The venv's own LIBDIR first: otherwise the stub may load Debian's libpython3.11,
             # which fails inside multiprocessing. The wheel's libs serve the copied binaries,
             # whose RPATH ($ORIGIN/...) no longer points at them.

@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from engine.errors import BrokerUnavailableError
 from engine.settings import KafkaSettings

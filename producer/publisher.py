@@ -21,7 +21,14 @@ from confluent_kafka import KafkaError, Message, Producer
 from engine.errors import BrokerUnavailableError
 from engine.kafka import producer_config
 from engine.settings import KafkaSettings
-from schemas import IngestEvent, InlineImage, PathImage, UrlImage, encode_event
+from schemas import (
+    IngestEvent,
+    InlineImage,
+    PathImage,
+    UrlImage,
+    encode_event,
+    reference_from_string,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,10 @@ class EventPublisher:
         self.publish_raw(event.id.encode(), encode_event(event))
 
     def publish_raw(
-        self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
         """Queue an already-serialised message (used by replay and tests)."""
         while True:
@@ -127,13 +137,11 @@ def event_for_reference(
 ) -> IngestEvent:
     """Build an event for a path or an http(s) URL (``inline`` embeds a local file's bytes)."""
     meta = dict(metadata or {})
-    if reference.startswith(("http://", "https://")):
+    ref = reference_from_string(reference)
+    if isinstance(ref, UrlImage):
         meta.setdefault("filename", reference.rstrip("/").rsplit("/", 1)[-1])
         return IngestEvent(
-            id=event_id or _stable_id(reference),
-            image=UrlImage(url=reference),  # type: ignore[arg-type]
-            metadata=meta,
-            collection=collection,
+            id=event_id or _stable_id(reference), image=ref, metadata=meta, collection=collection
         )
     path = Path(reference).resolve()
     meta.setdefault("filename", path.name)

@@ -15,7 +15,7 @@ from engine.inference import TritonEmbedder
 from engine.preprocess import JaxPreprocessor
 from engine.settings import Settings
 from engine.store import Hit, VectorStore
-from schemas import PathImage, SearchHit, UrlImage
+from schemas import SearchHit, reference_from_string
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class SearchService:
         except ImageDecodeError as exc:
             raise ImageContentError(str(exc), reason=exc.reason, stage=Stage.DECODE_IMAGE) from exc
         batch = self._preprocessor.preprocess([pixels])
-        return self.embedder.embed(batch)[0]
+        embedding: npt.NDArray[np.float32] = self.embedder.embed(batch)[0]
+        return embedding
 
     def embed_reference(self, reference: str) -> npt.NDArray[np.float32]:
         """The embedding of the image at a path (under the allowed roots) or http(s) URL.
@@ -77,12 +78,7 @@ class SearchService:
             ImageReferenceError: forbidden or missing reference.
             ImageContentError, InferenceUnavailableError, FetchUnavailableError.
         """
-        ref = (
-            UrlImage(url=reference)
-            if reference.startswith(("http://", "https://"))
-            else PathImage(path=reference)
-        )  # type: ignore[arg-type]
-        return self.embed_image(self._fetcher.fetch(ref))
+        return self.embed_image(self._fetcher.fetch(reference_from_string(reference)))
 
     def vector_of(self, item_id: str, collection: str | None) -> npt.NDArray[np.float32]:
         """The stored vector of ``item_id``.

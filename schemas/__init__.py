@@ -13,6 +13,7 @@ from schemas.events import (
     UrlImage,
     decode_event,
     encode_event,
+    reference_from_string,
 )
 from schemas.search import SearchHit, SearchRequest
 
@@ -27,4 +28,5 @@ __all__ = [
     "UrlImage",
     "decode_event",
     "encode_event",
+    "reference_from_string",
 ]

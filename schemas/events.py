@@ -73,6 +73,17 @@ class InlineImage(_Frozen):
 ImageRef = Annotated[PathImage | UrlImage | InlineImage, Field(discriminator="kind")]
 
 
+def reference_from_string(text: str) -> PathImage | UrlImage:
+    """An http(s) URL becomes a :class:`UrlImage`, anything else a :class:`PathImage`.
+
+    Raises:
+        pydantic.ValidationError: an empty string or a malformed URL.
+    """
+    if text.startswith(("http://", "https://")):
+        return UrlImage.model_validate({"url": text})
+    return PathImage(path=text)
+
+
 def _now_micros() -> int:
     return time.time_ns() // 1_000
 

@@ -108,8 +108,10 @@ class DeadLetterPublisher:
             HEADER_WORKER: self._worker_id,
             HEADER_MODEL: self._model_version,
         }
-        original = [(k, v) for k, v in (message.headers() or []) if k not in DEAD_LETTER_HEADERS]
-        headers = original + [(k, v.encode()) for k, v in ours.items()]
+        received = message.headers() or []
+        pairs = list(received.items()) if isinstance(received, dict) else received
+        headers = [(key, value) for key, value in pairs if key not in DEAD_LETTER_HEADERS]
+        headers += [(key, value.encode()) for key, value in ours.items()]
         while True:
             try:
                 self._producer.produce(

@@ -8,6 +8,7 @@ never talks to Kafka: the consumer loop owns offsets and the dead-letter produce
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -230,7 +231,7 @@ class BatchProcessor:
         for collection, group in by_collection.items():
             ids = [item.event.id for item in group if item.event]
             stored = self._with_retries(
-                lambda c=collection, i=ids: self._store.stored_versions(i, c),
+                functools.partial(self._store.stored_versions, ids, collection),
                 Stage.UPSERT,
                 "version lookup",
             )
@@ -312,7 +313,7 @@ class BatchProcessor:
         for collection, pairs in by_collection.items():
             records = [record for _, record in pairs]
             self._with_retries(
-                lambda c=collection, r=records: self._store.upsert(r, c), Stage.UPSERT, "upsert"
+                functools.partial(self._store.upsert, records, collection), Stage.UPSERT, "upsert"
             )
             for item, _ in pairs:
                 item.outcome = Outcome.STORED

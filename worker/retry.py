@@ -58,7 +58,9 @@ def call_with_retries(
     retrying = Retrying(
         stop=stop,
         wait=wait_exponential_jitter(
-            initial=settings.initial_backoff_s, max=settings.max_backoff_s
+            multiplier=settings.initial_backoff_s,
+            max=settings.max_backoff_s,
+            jitter=settings.initial_backoff_s,
         ),
         retry=retry_if_exception_type(RetriableError),
         before_sleep=before_sleep,

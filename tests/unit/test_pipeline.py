@@ -88,7 +88,9 @@ class FakeEmbedder:
             self.failures -= 1
             raise InferenceUnavailableError("triton down")
         self.batches.append(batch.shape[0])
-        vectors = np.ones((batch.shape[0], DIM), dtype=np.float32) * batch.mean(axis=(1, 2, 3))[:, None]
+        vectors = (
+            np.ones((batch.shape[0], DIM), dtype=np.float32) * batch.mean(axis=(1, 2, 3))[:, None]
+        )
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -97,9 +99,13 @@ class FakeStore:
     rows: dict[str, VectorRecord] = field(default_factory=dict)
     upserts: int = 0
 
-    def stored_versions(self, ids: Sequence[str], collection: str | None = None) -> dict[str, StoredVersion]:
+    def stored_versions(
+        self, ids: Sequence[str], collection: str | None = None
+    ) -> dict[str, StoredVersion]:
         return {
-            i: StoredVersion(self.rows[i].event_version, self.rows[i].content_sha256, self.rows[i].model_version)
+            i: StoredVersion(
+                self.rows[i].event_version, self.rows[i].content_sha256, self.rows[i].model_version
+            )
             for i in ids
             if i in self.rows
         }
@@ -110,7 +116,9 @@ class FakeStore:
             self.rows[record.id] = record
         return len(records)
 
-    def get(self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False) -> list[dict[str, Any]]:
+    def get(
+        self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
+    ) -> list[dict[str, Any]]:
         return [{"id": i, "embedding": self.rows[i].vector.tolist()} for i in ids if i in self.rows]
 
 
@@ -124,19 +132,27 @@ def event(event_id: str, image: ImageRef, version: int = 1) -> bytes:
     return encode_event(IngestEvent(id=event_id, image=image, version=version))
 
 
-def make_processor(fetcher: FakeFetcher, embedder: FakeEmbedder, store: FakeStore) -> BatchProcessor:
+def make_processor(
+    fetcher: FakeFetcher, embedder: FakeEmbedder, store: FakeStore
+) -> BatchProcessor:
     return BatchProcessor(
-        fetcher=fetcher, preprocessor=FakePreprocessor(), embedder=embedder, store=store,
-        fetch_settings=FetchSettings(max_pixels=10_000), retry_settings=RetrySettings(
-            attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0
-        ),
-        model_version="m1", default_collection="images", metrics=WorkerMetrics(),
+        fetcher=fetcher,
+        preprocessor=FakePreprocessor(),
+        embedder=embedder,
+        store=store,
+        fetch_settings=FetchSettings(max_pixels=10_000),
+        retry_settings=RetrySettings(attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0),
+        model_version="m1",
+        default_collection="images",
+        metrics=WorkerMetrics(),
     )
 
 
 def test_each_bad_record_fails_alone_with_its_reason() -> None:
     truncated = png(10)[:40]
-    fetcher = FakeFetcher({"/missing.jpg": [ImageReferenceError("no such file", reason="not_found")]})
+    fetcher = FakeFetcher(
+        {"/missing.jpg": [ImageReferenceError("no such file", reason="not_found")]}
+    )
     store = FakeStore()
     messages = [
         FakeMessage(event("good-1", InlineImage(data=png(50))), 0),
@@ -149,10 +165,18 @@ def test_each_bad_record_fails_alone_with_its_reason() -> None:
     result = make_processor(fetcher, FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
     outcomes = {item.message.offset(): item.outcome for item in result.items}
     assert outcomes == {
-        0: Outcome.STORED, 1: Outcome.DEAD, 2: Outcome.DEAD, 3: Outcome.DEAD, 4: Outcome.DEAD, 5: Outcome.STORED,
+        0: Outcome.STORED,
+        1: Outcome.DEAD,
+        2: Outcome.DEAD,
+        3: Outcome.DEAD,
+        4: Outcome.DEAD,
+        5: Outcome.STORED,
     }
-    reasons = {item.message.offset(): (item.dead_letter.stage.value, item.dead_letter.reason)
-               for item in result.items if item.dead_letter}
+    reasons = {
+        item.message.offset(): (item.dead_letter.stage.value, item.dead_letter.reason)
+        for item in result.items
+        if item.dead_letter
+    }
     assert reasons[1] == ("decode_event", "malformed_json")
     assert reasons[2] == ("fetch", "not_found")
     assert reasons[3][0] == "decode_image" and reasons[3][1] == "not_an_image"
@@ -163,10 +187,12 @@ def test_each_bad_record_fails_alone_with_its_reason() -> None:
 
 def test_transient_fetch_failure_is_retried_then_left_unfinished_never_dead() -> None:
     flaky = FetchUnavailableError("503", reason="http_503")
-    fetcher = FakeFetcher({
-        "/recovers.jpg": [flaky, png(80)],
-        "/down.jpg": [flaky],
-    })
+    fetcher = FakeFetcher(
+        {
+            "/recovers.jpg": [flaky, png(80)],
+            "/down.jpg": [flaky],
+        }
+    )
     store = FakeStore()
     messages = [
         FakeMessage(event("recovers", PathImage(path="/recovers.jpg")), 0),
@@ -198,7 +224,10 @@ def test_older_events_never_overwrite_newer_ones() -> None:
     processor = make_processor(FakeFetcher(), embedder, store)
     processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=5), 0)])  # type: ignore[list-item]
     result = processor.process([FakeMessage(event("a", InlineImage(data=png(30)), version=4), 1)])  # type: ignore[list-item]
-    assert result.items[0].outcome is Outcome.SKIPPED and result.items[0].skip_reason == "stale_version"
+    assert (
+        result.items[0].outcome is Outcome.SKIPPED
+        and result.items[0].skip_reason == "stale_version"
+    )
     assert store.rows["a"].event_version == 5
 
 
@@ -210,7 +239,9 @@ def test_same_image_and_model_skips_inference_but_updates_newer_metadata() -> No
     assert embedder.batches == [1]
     same = processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=1), 1)])  # type: ignore[list-item]
     assert same.items[0].skip_reason == "unchanged"
-    newer = IngestEvent(id="a", image=InlineImage(data=png(100)), version=2, metadata={"tag": "new"})
+    newer = IngestEvent(
+        id="a", image=InlineImage(data=png(100)), version=2, metadata={"tag": "new"}
+    )
     result = processor.process([FakeMessage(encode_event(newer), 2)])  # type: ignore[list-item]
     assert result.items[0].outcome is Outcome.STORED
     assert embedder.batches == [1]  # no second inference
@@ -220,9 +251,11 @@ def test_same_image_and_model_skips_inference_but_updates_newer_metadata() -> No
 def test_only_the_newest_version_in_a_batch_is_processed() -> None:
     store = FakeStore()
     processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
-    result = processor.process([  # type: ignore[list-item]
-        FakeMessage(event("a", InlineImage(data=png(10)), version=3), 0),
-        FakeMessage(event("a", InlineImage(data=png(20)), version=1), 1),
-    ])
+    result = processor.process(
+        [  # type: ignore[list-item]
+            FakeMessage(event("a", InlineImage(data=png(10)), version=3), 0),
+            FakeMessage(event("a", InlineImage(data=png(20)), version=1), 1),
+        ]
+    )
     assert [item.outcome for item in result.items] == [Outcome.STORED, Outcome.SKIPPED]
     assert store.rows["a"].event_version == 3

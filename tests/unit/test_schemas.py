@@ -29,7 +29,9 @@ from schemas import (
     ],
 )
 def test_round_trip_keeps_every_field(image: PathImage | UrlImage | InlineImage) -> None:
-    event = IngestEvent(id="cat-1", image=image, metadata={"tags": ["a", "b"], "n": 3}, collection="pets")
+    event = IngestEvent(
+        id="cat-1", image=image, metadata={"tags": ["a", "b"], "n": 3}, collection="pets"
+    )
     decoded = decode_event(encode_event(event))
     assert decoded == event
     assert decoded.schema_version == EVENT_SCHEMA_VERSION
@@ -59,10 +61,14 @@ def test_versions_default_to_increasing_timestamps() -> None:
         (b'{"id": "a", "image": {"kind": "url", "url": "file:///etc/passwd"}}', "schema_invalid"),
         (b'{"id": "a", "image": {"kind": "inline", "data": "***"}}', "schema_invalid"),
         (b'{"id": "a", "image": {"kind": "path", "path": "/x"}, "surprise": 1}', "schema_invalid"),
-        (b'{"schema_version": 99, "id": "a", "image": {"kind": "path", "path": "/x"}}',
-         "unsupported_schema_version"),
-        (b'{"id": "a", "image": {"kind": "path", "path": "/x"}, "collection": "1bad-name"}',
-         "schema_invalid"),
+        (
+            b'{"schema_version": 99, "id": "a", "image": {"kind": "path", "path": "/x"}}',
+            "unsupported_schema_version",
+        ),
+        (
+            b'{"id": "a", "image": {"kind": "path", "path": "/x"}, "collection": "1bad-name"}',
+            "schema_invalid",
+        ),
     ],
 )
 def test_invalid_payloads_raise_a_clear_permanent_error(payload: bytes, reason: str) -> None:
