@@ -325,6 +325,13 @@ class MilvusService:
             "dataNode.port": p["data_node"],
             "indexNode.port": p["index_node"],
             "indexCoord.bindIndexNodeMode.address": f"{host}:{p['index_coord']}",
+            # A dev stack churns through collections: free dropped data after 10 min, not 3 h,
+            # and keep 1 h / 1 GB of consumed write-ahead log, not 3 days / 8 GB.
+            "dataCoord.gc.interval": 600,
+            "dataCoord.gc.dropTolerance": 600,
+            "dataCoord.gc.missingTolerance": 600,
+            "rocksmq.retentionTimeInMinutes": 60,
+            "rocksmq.retentionSizeInMB": 1024,
             # Only stdout, which ManagedProcess sends to milvus.log.
             "log.file.rootPath": "",
             # On SIGTERM the query node waits this long to hand its segments to another node;

@@ -26,18 +26,19 @@ RUN /opt/venv/bin/pip install .
 FROM ${PYTHON_IMAGE}
 # Non-root: the roles need no privileges, and a compromised image decoder (untrusted images
 # arrive from Kafka) should not own the container.
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin trident
+RUN useradd --system --uid 10001 --create-home --home-dir /home/trident --shell /usr/sbin/nologin trident
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001
-WORKDIR /tmp
+WORKDIR /home/trident
 # 9400: worker /livez /readyz /metrics (worker.health_port); 8080: query API (api.port).
 EXPOSE 9400 8080
 # Worker liveness (slim has no curl). The API and the producer override or disable this in
-# compose. A non-2xx answer raises, so the check fails.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+# compose. A non-2xx answer raises, so the check fails. The worker opens its health port only
+# after creating topics and compiling every JAX batch shape: hence the long start period.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('TRIDENT_WORKER__HEALTH_PORT', '9400'), timeout=4)"]
 # No fixed ENTRYPOINT: compose picks the role with `command`.
 CMD ["trident-worker"]

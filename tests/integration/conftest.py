@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from devstack.stack import LocalStack
+from engine.errors import RetriableError, Stage
 from engine.kafka import consumer_config, ensure_topics
 from engine.settings import Settings
 from engine.store import VectorStore
@@ -106,3 +107,98 @@ def committed_everything(settings: Settings) -> bool:
         return True
     finally:
         probe.close()
+
+
+# Fault scenarios ------------------------------------------------------------------------------
+
+
+def small_images(folder: Path, count: int, *, seed: int = 1) -> list[Path]:
+    """``count`` distinct small PNGs (fast to decode, so a stream of hundreds stays quick)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        base = rng.integers(0, 255, size=(6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((128, 96), Image.Resampling.BILINEAR)
+        path = folder / f"img_{index:05d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def stored_ids(store: VectorStore, collection: str, limit: int = 16_000) -> list[str]:
+    """Every stored id (strongly consistent), duplicates included if there were any."""
+    rows = store._call(  # the test reads through the adapter's error translation on purpose
+        Stage.SEARCH,
+        "list ids",
+        "query",
+        collection,
+        filter='id != ""',
+        output_fields=["id"],
+        limit=limit,
+        consistency_level="Strong",
+    )
+    return [str(row["id"]) for row in rows]
+
+
+def safe_count(store: VectorStore) -> int:
+    """The row count, or -1 while Milvus is unavailable (during a fault)."""
+    try:
+        return store.count()
+    except RetriableError:
+        return -1
+
+
+def dead_letters(settings: Settings, *, timeout: float = 20.0) -> list[Any]:
+    """Every record in the dead-letter topic (read from the beginning by a throwaway group)."""
+    consumer = Consumer(
+        consumer_config(
+            settings.kafka,
+            **{"group.id": f"dlq-reader-{time.monotonic_ns()}", "enable.partition.eof": True},
+        )
+    )
+    topic = settings.kafka.dead_letter_topic
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records, at_end = [], set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions) and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(message.partition())
+                continue
+            records.append(message)
+        assert len(at_end) == len(partitions), "could not read the dead-letter topic to its end"
+        return records
+    finally:
+        consumer.close()
+
+
+def report(scenario: str, *, produced: int, stored: int, dead_lettered: int, lost: int) -> None:
+    """The one line every fault scenario prints (run pytest with -s to see it live)."""
+    print(
+        f"scenario={scenario} produced={produced} stored={stored} "
+        f"dead_lettered={dead_lettered} lost={lost}"
+    )
+
+
+@contextmanager
+def worker_processes(
+    stack: LocalStack, settings: Settings, names: list[str]
+) -> Iterator[list[Any]]:
+    """Worker processes (real ``trident-worker``s) on ``settings``; stopped on exit."""
+    settings_file = stack.write_settings(settings, name=f"{settings.kafka.group_id}.yaml")
+    processes = [stack.start_worker(settings_file, name=name) for name in names]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
