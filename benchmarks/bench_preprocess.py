@@ -119,7 +119,8 @@ def main() -> None:
 
     compile_started = time.perf_counter()
     preprocessor.warmup(max_scale=2.0)
-    print(f"JaxPreprocessor compile (batch {args.batch}): {time.perf_counter() - compile_started:.1f} s")
+    seconds = time.perf_counter() - compile_started
+    print(f"JaxPreprocessor compile (batch {args.batch}): {seconds:.1f} s")
     compile_started = time.perf_counter()
     baseline(decoded[0])
     print(f"jax.image.resize compile: {time.perf_counter() - compile_started:.1f} s")
@@ -145,8 +146,10 @@ def main() -> None:
             rates[name].append(len(jpegs) / seconds)
     median = {name: statistics.median(values) for name, values in rates.items()}
 
-    print(f"\n{WIDTH}x{HEIGHT} JPEG, batch {args.batch}, median of {args.rounds} rounds "
-          f"({len(jpegs)} images each):")
+    print(
+        f"\n{WIDTH}x{HEIGHT} JPEG, batch {args.batch}, median of {args.rounds} rounds "
+        f"({len(jpegs)} images each):"
+    )
     for name, rate in median.items():
         spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
         print(f"  {name:<27} {rate:8.1f} images/s   (rounds: {spread})")

@@ -8,13 +8,14 @@ in its own venv (its pins stay out of the main venv) and unpacks the binary, and
 renders the config and runs ``milvus run standalone`` through :class:`ManagedProcess` (own
 session, pid and log files), so stop/kill/restart work across CLI invocations.
 
-Layout under ``<root>/milvus``: ``venv/`` (the wheel), ``server/`` (unpacked binary, libraries,
-config template), ``configs/`` (rendered at each start), ``data/`` (etcd, rocksmq, segments;
+Layout: in the shared cache ``<cache>/milvus``, ``venv/`` (the wheel) and ``server/`` (unpacked
+binary, libraries, config template); under ``<root>/milvus``, ``configs/`` (rendered at each start), ``data/`` (etcd, rocksmq, segments;
 kept by stop, wiped by reset), ``logs/`` (etcd and C++ engine logs), ``milvus.log``/``milvus.pid``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import lzma
 import os
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 MILVUS_VERSION = "2.3.5"
 START_TIMEOUT = 120.0
 
-# Every port is an offset from config.milvus_port (19530 gives 19529-19541), so one setting moves
+# Every port is an offset from config.milvus_port (19530 gives 19529-19540), so one setting moves
 # the whole server and nothing lands on Milvus's stock ports elsewhere: etcd's 2379/2380 and the
 # metrics/health port 9091 (Prometheus pushgateway's default) are the likeliest to be taken on a
 # developer machine. Kafka (19092/19093) and Triton (18000-18002) stay clear.
@@ -65,6 +66,8 @@ _COMPONENTS = (
     "dataCoord",
     "dataNode",
 )
+# The health probe goes straight to loopback, whatever http_proxy the caller has set.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _PLACEHOLDER = re.compile(r"\{\{\s*\w+(?:\(\w+\))?\s*(?::\s*([^}]*?))?\s*\}\}")
 
 
@@ -76,19 +79,23 @@ class MilvusService:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.folder = config.folder(self.name)
-        self.venv = self.folder / "venv"
-        self.server_dir = self.folder / "server"
+        # The wheel's venv and the unpacked server are shared by every stack on this machine.
+        cache = config.cache_folder(self.name)
+        self.venv = cache / "venv"
+        self.server_dir = cache / "server"
         self.binary = self.server_dir / "bin" / "milvus"
         self.configs = self.folder / "configs"
         self.data = self.folder / "data"
         self.logs = self.folder / "logs"
-        self.pip_log = self.folder / "pip.log"
+        self.pip_log = cache / "pip.log"
         self.marker = self.server_dir / f".installed-{MILVUS_VERSION}"
         self.process = ManagedProcess(self.name, self.folder)
         self.ports = {key: config.milvus_port + off for key, off in _PORT_OFFSETS.items()}
+        self.all_ports = (config.milvus_port, *self.ports.values())
 
     @property
     def uri(self) -> str:
+        """The client URI, e.g. ``http://127.0.0.1:19530``."""
         return self.config.milvus_uri
 
     @property
@@ -177,8 +184,7 @@ class MilvusService:
         if not self.marker.exists():
             raise StackError("milvus: not installed; run install() first")
         if not self.process.is_running():
-            ports = (self.config.milvus_port, *self.ports.values())
-            busy = [port for port in ports if port_open(self.config.host, port)]
+            busy = [port for port in self.all_ports if port_open(self.config.host, port)]
             if busy:
                 raise StackError(
                     f"milvus: ports {busy} already in use by another process "
@@ -212,16 +218,26 @@ class MilvusService:
             return False
 
     def stop(self) -> None:
-        """SIGTERM the server (SIGKILL after 30 s) and any stray server of this stack; data kept."""
-        self.process.stop(timeout=30.0)
+        """SIGTERM the server (SIGKILL after 15 s) and any stray server of this stack; data kept.
+
+        Raises nothing; returns once no process of this stack's binary is left.
+        """
+        # A clean stop takes 0.1-3.5 s, but 2.3.5's shutdown can hang for good when SIGTERM
+        # lands during background DDL work (seen right after a drop_collection). SIGKILL loses
+        # nothing acknowledged: the write-ahead log and etcd are on disk (kill() tests prove it).
+        self.process.stop(timeout=15.0)
         for pid in self._server_pids():
             # A server whose pid file was lost (e.g. a wiped folder): same binary, so ours.
             logger.warning("milvus: stopping stray server pid %d", pid)
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self._wait_released()
 
     def kill(self) -> None:
-        """SIGKILL the server at once (fault tests); the data stays as the crash left it."""
+        """SIGKILL the server at once (fault tests); the data stays as the crash left it.
+
+        Raises nothing.
+        """
         self.process.kill()
         self._wait_released()
 
@@ -235,12 +251,16 @@ class MilvusService:
         self.start()
 
     def reset(self) -> None:
-        """Stop the server and delete all its data (collections, etcd metadata, message log)."""
+        """Stop the server and delete all its data (collections, etcd metadata, message log).
+
+        Raises nothing; the installed server and ``milvus.log`` are kept.
+        """
         self.stop()
         shutil.rmtree(self.data, ignore_errors=True)
         shutil.rmtree(self.logs, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
+        """running, healthy, pid, uri and log of the server; never raises."""
         return {
             "name": self.name,
             "running": self.process.is_running(),
@@ -268,7 +288,7 @@ class MilvusService:
     def _probe(self, *, loaded: bool = False) -> bool:
         """healthz says OK and ``list_collections`` answers; with ``loaded``, also no collection
         is still (re)loading, as happens for a while after every restart."""
-        with urllib.request.urlopen(self.health_url, timeout=2) as response:
+        with _DIRECT.open(self.health_url, timeout=2) as response:
             if b"OK" not in response.read():
                 return False
         # healthz can be OK a moment before the proxy serves requests; ask the real API too.
@@ -372,10 +392,9 @@ class MilvusService:
     def _wait_released(self, timeout: float = 10.0) -> None:
         # A killed Go process shows as a zombie (its leader thread) while its other threads are
         # still exiting and holding the sockets; a start() then would find the ports taken.
-        ports = (self.config.milvus_port, *self.ports.values())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (
-            self._server_pids() or any(port_open(self.config.host, port) for port in ports)
+            self._server_pids() or any(port_open(self.config.host, port) for port in self.all_ports)
         ):
             time.sleep(0.1)
 

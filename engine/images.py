@@ -2,7 +2,8 @@
 
 The worker dead-letters every :class:`ImageDecodeError` with its ``reason``, so each failure maps
 to one stable code: ``not_an_image``, ``truncated_image``, ``corrupt_image``, ``too_many_pixels``
-or ``unsupported_mode``.
+or ``unsupported_mode``. Verification is a full decode (not ``Image.verify()``, which skips
+pixel data and would let a truncated file through to preprocessing).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -22,10 +24,32 @@ logger = logging.getLogger(__name__)
 
 # Only formats photos arrive in. Limiting Image.open also keeps Pillow away from plugins that
 # shell out (EPS runs Ghostscript) or are rarely hardened (PSD, ICNS, FITS, ...).
-SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# (Multi-picture JPEGs open through the JPEG plugin and report format "MPO".)
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# What Pillow's plugins and decoders raise on malformed data (found by its fuzzers); anything
+# else is a bug here, not a bad image, and propagates.
+_DATA_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+)
 
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-_SIGNATURES += (b"II*\x00", b"MM\x00*", b"RIFF")
+_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF8",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF",
+)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _WHITE = (255, 255, 255)
 # warnings.catch_warnings() swaps a process-wide filter list (not thread-safe before Python
@@ -58,7 +82,7 @@ class CorruptImageError(ImageDecodeError):
 
 
 class TooManyPixelsError(ImageDecodeError):
-    """Width x height exceeds the limit: a decompression bomb or simply too big (``too_many_pixels``)."""
+    """Width x height over the limit: a decompression bomb or just too big (``too_many_pixels``)."""
 
     reason = "too_many_pixels"
 
@@ -115,13 +139,13 @@ def decode_image(data: bytes, *, max_pixels: int, target_short_side: int = 256) 
     file_format = str(image.format)  # transposed copies lose .format
     try:
         orientation = int(image.getexif().get(0x0112, 1))  # ExifTags.Base.Orientation
-    except Exception:  # malformed EXIF must not cost the image; it just stays unrotated
+    except _DATA_ERRORS:  # malformed EXIF must not cost the image; it just stays unrotated
         orientation = 1
     original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if orientation != 1:
         try:
             image = ImageOps.exif_transpose(image)
-        except Exception as exc:  # same reasoning: rotation is best effort on broken EXIF
+        except _DATA_ERRORS as exc:  # same reasoning: rotation is best effort on broken EXIF
             logger.debug("ignoring unusable EXIF orientation %s: %s", orientation, exc)
     pixels = _to_rgb(image)
     return DecodedImage(pixels=pixels, original_size=original_size, format=file_format)
@@ -144,7 +168,7 @@ def _open(data: bytes) -> Image.Image:
         if cut_short or (cut_short is None and data.startswith(_SIGNATURES)):
             raise TruncatedImageError("image header is cut short") from exc
         raise NotAnImageError("not an image in a supported format") from exc
-    except Exception as exc:  # Pillow's plugins raise many types on hostile headers
+    except _DATA_ERRORS as exc:
         raise _classify(exc, data) from exc
 
 
@@ -154,7 +178,7 @@ def _load(image: Image.Image, data: bytes) -> None:
         image.load()
     except Image.DecompressionBombError as exc:
         raise TooManyPixelsError(str(exc)) from exc
-    except Exception as exc:  # as in _open: decoders raise OSError, ValueError, EOFError, ...
+    except _DATA_ERRORS as exc:
         raise _classify(exc, data) from exc
 
 

@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from PIL import Image
 
 from devstack.stack import LocalStack
 from engine.errors import RetriableError, Stage
@@ -114,9 +116,6 @@ def committed_everything(settings: Settings) -> bool:
 
 def small_images(folder: Path, count: int, *, seed: int = 1) -> list[Path]:
     """``count`` distinct small PNGs (fast to decode, so a stream of hundreds stays quick)."""
-    import numpy as np
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []

@@ -52,6 +52,7 @@ def run_outage(
     settings: Settings,
     store: VectorStore,
     tmp_path: Path,
+    *,
     scenario: str,
     fault: Callable[[], None],
 ) -> None:
@@ -101,7 +102,7 @@ def test_triton_outage(
         time.sleep(20)
         stack.triton.start()
 
-    run_outage(stack, settings, store, tmp_path, "triton_outage", fault)
+    run_outage(stack, settings, store, tmp_path, scenario="triton_outage", fault=fault)
 
 
 def test_milvus_outage(
@@ -112,7 +113,7 @@ def test_milvus_outage(
         time.sleep(15)
         stack.milvus.start()
 
-    run_outage(stack, settings, store, tmp_path, "milvus_outage", fault)
+    run_outage(stack, settings, store, tmp_path, scenario="milvus_outage", fault=fault)
 
 
 def test_kafka_broker_restart(
@@ -123,7 +124,7 @@ def test_kafka_broker_restart(
         time.sleep(10)
         stack.kafka.start()
 
-    run_outage(stack, settings, store, tmp_path, "kafka_restart", fault)
+    run_outage(stack, settings, store, tmp_path, scenario="kafka_restart", fault=fault)
 
 
 def test_graceful_stop_with_events_in_flight_loses_nothing(
@@ -308,7 +309,7 @@ def test_permanent_failures_are_dead_lettered_with_stage_and_reason(
             stage,
             reason,
         ), key
-    for key, (image, stage, reason) in events.items():
+    for key, (_image, stage, reason) in events.items():
         headers = dict(by_key[key].headers())
         assert (headers[HEADER_STAGE].decode(), headers[HEADER_REASON].decode()) == (
             stage,
