@@ -9,8 +9,9 @@ renders the config and runs ``milvus run standalone`` through :class:`ManagedPro
 session, pid and log files), so stop/kill/restart work across CLI invocations.
 
 Layout: in the shared cache ``<cache>/milvus``, ``venv/`` (the wheel) and ``server/`` (unpacked
-binary, libraries, config template); under ``<root>/milvus``, ``configs/`` (rendered at each start), ``data/`` (etcd, rocksmq, segments;
-kept by stop, wiped by reset), ``logs/`` (etcd and C++ engine logs), ``milvus.log``/``milvus.pid``.
+binary, libraries, config template); under ``<root>/milvus``, ``configs/`` (rendered at each
+start), ``data/`` (etcd, rocksmq, segments; kept by stop, wiped by reset), ``logs/`` (etcd and
+C++ engine logs), ``milvus.log``/``milvus.pid``.
 """
 
 from __future__ import annotations

@@ -23,10 +23,9 @@ from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
 
-# Statuses that describe a request the server understood and refused for good.
-_CONFIGURATION_STATUSES = frozenset(
-    {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND", "400", "404"}
-)
+# Statuses that describe a request the server understood and refused for good. NOT_FOUND is
+# not one of them: a server that is shutting down or still loading reports its model as unknown.
+_CONFIGURATION_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
 
 
 class InferenceConfigurationError(ConfigurationError):
@@ -158,7 +157,7 @@ class TritonEmbedder:
     def _translate(self, exc: InferenceServerException) -> Exception:
         status = str(exc.status() or "")
         text = f"Triton {self._settings.url} model {self._settings.model_name!r}: {exc}"
-        if status in _CONFIGURATION_STATUSES and "not ready" not in str(exc).lower():
+        if status in _CONFIGURATION_STATUSES:
             return InferenceConfigurationError(text, stage=Stage.EMBED)
         self._drop_client()
         reason = "triton_overloaded" if "queue" in str(exc).lower() else "triton_unavailable"

@@ -69,6 +69,7 @@ class Worker:
             settings.kafka, worker_id=self.worker_id, model_version=settings.triton.model_tag
         )
         self._paused_until: float | None = None
+        self._lag_updated = 0.0
         self._revoked: set[tuple[str, int]] = set()
         self.assigned: set[tuple[str, int]] = set()
         self.subscribed = False
@@ -96,6 +97,7 @@ class Worker:
         try:
             while not self._stop.is_set():
                 self._resume_if_due()
+                self._update_lag()
                 messages = self._poll_batch()
                 if messages:
                     self._handle(messages)
@@ -239,6 +241,24 @@ class Worker:
         )
         self._offsets.mark_committed(positions)
         logger.debug("committed %s", positions)
+
+    def _update_lag(self, every_s: float = 5.0) -> None:
+        """Export high watermark minus committed position per assigned partition."""
+        now = time.monotonic()
+        if now - self._lag_updated < every_s:
+            return
+        self._lag_updated = now
+        for topic, partition in list(self.assigned):
+            position = self._offsets.position(topic, partition)
+            try:
+                # cached=True reads what the fetcher already knows: no broker round trip.
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            if position is not None and high >= 0:
+                self.metrics.lag.labels(topic, str(partition)).set(max(0, high - position))
 
     # Backpressure --------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from PIL import Image
 
+from devstack._process import ManagedProcess
 from devstack.stack import LocalStack
 from engine.errors import RetriableError, Stage
 from engine.kafka import consumer_config, ensure_topics
@@ -179,6 +180,13 @@ def dead_letters(settings: Settings, *, timeout: float = 20.0) -> list[Any]:
         return records
     finally:
         consumer.close()
+
+
+def worker_alive(process: ManagedProcess) -> bool:
+    """True while the worker runs; fails the test at once (with its log) when it died."""
+    if not process.is_running():
+        pytest.fail(f"worker {process.name} died:\n{process.log_tail(40)}")
+    return True
 
 
 def report(scenario: str, *, produced: int, stored: int, dead_lettered: int, lost: int) -> None:

@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     small_images,
     stored_ids,
     wait_for,
+    worker_alive,
     worker_processes,
 )
 from worker.dead_letter import HEADER_REASON, HEADER_STAGE
@@ -58,10 +59,14 @@ def run_outage(
 ) -> None:
     """Stream STREAM events, apply ``fault`` once ingest is under way, check nothing is lost."""
     ids = publish_folder(settings, small_images(tmp_path, STREAM))
-    with worker_processes(stack, settings, [f"{scenario}-worker"]):
+    with worker_processes(stack, settings, [f"{scenario}-worker"]) as (worker,):
         wait_for(lambda: safe_count(store) >= 30, timeout=240, what="ingest under way")
         fault()
-        wait_for(lambda: safe_count(store) == STREAM, timeout=600, what=f"all {STREAM} stored")
+        wait_for(
+            lambda: worker_alive(worker) and safe_count(store) == STREAM,
+            timeout=400,
+            what=f"all {STREAM} stored",
+        )
     stored = set(stored_ids(store, settings.milvus.collection))
     dead = dead_letters(settings)
     lost = len(set(ids) - stored)
