@@ -47,5 +47,8 @@ unit: install
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# Needs the quick-start stack running (make up); each script prints figures and ratios.
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_triton.py --http-url 127.0.0.1:18000 --grpc-url 127.0.0.1:18001
+	$(BIN)/python benchmarks/bench_milvus.py --uri http://127.0.0.1:19530

@@ -7,6 +7,7 @@ Each scenario prints ``scenario=<name> produced=<n> stored=<n> dead_lettered=<n>
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -163,6 +165,20 @@ def test_two_workers_share_four_partitions_and_store_each_event_once(
     with worker_processes(stack, settings, ["scale-a", "scale-b"]) as workers:
         wait_for(lambda: safe_count(store) == STREAM, timeout=600, what=f"all {STREAM} stored")
         logs = [w.log_file.read_text() for w in workers]
+        # Each worker's health server: ready, and its metrics count what it upserted.
+        upserted = 0.0
+        for log in logs:
+            address = re.search(r"health and metrics on (http://\S+)", log)
+            assert address, log[-2000:]
+            ready = httpx.get(f"{address.group(1)}/readyz", timeout=10)
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["checks"] == {"kafka": True, "triton": True, "milvus": True}
+            assert httpx.get(f"{address.group(1)}/livez", timeout=10).json() == {"alive": True}
+            metrics = httpx.get(f"{address.group(1)}/metrics", timeout=10).text
+            found = re.search(r"^trident_events_upserted_total (\S+)$", metrics, re.MULTILINE)
+            assert found, metrics[:2000]
+            upserted += float(found.group(1))
+        assert upserted >= STREAM
     stored = stored_ids(store, settings.milvus.collection)
     lost = len(set(ids) - set(stored))
     report(
