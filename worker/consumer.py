@@ -70,6 +70,7 @@ class Worker:
         )
         self._paused_until: float | None = None
         self._lag_updated = 0.0
+        self._fresh_assignment = False
         self._revoked: set[tuple[str, int]] = set()
         self.assigned: set[tuple[str, int]] = set()
         self.subscribed = False
@@ -284,7 +285,16 @@ class Worker:
         )
 
     def _resume_if_due(self) -> None:
-        if self._paused_until is None or time.monotonic() < self._paused_until:
+        if self._paused_until is None:
+            if self._fresh_assignment:
+                # librdkafka keeps a partition's paused flag across a lost/re-assigned cycle:
+                # partitions given back after a pause must be resumed explicitly.
+                self._fresh_assignment = False
+                assignment = self._consumer.assignment()
+                if assignment:
+                    self._consumer.resume(assignment)
+            return
+        if time.monotonic() < self._paused_until:
             return
         assignment = self._consumer.assignment()
         if assignment:
@@ -296,6 +306,7 @@ class Worker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        self._fresh_assignment = True
         self.metrics.assigned.set(len(self.assigned))
         if self._paused_until is not None:
             # Newly assigned partitions join the pause too: the outage concerns them as well.
