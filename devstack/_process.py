@@ -163,19 +163,34 @@ def _group_alive(pgid: int) -> bool:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state != "Z":
+        if int(fields[2]) == pgid and _has_live_thread(int(entry.name)):
             return True
     return False
 
 
 def _is_zombie(pid: int) -> bool:
     _reap(pid)
+    return not _has_live_thread(pid)
+
+
+def _has_live_thread(pid: int) -> bool:
+    """True while any thread of the process is not a zombie.
+
+    A killed multithreaded process (a JVM, a Go server) shows its leader thread as a zombie while
+    its other threads are still exiting and holding its sockets: it is not gone yet.
+    """
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return True
-    return state == "Z"
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return False
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state != "Z":
+            return True
+    return False
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -185,6 +200,16 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def wait_ports_closed(host: str, ports: Sequence[int], timeout: float = 10.0) -> list[int]:
+    """Wait until nothing listens on ``ports``; return those still open after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = [port for port in ports if port_open(host, port)]
+        if not busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.1)
 
 
 def wait_until(

@@ -13,14 +13,13 @@ import base64
 import logging
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from devstack._process import ManagedProcess, port_open, wait_until
+from devstack._process import ManagedProcess, port_open, wait_ports_closed, wait_until
 from devstack.config import StackConfig
 from devstack.errors import StackError
 
@@ -205,17 +204,8 @@ class KafkaService:
 
     def _wait_ports_released(self, timeout: float = 10.0) -> list[int]:
         """Wait until no one listens on the broker's ports; return those still in use."""
-        # A killed JVM's main thread shows as a zombie (so ManagedProcess calls it gone) while its
-        # other threads, which keep the sockets open, are still exiting.
         cfg = self.config
-        deadline = time.monotonic() + timeout
-        while True:
-            busy = [
-                p for p in (cfg.kafka_port, cfg.kafka_controller_port) if port_open(cfg.host, p)
-            ]
-            if not busy or time.monotonic() > deadline:
-                return busy
-            time.sleep(0.1)
+        return wait_ports_closed(cfg.host, (cfg.kafka_port, cfg.kafka_controller_port), timeout)
 
     def _wait_ready(self) -> None:
         wait_until(

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from devstack._process import ManagedProcess, port_open, wait_until
+from devstack._process import ManagedProcess, port_open, wait_ports_closed, wait_until
 from devstack.config import StackConfig
 from devstack.errors import StackError
 
@@ -391,13 +391,11 @@ class MilvusService:
         (self.configs / "glog.conf").write_text(glog)
 
     def _wait_released(self, timeout: float = 10.0) -> None:
-        # A killed Go process shows as a zombie (its leader thread) while its other threads are
-        # still exiting and holding the sockets; a start() then would find the ports taken.
+        # Also waits for a server this stack did not record (a leftover of an earlier run).
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (
-            self._server_pids() or any(port_open(self.config.host, port) for port in self.all_ports)
-        ):
+        while self._server_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
+        wait_ports_closed(self.config.host, self.all_ports, max(0.0, deadline - time.monotonic()))
 
     def _server_pids(self) -> list[int]:
         """Pids of live processes running this stack's server binary (the pgrep of stop())."""
