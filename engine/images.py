@@ -20,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from engine.errors import ImageContentError, Stage
+
 logger = logging.getLogger(__name__)
 
 # Only formats photos arrive in. Limiting Image.open also keeps Pillow away from plugins that
@@ -57,10 +59,13 @@ _WHITE = (255, 255, 255)
 _WARNINGS_LOCK = threading.Lock()
 
 
-class ImageDecodeError(ValueError):
-    """The bytes cannot become an image; ``reason`` is the dead-letter code."""
+class ImageDecodeError(ImageContentError, ValueError):
+    """The bytes cannot become an image; ``reason`` is the dead-letter code. Permanent."""
 
     reason = "undecodable_image"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage=Stage.DECODE_IMAGE)
 
 
 class NotAnImageError(ImageDecodeError):

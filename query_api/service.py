@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from engine.errors import ImageContentError, InvalidQueryError, Stage
+from engine.errors import InvalidQueryError, Stage
 from engine.fetch import ImageFetcher
-from engine.images import ImageDecodeError, decode_image
+from engine.images import decode_image
 from engine.inference import TritonEmbedder
 from engine.preprocess import JaxPreprocessor
 from engine.settings import Settings
@@ -63,10 +63,7 @@ class SearchService:
             ImageContentError: the bytes are not a usable image.
             InferenceUnavailableError: Triton is unavailable.
         """
-        try:
-            pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
-        except ImageDecodeError as exc:
-            raise ImageContentError(str(exc), reason=exc.reason, stage=Stage.DECODE_IMAGE) from exc
+        pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
         batch = self._preprocessor.preprocess([pixels])
         embedding: npt.NDArray[np.float32] = self.embedder.embed(batch)[0]
         return embedding

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -23,7 +24,6 @@ import numpy.typing as npt
 from confluent_kafka import Message
 
 from engine.errors import (
-    ImageContentError,
     PermanentError,
     RetriableError,
     Stage,
@@ -141,6 +141,9 @@ class BatchProcessor:
         self._default_collection = default_collection
         self._metrics = metrics
         self._should_stop = should_stop
+        self._decoders = ThreadPoolExecutor(
+            max_workers=max(1, fetch_settings.concurrency), thread_name_prefix="decode"
+        )
 
     def process(self, messages: Sequence[Message]) -> BatchResult:
         """Run every stage; return each record's outcome.
@@ -270,17 +273,18 @@ class BatchProcessor:
                 item.reuse_vector = np.asarray(vectors[item.event.id], dtype=np.float32)
 
     def _decode_images(self, items: list[Item]) -> None:
-        for item in items:
-            if not item.pending or item.reuse_vector is not None or item.data is None:
-                continue
-            try:
-                item.pixels = decode_image(
-                    item.data, max_pixels=self._fetch_settings.max_pixels
-                ).pixels
-            except ImageDecodeError as exc:
-                item.fail(ImageContentError(str(exc), reason=exc.reason), Stage.DECODE_IMAGE)
-            finally:
-                item.data = None  # the bytes are no longer needed; free them early
+        # Pillow releases the GIL while decoding, so threads use every core.
+        todo = [i for i in items if i.pending and i.reuse_vector is None and i.data is not None]
+        list(self._decoders.map(self._decode_one, todo))
+
+    def _decode_one(self, item: Item) -> None:
+        assert item.data is not None
+        try:
+            item.pixels = decode_image(item.data, max_pixels=self._fetch_settings.max_pixels).pixels
+        except ImageDecodeError as exc:
+            item.fail(exc, Stage.DECODE_IMAGE)
+        finally:
+            item.data = None  # the bytes are no longer needed; free them early
 
     def _embed(self, items: list[Item]) -> npt.NDArray[np.float32]:
         if not items:
