@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder
 from query_api import create_app
+from schemas import IngestEvent, PathImage
 from tests.integration.conftest import committed_everything, running_worker, wait_for
 
 pytestmark = pytest.mark.stack
@@ -62,3 +64,35 @@ def test_published_images_become_searchable_and_republishing_is_idempotent(
             lambda: committed_everything(settings), timeout=120, what="re-published events consumed"
         )
         assert store.count() == N_IMAGES
+
+
+def test_stale_versions_never_overwrite_and_newer_metadata_is_applied(
+    settings: Settings, store: VectorStore, tmp_path: Path
+) -> None:
+    first, second = derived_image_set(tmp_path / "images", 2)
+    newer = IngestEvent(
+        id="photo", image=PathImage(path=str(second)), version=20, metadata={"rev": "new"}
+    )
+    older = IngestEvent(
+        id="photo", image=PathImage(path=str(first)), version=10, metadata={"rev": "old"}
+    )
+    with running_worker(settings) as worker:
+        with EventPublisher(settings.kafka) as publisher:
+            publisher.publish(newer)
+            publisher.flush()
+            wait_for(lambda: store.count() == 1, timeout=120, what="the newer event stored")
+            publisher.publish(older)  # a late replay of an older event
+            publisher.flush()
+            wait_for(lambda: committed_everything(settings), timeout=120, what="older consumed")
+            same_image = newer.model_copy(update={"version": 30, "metadata": {"rev": "renamed"}})
+            publisher.publish(same_image)
+            publisher.flush()
+        wait_for(lambda: committed_everything(settings), timeout=120, what="events consumed")
+        skipped = worker.metrics.skipped.labels("stale_version")._value.get()
+    record = store.get(["photo"])[0]
+    assert record["event_version"] == 30
+    assert record["metadata"] == {"rev": "renamed"}
+    assert record["source"] == str(second)  # the older event's image never replaced it
+    assert record["content_sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()
+    assert record["model_version"] == settings.triton.model_tag
+    assert skipped == 1
