@@ -18,6 +18,9 @@ from engine.errors import BrokerUnavailableError
 from engine.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
+# librdkafka's own log lines (connection refused during a broker restart, ...) go through Python
+# logging instead of straight to stderr, so entry points decide where they end up.
+_client_logger = logging.getLogger("librdkafka")
 
 
 def producer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -30,6 +33,7 @@ def producer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
         "compression.type": "lz4",
         # Keep retrying through a broker restart; delivery reports tell us if it gave up.
         "message.timeout.ms": 120_000,
+        "logger": _client_logger,
     }
     config.update(settings.extra)
     config.update(overrides)
@@ -48,6 +52,7 @@ def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         # Cooperative rebalancing: adding a worker moves only the partitions it takes over.
         "partition.assignment.strategy": "cooperative-sticky",
+        "logger": _client_logger,
     }
     config.update(settings.extra)
     config.update(overrides)
