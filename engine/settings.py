@@ -139,8 +139,8 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
-    """Read settings from an optional YAML file, then the environment, then ``overrides``.
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Read settings from an optional YAML file, then the environment (which wins).
 
     Raises:
         ConfigurationError: the file is missing, is not a YAML mapping, or a value is invalid.
@@ -158,6 +158,4 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
         settings = Settings(**values)
     except ValueError as exc:
         raise ConfigurationError(f"invalid settings: {exc}") from exc
-    if overrides:
-        settings = settings.model_copy(update=overrides)
     return settings

@@ -101,37 +101,33 @@ def test_worker_killed_mid_stream_then_restarted(
     assert len(stored) == len(set(stored)) == STREAM, "an id is stored more than once"
 
 
-def test_triton_outage(
-    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
+@pytest.mark.parametrize(
+    ("service", "down_s", "scenario"),
+    [
+        ("triton", 20, "triton_outage"),
+        ("milvus", 15, "milvus_outage"),
+        ("kafka", 10, "kafka_restart"),
+    ],
+)
+def test_service_outage_during_ingest(
+    stack: LocalStack,
+    settings: Settings,
+    store: VectorStore,
+    tmp_path: Path,
+    *,
+    service: str,
+    down_s: int,
+    scenario: str,
 ) -> None:
+    """Stop a service mid-stream, keep it down, start it again: all stored, no dead letters."""
+    server = getattr(stack, service)
+
     def fault() -> None:
-        stack.triton.stop()
-        time.sleep(20)
-        stack.triton.start()
+        server.stop()
+        time.sleep(down_s)
+        server.start()
 
-    run_outage(stack, settings, store, tmp_path, scenario="triton_outage", fault=fault)
-
-
-def test_milvus_outage(
-    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
-) -> None:
-    def fault() -> None:
-        stack.milvus.stop()
-        time.sleep(15)
-        stack.milvus.start()
-
-    run_outage(stack, settings, store, tmp_path, scenario="milvus_outage", fault=fault)
-
-
-def test_kafka_broker_restart(
-    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
-) -> None:
-    def fault() -> None:
-        stack.kafka.stop()
-        time.sleep(10)
-        stack.kafka.start()
-
-    run_outage(stack, settings, store, tmp_path, scenario="kafka_restart", fault=fault)
+    run_outage(stack, settings, store, tmp_path, scenario=scenario, fault=fault)
 
 
 def test_graceful_stop_with_events_in_flight_loses_nothing(
