@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from confluent_kafka import Message
 from PIL import Image
 
 from devstack.stack import LocalStack
@@ -50,6 +51,19 @@ def publish_folder(settings: Settings, paths: list[Path]) -> list[str]:
     return [e.id for e in events]
 
 
+def assert_stream_complete(
+    scenario: str, ids: list[str], settings: Settings, store: VectorStore
+) -> list[Message]:
+    """Report the scenario's line; assert every id stored exactly once. Returns the dead letters."""
+    stored = stored_ids(store, settings.milvus.collection)
+    dead = dead_letters(settings)
+    lost = len(set(ids) - set(stored))
+    report(scenario, produced=len(ids), stored=len(set(stored)), dead_lettered=len(dead), lost=lost)
+    assert lost == 0
+    assert len(stored) == len(set(stored)) == len(ids), "an id is stored more than once"
+    return dead
+
+
 def run_outage(
     stack: LocalStack,
     settings: Settings,
@@ -69,11 +83,7 @@ def run_outage(
             timeout=400,
             what=f"all {STREAM} stored",
         )
-    stored = set(stored_ids(store, settings.milvus.collection))
-    dead = dead_letters(settings)
-    lost = len(set(ids) - stored)
-    report(scenario, produced=STREAM, stored=len(stored), dead_lettered=len(dead), lost=lost)
-    assert lost == 0
+    dead = assert_stream_complete(scenario, ids, settings, store)
     assert dead == [], "an outage must never produce dead letters"
 
 
@@ -88,17 +98,7 @@ def test_worker_killed_mid_stream_then_restarted(
     assert killed_at < STREAM, "the stream finished before the kill; make it longer"
     with worker_processes(stack, settings, ["successor"]):
         wait_for(lambda: safe_count(store) == STREAM, timeout=600, what=f"all {STREAM} stored")
-    stored = stored_ids(store, settings.milvus.collection)
-    lost = len(set(ids) - set(stored))
-    report(
-        "worker_kill9",
-        produced=STREAM,
-        stored=len(set(stored)),
-        dead_lettered=len(dead_letters(settings)),
-        lost=lost,
-    )
-    assert lost == 0
-    assert len(stored) == len(set(stored)) == STREAM, "an id is stored more than once"
+    assert_stream_complete("worker_kill9", ids, settings, store)
 
 
 @pytest.mark.parametrize(
@@ -143,15 +143,7 @@ def test_graceful_stop_with_events_in_flight_loses_nothing(
     assert "Traceback" not in tail and " ERROR " not in tail, tail[-3000:]
     with worker_processes(stack, settings, ["after-graceful"]):
         wait_for(lambda: safe_count(store) == STREAM, timeout=600, what=f"all {STREAM} stored")
-    lost = len(set(ids) - set(stored_ids(store, settings.milvus.collection)))
-    report(
-        "graceful_stop",
-        produced=STREAM,
-        stored=STREAM - lost,
-        dead_lettered=len(dead_letters(settings)),
-        lost=lost,
-    )
-    assert lost == 0
+    assert_stream_complete("graceful_stop", ids, settings, store)
 
 
 def test_two_workers_share_four_partitions_and_store_each_event_once(
@@ -175,17 +167,7 @@ def test_two_workers_share_four_partitions_and_store_each_event_once(
             assert found, metrics[:2000]
             upserted += float(found.group(1))
         assert upserted >= STREAM
-    stored = stored_ids(store, settings.milvus.collection)
-    lost = len(set(ids) - set(stored))
-    report(
-        "two_workers",
-        produced=STREAM,
-        stored=len(set(stored)),
-        dead_lettered=len(dead_letters(settings)),
-        lost=lost,
-    )
-    assert lost == 0
-    assert len(stored) == len(set(stored)) == STREAM
+    assert_stream_complete("two_workers", ids, settings, store)
     for log in logs:  # both took part: each was assigned partitions of the topic
         assert f"('{settings.kafka.topic}', " in log.split("assigned", 1)[-1], log[-2000:]
 
