@@ -17,36 +17,22 @@ from confluent_kafka import KafkaError, Message, Producer
 from engine.errors import BrokerUnavailableError, Stage
 from engine.kafka import producer_config
 from engine.settings import KafkaSettings
+from schemas.dead_letter import (
+    DEAD_LETTER_HEADERS,
+    HEADER_ATTEMPTS,
+    HEADER_EXCEPTION_CLASS,
+    HEADER_EXCEPTION_MESSAGE,
+    HEADER_FIRST_FAILED,
+    HEADER_MODEL,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    HEADER_STAGE,
+    HEADER_TOPIC,
+    HEADER_WORKER,
+)
 
 logger = logging.getLogger(__name__)
-
-HEADER_TOPIC = "__connect.errors.topic"
-HEADER_PARTITION = "__connect.errors.partition"
-HEADER_OFFSET = "__connect.errors.offset"
-HEADER_EXCEPTION_CLASS = "__connect.errors.exception.class.name"
-HEADER_EXCEPTION_MESSAGE = "__connect.errors.exception.message"
-HEADER_STAGE = "trident.errors.stage"
-HEADER_REASON = "trident.errors.reason"
-HEADER_ATTEMPTS = "trident.errors.attempts"
-HEADER_FIRST_FAILED = "trident.errors.first_failed_at"
-HEADER_WORKER = "trident.errors.worker"
-HEADER_MODEL = "trident.errors.model_version"
-# Headers we add; a replay strips them so a re-failure is described afresh.
-DEAD_LETTER_HEADERS = frozenset(
-    {
-        HEADER_TOPIC,
-        HEADER_PARTITION,
-        HEADER_OFFSET,
-        HEADER_EXCEPTION_CLASS,
-        HEADER_EXCEPTION_MESSAGE,
-        HEADER_STAGE,
-        HEADER_REASON,
-        HEADER_ATTEMPTS,
-        HEADER_FIRST_FAILED,
-        HEADER_WORKER,
-        HEADER_MODEL,
-    }
-)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, event_for_reference
 from schemas import IngestEvent, InlineImage, PathImage, UrlImage, encode_event
+from schemas.dead_letter import HEADER_REASON, HEADER_STAGE
 from tests.integration.conftest import (
     dead_letters,
     report,
@@ -36,7 +37,6 @@ from tests.integration.conftest import (
     worker_alive,
     worker_processes,
 )
-from worker.dead_letter import HEADER_REASON, HEADER_STAGE
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 

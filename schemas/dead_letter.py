@@ -1,0 +1,39 @@
+"""The dead-letter record's contract: the headers a dead letter carries, beside the original ones.
+
+A dead letter is the consumed record unchanged (key, value, the producer's headers) plus these
+headers. Kafka Connect's ``__connect.errors.*`` names are used where they exist, so existing
+dead-letter tooling understands them; ``trident.errors.*`` carry our own stage/attempt bookkeeping.
+The worker writes them (``worker.dead_letter``); operator tools read them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+HEADER_TOPIC = "__connect.errors.topic"
+HEADER_PARTITION = "__connect.errors.partition"
+HEADER_OFFSET = "__connect.errors.offset"
+HEADER_EXCEPTION_CLASS = "__connect.errors.exception.class.name"
+HEADER_EXCEPTION_MESSAGE = "__connect.errors.exception.message"
+HEADER_STAGE = "trident.errors.stage"
+HEADER_REASON = "trident.errors.reason"
+HEADER_ATTEMPTS = "trident.errors.attempts"
+HEADER_FIRST_FAILED = "trident.errors.first_failed_at"
+HEADER_WORKER = "trident.errors.worker"
+HEADER_MODEL = "trident.errors.model_version"
+# Headers we add; a replay strips them so a re-failure is described afresh.
+DEAD_LETTER_HEADERS: Final = frozenset(
+    {
+        HEADER_TOPIC,
+        HEADER_PARTITION,
+        HEADER_OFFSET,
+        HEADER_EXCEPTION_CLASS,
+        HEADER_EXCEPTION_MESSAGE,
+        HEADER_STAGE,
+        HEADER_REASON,
+        HEADER_ATTEMPTS,
+        HEADER_FIRST_FAILED,
+        HEADER_WORKER,
+        HEADER_MODEL,
+    }
+)
