@@ -4,6 +4,7 @@ Public surface: the ingest event and its image references, their (de)serialisers
 request/response models.
 """
 
+from schemas.errors import ContractError
 from schemas.events import (
     EVENT_SCHEMA_VERSION,
     ImageRef,
@@ -19,6 +20,7 @@ from schemas.search import SearchHit, SearchRequest
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
+    "ContractError",
     "ImageRef",
     "IngestEvent",
     "InlineImage",

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from engine.errors import InvalidEventError
+from schemas.errors import ContractError
 
 EVENT_SCHEMA_VERSION: Final = 1
 
@@ -129,20 +129,20 @@ def decode_event(payload: bytes | str | None) -> IngestEvent:
     """Parse and validate an event from its wire form.
 
     Raises:
-        InvalidEventError: empty payload, malformed JSON, unknown schema version, or a field that
+        ContractError: empty payload, malformed JSON, unknown schema version, or a field that
             fails validation; the message says which.
     """
     if not payload:
-        raise InvalidEventError("empty message", reason="empty_event")
+        raise ContractError("empty message", reason="empty_event")
     try:
         raw = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEventError(f"malformed JSON: {exc}", reason="malformed_json") from exc
+        raise ContractError(f"malformed JSON: {exc}", reason="malformed_json") from exc
     if not isinstance(raw, dict):
-        raise InvalidEventError("event must be a JSON object", reason="schema_invalid")
+        raise ContractError("event must be a JSON object", reason="schema_invalid")
     version = raw.get("schema_version", EVENT_SCHEMA_VERSION)
     if version != EVENT_SCHEMA_VERSION:
-        raise InvalidEventError(
+        raise ContractError(
             f"unsupported schema_version {version!r} (this worker reads {EVENT_SCHEMA_VERSION})",
             reason="unsupported_schema_version",
         )
@@ -154,7 +154,7 @@ def decode_event(payload: bytes | str | None) -> IngestEvent:
             for err in exc.errors()
         )
         reason = "unknown_image_kind" if _is_unknown_kind(exc) else "schema_invalid"
-        raise InvalidEventError(f"invalid event: {problems}", reason=reason) from exc
+        raise ContractError(f"invalid event: {problems}", reason=reason) from exc
 
 
 def _is_unknown_kind(exc: ValidationError) -> bool:

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from confluent_kafka import Message
 
 from engine.errors import (
+    InvalidEventError,
     PermanentError,
     RetriableError,
     Stage,
@@ -32,7 +33,7 @@ from engine.errors import (
 from engine.images import ImageDecodeError, decode_image
 from engine.settings import FetchSettings, RetrySettings
 from engine.store import StoredVersion, VectorRecord
-from schemas import IngestEvent, decode_event
+from schemas import ContractError, IngestEvent, decode_event
 from schemas.events import ImageRef
 from worker.dead_letter import DeadLetter
 from worker.metrics import WorkerMetrics
@@ -172,8 +173,8 @@ class BatchProcessor:
         for item in items:
             try:
                 item.event = decode_event(item.message.value())
-            except PermanentError as exc:
-                item.fail(exc, Stage.DECODE_EVENT)
+            except ContractError as exc:
+                item.fail(InvalidEventError(str(exc), reason=exc.reason), Stage.DECODE_EVENT)
         # Several versions of one id in a batch: only the newest needs work.
         newest: dict[tuple[str, str], Item] = {}
         for item in items:

@@ -7,9 +7,9 @@ import base64
 import orjson
 import pytest
 
-from engine.errors import InvalidEventError
 from schemas import (
     EVENT_SCHEMA_VERSION,
+    ContractError,
     IngestEvent,
     InlineImage,
     PathImage,
@@ -72,14 +72,14 @@ def test_versions_default_to_increasing_timestamps() -> None:
     ],
 )
 def test_invalid_payloads_raise_a_clear_permanent_error(payload: bytes, reason: str) -> None:
-    with pytest.raises(InvalidEventError) as caught:
+    with pytest.raises(ContractError) as caught:
         decode_event(payload)
     assert caught.value.reason == reason
     assert str(caught.value)
 
 
 def test_error_names_the_offending_field() -> None:
-    with pytest.raises(InvalidEventError, match="image"):
+    with pytest.raises(ContractError, match="image"):
         decode_event(b'{"id": "a"}')
 
 
@@ -91,3 +91,22 @@ def test_search_request_needs_exactly_one_query() -> None:
         SearchRequest(query_input="/x.jpg", vector=[0.1])
     with pytest.raises(ValueError):
         SearchRequest(vector=[0.1], topk=0)
+
+
+def test_the_contracts_import_nothing_else_of_the_project() -> None:
+    import ast  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    project = {"engine", "worker", "producer", "query_api", "devstack"}
+    offenders = []
+    for path in (Path(__file__).parents[2] / "schemas").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in project]
+    assert not offenders
