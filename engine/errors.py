@@ -90,6 +90,13 @@ class InvalidQueryError(PermanentError):
     reason = "invalid_query"
 
 
+class UnknownCollectionError(PermanentError):
+    """A read or write names a collection that does not exist (collections are created on purpose,
+    never as a side effect of using them)."""
+
+    reason = "unknown_collection"
+
+
 # Retriable, by which service failed.
 class FetchUnavailableError(RetriableError):
     """An image host timed out, refused the connection, answered 5xx or 429."""

@@ -8,10 +8,10 @@ receive the section they need; none of them reads the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from engine.errors import ConfigurationError
+from engine.indexes import IndexSpec, IndexType, Metric
 from engine.model.spec import DEFAULT_MODEL_SPEC
 
 
@@ -51,13 +52,28 @@ class TritonSettings(BaseModel):
 class MilvusSettings(BaseModel):
     uri: str = "http://127.0.0.1:19530"
     token: str = ""
-    collection: str = "images"
+    collection: str = Field("images", description="The default collection, created by the worker.")
     dimension: int = DEFAULT_MODEL_SPEC.output_dim
-    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
-    index_type: str = "HNSW"
-    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
-    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 64})
+    metric: Metric = "COSINE"
+    index_type: IndexType = "HNSW"
+    # Empty means the index type's defaults (see engine/indexes.py).
+    index_params: dict[str, int] = Field(default_factory=dict)
+    search_params: dict[str, int] = Field(default_factory=dict)
     timeout_s: float = 30.0
+
+    @model_validator(mode="after")
+    def _index_is_valid(self) -> Self:
+        self.index_spec()  # a wrong parameter fails here, naming it, not at the first write
+        return self
+
+    def index_spec(self) -> IndexSpec:
+        """The index new collections get (index type, metric and parameters)."""
+        return IndexSpec(
+            index_type=self.index_type,
+            metric=self.metric,
+            params=self.index_params,
+            search_params=self.search_params,
+        )
 
 
 class FetchSettings(BaseModel):

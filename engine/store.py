@@ -16,10 +16,12 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+import orjson
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from engine.errors import InvalidQueryError, Stage, StoreUnavailableError
+from engine.errors import InvalidQueryError, Stage, StoreUnavailableError, UnknownCollectionError
+from engine.indexes import IndexSpec
 from engine.settings import MilvusSettings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ RECORD_FIELDS = (
     "ingested_at_ms",
 )
 ID_MAX_LENGTH = 256
+SOURCE_MAX_LENGTH = 2048
 
 # Fragments of pymilvus/server messages that mean "try again later", not "you are wrong".
 _TRANSIENT_MARKERS = (
@@ -77,7 +80,7 @@ class VectorRecord:
             "id": self.id,
             VECTOR_FIELD: self.vector.astype(np.float32).tolist(),
             "metadata": self.metadata,
-            "source": self.source[:2048],
+            "source": self.source[:SOURCE_MAX_LENGTH],
             "content_sha256": self.content_sha256,
             "model_version": self.model_version,
             "event_version": self.event_version,
@@ -102,6 +105,31 @@ class Hit:
     fields: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    """What a collection was created with."""
+
+    name: str
+    dimension: int
+    index: IndexSpec
+    description: str = ""
+    model_tag: str = ""
+
+
+def _description_of(text: str) -> dict[str, str]:
+    # Collections made elsewhere have a plain description; ours hold JSON (see _create).
+    try:
+        parsed = orjson.loads(text) if text.startswith("{") else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        return {"description": text, "model_tag": ""}
+    return {
+        "description": str(parsed.get("description", "")),
+        "model_tag": str(parsed.get("model_tag", "")),
+    }
+
+
 class VectorStore:
     """Vectors and metadata in Milvus, one collection per dataset.
 
@@ -113,7 +141,7 @@ class VectorStore:
         self._settings = settings
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
-        self._ready_collections: set[str] = set()
+        self._collections: dict[str, CollectionInfo] = {}
 
     @property
     def default_collection(self) -> str:
@@ -127,7 +155,7 @@ class VectorStore:
                 except Exception as exc:
                     logger.debug("closing Milvus client failed: %s", exc)
                 self._client = None
-            self._ready_collections.clear()
+            self._collections.clear()
 
     def _connect(self) -> MilvusClient:
         with self._lock:
@@ -164,39 +192,66 @@ class VectorStore:
 
     # Collections ---------------------------------------------------------------------------
 
-    def ensure_collection(self, name: str | None = None) -> str:
-        """Create (if missing) and load a collection; return its name.
+    def collection_exists(self, name: str) -> bool:
+        """Whether the collection exists (a read: it never creates one).
 
         Raises:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        name = name or self._settings.collection
-        if name in self._ready_collections:
-            return name
-        if not self._call(Stage.UPSERT, f"has_collection {name}", "has_collection", name):
-            self._create_collection(name)
-        self._call(Stage.UPSERT, f"load {name}", "load_collection", name)
-        self._ready_collections.add(name)
-        return name
+        return bool(self._call(Stage.SEARCH, f"has_collection {name}", "has_collection", name))
 
-    def _create_collection(self, name: str) -> None:
-        s = self._settings
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    def create_collection(
+        self,
+        name: str,
+        *,
+        dimension: int | None = None,
+        index: IndexSpec | None = None,
+        description: str = "",
+        model_tag: str = "",
+    ) -> bool:
+        """Create and load a collection unless it exists; return True if it was created.
+
+        ``dimension`` and ``index`` default to the settings'. An existing collection is left as
+        it is (its dimension and index are not compared): creation is idempotent, so several
+        workers may start at once.
+
+        Raises:
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        created = False
+        if not self.collection_exists(name):
+            spec = index or self._settings.index_spec()
+            self._create(name, dimension or self._settings.dimension, spec, description, model_tag)
+            created = True
+        self._call(Stage.UPSERT, f"load {name}", "load_collection", name)
+        self._collections.pop(name, None)
+        return created
+
+    def _create(
+        self, name: str, dimension: int, spec: IndexSpec, description: str, model_tag: str
+    ) -> None:
+        schema = MilvusClient.create_schema(
+            auto_id=False,
+            enable_dynamic_field=False,
+            # The model tag rides in the description so that stats can name it on any server.
+            description=orjson.dumps({"description": description, "model_tag": model_tag}).decode(),
+        )
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
-        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=s.dimension)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
         schema.add_field("metadata", DataType.JSON)
-        schema.add_field("source", DataType.VARCHAR, max_length=2048)
+        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_LENGTH)
         schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
         schema.add_field("model_version", DataType.VARCHAR, max_length=128)
         schema.add_field("event_version", DataType.INT64)
         schema.add_field("ingested_at_ms", DataType.INT64)
         index = MilvusClient.prepare_index_params()
         # Build parameters nested under "params": milvus-lite ignores the flat form.
+        build = spec.build_params()
         index.add_index(
             field_name=VECTOR_FIELD,
-            index_type=s.index_type,
-            metric_type=s.metric,
-            params={"params": dict(s.index_params)} if s.index_params else {},
+            index_type=spec.index_type,
+            metric_type=spec.metric,
+            params={"params": build} if build else {},
         )
         try:
             self._call(
@@ -209,20 +264,73 @@ class VectorStore:
             )
         except StoreUnavailableError:
             # Another worker may have created it first; that is fine.
-            if not self._call(Stage.UPSERT, f"has_collection {name}", "has_collection", name):
+            if not self.collection_exists(name):
                 raise
-        logger.info("created collection %s (%s, %s)", name, s.index_type, s.metric)
+        logger.info(
+            "created collection %s (%s, %s, dim %d)", name, spec.index_type, spec.metric, dimension
+        )
+
+    def describe_collection(self, name: str) -> CollectionInfo:
+        """Dimension, index, search parameters and model tag of a collection (cached).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        cached = self._collections.get(name)
+        if cached is not None:
+            return cached
+        if not self.collection_exists(name):
+            raise UnknownCollectionError(f"no collection named {name!r}", stage=Stage.SEARCH)
+        described = self._call(Stage.SEARCH, f"describe {name}", "describe_collection", name)
+        dimension = next(
+            int(f.get("params", {}).get("dim", 0))
+            for f in described.get("fields", [])
+            if f.get("name") == VECTOR_FIELD
+        )
+        index = self._call(
+            Stage.SEARCH,
+            f"describe index of {name}",
+            "describe_index",
+            name,
+            index_name=VECTOR_FIELD,
+        )
+        spec = IndexSpec.from_description(index)
+        if spec.index_type == self._settings.index_type:
+            # The configured search parameters apply to every collection with that index type.
+            spec = spec.model_copy(update={"search_params": self._settings.search_params})
+        info = CollectionInfo(
+            name=name,
+            dimension=dimension,
+            index=spec,
+            **_description_of(str(described.get("description", ""))),
+        )
+        self._collections[name] = info
+        return info
 
     def list_collections(self) -> list[str]:
-        return list(self._call(Stage.SEARCH, "list collections", "list_collections"))
+        return sorted(self._call(Stage.SEARCH, "list collections", "list_collections"))
 
     def drop_collection(self, name: str) -> None:
+        """Drop a collection and its data.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        if not self.collection_exists(name):
+            raise UnknownCollectionError(f"no collection named {name!r}", stage=Stage.UPSERT)
         self._call(Stage.UPSERT, f"drop {name}", "drop_collection", name)
-        self._ready_collections.discard(name)
+        self._collections.pop(name, None)
 
     def count(self, collection: str | None = None) -> int:
-        """Exact row count (strong consistency: includes rows written just now)."""
-        name = self.ensure_collection(collection)
+        """Exact row count (strong consistency: includes rows written just now).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        name = self._existing(collection)
         rows = self._call(
             Stage.SEARCH,
             f"count {name}",
@@ -234,6 +342,12 @@ class VectorStore:
         )
         return int(rows[0]["count(*)"]) if rows else 0
 
+    def _existing(self, collection: str | None) -> str:
+        """The collection's name, once it is known to exist (a read never creates one)."""
+        name = collection or self._settings.collection
+        self.describe_collection(name)
+        return name
+
     # Writes --------------------------------------------------------------------------------
 
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
@@ -244,7 +358,7 @@ class VectorStore:
         """
         if not records:
             return 0
-        name = self.ensure_collection(collection)
+        name = self._existing(collection)
         self._call(
             Stage.UPSERT,
             f"upsert {len(records)} rows into {name}",
@@ -255,7 +369,7 @@ class VectorStore:
         return len(records)
 
     def delete(self, ids: Sequence[str], collection: str | None = None) -> None:
-        name = self.ensure_collection(collection)
+        name = self._existing(collection)
         self._call(Stage.UPSERT, f"delete from {name}", "delete", name, ids=list(ids))
 
     # Reads ---------------------------------------------------------------------------------
@@ -266,7 +380,7 @@ class VectorStore:
         """The version facts of those ids that are stored (strongly consistent read)."""
         if not ids:
             return {}
-        name = self.ensure_collection(collection)
+        name = self._existing(collection)
         rows = self._call(
             Stage.UPSERT,
             f"get versions from {name}",
@@ -287,7 +401,7 @@ class VectorStore:
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
         """Stored records by id (missing ids are left out)."""
-        name = self.ensure_collection(collection)
+        name = self._existing(collection)
         fields = [*RECORD_FIELDS, VECTOR_FIELD] if with_vectors else list(RECORD_FIELDS)
         rows = self._call(
             Stage.SEARCH, f"get from {name}", "get", name, ids=list(ids), output_fields=fields
@@ -305,22 +419,17 @@ class VectorStore:
         """The ``top_k`` nearest stored vectors, best first.
 
         Raises:
-            InvalidQueryError: bad filter expression, wrong vector size, unknown collection.
+            UnknownCollectionError: no such collection.
+            InvalidQueryError: bad filter expression, wrong vector size.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         name = collection or self._settings.collection
-        if collection is not None and not self._call(
-            Stage.SEARCH, "has_collection", "has_collection", name
-        ):
-            raise InvalidQueryError(
-                f"no collection named {name!r}", reason="unknown_collection", stage=Stage.SEARCH
-            )
-        self.ensure_collection(name)
+        info = self.describe_collection(name)
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if query.shape[0] != self._settings.dimension:
+        if query.shape[0] != info.dimension:
             raise InvalidQueryError(
-                f"vector has {query.shape[0]} dimensions; "
-                f"the collection holds {self._settings.dimension}",
+                f"vector has {query.shape[0]} dimensions; collection {name!r} holds "
+                f"{info.dimension}",
                 reason="wrong_dimension",
                 stage=Stage.SEARCH,
             )
@@ -333,10 +442,7 @@ class VectorStore:
             limit=top_k,
             filter=filter_expr or "",
             output_fields=list(RECORD_FIELDS),
-            search_params={
-                "metric_type": self._settings.metric,
-                "params": dict(self._settings.search_params),
-            },
+            search_params={"metric_type": info.index.metric, "params": info.index.query_params()},
         )
         hits = []
         for found in results[0] if results else []:

@@ -29,6 +29,7 @@ from engine.errors import (
     RetriableError,
     Stage,
     TridentError,
+    UnknownCollectionError,
 )
 from engine.images import ImageDecodeError, decode_image
 from engine.settings import FetchSettings, RetrySettings
@@ -234,11 +235,17 @@ class BatchProcessor:
                 by_collection.setdefault(self._collection(item), []).append(item)
         for collection, group in by_collection.items():
             ids = [item.event.id for item in group if item.event]
-            stored = self._with_retries(
-                functools.partial(self._store.stored_versions, ids, collection),
-                Stage.UPSERT,
-                "version lookup",
-            )
+            try:
+                stored = self._with_retries(
+                    functools.partial(self._store.stored_versions, ids, collection),
+                    Stage.UPSERT,
+                    "version lookup",
+                )
+            except UnknownCollectionError as exc:
+                # Collections are created on purpose; an event cannot conjure one up.
+                for item in group:
+                    item.fail(exc, Stage.UPSERT)
+                continue
             reusable: list[Item] = []
             for item in group:
                 assert item.event is not None

@@ -20,6 +20,7 @@ from worker.consumer import Worker
 from worker.health import HealthServer
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchProcessor
+from worker.retry import call_with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,15 @@ def build_worker(
             milvus_ok = False
         return {"kafka": worker.subscribed, "triton": embedder.is_ready(), "milvus": milvus_ok}
 
+    # The default collection is created on purpose, here; events naming any other collection
+    # are dead-lettered unless it was created beforehand (API, CLI).
+    call_with_retries(
+        lambda: store.create_collection(
+            settings.milvus.collection, model_tag=settings.triton.model_tag
+        ),
+        settings.retry,
+        what=f"creating collection {settings.milvus.collection}",
+    )
     # Compile every batch shape now, not on the first records.
     preprocessor.warmup()
     return worker, readiness

@@ -46,6 +46,7 @@ def settings(stack: LocalStack, unique: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def store(settings: Settings) -> Iterator[VectorStore]:
     vector_store = VectorStore(settings.milvus)
+    vector_store.create_collection(settings.milvus.collection)
     yield vector_store
     try:
         vector_store.drop_collection(settings.milvus.collection)
