@@ -94,7 +94,8 @@ class DeadLetterRecord:
         if self.key:
             return self.key.decode(errors="replace")
         event = self.event()
-        return str(event.get("id", "")) if isinstance(event, dict) else ""
+        event_id = event.get("id") if isinstance(event, dict) else None
+        return event_id if isinstance(event_id, str) else ""
 
     @property
     def stage(self) -> str:
