@@ -11,8 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from engine.kafka import consumer_config
@@ -29,26 +28,9 @@ from tests.integration.conftest import (
     small_images,
     wait_for,
 )
+from tests.integration.topics import end_offsets, records_after, settings_file
 
 pytestmark = pytest.mark.stack
-
-
-def settings_file(settings: Settings, folder: Path) -> Path:
-    path = folder / "trident.yaml"
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    return path
-
-
-def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    probe = Consumer(consumer_config(settings.kafka, **{"group.id": "test-offsets-probe"}))
-    try:
-        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
-        return {
-            p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-    finally:
-        probe.close()
 
 
 def group_offsets(settings: Settings) -> dict[tuple[str, int], int]:
@@ -70,27 +52,6 @@ def reader_groups(settings: Settings) -> list[str]:
     admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
     listed = admin.list_consumer_groups(request_timeout=10).result()
     return [g.group_id for g in listed.valid if g.group_id.startswith("trident-dlq")]
-
-
-def records_after(settings: Settings, topic: str, starts: dict[int, int]) -> list[Any]:
-    """The records written to ``topic`` after the offsets ``starts`` (read by assignment)."""
-    ends = end_offsets(settings, topic)
-    wanted = {p: (starts.get(p, 0), end) for p, end in ends.items() if end > starts.get(p, 0)}
-    consumer = Consumer(consumer_config(settings.kafka, **{"group.id": "test-topic-reader"}))
-    try:
-        consumer.assign([TopicPartition(topic, p, start) for p, (start, _) in wanted.items()])
-        found: list[Any] = []
-        deadline = time.monotonic() + 30
-        while sum(end - start for start, end in wanted.values()) > len(found):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end"
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                found.append(message)
-            elif message is not None:
-                assert message.error().code() == KafkaError._PARTITION_EOF, message.error()
-        return found
-    finally:
-        consumer.close()
 
 
 def run_dlq(args: list[str], config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
