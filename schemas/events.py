@@ -196,18 +196,27 @@ class EventLimits(_Frozen):
         """
         self._within("id", len(event.id.encode()), "id_max_bytes", "id_too_long")
         if isinstance(event.image, InlineImage):
-            self._within(
-                "inline image",
-                len(event.image.data),
-                "inline_image_max_bytes",
-                "inline_image_too_large",
-                hint="; publish it as a path or URL reference instead",
-            )
+            self.check_inline_image(len(event.image.data))
         else:
             source_bytes = len(event.source().encode())
             self._within("source reference", source_bytes, "source_max_bytes", "source_too_long")
         metadata_bytes = len(orjson.dumps(event.metadata))
         self._within("metadata", metadata_bytes, "metadata_max_bytes", "metadata_too_large")
+
+    def check_inline_image(self, size: int) -> None:
+        """Raise if ``size`` bytes are too many to carry inline (before reading them).
+
+        Raises:
+            EventLimitError: over ``inline_image_max_bytes``; the message says to publish a
+                reference instead.
+        """
+        self._within(
+            "inline image",
+            size,
+            "inline_image_max_bytes",
+            "inline_image_too_large",
+            hint="; publish it as a path or URL reference instead",
+        )
 
     def _within(self, what: str, size: int, limit: str, reason: str, *, hint: str = "") -> None:
         maximum: int = getattr(self, limit)
