@@ -186,7 +186,7 @@ def _inspect(args: argparse.Namespace, topic: str, records: Any) -> int:
 def _print_counts(
     topic: str, records: list[DeadLetterRecord], *, samples: int, window: str
 ) -> None:
-    print(f"dead-letter topic {topic}: {len(records)} records")
+    print(f"dead-letter topic {topic}: {len(records)} record{'' if len(records) == 1 else 's'}")
     if not records:
         return
     _print_table("by stage/reason", Counter(f"{r.stage}/{r.reason}" for r in records))
