@@ -146,7 +146,26 @@ class _Sender:
         return True
 
 
-class EventPublisher:
+class _Publisher:
+    """What both publishers hold: the producer, its topic (default ``settings.topic``) and the
+    limits every event is checked against (default ``settings.event_limits``)."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        topic: str | None = None,
+        limits: EventLimits | None = None,
+    ) -> None:
+        self._sender = _Sender(settings, topic)
+        self._limits = limits or settings.event_limits
+
+    @property
+    def topic(self) -> str:
+        return self._sender.topic
+
+
+class EventPublisher(_Publisher):
     """Publishes ingest events synchronously; deliveries are reported while it polls and flushes.
 
     ``on_delivery`` callbacks run in the calling thread, inside :meth:`publish` (which polls) and
@@ -160,14 +179,9 @@ class EventPublisher:
         topic: str | None = None,
         limits: EventLimits | None = None,
     ) -> None:
-        self._sender = _Sender(settings, topic)
-        self._limits = limits or settings.event_limits
+        super().__init__(settings, topic=topic, limits=limits)
         self._report = DeliveryReport()
         self._lock = threading.Lock()
-
-    @property
-    def topic(self) -> str:
-        return self._sender.topic
 
     def publish(self, event: IngestEvent, *, on_delivery: OnDelivery | None = None) -> None:
         """Validate and queue one event (blocks only while the local queue is full).
@@ -236,7 +250,7 @@ class EventPublisher:
         self.close()
 
 
-class AsyncEventPublisher:
+class AsyncEventPublisher(_Publisher):
     """Publishes ingest events from asyncio code: ``await publish(event)`` returns its Delivery.
 
     A background thread serves librdkafka's delivery callbacks and hands each result to the
@@ -251,14 +265,9 @@ class AsyncEventPublisher:
         topic: str | None = None,
         limits: EventLimits | None = None,
     ) -> None:
-        self._sender = _Sender(settings, topic)
-        self._limits = limits or settings.event_limits
+        super().__init__(settings, topic=topic, limits=limits)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
-
-    @property
-    def topic(self) -> str:
-        return self._sender.topic
 
     async def publish(self, event: IngestEvent) -> Delivery:
         """Validate, send and wait for the brokers' answer (the error is in the Delivery).
