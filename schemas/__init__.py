@@ -8,6 +8,9 @@ from schemas.errors import ContractError
 from schemas.events import (
     DEFAULT_EVENT_LIMITS,
     EVENT_SCHEMA_VERSION,
+    ID_MAX_BYTES,
+    METADATA_MAX_BYTES,
+    SOURCE_MAX_BYTES,
     EventLimitError,
     EventLimits,
     ImageRef,
@@ -24,6 +27,9 @@ from schemas.search import SearchHit, SearchRequest
 __all__ = [
     "DEFAULT_EVENT_LIMITS",
     "EVENT_SCHEMA_VERSION",
+    "ID_MAX_BYTES",
+    "METADATA_MAX_BYTES",
+    "SOURCE_MAX_BYTES",
     "ContractError",
     "EventLimitError",
     "EventLimits",
