@@ -16,9 +16,8 @@ import logging
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import orjson
 
@@ -166,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # inspect ----------------------------------------------------------------------------------
 
 
-def _inspect(args: argparse.Namespace, topic: str, records: Any) -> int:
+def _inspect(args: argparse.Namespace, topic: str, records: Iterable[DeadLetterRecord]) -> int:
     if args.json:
         for record in records:
             print(orjson.dumps(record.to_json()).decode())

@@ -158,7 +158,7 @@ class _Publisher:
         limits: EventLimits | None = None,
     ) -> None:
         self._sender = _Sender(settings, topic)
-        self._limits = limits or settings.event_limits
+        self._limits = limits if limits is not None else settings.event_limits
 
     @property
     def topic(self) -> str:
