@@ -203,6 +203,14 @@ def test_filters_select_exactly_and_a_replay_keeps_key_value_and_headers(
     flags = ["--partition", str(first["partition"]), "--from-offset", str(low)]
     assert selected(*flags, "--to-offset", str(high)) == sorted(i for _, i in in_partition)
     assert selected(*flags, "--to-offset", str(low)) == [in_partition[0][1]]
+    # One record in full by its offset; an id that is not there is exit status 1.
+    code, out = run_dlq(
+        ["inspect", "--partition", str(first["partition"]), "--offset", str(high)], config, capsys
+    )
+    assert (code, out.count("\npartition ") + out.startswith("partition ")) == (0, 1)
+    assert f"partition {first['partition']} offset {high}" in out
+    assert f"id:               {in_partition[-1][1]}" in out
+    assert run_dlq(["inspect", "--id", "not-there"], config, capsys) == (1, "no such record\n")
 
     # A real replay of one reason publishes exactly those records, as they were sent.
     ingest_before = end_offsets(settings, settings.kafka.topic)
