@@ -21,6 +21,7 @@ from pydantic_settings import (
 from engine.errors import ConfigurationError
 from engine.indexes import IndexSpec, IndexType, Metric
 from engine.model.spec import DEFAULT_MODEL_SPEC
+from schemas import EventLimits
 
 
 class KafkaSettings(BaseModel):
@@ -34,6 +35,9 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = 300_000
     topic_partitions: int = Field(4, description="Partitions when the worker creates the topic.")
     extra: dict[str, str] = Field(default_factory=dict, description="Raw librdkafka settings.")
+    event_limits: EventLimits = Field(
+        default_factory=EventLimits, description="What one ingest event may hold (bytes)."
+    )
 
 
 class TritonSettings(BaseModel):

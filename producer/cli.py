@@ -1,20 +1,57 @@
-"""``trident-produce``: publish images (folders, files, URLs) as ingest events."""
+"""``trident-produce``: publish images as ingest events, with a progress bar and a summary.
+
+Sources: paths, glob patterns, folders (recursive, ``--include``/``--exclude``), http(s) URLs,
+list files (``--from-file``) and manifests (``--manifest``, JSONL or CSV; see
+``producer.sources``). Every event is validated and checked against the configured
+``kafka.event_limits`` before it is sent. Exit status: 0 when every event was delivered (with
+``--dry-run``: is valid); 1 when some were not, each listed with its reason; 2 when the command
+cannot run (bad arguments or settings, an unreadable list file or manifest).
+"""
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.cli_support import add_common_arguments, settings_from_arguments
-from engine.errors import TridentError
-from producer.publisher import EventPublisher, event_for_reference, events_from_folder
-from schemas import IngestEvent
+from engine.errors import BrokerUnavailableError, ConfigurationError
+from engine.settings import Settings
+from producer.progress import progress_bar
+from producer.publisher import Delivery, EventPublisher
+from producer.sources import Entry, EntryError, EventOptions, SourceError, build_event, gather
 
 logger = logging.getLogger(__name__)
+
+# librdkafka reports an undeliverable event after message.timeout.ms (120 s); wait a bit longer.
+FLUSH_TIMEOUT_S = 150.0
+MAX_LISTED_FAILURES = 100
+
+
+@dataclass
+class _Tally:
+    """What happened to the entries of one run."""
+
+    advance: Callable[[int], None]
+    queued: int = 0
+    delivered: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def refused(self, error: EntryError) -> None:
+        self.failures.append(str(error))
+        self.advance(1)
+
+    def answered(self, origin: str, delivery: Delivery) -> None:
+        if delivery.ok:
+            self.delivered += 1
+        else:
+            self.failures.append(f"{origin}: {delivery.error}")
+        self.advance(1)
 
 
 def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
@@ -27,60 +64,161 @@ def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
     return metadata
 
 
-def _events(args: argparse.Namespace) -> Iterator[IngestEvent]:
-    metadata = _parse_metadata(args.metadata)
-    references = list(args.sources)
-    if args.from_file:
-        lines = Path(args.from_file).read_text().splitlines()
-        references += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    for reference in references:
-        if Path(reference).is_dir():
-            yield from events_from_folder(
-                Path(reference),
-                inline=args.inline,
-                collection=args.collection,
-                metadata=metadata,
-                id_prefix=args.id_prefix,
-            )
-        else:
-            yield event_for_reference(
-                reference, inline=args.inline, collection=args.collection, metadata=metadata
-            )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trident-produce", description="Publish images as ingest events to Kafka."
+        prog="trident-produce",
+        description="Publish images as ingest events to Kafka.",
+        epilog="Exit status: 0 all delivered, 1 some not delivered (listed), 2 cannot run.",
     )
     add_common_arguments(parser)
     parser.add_argument(
-        "sources", nargs="*", help="Folders (recursively), image files or http(s) URLs."
+        "sources",
+        nargs="*",
+        help="Image files, glob patterns (quoted, ** allowed), folders (recursive) or URLs.",
     )
-    parser.add_argument("--from-file", help="A file listing paths/URLs, one per line.")
+    parser.add_argument(
+        "--from-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="A file listing paths, patterns, folders or URLs, one a line (# comments).",
+    )
+    parser.add_argument(
+        "--manifest",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="A JSONL or CSV manifest: source, id, collection, metadata, metadata columns.",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="In folders, publish only files whose relative path matches (default: images).",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="In folders, skip files whose relative path matches.",
+    )
     parser.add_argument(
         "--inline", action="store_true", help="Carry local files' bytes in the events."
     )
     parser.add_argument(
         "--collection", default=None, help="Target collection (worker default if absent)."
     )
-    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--id-prefix", default="", help="Prefix for ids made from folder paths.")
+    parser.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Metadata for every event (a manifest's own values win).",
+    )
+    parser.add_argument("--id-prefix", default="", help="Prefix for ids made from paths.")
+    parser.add_argument(
+        "--generate-ids",
+        action="store_true",
+        help="Random ids where the manifest gives none (republishing then duplicates).",
+    )
     parser.add_argument("--limit", type=int, default=None, help="Publish at most this many.")
     parser.add_argument("--topic", default=None, help="Override the ingest topic.")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Validate and count; publish nothing."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    settings = settings_from_arguments(args)
-    if not args.sources and not args.from_file:
-        parser.error("give at least one folder, file or URL (or --from-file)")
+    if not (args.sources or args.from_file or args.manifest):
+        parser.error("give at least one file, pattern, folder or URL (or --from-file, --manifest)")
     try:
-        with EventPublisher(settings.kafka, topic=args.topic) as publisher:
-            for event in itertools.islice(_events(args), args.limit):
-                publisher.publish(event)
-            report = publisher.flush()
-    except (TridentError, OSError, ValueError) as exc:
-        logger.error("publishing failed: %s", exc)
-        return 1
-    print(f"delivered={report.delivered} failed={report.failed}")
-    return 0 if report.failed == 0 else 1
+        settings = settings_from_arguments(args)
+    except ConfigurationError as exc:
+        logger.error("%s", exc)
+        return 2
+    options = EventOptions(
+        inline=args.inline,
+        collection=args.collection,
+        metadata=_parse_metadata(args.metadata),
+        id_prefix=args.id_prefix,
+        generate_ids=args.generate_ids,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        limits=settings.kafka.event_limits,
+    )
+    try:
+        entries = gather(args.sources, options, list_files=args.from_file, manifests=args.manifest)[
+            : args.limit
+        ]
+    except SourceError as exc:
+        logger.error("%s", exc)
+        return 2
+    started = time.monotonic()
+    with progress_bar(len(entries), "validating" if args.dry_run else "publishing") as advance:
+        tally = _Tally(advance)
+        if args.dry_run:
+            _validate(entries, options, tally)
+        else:
+            _publish(entries, options, settings, args.topic, tally)
+    _print_summary(tally, time.monotonic() - started, dry_run=args.dry_run)
+    return 0 if not tally.failures else 1
+
+
+def _validate(entries: list[Entry], options: EventOptions, tally: _Tally) -> None:
+    for entry in entries:
+        try:
+            build_event(entry, options)
+        except EntryError as exc:
+            tally.refused(exc)
+        else:
+            tally.queued += 1
+            tally.advance(1)
+
+
+def _publish(
+    entries: list[Entry],
+    options: EventOptions,
+    settings: Settings,
+    topic: str | None,
+    tally: _Tally,
+) -> None:
+    with EventPublisher(settings.kafka, topic=topic, limits=options.limits) as publisher:
+        for entry in entries:
+            try:
+                event = build_event(entry, options)
+            except EntryError as exc:
+                tally.refused(exc)
+                continue
+            publisher.publish(event, on_delivery=functools.partial(tally.answered, entry.origin))
+            tally.queued += 1
+        try:
+            publisher.flush(FLUSH_TIMEOUT_S)
+        except BrokerUnavailableError as exc:
+            tally.failures.append(f"{exc} (their delivery is unknown)")
+
+
+def _print_summary(tally: _Tally, elapsed_s: float, *, dry_run: bool) -> None:
+    if dry_run:
+        print(f"dry run, nothing published: valid={tally.queued} invalid={len(tally.failures)}")
+    else:
+        rate = tally.delivered / elapsed_s if elapsed_s > 0 else 0.0
+        print(
+            f"delivered={tally.delivered} failed={len(tally.failures)} "
+            f"elapsed={elapsed_s:.1f}s rate={rate:.1f}/s"
+        )
+    if tally.failures:
+        print("failures:")
+        for failure in tally.failures[:MAX_LISTED_FAILURES]:
+            print(f"  {failure}")
+        if len(tally.failures) > MAX_LISTED_FAILURES:
+            print(f"  ... and {len(tally.failures) - MAX_LISTED_FAILURES} more")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """Versioned wire contracts shared by the producer, the worker and the query API.
 
-Public surface: the ingest event and its image references, their (de)serialisers, and the search
-request/response models.
+Public surface: the ingest event, its image references and size limits, their (de)serialisers,
+the dead-letter headers (``schemas.dead_letter``), and the search request/response models.
 """
 
 from schemas.errors import ContractError
 from schemas.events import (
+    DEFAULT_EVENT_LIMITS,
     EVENT_SCHEMA_VERSION,
+    ID_MAX_BYTES,
+    METADATA_MAX_BYTES,
+    SOURCE_MAX_BYTES,
+    EventLimitError,
+    EventLimits,
     ImageRef,
     IngestEvent,
     InlineImage,
@@ -19,8 +25,14 @@ from schemas.events import (
 from schemas.search import SearchHit, SearchRequest
 
 __all__ = [
+    "DEFAULT_EVENT_LIMITS",
     "EVENT_SCHEMA_VERSION",
+    "ID_MAX_BYTES",
+    "METADATA_MAX_BYTES",
+    "SOURCE_MAX_BYTES",
     "ContractError",
+    "EventLimitError",
+    "EventLimits",
     "ImageRef",
     "IngestEvent",
     "InlineImage",

@@ -3,7 +3,11 @@
 A dead letter is the consumed record unchanged (key, value, the producer's headers) plus these
 headers. Kafka Connect's ``__connect.errors.*`` names are used where they exist, so existing
 dead-letter tooling understands them; ``trident.errors.*`` carry our own stage/attempt bookkeeping.
-The worker writes them (``worker.dead_letter``); operator tools read them.
+The worker writes them (``worker.dead_letter``); operator tools read them (``trident-dlq``).
+
+A replayed record carries :data:`HEADER_REPLAY_COUNT` (how many times it has been republished
+from the dead-letter topic). The worker keeps it, like any producer header, when the record
+fails again, so the replay tool can refuse a record that keeps failing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ HEADER_ATTEMPTS = "trident.errors.attempts"
 HEADER_FIRST_FAILED = "trident.errors.first_failed_at"
 HEADER_WORKER = "trident.errors.worker"
 HEADER_MODEL = "trident.errors.model_version"
+# Decimal count of replays; set by the replay tool, not one of the headers a failure rewrites.
+HEADER_REPLAY_COUNT = "trident.replay.count"
 # Headers we add; a replay strips them so a re-failure is described afresh.
 DEAD_LETTER_HEADERS: Final = frozenset(
     {

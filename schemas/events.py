@@ -3,11 +3,19 @@
 Wire format: UTF-8 JSON (orjson), one event per Kafka message, keyed by the event id so that all
 versions of one image land in the same partition, in order. ``schema_version`` is checked on
 decode; a consumer refuses versions it does not know instead of guessing.
+
+What one event may hold is :class:`EventLimits`: the sizes the store can keep (Milvus counts
+VARCHAR lengths in UTF-8 bytes and caps a JSON field at 65,536 bytes) and the inline-image bound
+that keeps a message under Kafka's default maximum. :func:`decode_event` (the worker) and the
+publishers apply the same limits, so an event the producer accepts is one the store can hold.
+Metadata must be JSON-safe: objects with string keys, arrays, strings, finite floats, 64-bit
+integers, booleans and null.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
@@ -27,8 +35,17 @@ from schemas.errors import ContractError
 
 EVENT_SCHEMA_VERSION: Final = 1
 
-# Ids become Milvus VARCHAR primary keys and Kafka keys; keep them printable and bounded.
-EventId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# Ids become Milvus VARCHAR primary keys and Kafka keys: printable; their size is an EventLimits.
+EventId = Annotated[str, Field(min_length=1, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+# The store's field sizes: the ceilings of EventLimits (engine/store.py sizes its fields with them).
+ID_MAX_BYTES: Final = 256
+SOURCE_MAX_BYTES: Final = 2048
+METADATA_MAX_BYTES: Final = 65_536
+# Inline bytes grow by a third in base64; 512 KiB keeps an event well under Kafka's default
+# maximum message (about 1 MB) together with the largest metadata.
+INLINE_IMAGE_MAX_BYTES: Final = 512 * 1024
+_INT64 = range(-(2**63), 2**63)
 
 
 class _Frozen(BaseModel):
@@ -39,7 +56,7 @@ class PathImage(_Frozen):
     """An image file on a filesystem the worker can read (only under its allowed roots)."""
 
     kind: Literal["path"] = "path"
-    path: str = Field(min_length=1, max_length=4096)
+    path: str = Field(min_length=1)
 
 
 class UrlImage(_Frozen):
@@ -108,6 +125,12 @@ class IngestEvent(_Frozen):
     version: int = Field(default_factory=_now_micros, ge=0)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
+    @field_validator("metadata")
+    @classmethod
+    def _json_safe(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        _check_json_safe(metadata, "metadata")
+        return metadata
+
     def source(self) -> str:
         """A short, loggable description of where the image comes from."""
         match self.image:
@@ -120,17 +143,110 @@ class IngestEvent(_Frozen):
         raise AssertionError("unreachable")
 
 
+def _check_json_safe(value: Any, where: str) -> None:
+    # orjson would silently write NaN as null and tuples as arrays; the store keeps int64 only.
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        if value not in _INT64:
+            raise ValueError(f"{where}: integer {value} is outside the 64-bit range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {value} is not a JSON number")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_safe(item, f"{where}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: key {key!r} is not a string")
+            _check_json_safe(item, f"{where}.{key}")
+    else:
+        raise ValueError(f"{where}: {type(value).__name__} is not a JSON type")
+
+
+class EventLimitError(ContractError):
+    """An event over one of its :class:`EventLimits`: ``limit`` names it, ``size`` > ``maximum``."""
+
+    def __init__(self, message: str, *, reason: str, limit: str, size: int, maximum: int) -> None:
+        super().__init__(message, reason=reason)
+        self.limit = limit
+        self.size = size
+        self.maximum = maximum
+
+
+class EventLimits(_Frozen):
+    """How large the parts of one ingest event may be, in bytes.
+
+    The stored parts (id, source reference, metadata encoded as JSON) may be limited below the
+    store's field sizes, never above them. ``inline_image_max_bytes`` bounds the image bytes an
+    event carries; a larger image must be published as a path or URL reference.
+    """
+
+    id_max_bytes: int = Field(ID_MAX_BYTES, ge=1, le=ID_MAX_BYTES)
+    source_max_bytes: int = Field(SOURCE_MAX_BYTES, ge=1, le=SOURCE_MAX_BYTES)
+    metadata_max_bytes: int = Field(METADATA_MAX_BYTES, ge=2, le=METADATA_MAX_BYTES)
+    inline_image_max_bytes: int = Field(INLINE_IMAGE_MAX_BYTES, ge=1)
+
+    def check(self, event: IngestEvent) -> None:
+        """Raise if ``event`` is over a limit.
+
+        Raises:
+            EventLimitError: the first limit exceeded, named in the message and in ``limit``.
+        """
+        self._within("id", len(event.id.encode()), "id_max_bytes", "id_too_long")
+        if isinstance(event.image, InlineImage):
+            self.check_inline_image(len(event.image.data))
+        else:
+            source_bytes = len(event.source().encode())
+            self._within("source reference", source_bytes, "source_max_bytes", "source_too_long")
+        metadata_bytes = len(orjson.dumps(event.metadata))
+        self._within("metadata", metadata_bytes, "metadata_max_bytes", "metadata_too_large")
+
+    def check_inline_image(self, size: int) -> None:
+        """Raise if ``size`` bytes are too many to carry inline (before reading them).
+
+        Raises:
+            EventLimitError: over ``inline_image_max_bytes``; the message says to publish a
+                reference instead.
+        """
+        self._within(
+            "inline image",
+            size,
+            "inline_image_max_bytes",
+            "inline_image_too_large",
+            hint="; publish it as a path or URL reference instead",
+        )
+
+    def _within(self, what: str, size: int, limit: str, reason: str, *, hint: str = "") -> None:
+        maximum: int = getattr(self, limit)
+        if size > maximum:
+            raise EventLimitError(
+                f"{what} is {size} bytes, over the limit {limit}={maximum}{hint}",
+                reason=reason,
+                limit=limit,
+                size=size,
+                maximum=maximum,
+            )
+
+
+DEFAULT_EVENT_LIMITS: Final = EventLimits()
+
+
 def encode_event(event: IngestEvent) -> bytes:
     """Serialise an event to its wire form (compact UTF-8 JSON)."""
     return orjson.dumps(event.model_dump(mode="json"))
 
 
-def decode_event(payload: bytes | str | None) -> IngestEvent:
-    """Parse and validate an event from its wire form.
+def decode_event(
+    payload: bytes | str | None, limits: EventLimits = DEFAULT_EVENT_LIMITS
+) -> IngestEvent:
+    """Parse and validate an event from its wire form, within ``limits``.
 
     Raises:
         ContractError: empty payload, malformed JSON, unknown schema version, or a field that
             fails validation; the message says which.
+        EventLimitError: (a ContractError) a part of the event is over its limit.
     """
     if not payload:
         raise ContractError("empty message", reason="empty_event")
@@ -147,7 +263,7 @@ def decode_event(payload: bytes | str | None) -> IngestEvent:
             reason="unsupported_schema_version",
         )
     try:
-        return IngestEvent.model_validate(raw)
+        event = IngestEvent.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<event>'}: {err['msg']}"
@@ -155,6 +271,8 @@ def decode_event(payload: bytes | str | None) -> IngestEvent:
         )
         reason = "unknown_image_kind" if _is_unknown_kind(exc) else "schema_invalid"
         raise ContractError(f"invalid event: {problems}", reason=reason) from exc
+    limits.check(event)
+    return event
 
 
 def _is_unknown_kind(exc: ValidationError) -> bool:
