@@ -132,6 +132,22 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for line in dockerfile.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    assert not pending, f"{dockerfile.name} ends inside a continuation"
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1].strip()) for ln in lines]
+
+
 def kustomize() -> Path:
     """The pinned kustomize binary, built with the Go toolchain on first use and cached.
 

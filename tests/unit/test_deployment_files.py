@@ -33,6 +33,7 @@ from tests.unit.deployment_support import (
     SCHEMAS,
     assert_environment_arrives,
     check_variable_names,
+    dockerfile_instructions,
     executable,
     field_annotation,
 )
@@ -261,25 +262,9 @@ def test_overlay_only_adds_a_gpu_to_triton() -> None:
 # --- Dockerfiles -------------------------------------------------------------------------------
 
 
-def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
-    lines: list[str] = []
-    pending = ""
-    for line in dockerfile.read_text().splitlines():
-        if not pending and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    assert not pending, f"{dockerfile.name} ends inside a continuation"
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1].strip()) for ln in lines]
-
-
 def _copy_sources(dockerfile: Path) -> list[str]:
     sources: list[str] = []
-    for instruction, arguments in _instructions(dockerfile):
+    for instruction, arguments in dockerfile_instructions(dockerfile):
         if instruction == "COPY" and "--from=" not in arguments:
             words = [w for w in arguments.split() if not w.startswith("--")]
             sources += words[:-1]
@@ -342,12 +327,12 @@ def test_the_app_image_drops_the_local_stack_command() -> None:
     scripts = pyproject["project"]["scripts"]
     stack_scripts = [n for n, target in scripts.items() if target.startswith(LOCAL_STACK_PACKAGE)]
     assert stack_scripts == ["trident-stack"]
-    runs = " ".join(a for k, a in _instructions(APP_DOCKERFILE) if k == "RUN")
+    runs = " ".join(a for k, a in dockerfile_instructions(APP_DOCKERFILE) if k == "RUN")
     assert "rm /opt/venv/bin/trident-stack" in runs
 
 
 def test_app_dockerfile() -> None:
-    instructions = _instructions(APP_DOCKERFILE)
+    instructions = dockerfile_instructions(APP_DOCKERFILE)
     runtime = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
     kinds = [kind for kind, _ in runtime]
     assert "ENTRYPOINT" not in kinds
@@ -363,7 +348,7 @@ def test_app_dockerfile() -> None:
 
 
 def test_triton_dockerfile_builds_the_onnxruntime_repository() -> None:
-    instructions = _instructions(TRITON_DOCKERFILE)
+    instructions = dockerfile_instructions(TRITON_DOCKERFILE)
     runs = " ".join(a for k, a in instructions if k == "RUN")
     assert "engine.model.triton_repository /models --backend onnxruntime" in runs
     assert re.search(r"nvcr\.io/nvidia/tritonserver:2[56]\.\d\d-py3", TRITON_DOCKERFILE.read_text())
