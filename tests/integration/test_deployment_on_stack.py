@@ -1,0 +1,131 @@
+"""Parts of the deployment files that can run here, run against the real test stack.
+
+- The Kubernetes topics Job's script, with Kafka 4.1's own topic tool (the jars the local broker
+  runs; the Job runs the same version's image), against the real broker.
+- The Grafana dashboard's Triton queries name series a real Triton exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+from devstack.stack import LocalStack
+from engine.model.spec import DEFAULT_MODEL_SPEC
+from tests.unit.deployment_support import REPO, read_env_file
+from tests.unit.test_dashboard import DASHBOARD, TRITON_PREFIX, series_in
+
+pytestmark = pytest.mark.stack
+
+JOB = REPO / "deploy" / "kubernetes" / "base" / "topics-job.yaml"
+KAFKA_TOPICS = "/opt/kafka/bin/kafka-topics.sh"  # where the apache/kafka image has the tool
+
+
+def _job_container() -> dict[str, object]:
+    job = yaml.safe_load(JOB.read_text())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def _topic_tool(stack: LocalStack, folder: Path) -> Path:
+    """A kafka-topics.sh that runs Kafka's TopicCommand from the local broker's jars."""
+    java = shutil.which("java")
+    assert java, "java is needed (the test stack's Kafka runs on it)"
+    tool = folder / "kafka-topics.sh"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f"exec {java} -Xmx256m -Dlog4j2.configurationFile={stack.kafka.log4j_file} "
+        f"-cp '{stack.kafka.libs}/*' org.apache.kafka.tools.TopicCommand \"$@\"\n"
+    )
+    tool.chmod(0o755)
+    return tool
+
+
+def _run_job(script: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["/bin/bash", "-ceu", script],
+        env={"PATH": os.environ["PATH"], **environment},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_the_topics_job_creates_both_topics_once(
+    stack: LocalStack, unique: str, tmp_path: Path
+) -> None:
+    container = _job_container()
+    args = container["args"]
+    assert isinstance(args, list)
+    script = args[0].replace(KAFKA_TOPICS, str(_topic_tool(stack, tmp_path)))
+    assert KAFKA_TOPICS not in script
+    job_env = {e["name"]: e["value"] for e in container["env"]}  # type: ignore[attr-defined]
+    settings_env = read_env_file(REPO / "deploy" / "kubernetes" / "base" / "settings.env")
+    ingest, dead_letters = f"job-{unique}", f"job-{unique}.dlq"
+    environment = {
+        **settings_env,
+        **job_env,
+        "TRIDENT_KAFKA__BOOTSTRAP_SERVERS": stack.kafka.bootstrap_servers,
+        "TRIDENT_KAFKA__TOPIC": ingest,
+        "TRIDENT_KAFKA__DEAD_LETTER_TOPIC": dead_letters,
+        # One broker here: the cluster's replication cannot be had.
+        "REPLICATION_FACTOR": "1",
+        "MIN_INSYNC_REPLICAS": "1",
+    }
+    admin = AdminClient({"bootstrap.servers": stack.kafka.bootstrap_servers})
+    try:
+        first = _run_job(script, environment)
+        assert first.returncode == 0, first.stdout + first.stderr
+        again = _run_job(script, environment)  # `kubectl apply` may run the Job again
+        assert again.returncode == 0, again.stdout + again.stderr
+
+        topics = admin.list_topics(timeout=10).topics
+        partitions = int(settings_env["TRIDENT_KAFKA__TOPIC_PARTITIONS"])
+        for topic in (ingest, dead_letters):
+            assert len(topics[topic].partitions) == partitions, topic
+        configs = {
+            resource.name: future.result(timeout=10)
+            for resource, future in admin.describe_configs(
+                [ConfigResource(ResourceType.TOPIC, t) for t in (ingest, dead_letters)]
+            ).items()
+        }
+        retention = job_env["DEAD_LETTER_RETENTION_MS"]
+        assert configs[dead_letters]["retention.ms"].value == retention
+        assert configs[ingest]["retention.ms"].value != retention  # the broker's default
+        assert configs[ingest]["min.insync.replicas"].value == "1"
+    finally:
+        for future in admin.delete_topics([ingest, dead_letters], operation_timeout=10).values():
+            try:
+                future.result(timeout=15)
+            except KafkaException:  # a topic the Job failed to create
+                continue
+
+
+def test_the_dashboards_triton_series_are_exported_by_triton(stack: LocalStack) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in series_in(target["expr"])
+        if name.startswith(TRITON_PREFIX)
+    }
+    assert queried, "the dashboard queries no Triton series"
+    # Triton exports its per-model series once the model has been loaded.
+    http = f"http://{stack.config.host}:{stack.config.triton_http_port}"
+    ready = httpx.get(f"{http}/v2/models/{DEFAULT_MODEL_SPEC.name}/ready", timeout=10)
+    assert ready.status_code == 200
+    exposition = httpx.get(stack.triton.metrics_url, timeout=10).text
+    exported = {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}
+    assert queried <= exported, sorted(queried - exported)
