@@ -3,10 +3,13 @@
 - The Kubernetes topics Job's script, with Kafka 4.1's own topic tool (the jars the local broker
   runs; the Job runs the same version's image), against the real broker.
 - The Grafana dashboard's Triton queries name series a real Triton exports.
+- The model upgrade of docs/OPERATIONS.md: searches through a Milvus alias move from the old
+  collection to the new one (pymilvus as pinned, the local Milvus 2.3.5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,13 +17,19 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from devstack.stack import LocalStack
 from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.settings import MilvusSettings
+from engine.store import VectorRecord, VectorStore
+from tests.integration.conftest import wait_for
 from tests.unit.deployment_support import REPO, read_env_file
 from tests.unit.test_dashboard import DASHBOARD, TRITON_PREFIX, series_in
 
@@ -129,3 +138,51 @@ def test_the_dashboards_triton_series_are_exported_by_triton(stack: LocalStack) 
     exposition = httpx.get(stack.triton.metrics_url, timeout=10).text
     exported = {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}
     assert queried <= exported, sorted(queried - exported)
+
+
+def test_a_model_upgrade_switches_searches_behind_an_alias(stack: LocalStack, unique: str) -> None:
+    """docs/OPERATIONS.md "Upgrading the model": re-embed into a new collection, move the alias
+    the query API reads, drop the old collection later."""
+    uri = f"http://{stack.config.host}:{stack.config.milvus_port}"
+    old, new, alias = f"images_v1_{unique}", f"images_v2_{unique}", f"images_{unique}"
+    vector = np.ones(8, dtype=np.float32)
+
+    def store(collection: str) -> VectorStore:
+        return VectorStore(
+            MilvusSettings(
+                uri=uri,
+                collection=collection,
+                dimension=8,
+                index_type="FLAT",
+                index_params={},
+                search_params={},
+            )
+        )
+
+    writers = {old: store(old), new: store(new)}
+    admin = MilvusClient(uri=uri)
+    try:
+        for collection, writer in writers.items():
+            writer.ensure_collection()
+            writer.upsert([VectorRecord(id=f"from-{collection}", vector=vector)])
+        admin.create_alias(collection_name=old, alias=alias)
+        reader = store(alias)  # what the query API is configured with: the alias
+
+        def found() -> list[str]:
+            return [hit.id for hit in reader.search(vector)]
+
+        try:
+            wait_for(lambda: found() == [f"from-{old}"], timeout=30, what="the old collection")
+            admin.alter_alias(collection_name=new, alias=alias)
+            wait_for(lambda: found() == [f"from-{new}"], timeout=30, what="the new collection")
+            assert admin.describe_alias(alias=alias)["collection_name"] == new
+        finally:
+            reader.close()
+    finally:
+        for writer in writers.values():
+            writer.close()
+        with contextlib.suppress(MilvusException):  # the alias was never made
+            admin.drop_alias(alias=alias)
+        for collection in writers:
+            admin.drop_collection(collection)
+        admin.close()
