@@ -3,6 +3,7 @@
 - The Kubernetes topics Job's script, with Kafka 4.1's own topic tool (the jars the local broker
   runs; the Job runs the same version's image), against the real broker.
 - The Grafana dashboard's Triton queries name series a real Triton exports.
+- The Milvus alias Job's script (milvus_alias.py), against the real Milvus.
 - The model upgrade of docs/OPERATIONS.md: searches through a Milvus alias move from the old
   collection to the new one (pymilvus as pinned, the local Milvus 2.3.5).
 """
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -36,6 +38,7 @@ from tests.unit.test_dashboard import DASHBOARD, TRITON_PREFIX, series_in
 pytestmark = pytest.mark.stack
 
 JOB = REPO / "deploy" / "kubernetes" / "base" / "topics-job.yaml"
+ALIAS_SCRIPT = REPO / "deploy" / "kubernetes" / "base" / "milvus_alias.py"
 KAFKA_TOPICS = "/opt/kafka/bin/kafka-topics.sh"  # where the apache/kafka image has the tool
 
 
@@ -185,4 +188,58 @@ def test_a_model_upgrade_switches_searches_behind_an_alias(stack: LocalStack, un
             admin.drop_alias(alias=alias)
         for collection in writers:
             admin.drop_collection(collection)
+        admin.close()
+
+
+def test_the_alias_job_sets_up_once_and_never_moves_an_alias(
+    stack: LocalStack, unique: str
+) -> None:
+    uri = f"http://{stack.config.host}:{stack.config.milvus_port}"
+    collection, alias, upgraded = f"images_v1_{unique}", f"images_{unique}", f"images_v2_{unique}"
+    environment = {
+        "TRIDENT_MILVUS__URI": uri,
+        "TRIDENT_MILVUS__COLLECTION": collection,
+        "TRIDENT_MILVUS__DIMENSION": "8",
+        "TRIDENT_MILVUS__INDEX_TYPE": "FLAT",
+        "TRIDENT_MILVUS__INDEX_PARAMS": "{}",
+        "SEARCH_ALIAS": alias,
+    }
+
+    def run_job(**changes: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("TRIDENT_")}
+        return subprocess.run(
+            [sys.executable, str(ALIAS_SCRIPT)],
+            env={**clean, **environment, **changes},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    admin = MilvusClient(uri=uri)
+    try:
+        first = run_job()
+        assert first.returncode == 0, first.stderr
+        assert admin.describe_alias(alias=alias)["collection_name"] == collection
+        again = run_job()
+        assert again.returncode == 0, again.stderr
+        assert "left as it is" in again.stderr
+        # After an upgrade moved the alias, running the Job again leaves it there.
+        store = VectorStore(
+            MilvusSettings(uri=uri, collection=upgraded, dimension=8, index_type="FLAT")
+        )
+        store.ensure_collection()
+        store.close()
+        admin.alter_alias(collection_name=upgraded, alias=alias)
+        assert run_job().returncode == 0
+        assert admin.describe_alias(alias=alias)["collection_name"] == upgraded
+        # An alias name taken by a collection is refused, loudly.
+        taken = run_job(SEARCH_ALIAS=collection, TRIDENT_MILVUS__COLLECTION=upgraded)
+        assert taken.returncode == 1
+        assert "is a collection, not an alias" in taken.stderr
+    finally:
+        with contextlib.suppress(MilvusException):
+            admin.drop_alias(alias=alias)
+        for name in (collection, upgraded):
+            admin.drop_collection(name)
         admin.close()

@@ -397,6 +397,29 @@ def test_the_topics_job_creates_the_workers_topics(base: Objects) -> None:
     assert container["image"].startswith("apache/kafka:4.")
 
 
+def test_workers_write_the_collection_the_alias_job_points_searches_at(
+    base: Objects, deployed_settings: Settings
+) -> None:
+    def overrides(container: dict[str, Any]) -> dict[str, Any]:
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+    worker = overrides(_container(base, "trident-worker"))
+    (job,) = _one(base, "Job", "trident-milvus-alias")["spec"]["template"]["spec"]["containers"]
+    setup = overrides(job)
+    collection = worker["TRIDENT_MILVUS__COLLECTION"]
+    assert setup["TRIDENT_MILVUS__COLLECTION"] == collection
+    config_map = _generated(base, "ConfigMap", "trident-settings")["metadata"]["name"]
+    assert setup["SEARCH_ALIAS"] == {
+        "configMapKeyRef": {"name": config_map, "key": "TRIDENT_MILVUS__COLLECTION"}
+    }
+    # The API (no override) searches the alias, which must differ from the collection.
+    assert "env" not in _container(base, "trident-api")
+    assert deployed_settings.milvus.collection != collection
+    scripts = _generated(base, "ConfigMap", "trident-scripts")
+    assert scripts["data"] == {"milvus_alias.py": (BASE / "milvus_alias.py").read_text()}
+    assert job["command"] == ["python", "/opt/trident/milvus_alias.py"]
+
+
 # --- Triton, the API, the plumbing between them ------------------------------------------------
 
 
