@@ -109,12 +109,14 @@ def assert_environment_arrives(
     Raises:
         AssertionError: a variable that is no field, or whose value does not arrive as given.
     """
-    variables = {k: v for k, v in environment.items() if k.startswith(ENV_PREFIX)}
+    variables = {
+        k: v
+        for k, v in environment.items()
+        if k.startswith(ENV_PREFIX) and k not in PENDING_SETTINGS
+    }
     with only_these_trident_variables(monkeypatch, variables):
         settings = load_settings()
     for key, raw in variables.items():
-        if key in PENDING_SETTINGS:
-            continue
         assert settings_value(settings, key) == expected_value(key, raw), f"{where}: {key}"
     return settings
 

@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from devstack.config import StackConfig
 from engine.kafka import consumer_config
 from engine.model.spec import DEFAULT_MODEL_SPEC
 from engine.settings import Settings
@@ -528,3 +529,11 @@ def test_the_gpu_overlay_only_gives_triton_a_gpu(rendered: dict[str, Objects]) -
     assert differing == [("Deployment", "trident-triton")]
     assert "nvidia.com/gpu" not in _container(base, "trident-triton")["resources"]["limits"]
     assert _container(gpu, "trident-triton")["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_one_kafka_version_everywhere(base: Objects) -> None:
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    (job,) = _one(base, "Job", "trident-create-topics")["spec"]["template"]["spec"]["containers"]
+    version = StackConfig().kafka_version  # what the local and the test stacks run
+    assert compose["services"]["kafka"]["image"] == f"apache/kafka:{version}"
+    assert job["image"] == f"apache/kafka:{version}"
