@@ -195,6 +195,16 @@ def test_compose_runs_the_milvus_minor_that_pymilvus_is_pinned_to(
     assert (int(upper[1]), int(upper[2])) == (server[0], server[1] + 1), pin
 
 
+def test_compose_stops_workers_within_their_grace_period(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = services["worker"]
+    settings = assert_environment_arrives(monkeypatch, _environment(worker), "worker")
+    match = re.fullmatch(r"(\d+)s", worker["stop_grace_period"])
+    assert match, worker["stop_grace_period"]
+    assert int(match[1]) >= settings.worker.shutdown_grace_s + 10
+
+
 def test_app_services_point_at_the_compose_services(services: dict[str, dict[str, Any]]) -> None:
     env = _trident_environment(services)
     assert env["TRIDENT_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
