@@ -537,3 +537,15 @@ def test_one_kafka_version_everywhere(base: Objects) -> None:
     version = StackConfig().kafka_version  # what the local and the test stacks run
     assert compose["services"]["kafka"]["image"] == f"apache/kafka:{version}"
     assert job["image"] == f"apache/kafka:{version}"
+
+
+def test_every_object_and_pod_says_what_it_is_part_of(base: Objects) -> None:
+    part_of = {"app.kubernetes.io/part-of": "embedding-trident"}
+    for o in base:
+        assert part_of.items() <= o["metadata"]["labels"].items(), o["metadata"]["name"]
+    for where, template in _pod_templates(base):
+        assert part_of.items() <= template["metadata"]["labels"].items(), where
+    # Selectors are immutable once applied: the common label stays out of them.
+    for o in base:
+        selector = o.get("spec", {}).get("selector", {})
+        assert "app.kubernetes.io/part-of" not in selector.get("matchLabels", selector)
