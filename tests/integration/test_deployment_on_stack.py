@@ -1,7 +1,8 @@
 """Parts of the deployment files that can run here, run against the real test stack.
 
-- The Kubernetes topics Job's script, with Kafka 4.1's own topic tool (the jars the local broker
-  runs; the Job runs the same version's image), against the real broker.
+- The Kubernetes topics Job's script and the workers' init container that waits for it, with
+  Kafka 4.1's own topic tool (the jars the local broker runs; the manifests run the same
+  version's image), against the real broker.
 - The Grafana dashboard's Triton queries name series a real Triton exports.
 - The Milvus alias Job's script (milvus_alias.py), against the real Milvus.
 - The model upgrade of docs/OPERATIONS.md: searches through a Milvus alias move from the old
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -37,16 +39,24 @@ from tests.unit.test_dashboard import DASHBOARD, TRITON_PREFIX, series_in
 
 pytestmark = pytest.mark.stack
 
-JOB = REPO / "deploy" / "kubernetes" / "base" / "topics-job.yaml"
-ALIAS_SCRIPT = REPO / "deploy" / "kubernetes" / "base" / "milvus_alias.py"
+BASE = REPO / "deploy" / "kubernetes" / "base"
+ALIAS_SCRIPT = BASE / "milvus_alias.py"
 KAFKA_TOPICS = "/opt/kafka/bin/kafka-topics.sh"  # where the apache/kafka image has the tool
 
 
-def _job_container() -> dict[str, object]:
-    job = yaml.safe_load(JOB.read_text())
-    (container,) = job["spec"]["template"]["spec"]["containers"]
+def _container(manifest: str, kind: str = "containers") -> dict[str, Any]:
+    """The one container (or init container) of the first object in ``manifest``."""
+    workload = next(yaml.safe_load_all((BASE / manifest).read_text()))
+    (container,) = workload["spec"]["template"]["spec"][kind]
     assert isinstance(container, dict)
     return container
+
+
+def _script(container: dict[str, Any], tool: Path) -> str:
+    """The container's bash script, with the image's kafka-topics.sh replaced by ``tool``."""
+    script = container["args"][0]
+    assert isinstance(script, str) and KAFKA_TOPICS in script
+    return script.replace(KAFKA_TOPICS, str(tool))
 
 
 def _topic_tool(stack: LocalStack, folder: Path) -> Path:
@@ -63,27 +73,26 @@ def _topic_tool(stack: LocalStack, folder: Path) -> Path:
     return tool
 
 
-def _run_job(script: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_script(
+    script: str, environment: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["/bin/bash", "-ceu", script],
         env={"PATH": os.environ["PATH"], **environment},
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         check=False,
     )
 
 
-def test_the_topics_job_creates_both_topics_once(
+def test_workers_wait_for_the_topics_job_which_creates_both_topics_once(
     stack: LocalStack, unique: str, tmp_path: Path
 ) -> None:
-    container = _job_container()
-    args = container["args"]
-    assert isinstance(args, list)
-    script = args[0].replace(KAFKA_TOPICS, str(_topic_tool(stack, tmp_path)))
-    assert KAFKA_TOPICS not in script
-    job_env = {e["name"]: e["value"] for e in container["env"]}  # type: ignore[attr-defined]
-    settings_env = read_env_file(REPO / "deploy" / "kubernetes" / "base" / "settings.env")
+    tool = _topic_tool(stack, tmp_path)
+    job = _container("topics-job.yaml")
+    job_env = {e["name"]: e["value"] for e in job["env"]}
+    settings_env = read_env_file(BASE / "settings.env")
     ingest, dead_letters = f"job-{unique}", f"job-{unique}.dlq"
     environment = {
         **settings_env,
@@ -95,12 +104,21 @@ def test_the_topics_job_creates_both_topics_once(
         "REPLICATION_FACTOR": "1",
         "MIN_INSYNC_REPLICAS": "1",
     }
+    wait = _script(_container("worker.yaml", "initContainers"), tool)
     admin = AdminClient({"bootstrap.servers": stack.kafka.bootstrap_servers})
     try:
-        first = _run_job(script, environment)
+        # Before the Job, the workers' init container keeps waiting.
+        with pytest.raises(subprocess.TimeoutExpired) as waited:
+            _run_script(wait, environment, timeout=15)
+        assert b"waiting for topic " + ingest.encode() in (waited.value.stdout or b"")
+        assert ingest not in admin.list_topics(timeout=10).topics  # waiting creates nothing
+
+        first = _run_script(_script(job, tool), environment)
         assert first.returncode == 0, first.stdout + first.stderr
-        again = _run_job(script, environment)  # `kubectl apply` may run the Job again
+        again = _run_script(_script(job, tool), environment)  # `kubectl apply` may rerun it
         assert again.returncode == 0, again.stdout + again.stderr
+        done = _run_script(wait, environment, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
 
         topics = admin.list_topics(timeout=10).topics
         partitions = int(settings_env["TRIDENT_KAFKA__TOPIC_PARTITIONS"])

@@ -180,6 +180,13 @@ def _port(container: dict[str, Any], port: int | str) -> int:
     return numbers[port]
 
 
+def _assert_bash_syntax(script: str) -> None:
+    syntax = subprocess.run(
+        ["bash", "-n", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert syntax.returncode == 0, syntax.stderr
+
+
 def _settings_data(objects: Objects) -> dict[str, str]:
     data: dict[str, str] = _generated(objects, "ConfigMap", "trident-settings")["data"]
     return data
@@ -391,11 +398,20 @@ def test_the_topics_job_creates_the_workers_topics(base: Objects) -> None:
     ):
         assert f'"${variable}"' in script
     assert "--if-not-exists" in script
-    syntax = subprocess.run(
-        ["bash", "-n", "-c", script], capture_output=True, text=True, check=False
-    )
-    assert syntax.returncode == 0, syntax.stderr
+    _assert_bash_syntax(script)
     assert container["image"].startswith("apache/kafka:4.")
+
+
+def test_workers_wait_for_the_topics_the_job_creates(base: Objects) -> None:
+    pod = _one(base, "Deployment", "trident-worker")["spec"]["template"]["spec"]
+    (wait,) = pod["initContainers"]
+    config_map = _generated(base, "ConfigMap", "trident-settings")["metadata"]["name"]
+    assert wait["envFrom"] == [{"configMapRef": {"name": config_map}}]
+    script = wait["args"][0]
+    for variable in ("TRIDENT_KAFKA__TOPIC", "TRIDENT_KAFKA__DEAD_LETTER_TOPIC"):
+        assert f'"${variable}"' in script
+    assert "--describe" in script and "--create" not in script
+    _assert_bash_syntax(script)
 
 
 def test_workers_write_the_collection_the_alias_job_points_searches_at(
@@ -499,7 +515,7 @@ def test_every_pod_is_bounded_and_unprivileged(rendered: dict[str, Objects]) -> 
         for where, template in _pod_templates(objects):
             pod = template["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True, where
-            for container in pod["containers"]:
+            for container in [*pod.get("initContainers", []), *pod["containers"]]:
                 resources = container["resources"]
                 assert {"cpu", "memory"} <= set(resources["requests"]), where
                 assert "memory" in resources["limits"], where
@@ -534,9 +550,12 @@ def test_the_gpu_overlay_only_gives_triton_a_gpu(rendered: dict[str, Objects]) -
 def test_one_kafka_version_everywhere(base: Objects) -> None:
     compose = yaml.safe_load((REPO / "compose.yaml").read_text())
     (job,) = _one(base, "Job", "trident-create-topics")["spec"]["template"]["spec"]["containers"]
+    (wait,) = _one(base, "Deployment", "trident-worker")["spec"]["template"]["spec"][
+        "initContainers"
+    ]
     version = StackConfig().kafka_version  # what the local and the test stacks run
     assert compose["services"]["kafka"]["image"] == f"apache/kafka:{version}"
-    assert job["image"] == f"apache/kafka:{version}"
+    assert job["image"] == wait["image"] == f"apache/kafka:{version}"
 
 
 def test_every_object_and_pod_says_what_it_is_part_of(base: Objects) -> None:
