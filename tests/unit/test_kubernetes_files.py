@@ -180,13 +180,6 @@ def _port(container: dict[str, Any], port: int | str) -> int:
     return numbers[port]
 
 
-def _assert_bash_syntax(script: str) -> None:
-    syntax = subprocess.run(
-        ["bash", "-n", "-c", script], capture_output=True, text=True, check=False
-    )
-    assert syntax.returncode == 0, syntax.stderr
-
-
 def _settings_data(objects: Objects) -> dict[str, str]:
     data: dict[str, str] = _generated(objects, "ConfigMap", "trident-settings")["data"]
     return data
@@ -384,34 +377,36 @@ def test_autoscaling_stays_within_the_partitions(
     }
 
 
-def test_the_topics_job_creates_the_workers_topics(base: Objects) -> None:
-    pod = _one(base, "Job", "trident-create-topics")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+def _kafka_script(base: Objects, container: dict[str, Any], *variables: str) -> str:
+    """A Kafka CLI container's script: settings from the ConfigMap, valid bash, which quotes
+    each of ``variables``."""
     config_map = _generated(base, "ConfigMap", "trident-settings")["metadata"]["name"]
     assert container["envFrom"] == [{"configMapRef": {"name": config_map}}]
-    script = container["args"][0]
-    for variable in (
-        "TRIDENT_KAFKA__BOOTSTRAP_SERVERS",
-        "TRIDENT_KAFKA__TOPIC",
-        "TRIDENT_KAFKA__DEAD_LETTER_TOPIC",
-        "TRIDENT_KAFKA__TOPIC_PARTITIONS",
-    ):
-        assert f'"${variable}"' in script
-    assert "--if-not-exists" in script
-    _assert_bash_syntax(script)
     assert container["image"].startswith("apache/kafka:4.")
+    script: str = container["args"][0]
+    for variable in ("TRIDENT_KAFKA__BOOTSTRAP_SERVERS", *variables):
+        assert f'"${variable}"' in script
+    syntax = subprocess.run(
+        ["bash", "-n", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert syntax.returncode == 0, syntax.stderr
+    return script
+
+
+TOPICS = ("TRIDENT_KAFKA__TOPIC", "TRIDENT_KAFKA__DEAD_LETTER_TOPIC")
+
+
+def test_the_topics_job_creates_the_workers_topics(base: Objects) -> None:
+    (job,) = _one(base, "Job", "trident-create-topics")["spec"]["template"]["spec"]["containers"]
+    script = _kafka_script(base, job, *TOPICS, "TRIDENT_KAFKA__TOPIC_PARTITIONS")
+    assert "--if-not-exists" in script
 
 
 def test_workers_wait_for_the_topics_the_job_creates(base: Objects) -> None:
     pod = _one(base, "Deployment", "trident-worker")["spec"]["template"]["spec"]
     (wait,) = pod["initContainers"]
-    config_map = _generated(base, "ConfigMap", "trident-settings")["metadata"]["name"]
-    assert wait["envFrom"] == [{"configMapRef": {"name": config_map}}]
-    script = wait["args"][0]
-    for variable in ("TRIDENT_KAFKA__TOPIC", "TRIDENT_KAFKA__DEAD_LETTER_TOPIC"):
-        assert f'"${variable}"' in script
+    script = _kafka_script(base, wait, *TOPICS)
     assert "--describe" in script and "--create" not in script
-    _assert_bash_syntax(script)
 
 
 def test_workers_write_the_collection_the_alias_job_points_searches_at(
