@@ -71,6 +71,7 @@ KEDA_KAFKA_METADATA = {
     "awsRegion",
 }
 KEDA_FROM_ENV = {"bootstrapServers", "consumerGroup", "topic"}
+TOPICS = ("TRIDENT_KAFKA__TOPIC", "TRIDENT_KAFKA__DEAD_LETTER_TOPIC")
 
 Objects = list[dict[str, Any]]
 
@@ -391,9 +392,6 @@ def _kafka_script(base: Objects, container: dict[str, Any], *variables: str) -> 
     )
     assert syntax.returncode == 0, syntax.stderr
     return script
-
-
-TOPICS = ("TRIDENT_KAFKA__TOPIC", "TRIDENT_KAFKA__DEAD_LETTER_TOPIC")
 
 
 def test_the_topics_job_creates_the_workers_topics(base: Objects) -> None:
