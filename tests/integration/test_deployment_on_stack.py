@@ -6,7 +6,8 @@
 - The Grafana dashboard's Triton queries name series a real Triton exports.
 - The Milvus alias Job's script (milvus_alias.py), against the real Milvus.
 - The model upgrade of docs/OPERATIONS.md: searches through a Milvus alias move from the old
-  collection to the new one (pymilvus as pinned, the local Milvus 2.3.5).
+  collection to the new one (pymilvus as pinned, the local Milvus 2.3.5). Only pymilvus is
+  used here, as an operator would.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from pymilvus.exceptions import MilvusException
 
 from devstack.stack import LocalStack
 from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.settings import MilvusSettings
-from engine.store import VectorRecord, VectorStore
 from tests.integration.conftest import wait_for
 from tests.unit.deployment_support import REPO, read_env_file
 from tests.unit.test_dashboard import DASHBOARD, TRITON_PREFIX, series_in
@@ -42,6 +41,11 @@ pytestmark = pytest.mark.stack
 BASE = REPO / "deploy" / "kubernetes" / "base"
 ALIAS_SCRIPT = BASE / "milvus_alias.py"
 KAFKA_TOPICS = "/opt/kafka/bin/kafka-topics.sh"  # where the apache/kafka image has the tool
+VECTOR = np.ones(8, dtype=np.float32)
+
+
+def _milvus_uri(stack: LocalStack) -> str:
+    return f"http://{stack.config.host}:{stack.config.milvus_port}"
 
 
 def _container(manifest: str, kind: str = "containers") -> dict[str, Any]:
@@ -161,66 +165,51 @@ def test_the_dashboards_triton_series_are_exported_by_triton(stack: LocalStack) 
     assert queried <= exported, sorted(queried - exported)
 
 
+def _collection_with_one_row(client: MilvusClient, name: str, row_id: int) -> None:
+    """A small collection (pymilvus' quick setup: int64 id, 8-d vector, loaded) with one row."""
+    client.create_collection(collection_name=name, dimension=VECTOR.shape[0])
+    client.insert(collection_name=name, data=[{"id": row_id, "vector": VECTOR.tolist()}])
+
+
+def _nearest(client: MilvusClient, name: str) -> list[int]:
+    (hits,) = client.search(collection_name=name, data=[VECTOR.tolist()], limit=3)
+    return [int(hit["id"]) for hit in hits]
+
+
+def _drop(client: MilvusClient, alias: str, *collections: str) -> None:
+    with contextlib.suppress(MilvusException):  # the alias was never made
+        client.drop_alias(alias=alias)
+    for name in collections:
+        client.drop_collection(name)
+    client.close()
+
+
 def test_a_model_upgrade_switches_searches_behind_an_alias(stack: LocalStack, unique: str) -> None:
     """docs/OPERATIONS.md "Upgrading the model": re-embed into a new collection, move the alias
-    the query API reads, drop the old collection later."""
-    uri = f"http://{stack.config.host}:{stack.config.milvus_port}"
+    searches go through; they follow at once, with no client reconnecting."""
     old, new, alias = f"images_v1_{unique}", f"images_v2_{unique}", f"images_{unique}"
-    vector = np.ones(8, dtype=np.float32)
-
-    def store(collection: str) -> VectorStore:
-        return VectorStore(
-            MilvusSettings(
-                uri=uri,
-                collection=collection,
-                dimension=8,
-                index_type="FLAT",
-                index_params={},
-                search_params={},
-            )
-        )
-
-    writers = {old: store(old), new: store(new)}
-    admin = MilvusClient(uri=uri)
+    client = MilvusClient(uri=_milvus_uri(stack))
     try:
-        for collection, writer in writers.items():
-            writer.ensure_collection()
-            writer.upsert([VectorRecord(id=f"from-{collection}", vector=vector)])
-        admin.create_alias(collection_name=old, alias=alias)
-        reader = store(alias)  # what the query API is configured with: the alias
-
-        def found() -> list[str]:
-            return [hit.id for hit in reader.search(vector)]
-
-        try:
-            wait_for(lambda: found() == [f"from-{old}"], timeout=30, what="the old collection")
-            admin.alter_alias(collection_name=new, alias=alias)
-            wait_for(lambda: found() == [f"from-{new}"], timeout=30, what="the new collection")
-            assert admin.describe_alias(alias=alias)["collection_name"] == new
-        finally:
-            reader.close()
+        _collection_with_one_row(client, old, 1)
+        _collection_with_one_row(client, new, 2)
+        client.create_alias(collection_name=old, alias=alias)
+        wait_for(lambda: _nearest(client, alias) == [1], timeout=30, what="the old collection")
+        client.alter_alias(collection_name=new, alias=alias)
+        wait_for(lambda: _nearest(client, alias) == [2], timeout=30, what="the new collection")
+        assert client.describe_alias(alias=alias)["collection_name"] == new
     finally:
-        for writer in writers.values():
-            writer.close()
-        with contextlib.suppress(MilvusException):  # the alias was never made
-            admin.drop_alias(alias=alias)
-        for collection in writers:
-            admin.drop_collection(collection)
-        admin.close()
+        _drop(client, alias, old, new)
 
 
 def test_the_alias_job_sets_up_once_and_never_moves_an_alias(
     stack: LocalStack, unique: str
 ) -> None:
-    uri = f"http://{stack.config.host}:{stack.config.milvus_port}"
     collection, alias, upgraded = f"images_v1_{unique}", f"images_{unique}", f"images_v2_{unique}"
     environment = {
-        "TRIDENT_MILVUS__URI": uri,
+        "TRIDENT_MILVUS__URI": _milvus_uri(stack),
         "TRIDENT_MILVUS__COLLECTION": collection,
-        "TRIDENT_MILVUS__DIMENSION": "8",
-        "TRIDENT_MILVUS__INDEX_TYPE": "FLAT",
-        "TRIDENT_MILVUS__INDEX_PARAMS": "{}",
         "SEARCH_ALIAS": alias,
+        "COLLECTION_WAIT_S": "6",
     }
 
     def run_job(**changes: str) -> subprocess.CompletedProcess[str]:
@@ -234,30 +223,28 @@ def test_the_alias_job_sets_up_once_and_never_moves_an_alias(
             check=False,
         )
 
-    admin = MilvusClient(uri=uri)
+    client = MilvusClient(uri=_milvus_uri(stack))
     try:
+        # Before the workers made their collection, the Job waits, then fails (and the Job's
+        # backoff runs it again).
+        early = run_job()
+        assert early.returncode == 1
+        assert f"collection {collection} did not appear" in early.stderr
+        _collection_with_one_row(client, collection, 1)
         first = run_job()
         assert first.returncode == 0, first.stderr
-        assert admin.describe_alias(alias=alias)["collection_name"] == collection
+        assert client.describe_alias(alias=alias)["collection_name"] == collection
         again = run_job()
         assert again.returncode == 0, again.stderr
         assert "left as it is" in again.stderr
         # After an upgrade moved the alias, running the Job again leaves it there.
-        store = VectorStore(
-            MilvusSettings(uri=uri, collection=upgraded, dimension=8, index_type="FLAT")
-        )
-        store.ensure_collection()
-        store.close()
-        admin.alter_alias(collection_name=upgraded, alias=alias)
+        _collection_with_one_row(client, upgraded, 2)
+        client.alter_alias(collection_name=upgraded, alias=alias)
         assert run_job().returncode == 0
-        assert admin.describe_alias(alias=alias)["collection_name"] == upgraded
+        assert client.describe_alias(alias=alias)["collection_name"] == upgraded
         # An alias name taken by a collection is refused, loudly.
         taken = run_job(SEARCH_ALIAS=collection, TRIDENT_MILVUS__COLLECTION=upgraded)
         assert taken.returncode == 1
         assert "is a collection, not an alias" in taken.stderr
     finally:
-        with contextlib.suppress(MilvusException):
-            admin.drop_alias(alias=alias)
-        for name in (collection, upgraded):
-            admin.drop_collection(name)
-        admin.close()
+        _drop(client, alias, collection, upgraded)
