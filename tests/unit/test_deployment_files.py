@@ -1,34 +1,51 @@
-"""compose.yaml and docker/: consistent with the settings, the model spec and the repository.
+"""compose.yaml and docker/: valid, consistent with the settings, the model spec and the package.
 
-Static checks only (no Docker engine, no network); `docker compose config` runs where the
-compose plugin exists and is skipped elsewhere.
+No Docker engine runs on these machines, so nothing here builds or starts a container. What is
+checked: compose.yaml (and the GPU overlay) against the Compose Specification's JSON schema
+(vendored in tests/unit/schemas/), the TRIDENT_* variables against the settings model, the
+Dockerfiles with hadolint and against the package layout, the two Triton configs the model spec
+generates (parsed with Triton's own protobuf schema), and that the Milvus the deployment runs
+and the pymilvus the package pins are of one minor version.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import json
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.settings import Settings
+from engine.model.triton_repository import render_config
+from tests.unit.deployment_support import (
+    ENV_PREFIX,
+    REPO,
+    SCHEMAS,
+    assert_environment_arrives,
+    check_variable_names,
+    dockerfile_instructions,
+    executable,
+    field_annotation,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose.yaml"
 GPU_OVERLAY = REPO / "docker" / "compose.gpu.yaml"
+COMPOSE_FILES = (COMPOSE, GPU_OVERLAY)
 APP_DOCKERFILE = REPO / "docker" / "app.Dockerfile"
 TRITON_DOCKERFILE = REPO / "docker" / "triton.Dockerfile"
 DOCKERFILES = (APP_DOCKERFILE, TRITON_DOCKERFILE)
 APP_SERVICES = ("worker", "api", "producer")
-ENV_PREFIX = "TRIDENT_"
+LOCAL_STACK_PACKAGE = "devstack"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +59,16 @@ def compose() -> dict[str, Any]:
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = compose["services"]
     return found
+
+
+@pytest.fixture(scope="module")
+def compose_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    # The schema names draft 7 (as "https://json-schema.org/draft-07/schema", which the
+    # library's lookup does not resolve): say it outright rather than fall back to the newest.
+    assert "draft-07" in schema["$schema"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
 
 
 def _environment(service: dict[str, Any]) -> dict[str, str]:
@@ -62,45 +89,50 @@ def _trident_environment(services: dict[str, dict[str, Any]]) -> dict[str, str]:
     return merged
 
 
-def _field_annotation(variable: str) -> Any:
-    """The annotation of the settings field ``TRIDENT_<SECTION>__<KEY>`` names.
-
-    pydantic-settings ignores environment variables that match no field (``extra="forbid"``
-    covers init values only), so a typo would silently fall back to the default: walk the
-    model instead.
-    """
-    model: type[BaseModel] = Settings
-    parts = variable.removeprefix(ENV_PREFIX).lower().split("__")
-    for depth, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        assert field is not None, f"{variable}: {part!r} is not a field of {model.__name__}"
-        annotation = field.annotation
-        if depth == len(parts) - 1:
-            return annotation
-        assert isinstance(annotation, type) and issubclass(annotation, BaseModel), (
-            f"{variable}: {part!r} has no sub-fields"
-        )
-        model = annotation
-    raise AssertionError(f"{variable}: empty name")
-
-
-def _expected(annotation: Any, raw: str) -> Any:
-    """``raw`` validated as the field's type; complex types arrive as JSON, as in the env."""
-    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
-    try:
-        return adapter.validate_python(raw)
-    except ValidationError:
-        return adapter.validate_python(json.loads(raw))
-
-
-def _settings_value(settings: Settings, variable: str) -> Any:
-    value: Any = settings
-    for part in variable.removeprefix(ENV_PREFIX).lower().split("__"):
-        value = getattr(value, part)
-    return value
+def _schema_errors(validator: jsonschema.protocols.Validator, document: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
 
 
 # --- compose.yaml ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_files_follow_the_compose_specification(
+    path: Path, compose_validator: jsonschema.protocols.Validator
+) -> None:
+    # YAML anchors and merge keys (x-app, <<:) are resolved by the loader, as compose does.
+    document = yaml.safe_load(path.read_text())
+    assert _schema_errors(compose_validator, document) == []
+
+
+def test_the_compose_schema_check_catches_mistakes(
+    compose: dict[str, Any], compose_validator: jsonschema.protocols.Validator
+) -> None:
+    mistakes: dict[str, Any] = {
+        "misspelt service key": ("worker", "enviroment", {"A": "1"}),
+        "misspelt deploy key": ("worker", "deploy", {"replica": 2}),
+        "grace period as a list": ("kafka", "stop_grace_period", ["40s"]),
+        "healthcheck test as a number": ("api", "healthcheck", {"test": 1}),
+    }
+    for what, (service, key, value) in mistakes.items():
+        broken = copy.deepcopy(compose)
+        broken["services"][service][key] = value
+        assert _schema_errors(compose_validator, broken), f"not caught: {what}"
+    broken = copy.deepcopy(compose)
+    broken["volume"] = broken.pop("volumes")  # a top-level typo
+    assert _schema_errors(compose_validator, broken)
+
+
+def test_the_vendored_compose_schema_is_the_specification() -> None:
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    assert schema["title"] == "Compose Specification"
+    assert {"services", "volumes", "networks", "name", "include"} <= set(schema["properties"])
+    # Extension fields (x-app) are allowed only through this pattern.
+    assert "^x-" in schema["patternProperties"]
+    assert schema["additionalProperties"] is False
 
 
 def test_compose_has_the_expected_services(services: dict[str, dict[str, Any]]) -> None:
@@ -126,8 +158,7 @@ def test_trident_variable_names_are_settings_fields() -> None:
     for path in (COMPOSE, *DOCKERFILES):
         names |= set(re.findall(r"\bTRIDENT_[A-Z0-9_]+__[A-Z0-9_]+\b", path.read_text()))
     assert "TRIDENT_KAFKA__BOOTSTRAP_SERVERS" in names
-    for name in sorted(names):
-        _field_annotation(name)
+    check_variable_names(names)
 
 
 def test_the_name_check_catches_typos() -> None:
@@ -137,26 +168,41 @@ def test_the_name_check_catches_typos() -> None:
         "TRIDENT_WORKER__HEALTHPORT",
     ):
         with pytest.raises(AssertionError):
-            _field_annotation(typo)
+            field_annotation(typo)
 
 
 def test_compose_environment_arrives_in_settings(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for service in APP_SERVICES:
-        environment = _environment(services[service])
-        for key, value in environment.items():
-            if key.startswith(ENV_PREFIX):
-                monkeypatch.setenv(key, value)
-            else:
-                monkeypatch.delenv(key, raising=False)
-        settings = Settings()
-        for key, raw in environment.items():
-            if key.startswith(ENV_PREFIX):
-                expected = _expected(_field_annotation(key), raw)
-                assert _settings_value(settings, key) == expected, f"{service}: {key}"
-        for key in environment:
-            monkeypatch.delenv(key, raising=False)
+        assert_environment_arrives(monkeypatch, _environment(services[service]), service)
+
+
+def test_compose_runs_the_milvus_minor_that_pymilvus_is_pinned_to(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    # pymilvus follows the server's minor versions; the pin also works with the local 2.3.5
+    # (the end-to-end tests run it), see docs/OPERATIONS.md "Versions".
+    match = re.fullmatch(r"milvusdb/milvus:v(\d+)\.(\d+)\.\d+", services["milvus"]["image"])
+    assert match, services["milvus"]["image"]
+    server = (int(match[1]), int(match[2]))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("pymilvus")]
+    lower = re.search(r">=(\d+)\.(\d+)", pin)
+    upper = re.search(r"<(\d+)\.(\d+)", pin)
+    assert lower and upper, pin
+    assert (int(lower[1]), int(lower[2])) == server, f"{pin} vs Milvus {server}"
+    assert (int(upper[1]), int(upper[2])) == (server[0], server[1] + 1), pin
+
+
+def test_compose_stops_workers_within_their_grace_period(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = services["worker"]
+    settings = assert_environment_arrives(monkeypatch, _environment(worker), "worker")
+    match = re.fullmatch(r"(\d+)s", worker["stop_grace_period"])
+    assert match, worker["stop_grace_period"]
+    assert int(match[1]) >= settings.worker.shutdown_grace_s + 10
 
 
 def test_app_services_point_at_the_compose_services(services: dict[str, dict[str, Any]]) -> None:
@@ -226,25 +272,9 @@ def test_overlay_only_adds_a_gpu_to_triton() -> None:
 # --- Dockerfiles -------------------------------------------------------------------------------
 
 
-def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
-    lines: list[str] = []
-    pending = ""
-    for line in dockerfile.read_text().splitlines():
-        if not pending and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    assert not pending, f"{dockerfile.name} ends inside a continuation"
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1].strip()) for ln in lines]
-
-
 def _copy_sources(dockerfile: Path) -> list[str]:
     sources: list[str] = []
-    for instruction, arguments in _instructions(dockerfile):
+    for instruction, arguments in dockerfile_instructions(dockerfile):
         if instruction == "COPY" and "--from=" not in arguments:
             words = [w for w in arguments.split() if not w.startswith("--")]
             sources += words[:-1]
@@ -267,18 +297,52 @@ def test_dockerfile_copy_sources_exist_and_are_not_ignored(dockerfile: Path) -> 
         assert source.rstrip("/") not in ignored, f"{dockerfile.name}: {source} is ignored"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfiles_copy_every_package(dockerfile: Path) -> None:
+def _runtime_packages() -> set[str]:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {
         p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
+    assert LOCAL_STACK_PACKAGE in packages  # the source checkout's trident-stack needs it
+    return packages - {LOCAL_STACK_PACKAGE}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_hold_every_runtime_package_and_not_the_local_stack(dockerfile: Path) -> None:
     copied = {s.rstrip("/") for s in _copy_sources(dockerfile)}
-    assert packages <= copied, f"{dockerfile.name} misses {sorted(packages - copied)}"
+    missing = _runtime_packages() - copied
+    assert not missing, f"{dockerfile.name} misses {sorted(missing)}"
+    assert LOCAL_STACK_PACKAGE not in copied
+    ignored = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
+    assert LOCAL_STACK_PACKAGE in ignored  # nor can a later `COPY . .` bring it in
+
+
+def test_runtime_packages_never_import_the_local_stack() -> None:
+    importers = []
+    for package in sorted(_runtime_packages()):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                if any(n.split(".")[0] == LOCAL_STACK_PACKAGE for n in names):
+                    importers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert importers == []
+
+
+def test_the_app_image_drops_the_local_stack_command() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
+    stack_scripts = [n for n, target in scripts.items() if target.startswith(LOCAL_STACK_PACKAGE)]
+    assert stack_scripts == ["trident-stack"]
+    runs = " ".join(a for k, a in dockerfile_instructions(APP_DOCKERFILE) if k == "RUN")
+    assert "rm /opt/venv/bin/trident-stack" in runs
 
 
 def test_app_dockerfile() -> None:
-    instructions = _instructions(APP_DOCKERFILE)
+    instructions = dockerfile_instructions(APP_DOCKERFILE)
     runtime = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
     kinds = [kind for kind, _ in runtime]
     assert "ENTRYPOINT" not in kinds
@@ -294,7 +358,7 @@ def test_app_dockerfile() -> None:
 
 
 def test_triton_dockerfile_builds_the_onnxruntime_repository() -> None:
-    instructions = _instructions(TRITON_DOCKERFILE)
+    instructions = dockerfile_instructions(TRITON_DOCKERFILE)
     runs = " ".join(a for k, a in instructions if k == "RUN")
     assert "engine.model.triton_repository /models --backend onnxruntime" in runs
     assert re.search(r"nvcr\.io/nvidia/tritonserver:2[56]\.\d\d-py3", TRITON_DOCKERFILE.read_text())
@@ -305,34 +369,73 @@ def test_triton_dockerfile_builds_the_onnxruntime_repository() -> None:
     )
 
 
-# --- docker compose itself, where it exists ----------------------------------------------------
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [str(executable("hadolint")), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
 
 
-def _compose_cli() -> list[str]:
-    docker = shutil.which("docker")
-    if docker is not None:
-        plugin = subprocess.run([docker, "compose", "version"], capture_output=True, check=False)
-        if plugin.returncode == 0:
-            return [docker, "compose"]
-    standalone = shutil.which("docker-compose")  # v1 (Python) lacks today's compose spec
-    if standalone is not None:
-        probe = subprocess.run([standalone, "version"], capture_output=True, text=True, check=False)
-        if probe.returncode == 0 and re.search(r"version v?[2-9]\.", probe.stdout):
-            return [standalone]
-    pytest.skip("no docker compose v2+ CLI here")
+def test_hadolint_catches_what_it_should(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n")
+    result = subprocess.run(
+        [str(executable("hadolint")), "--no-color", "--format", "json", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    codes = {finding["code"] for finding in json.loads(result.stdout)}
+    # :latest tag, unpinned apt package, no --no-install-recommends, apt lists left behind.
+    assert {"DL3007", "DL3008", "DL3015", "DL3009"} <= codes
 
 
-@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, GPU_OVERLAY)], ids=["base", "gpu"])
-def test_docker_compose_config_accepts_the_files(files: tuple[Path, ...]) -> None:
-    command = [*_compose_cli(), *(a for f in files for a in ("-f", str(f)))]
-    for profile in ((), ("--profile", "tools")):
-        result = subprocess.run(
-            [*command, *profile, "config", "-q"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        assert not result.stderr.strip(), result.stderr  # warnings too: unset variables, ...
+# --- the Triton model configs ------------------------------------------------------------------
+
+
+def _parsed_config(backend: str) -> Any:
+    config = model_config_pb2.ModelConfig()  # type: ignore[attr-defined]
+    text_format.Parse(render_config(DEFAULT_MODEL_SPEC, backend), config)  # type: ignore[arg-type]
+    return config
+
+
+def test_both_triton_configs_parse_as_triton_model_configs() -> None:
+    spec = DEFAULT_MODEL_SPEC
+    for backend in ("python", "onnxruntime"):
+        config = _parsed_config(backend)
+        assert config.name == spec.name
+        assert config.max_batch_size == spec.max_batch_size
+        assert [(t.name, list(t.dims)) for t in config.input] == [
+            (spec.input_name, list(spec.input_dims))
+        ]
+        assert [(t.name, list(t.dims)) for t in config.output] == [
+            (spec.output_name, [spec.output_dim])
+        ]
+        batching = config.dynamic_batching
+        assert list(batching.preferred_batch_size) == list(spec.preferred_batch_sizes)
+        assert batching.max_queue_delay_microseconds == spec.max_queue_delay_microseconds
+
+
+def test_the_triton_configs_differ_only_in_the_runtime() -> None:
+    python, onnxruntime = _parsed_config("python"), _parsed_config("onnxruntime")
+    assert (python.backend, python.platform) == ("python", "")
+    assert (onnxruntime.backend, onnxruntime.platform) == ("", "onnxruntime_onnx")
+    kinds = model_config_pb2.ModelInstanceGroup.Kind  # type: ignore[attr-defined]
+    assert [g.kind for g in python.instance_group] == [kinds.Value("KIND_CPU")]
+    assert [g.kind for g in onnxruntime.instance_group] == [
+        kinds.Value(DEFAULT_MODEL_SPEC.onnxruntime_instance_kind)
+    ]
+    for config in (python, onnxruntime):
+        config.ClearField("backend")
+        config.ClearField("platform")
+        for group in config.instance_group:
+            group.ClearField("kind")
+    assert text_format.MessageToString(python) == text_format.MessageToString(onnxruntime)
