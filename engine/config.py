@@ -150,7 +150,7 @@ class ServiceConfig(_Section):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
-    log_level: str = Field("INFO", description="Used by the jax-embedding command.")
+    log_level: str = Field("WARNING", description="The jax-embedding command's log level.")
     cache_compiled_functions: bool = Field(
         False, description="Compile every preprocessing batch shape when a pipeline starts."
     )
