@@ -59,8 +59,6 @@ class _Section(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as exc:
             raise ConfigurationError(_explain(exc, prefix=self._prefix())) from exc
-        except ValueError as exc:  # pydantic refuses unknown attributes with a plain ValueError
-            raise ConfigurationError(f"unknown key {self._prefix()}{name}") from exc
 
     def _prefix(self) -> str:
         return ""
@@ -271,7 +269,7 @@ def _explain(
     lines = []
     for error in exc.errors():
         key = prefix + ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
-        if error["type"] == "extra_forbidden":
+        if error["type"] in ("extra_forbidden", "no_such_attribute"):
             lines.append(f"unknown key {key}")
             continue
         source = ""
