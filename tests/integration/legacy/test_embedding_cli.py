@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,27 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
-from engine.config import ENVIRONMENT
 from engine.embedding_cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from engine.settings import Settings
-from engine.store import VectorStore
+from tests.integration.legacy.conftest import N_IMAGES
 
 pytestmark = pytest.mark.stack
-
-N_IMAGES = 5
-
-
-@pytest.fixture(autouse=True)
-def no_earlier_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in ENVIRONMENT:
-        monkeypatch.delenv(variable, raising=False)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return derived_image_set(tmp_path_factory.mktemp("cli") / "images", N_IMAGES)
 
 
 def write_config(path: Path, stack: LocalStack, images: list[Path], **kafka: str) -> Path:
@@ -55,18 +39,6 @@ def write_config(path: Path, stack: LocalStack, images: list[Path], **kafka: str
 @pytest.fixture
 def config(stack: LocalStack, images: list[Path], tmp_path: Path) -> Path:
     return write_config(tmp_path / "config.yaml", stack, images)
-
-
-@pytest.fixture
-def collection(stack: LocalStack, unique: str) -> Iterator[str]:
-    name = f"cli_{unique}"
-    yield name
-    store = VectorStore(stack.settings().milvus)
-    try:
-        if store.collection_exists(name):
-            store.drop_collection(name)
-    finally:
-        store.close()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

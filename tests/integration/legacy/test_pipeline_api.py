@@ -4,7 +4,6 @@ the pipeline, a worker and the query API (by import path)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
 from engine import ImageEmbeddingPipeline, ServiceConfig, TritonClient
-from engine.config import ENVIRONMENT
 from engine.errors import UnknownCollectionError
 from engine.inference import InferenceConfigurationError
 from engine.model.spec import DEFAULT_MODEL_SPEC
@@ -24,24 +22,13 @@ from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder
 from query_api import SearchService
 from tests.integration.conftest import running_worker, wait_for
+from tests.integration.legacy.conftest import N_IMAGES
 from tests.support.custom_preprocessing import GreyscalePreprocessor
 
 pytestmark = pytest.mark.stack
 
 CUSTOM = "tests.support.custom_preprocessing:GreyscalePreprocessor"
-N_IMAGES = 8
 Vectors = npt.NDArray[np.float32]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return derived_image_set(tmp_path_factory.mktemp("legacy") / "images", N_IMAGES)
-
-
-@pytest.fixture(autouse=True)
-def no_earlier_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in ENVIRONMENT:
-        monkeypatch.delenv(variable, raising=False)
 
 
 def stack_config(stack: LocalStack, images: list[Path], **milvus: Any) -> ServiceConfig:
@@ -53,19 +40,6 @@ def stack_config(stack: LocalStack, images: list[Path], **milvus: Any) -> Servic
         fetch={"allowed_roots": [str(images[0].parent)]},
         preprocess={"batch_size": 4},
     )
-
-
-@pytest.fixture
-def collection(stack: LocalStack, unique: str) -> Iterator[str]:
-    """A collection name of this test's own; dropped afterwards if the test created it."""
-    name = f"legacy_{unique}"
-    yield name
-    store = VectorStore(stack.settings().milvus)
-    try:
-        if store.collection_exists(name):
-            store.drop_collection(name)
-    finally:
-        store.close()
 
 
 def cosine(a: Vectors, b: Vectors) -> float:
