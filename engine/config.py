@@ -97,6 +97,7 @@ class MilvusConfig(_Section):
     token: str = ""
     user: str = ""
     password: str = ""
+    timeout: float = Field(30.0, gt=0, description="Seconds per request (new here).")
 
     def _prefix(self) -> str:
         return "milvus."
@@ -215,6 +216,7 @@ class ServiceConfig(_Section):
                 "uri": f"http://{milvus.host}:{milvus.port}",
                 "token": milvus.token or _user_token(milvus),
                 "collection": milvus.collection_name,
+                "timeout_s": milvus.timeout,
                 "dimension": milvus.embedding_dim,
                 "metric": milvus.metric_type,
                 "index_type": milvus.index_type,

@@ -34,7 +34,7 @@ from engine.pipeline import ImageEmbeddingPipeline
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_BAD_INPUT = 0, 1, 2, 3
-KAFKA_PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0  # seconds the health command waits for each service
 _EPILOG = (
     "exit codes: 0 done, 1 a service is unavailable (health: one is down), "
     "2 usage or configuration error, 3 bad input (image, collection, filter)"
@@ -68,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _embed(args: argparse.Namespace, config: ServiceConfig) -> int:
-    with ImageEmbeddingPipeline(config) as pipeline, _progress(args, "embedding") as advance:
+    with (
+        ImageEmbeddingPipeline(config) as pipeline,
+        _progress(args, config, "embedding") as advance,
+    ):
         embeddings = pipeline.embed_images(args.files, args.batch_size, progress=advance)
     if args.output:
         np.save(args.output, embeddings)
@@ -85,7 +88,7 @@ def _insert(args: argparse.Namespace, config: ServiceConfig) -> int:
         collection = args.collection or config.milvus.collection_name
         if args.create_collection and pipeline.create_collection(collection):
             print(f"created collection {collection}")
-        with _progress(args, "inserting") as advance:
+        with _progress(args, config, "inserting") as advance:
             ids = pipeline.insert_images(
                 args.files, args.ids, metadata, collection, args.batch_size, progress=advance
             )
@@ -134,6 +137,9 @@ def _collection_delete(args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
+    config = config.model_copy(deep=True)
+    # A service that is down should say so in seconds, not after a whole request timeout.
+    config.triton.timeout = config.milvus.timeout = PROBE_TIMEOUT_S
     with ImageEmbeddingPipeline(config) as pipeline:
         states = {"kafka": _kafka_up(config.kafka.bootstrap_servers), **pipeline.health_check()}
     addresses = {
@@ -155,7 +161,7 @@ def _kafka_up(bootstrap_servers: str) -> bool:
     client_config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "logger": logger}
     admin = AdminClient(client_config)
     try:
-        admin.list_topics(timeout=KAFKA_PROBE_TIMEOUT_S)
+        admin.list_topics(timeout=PROBE_TIMEOUT_S)
     except KafkaException as exc:
         logger.debug("Kafka %s did not answer: %s", bootstrap_servers, exc)
         return False
@@ -166,23 +172,27 @@ def _metadata(text: str | None) -> list[dict[str, Any]] | dict[str, Any] | None:
     """``--metadata``: JSON (one object for all files, or a list, one per file) or a file of it."""
     if text is None:
         return None
-    source = Path(text)
     try:
-        raw = source.read_text() if source.is_file() else text
-        value = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigurationError(f"--metadata is neither JSON nor a JSON file: {exc}") from exc
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = json.loads(Path(text).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"--metadata is neither JSON nor a JSON file: {exc}") from exc
     if not isinstance(value, dict | list):
         raise ConfigurationError("--metadata must be a JSON object or a list of objects")
     return value
 
 
 @contextmanager
-def _progress(args: argparse.Namespace, what: str) -> Iterator[Callable[[int], object] | None]:
-    """A progress bar on stderr (default: when stderr is a terminal and there are many files)."""
+def _progress(
+    args: argparse.Namespace, config: ServiceConfig, what: str
+) -> Iterator[Callable[[int], object] | None]:
+    """A progress bar on stderr (default: on a terminal, when there is more than one batch)."""
     shown = args.progress
     if shown is None:
-        shown = sys.stderr.isatty() and len(args.files) > (args.batch_size or 32)
+        batch = args.batch_size or config.preprocess.batch_size
+        shown = sys.stderr.isatty() and len(args.files) > batch
     if not shown:
         yield None
         return

@@ -95,12 +95,18 @@ def test_collections_insert_search_stats_delete(
     assert code == EXIT_BAD_INPUT and "no collection named" in err
 
 
-def test_insert_can_create_its_collection_with_one_metadata_object(
-    config: Path, images: list[Path], collection: str, capsys: pytest.CaptureFixture[str]
+def test_insert_can_create_its_collection_with_metadata_from_a_file(
+    config: Path,
+    images: list[Path],
+    collection: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    metadata = tmp_path / "metadata.json"  # the earlier CLI's form: a JSON file
+    metadata.write_text('{"source": "cli"}')
     code, out, err = run(
         capsys, "--config", str(config), "insert", str(images[0]), str(images[1]),
-        "--collection", collection, "--create-collection", "--metadata", '{"source": "cli"}',
+        "--collection", collection, "--create-collection", "--metadata", str(metadata),
     )  # fmt: skip
     assert code == EXIT_OK, err
     assert f"created collection {collection}" in out
