@@ -47,6 +47,11 @@ DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
 # The model's own normalisation, (x - 127) / 128, written on the earlier API's 0-1 scale.
 MODEL_MEAN = (127 / 255, 127 / 255, 127 / 255)
 MODEL_STD = (128 / 255, 128 / 255, 128 / 255)
+# What a notebook user can do about a reference the fetch fence refused.
+_FENCE_HINTS = {
+    "path_not_allowed": "add its folder to config.fetch.allowed_roots (fetch.allowed_roots)",
+    "forbidden_address": "if the host is trusted, list it in config.fetch.allowed_hosts",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +82,9 @@ def load_images(
     loaded = []
     for reference, result in zip(references, fetcher.fetch_many(refs), strict=True):
         if isinstance(result, TridentError):
-            if result.reason == "path_not_allowed":
-                raise ImageReferenceError(
-                    f"{result}; add its folder to config.fetch.allowed_roots "
-                    "(fetch.allowed_roots in the settings)",
-                    reason=result.reason,
-                ) from result
+            hint = _FENCE_HINTS.get(result.reason)
+            if hint:
+                raise ImageReferenceError(f"{result}; {hint}", reason=result.reason) from result
             raise result
         try:
             decoded = decode_image(result, max_pixels=max_pixels, target_short_side=short_side)

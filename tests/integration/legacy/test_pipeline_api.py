@@ -4,6 +4,10 @@ the pipeline, a worker and the query API (by import path)."""
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ import pytest
 from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
 from engine import ImageEmbeddingPipeline, ServiceConfig, TritonClient
-from engine.errors import UnknownCollectionError
+from engine.errors import ImageReferenceError, UnknownCollectionError
 from engine.inference import InferenceConfigurationError
 from engine.model.spec import DEFAULT_MODEL_SPEC
 from engine.settings import Settings
@@ -275,3 +279,34 @@ def test_closing_one_pipeline_leaves_another_on_the_same_milvus_working(
         with ImageEmbeddingPipeline(config) as second:
             assert collection in second.list_collections()
         assert first.get_collection_stats(collection)["row_count"] == 0
+
+
+@pytest.fixture
+def image_server(images: list[Path]) -> Iterator[str]:
+    """The images over HTTP on loopback; yields the base URL."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(images[0].parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_urls_are_embedded_behind_the_worker_fence(
+    stack: LocalStack, images: list[Path], image_server: str
+) -> None:
+    url = f"{image_server}/{images[2].name}"
+    config = stack_config(stack, images)
+    with ImageEmbeddingPipeline(config) as pipeline:
+        # Loopback is a private address: refused unless allowed, as in the worker.
+        with pytest.raises(ImageReferenceError, match=r"127\.0\.0\.1.*allowed_hosts"):
+            pipeline.embed_images([url])
+        by_path = pipeline.embed_images([str(images[2])])
+    config.fetch.allowed_hosts = ["127.0.0.1"]
+    with ImageEmbeddingPipeline(config) as pipeline:
+        by_url = pipeline.embed_images([url])
+    np.testing.assert_allclose(by_url, by_path, atol=1e-6)
