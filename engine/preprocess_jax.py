@@ -111,17 +111,19 @@ class BaseJAXPreprocessor:
         device: Device | None = None,
         batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
         fetch: FetchSettings | None = None,
+        data_format: str = "NCHW",
     ) -> None:
         """Sizes, batch sizes, device and how references are fetched.
 
         ``image_size`` is ``(height, width)`` or one side; ``device`` ("auto", "cpu", "gpu"),
         when given, overrides ``use_gpu`` and ``jax_platform``. ``fetch`` fences the paths and
         URLs :meth:`preprocess_single` and :meth:`preprocess_batch` may read (default: paths
-        below the current directory, public URLs).
+        below the current directory, public URLs). ``data_format`` is the earlier keyword; the
+        model takes NCHW, the only one.
 
         Raises:
-            ConfigurationError: a bad size, batch size or platform, or ``device="gpu"`` and
-                JAX sees no GPU.
+            ConfigurationError: a bad size, batch size, platform or data format, or
+                ``device="gpu"`` and JAX sees no GPU.
             TypeError: the subclass implements neither ``_preprocess_single_jax`` nor
                 ``preprocess``.
         """
@@ -131,6 +133,8 @@ class BaseJAXPreprocessor:
             and cls.preprocess is BaseJAXPreprocessor.preprocess
         ):
             raise TypeError(f"{cls.__name__} must implement _preprocess_single_jax(image)")
+        if data_format != "NCHW":
+            raise ConfigurationError(f"data_format must be 'NCHW', got {data_format!r}")
         self.image_size = _size_pair(image_size)
         self.use_gpu = use_gpu
         sizes = tuple(sorted(set(batch_sizes)))

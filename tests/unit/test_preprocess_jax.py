@@ -97,6 +97,8 @@ def test_the_built_in_one_refuses_what_it_cannot_do() -> None:
         JAXImagePreprocessor(image_size=(224, 300), cache_compiled=False)
     with pytest.raises(ConfigurationError, match="one value per RGB channel"):
         JAXImagePreprocessor(mean=(0.5, 0.5), cache_compiled=False)
+    with pytest.raises(ConfigurationError, match="NCHW"):
+        JAXImagePreprocessor(data_format="NHWC", cache_compiled=False)
     with pytest.raises(ImageContentError, match="uint8"):
         JAXImagePreprocessor(cache_compiled=False).preprocess([np.zeros((4, 4, 3), np.float32)])
 
