@@ -165,8 +165,8 @@ class VectorStore:
                     uri=self._settings.uri,
                     token=self._settings.token,
                     timeout=self._settings.timeout_s,
-                    # pymilvus shares one connection per address unless told otherwise, and
-                    # close() would then disconnect every other store on that address.
+                    # pymilvus 2.5 shares one connection per address unless told otherwise,
+                    # and close() then disconnects every other store on it (2.6 counts users).
                     alias=f"trident-{uuid.uuid4().hex}",
                 )
             return self._client
