@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.cli_support import configure_logging
 from engine.config import ServiceConfig
 from engine.errors import ConfigurationError, PermanentError, RetriableError, TridentError
+from engine.kafka import broker_reachable
 from engine.pipeline import ImageEmbeddingPipeline
 
 logger = logging.getLogger(__name__)
@@ -141,7 +140,8 @@ def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
     # A service that is down should say so in seconds, not after a whole request timeout.
     config.triton.timeout = config.milvus.timeout = PROBE_TIMEOUT_S
     with ImageEmbeddingPipeline(config) as pipeline:
-        states = {"kafka": _kafka_up(config.kafka.bootstrap_servers), **pipeline.health_check()}
+        kafka_up = broker_reachable(pipeline.settings.kafka, timeout_s=PROBE_TIMEOUT_S)
+        states = {"kafka": kafka_up, **pipeline.health_check()}
     addresses = {
         "kafka": config.kafka.bootstrap_servers,
         "triton": f"{pipeline.settings.triton.url} ({config.triton.protocol}, model "
@@ -154,18 +154,6 @@ def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 # Helpers ----------------------------------------------------------------------------------------
-
-
-def _kafka_up(bootstrap_servers: str) -> bool:
-    # The broker's own connection errors go to this logger, not straight to stderr.
-    client_config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "logger": logger}
-    admin = AdminClient(client_config)
-    try:
-        admin.list_topics(timeout=PROBE_TIMEOUT_S)
-    except KafkaException as exc:
-        logger.debug("Kafka %s did not answer: %s", bootstrap_servers, exc)
-        return False
-    return True
 
 
 def _metadata(text: str | None) -> list[dict[str, Any]] | dict[str, Any] | None:
