@@ -100,8 +100,16 @@ class TritonEmbedder:
                 )
             time.sleep(0.5)
 
-    def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def embed(
+        self,
+        batch: npt.NDArray[np.float32],
+        *,
+        input_name: str | None = None,
+        output_name: str | None = None,
+    ) -> npt.NDArray[np.float32]:
         """Return the embeddings ``[N, D]`` of a preprocessed ``[N, 3, H, W]`` batch.
+
+        ``input_name`` and ``output_name`` override the settings' tensor names for this call.
 
         Raises:
             InferenceUnavailableError: Triton is unreachable, not ready, overloaded or timed out.
@@ -110,18 +118,22 @@ class TritonEmbedder:
         if batch.shape[0] == 0:
             return np.zeros((0, 0), dtype=np.float32)
         step = self._settings.max_batch_size
+        names = (input_name or self._settings.input_name, output_name or self._settings.output_name)
         parts = [
-            self._infer(batch[start : start + step]) for start in range(0, batch.shape[0], step)
+            self._infer(batch[start : start + step], *names)
+            for start in range(0, batch.shape[0], step)
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def _infer(
+        self, batch: npt.NDArray[np.float32], input_name: str, output_name: str
+    ) -> npt.NDArray[np.float32]:
         s = self._settings
         module: Any = grpcclient if s.protocol == "grpc" else httpclient
         data = np.ascontiguousarray(batch, dtype=np.float32)
-        tensor = module.InferInput(s.input_name, list(data.shape), "FP32")
+        tensor = module.InferInput(input_name, list(data.shape), "FP32")
         tensor.set_data_from_numpy(data)
-        output = module.InferRequestedOutput(s.output_name)
+        output = module.InferRequestedOutput(output_name)
         try:
             client = self._connect()
             if s.protocol == "grpc":
@@ -143,7 +155,7 @@ class TritonEmbedder:
             raise InferenceUnavailableError(
                 f"Triton at {s.url} unreachable: {exc!r}", stage=Stage.EMBED
             ) from exc
-        embeddings = result.as_numpy(s.output_name)
+        embeddings = result.as_numpy(output_name)
         if embeddings is None or embeddings.shape[0] != data.shape[0]:
             # Seen when the server's python backend runs with an incompatible numpy: a
             # server-side fault, so retry rather than store garbage.

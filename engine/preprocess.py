@@ -1,9 +1,9 @@
 """Batch preprocessing for the embedding model, in JAX: resize, centre crop, normalise.
 
 Per image: shorter side resized to ``resize_short_side`` with Pillow's bicubic filter
-(antialiased when downscaling), centre crop ``image_size`` square, ``(x - 127) / 128``, NCHW
-float32. :func:`reference_preprocess` does the same with Pillow and numpy and is the definition
-the JAX path is tested against.
+(antialiased when downscaling), centre crop ``image_size`` square, ``(x - mean) / std`` per
+channel (the model's 127 and 128 by default), NCHW float32. :func:`reference_preprocess` does
+the same with Pillow and numpy and is the definition the JAX path is tested against.
 
 How the JAX path stays fast and compiles once:
 
@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 MEAN = 127.0
 STD = 128.0
+# Per-channel (R, G, B) normalisation on the 0-255 scale; the model's own by default.
+Channels = tuple[float, float, float]
+MODEL_MEAN: Channels = (MEAN, MEAN, MEAN)
+MODEL_STD: Channels = (STD, STD, STD)
 DEFAULT_SCALE_BUCKETS = (1.0, 2.0, 4.0, 8.0)
 # Larger buckets get only the batch sizes whose canvases (RGB + packed words) fit in this.
 _CANVAS_BUDGET_BYTES = 128 << 20
@@ -66,7 +70,12 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 
 def reference_preprocess(
-    image: npt.NDArray[np.uint8], *, image_size: int = 224, resize_short_side: int = 256
+    image: npt.NDArray[np.uint8],
+    *,
+    image_size: int = 224,
+    resize_short_side: int = 256,
+    mean: Channels = MODEL_MEAN,
+    std: Channels = MODEL_STD,
 ) -> npt.NDArray[np.float32]:
     """Pillow + numpy preprocessing of one RGB uint8 ``[h, w, 3]`` image to float32 ``[3, s, s]``.
 
@@ -78,7 +87,10 @@ def reference_preprocess(
     resized = Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BICUBIC)
     top, left = (out_h - image_size) // 2, (out_w - image_size) // 2
     crop = np.asarray(resized)[top : top + image_size, left : left + image_size]
-    return np.ascontiguousarray(((crop.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1))
+    normalised = (crop.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)
@@ -114,10 +126,13 @@ class JaxPreprocessor:
         batch_sizes: Sequence[int] = (1, 4, 8, 16, 32, 64),
         device: Device = "auto",
         scale_buckets: Sequence[float] = DEFAULT_SCALE_BUCKETS,
+        mean: Channels = MODEL_MEAN,
+        std: Channels = MODEL_STD,
     ) -> None:
-        """Choose sizes, batch sizes, scale buckets and the device.
+        """Choose sizes, batch sizes, scale buckets, normalisation and the device.
 
         ``device``: "gpu" needs a GPU, "auto" uses one when JAX sees one, "cpu" never does.
+        ``mean`` and ``std`` are per RGB channel, on the 0-255 scale.
 
         Raises:
             ValueError: inconsistent sizes, batch sizes or buckets.
@@ -133,10 +148,14 @@ class JaxPreprocessor:
         scales = tuple(sorted(set(scale_buckets)))
         if not scales or scales[0] <= 0:
             raise ValueError(f"scale_buckets must be positive, got {scale_buckets!r}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"need 3 means and 3 positive stds, got {mean!r}, {std!r}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(d) for d in std)
         self.image_size = image_size
         self.resize_short_side = resize_short_side
         self.batch_sizes = sizes
-        self.device = _select_device(device)
+        self.device = select_device(device)
         self._buckets = tuple(self._make_bucket(scale) for scale in scales)
         self._executables: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
@@ -269,7 +288,13 @@ class JaxPreprocessor:
                 canvas = self._spec((batch, side, side, 3), jnp.uint8)
                 words = self._spec((batch, side, side), jnp.uint32)
                 params = self._spec((batch, 8), jnp.float32)
-                kernel = partial(_resize_crop_normalise, out=self.image_size, taps=bucket.taps)
+                kernel = partial(
+                    _resize_crop_normalise,
+                    out=self.image_size,
+                    taps=bucket.taps,
+                    mean=self.mean,
+                    std=self.std,
+                )
                 self._executables[key] = (
                     jax.jit(jax.vmap(_pack_pixels)).lower(canvas).compile(),
                     jax.jit(jax.vmap(kernel)).lower(words, params).compile(),
@@ -285,7 +310,15 @@ class JaxPreprocessor:
             return self._executables[key]
 
 
-def _select_device(device: Device) -> jax.Device:
+def select_device(device: Device) -> jax.Device:
+    """The JAX device for ``device``: "cpu", "gpu" (required) or "auto" (GPU when JAX sees one).
+
+    "auto" on a machine without a usable GPU logs the CPU fallback once per call.
+
+    Raises:
+        ValueError: ``device`` is not one of the three.
+        RuntimeError: ``device="gpu"`` and JAX sees no GPU.
+    """
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
     if device == "cpu":
@@ -298,6 +331,9 @@ def _select_device(device: Device) -> jax.Device:
         return gpus[0]
     if device == "gpu":
         raise RuntimeError("preprocessing device 'gpu' requested, but JAX sees no GPU")
+    logger.info(
+        "JAX sees no GPU (the 'gpu' extra installs jax[cuda12]): preprocessing falls back to CPU"
+    )
     return jax.devices("cpu")[0]
 
 
@@ -409,7 +445,13 @@ def _to_uint8(values: jax.Array) -> jax.Array:
 
 
 def _resize_crop_normalise(
-    words: jax.Array, params: jax.Array, *, out: int, taps: int
+    words: jax.Array,
+    params: jax.Array,
+    *,
+    out: int,
+    taps: int,
+    mean: tuple[float, ...] = MODEL_MEAN,
+    std: tuple[float, ...] = MODEL_STD,
 ) -> jax.Array:
     """One image: packed canvas uint32 ``[c, c]`` -> normalised float32 ``[3, out, out]``."""
     side = words.shape[0]
@@ -419,4 +461,5 @@ def _resize_crop_normalise(
     horizontal = _to_uint8(_tap_sum(columns, x_index, x_weights)).astype(jnp.uint8)
     rows = _transpose_pixels(jax.lax.bitcast_convert_type(horizontal, jnp.uint32))  # [y, x, 4]
     vertical = _to_uint8(_tap_sum(rows[:, :, :3], y_index, y_weights))
-    return jnp.transpose((vertical - MEAN) / STD, (2, 0, 1))
+    normalised = (vertical - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return jnp.transpose(normalised, (2, 0, 1))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -99,8 +99,27 @@ class FetchSettings(BaseModel):
 
 
 class PreprocessSettings(BaseModel):
+    """How decoded images become model input (see engine/preprocess.py, engine/preprocess_jax.py).
+
+    ``class_`` (key ``class``) names a :class:`engine.preprocess_jax.BaseJAXPreprocessor`
+    subclass as ``"package.module:Class"``, built with ``image_size``, ``use_gpu`` and
+    ``options``; empty means the built-in preprocessing (``image_size``, ``resize_short_side``,
+    ``mean``, ``std``). Worker and query API use the same one, so queries are embedded exactly
+    as stored images were.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
     device: Literal["auto", "cpu", "gpu"] = "auto"
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+    image_size: int = Field(DEFAULT_MODEL_SPEC.input_dims[1], ge=1)
+    resize_short_side: int = Field(256, ge=1)
+    mean: tuple[float, float, float] = Field((127.0, 127.0, 127.0), description="0-255 scale.")
+    std: tuple[float, float, float] = Field((128.0, 128.0, 128.0), description="0-255 scale.")
+    class_: str = Field("", alias="class", pattern=r"^$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the custom class."
+    )
 
 
 class BatchSettings(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,9 @@ class VectorStore:
                     uri=self._settings.uri,
                     token=self._settings.token,
                     timeout=self._settings.timeout_s,
+                    # pymilvus 2.5 shares one connection per address unless told otherwise,
+                    # and close() then disconnects every other store on it (2.6 counts users).
+                    alias=f"trident-{uuid.uuid4().hex}",
                 )
             return self._client
 

@@ -13,6 +13,7 @@ from engine.fetch import ImageFetcher
 from engine.images import decode_image
 from engine.inference import TritonEmbedder
 from engine.preprocess import JaxPreprocessor
+from engine.preprocess_jax import build_preprocessor
 from engine.settings import Settings
 from engine.store import Hit, VectorStore
 from schemas import SearchHit, reference_from_string
@@ -44,7 +45,7 @@ class SearchService:
             settings,
             store=VectorStore(settings.milvus),
             embedder=TritonEmbedder(settings.triton),
-            preprocessor=JaxPreprocessor(batch_sizes=(1,), device=settings.preprocess.device),
+            preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),  # type: ignore[arg-type]
             fetcher=ImageFetcher(settings.fetch),
         )
 

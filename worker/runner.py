@@ -13,7 +13,7 @@ from engine.errors import RetriableError
 from engine.fetch import ImageFetcher
 from engine.inference import TritonEmbedder
 from engine.kafka import ensure_topics
-from engine.preprocess import JaxPreprocessor
+from engine.preprocess_jax import build_preprocessor
 from engine.settings import Settings
 from engine.store import VectorStore
 from worker.consumer import Worker
@@ -34,9 +34,7 @@ def build_worker(
         ConfigurationError: the settings are inconsistent.
     """
     fetcher = ImageFetcher(settings.fetch)
-    preprocessor = JaxPreprocessor(
-        batch_sizes=settings.preprocess.batch_sizes, device=settings.preprocess.device
-    )
+    preprocessor = build_preprocessor(settings.preprocess)
     embedder = TritonEmbedder(settings.triton)
     store = VectorStore(settings.milvus)
 

@@ -1,0 +1,1 @@
+"""Importable test helpers (e.g. preprocessors named by import path in settings)."""
