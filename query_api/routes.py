@@ -1,0 +1,245 @@
+"""The API's route handlers: health, collections, search, embed, insert, thumbnails.
+
+Handlers take typed bodies (pydantic models for JSON, dataclasses with an ``UploadFile`` for
+multipart) and their collaborators through ``Provide`` (``service``, ``ingest``, ``metrics``);
+blocking work runs in worker threads. Errors are raised, never answered here
+(query_api.errors maps them). A multipart POST to ``/search`` or ``/embed`` is served by the
+``/upload`` route beside it (see query_api.app), so the earlier API's ``curl -F file=@…``
+forms keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+from litestar import Response, delete, get, post
+from litestar.datastructures import UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import NotFoundException
+from litestar.params import Body
+from pydantic import TypeAdapter
+
+from query_api.errors import RETRY_AFTER_S
+from query_api.ingest import IngestGateway
+from query_api.metrics import ApiMetrics
+from query_api.security import CONSUMES, PUBLIC
+from query_api.service import SearchService
+from schemas import Filter, SearchHit, SearchOptions, SearchRequest
+from schemas.api import (
+    CollectionCreated,
+    CollectionList,
+    CollectionStats,
+    CreateCollectionRequest,
+    Embedding,
+    EmbedRequest,
+    HealthReport,
+    InsertAccepted,
+    InsertRequest,
+)
+
+JSON_BODY = {CONSUMES: ("application/json",)}
+MULTIPART_BODY = {CONSUMES: ("multipart/form-data",)}
+THUMBNAIL_SUFFIX = "/thumbnail"
+_FILTER = TypeAdapter[Filter](Filter)
+
+
+# Health ---------------------------------------------------------------------------------------
+
+
+@get("/health", opt={PUBLIC: True}, tags=["health"], sync_to_thread=True)
+def health(service: SearchService, ingest: IngestGateway) -> Response[HealthReport]:
+    """Triton, Milvus and Kafka, each ``up`` or ``down``; 503 when one is down."""
+    report = HealthReport(
+        status="ok",
+        triton=service.triton_state(),
+        milvus=service.milvus_state(),
+        kafka=ingest.kafka_state(),
+    )
+    if "down" in (report.triton.state, report.milvus.state, report.kafka.state):
+        report.status = "degraded"
+        return Response(report, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return Response(report)
+
+
+@get("/livez", opt={PUBLIC: True}, tags=["health"])
+async def livez() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "alive"}
+
+
+@get("/readyz", opt={PUBLIC: True}, tags=["health"], sync_to_thread=True)
+def readyz(service: SearchService) -> Response[dict[str, str]]:
+    """Searches can be answered: Triton's model is ready and Milvus reachable (503 if not)."""
+    triton, milvus = service.triton_state(), service.milvus_state()
+    if triton.state == milvus.state == "up":
+        return Response({"status": "ready"})
+    body = {"status": "not_ready", "triton": triton.state, "milvus": milvus.state}
+    return Response(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@get("/metrics", opt={PUBLIC: True}, tags=["health"], media_type="text/plain; version=0.0.4")
+async def metrics(metrics: ApiMetrics) -> bytes:
+    """Prometheus text format: requests by route, method and status, latency, in flight."""
+    return metrics.exposition()
+
+
+# Collections ----------------------------------------------------------------------------------
+
+
+@post("/collections/create", opt=JSON_BODY, tags=["collections"], sync_to_thread=True)
+def create_collection(
+    data: CreateCollectionRequest, service: SearchService
+) -> Response[CollectionCreated]:
+    """Create a collection (201), or leave an existing one as it is (200)."""
+    created = service.create_collection(data)
+    return Response(
+        CollectionCreated(name=data.name, created=created), status_code=201 if created else 200
+    )
+
+
+@get("/collections", tags=["collections"], sync_to_thread=True)
+def list_collections(service: SearchService) -> CollectionList:
+    """Every collection's name, and the one searched by default."""
+    return CollectionList(
+        collections=service.store.list_collections(), default=service.store.default_collection
+    )
+
+
+@get("/collections/{name:str}/stats", tags=["collections"], sync_to_thread=True)
+def collection_stats(name: str, service: SearchService) -> CollectionStats:
+    """Row count, dimension, metric, index and its parameters, model tag; 404 if unknown."""
+    return service.collection_stats(name)
+
+
+@delete("/collections/{name:str}", tags=["collections"], sync_to_thread=True)
+def drop_collection(name: str, service: SearchService) -> None:
+    """Drop a collection and its data; 404 if unknown."""
+    service.store.drop_collection(name)
+
+
+# Search and embed -----------------------------------------------------------------------------
+
+
+@post("/search", opt=JSON_BODY, tags=["search"], status_code=200, sync_to_thread=True)
+def search(data: SearchRequest, service: SearchService) -> list[SearchHit]:
+    """Search by ``query_input`` (path or URL), ``vector`` or ``id``; hits best first.
+
+    A multipart form with the image in field ``file`` is accepted here too (see
+    ``POST /search/upload``).
+    """
+    return service.query(data)
+
+
+@dataclass
+class SearchUpload:
+    """A search by an uploaded image; ``filter`` is a structured filter as JSON text."""
+
+    file: UploadFile
+    topk: int = 10
+    offset: int = 0
+    collection_name: str | None = None
+    filter_expr: str | None = None
+    filter: str | None = None
+    score_threshold: float | None = None
+
+    def options(self) -> SearchOptions:
+        """The search options of the form, validated like the JSON body's.
+
+        Raises:
+            pydantic.ValidationError: an option out of bounds, or a malformed filter.
+        """
+        return SearchOptions(
+            topk=self.topk,
+            offset=self.offset,
+            collection_name=self.collection_name or None,
+            filter_expr=self.filter_expr or None,
+            filter=_FILTER.validate_json(self.filter) if self.filter else None,
+            score_threshold=self.score_threshold,
+        )
+
+
+@post("/search/upload", opt=MULTIPART_BODY, tags=["search"], status_code=200)
+async def search_upload(
+    data: Annotated[SearchUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
+    service: SearchService,
+) -> list[SearchHit]:
+    """Search by an uploaded image (multipart field ``file``); hits best first."""
+    options = data.options()
+    image = await data.file.read()
+    vector = await anyio.to_thread.run_sync(service.embed_image, image)
+    return await anyio.to_thread.run_sync(service.search, vector, options)
+
+
+@post("/embed", opt=JSON_BODY, tags=["search"], status_code=200, sync_to_thread=True)
+def embed(data: EmbedRequest, service: SearchService) -> Embedding:
+    """The embedding of the image at a path or URL (multipart uploads: ``/embed/upload``)."""
+    return service.embedding(service.embed_reference(data.query_input))
+
+
+@dataclass
+class EmbedUpload:
+    file: UploadFile
+
+
+@post("/embed/upload", opt=MULTIPART_BODY, tags=["search"], status_code=200)
+async def embed_upload(
+    data: Annotated[EmbedUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
+    service: SearchService,
+) -> Embedding:
+    """The embedding of an uploaded image (multipart field ``file``)."""
+    image = await data.file.read()
+    vector = await anyio.to_thread.run_sync(service.embed_image, image)
+    return service.embedding(vector)
+
+
+# Ingest and items -----------------------------------------------------------------------------
+
+
+@post("/insert", opt=JSON_BODY, tags=["ingest"], status_code=202, sync_to_thread=True)
+def insert(data: InsertRequest, ingest: IngestGateway) -> InsertAccepted:
+    """Publish one ingest event per input; 202 with the ids once Kafka acknowledged them.
+
+    Ingestion is asynchronous: the items become searchable when a worker has stored them.
+    """
+    return ingest.insert(data)
+
+
+@get(
+    "/items/{collection:str}/{item_path:path}",
+    tags=["ingest"],
+    media_type="image/jpeg",
+    sync_to_thread=True,
+)
+def item_thumbnail(collection: str, item_path: str, service: SearchService) -> Response[bytes]:
+    """``/items/{collection}/{id}/thumbnail``: a JPEG thumbnail of a stored item's image.
+
+    Ids may hold slashes. Made from the stored source under the same path and URL rules as
+    ingestion; 404 for an unknown collection or item, or an item sent inline.
+    """
+    if not item_path.endswith(THUMBNAIL_SUFFIX) or item_path == THUMBNAIL_SUFFIX:
+        raise NotFoundException(detail=f"no route for /items/{collection}{item_path}")
+    item_id = item_path.removeprefix("/").removesuffix(THUMBNAIL_SUFFIX)
+    image = service.thumbnail(collection, item_id)
+    return Response(
+        image, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
+    )
+
+
+ROUTES = [
+    health,
+    livez,
+    readyz,
+    metrics,
+    create_collection,
+    list_collections,
+    collection_stats,
+    drop_collection,
+    search,
+    search_upload,
+    embed,
+    embed_upload,
+    insert,
+    item_thumbnail,
+]
