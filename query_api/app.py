@@ -21,7 +21,6 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import ScopeType
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
@@ -95,12 +94,12 @@ def create_app(
             await anyio.to_thread.run_sync(gateway.close)
             await anyio.to_thread.run_sync(search_service.close)
 
-    middleware: list[Any] = [DefineMiddleware(MetricsMiddleware, metrics=api_metrics)]
+    middleware: list[Any] = [MetricsMiddleware(api_metrics)]
     limiter = rate_limit(settings.api)
     if limiter is not None:
         middleware.append(limiter.middleware)
     if keys is not None:
-        middleware.append(DefineMiddleware(ApiKeyMiddleware, keys=keys, exclude=["^/docs"]))
+        middleware.append(ApiKeyMiddleware(keys))
     app = Litestar(
         route_handlers=[*ROUTES, search_page, openapi_json],
         dependencies={

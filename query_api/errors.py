@@ -14,6 +14,7 @@ from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from engine.errors import (
@@ -22,6 +23,7 @@ from engine.errors import (
     TridentError,
     UnknownCollectionError,
 )
+from schemas.api import ErrorBody
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,22 @@ _HTTP_REASONS = {
     413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
+}
+
+# Documented on every route, so the OpenAPI schema describes each answer the API can give.
+ERROR_RESPONSES = {
+    status: ResponseSpec(data_container=ErrorBody, description=description)
+    for status, description in {
+        400: "Malformed request, unusable image or reference",
+        401: "Missing or wrong API key (when keys are required)",
+        404: "Unknown route, collection or item",
+        405: "Method not allowed",
+        413: "Body, upload or image over the limits",
+        415: "Unsupported content type",
+        422: "Invalid request (schema, vector dimension, filter, index parameters)",
+        429: "Rate limited (see Retry-After)",
+        503: "A dependency is unavailable (see Retry-After)",
+    }.items()
 }
 
 

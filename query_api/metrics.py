@@ -17,8 +17,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
-from litestar.middleware import AbstractMiddleware
+from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -54,14 +55,15 @@ class ApiMetrics:
         return bytes(generate_latest(self.registry))
 
 
-class MetricsMiddleware(AbstractMiddleware):
+class MetricsMiddleware(ASGIMiddleware):
     """Counts and times every request reaching a route (the outermost route middleware)."""
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
-        super().__init__(app)
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, metrics: ApiMetrics) -> None:
         self._metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         route = str(scope.get("path_template") or "unmatched")
         status = 500
 
@@ -74,7 +76,7 @@ class MetricsMiddleware(AbstractMiddleware):
         self._metrics.in_flight.inc()
         started = time.perf_counter()
         try:
-            await self.app(scope, receive, record_status)
+            await next_app(scope, receive, record_status)
         except Exception as exc:
             # Raised by an inner middleware (auth, rate limit); the app's handler answers it.
             status = _status_of(exc)

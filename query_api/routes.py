@@ -11,17 +11,17 @@ forms keep working.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
 
 import anyio
 from litestar import Response, delete, get, post
 from litestar.datastructures import UploadFile
-from litestar.enums import RequestEncodingType
+from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
-from litestar.params import Body
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, JSONBody, MultipartBody
 from pydantic import TypeAdapter
 
-from query_api.errors import RETRY_AFTER_S
+from query_api.errors import ERROR_RESPONSES, RETRY_AFTER_S
 from query_api.ingest import IngestGateway
 from query_api.metrics import ApiMetrics
 from query_api.security import CONSUMES, PUBLIC
@@ -48,8 +48,16 @@ _FILTER = TypeAdapter[Filter](Filter)
 # Health ---------------------------------------------------------------------------------------
 
 
-@get("/health", opt={PUBLIC: True}, tags=["health"], sync_to_thread=True)
-def health(service: SearchService, ingest: IngestGateway) -> Response[HealthReport]:
+@get(
+    "/health",
+    opt={PUBLIC: True},
+    tags=["health"],
+    sync_to_thread=True,
+    responses={**ERROR_RESPONSES, 503: ResponseSpec(HealthReport, description="Degraded")},
+)
+def health(
+    service: NamedDependency[SearchService], ingest: NamedDependency[IngestGateway]
+) -> Response[HealthReport]:
     """Triton, Milvus and Kafka, each ``up`` or ``down``; 503 when one is down."""
     report = HealthReport(
         status="ok",
@@ -63,14 +71,20 @@ def health(service: SearchService, ingest: IngestGateway) -> Response[HealthRepo
     return Response(report)
 
 
-@get("/livez", opt={PUBLIC: True}, tags=["health"])
+@get("/livez", opt={PUBLIC: True}, tags=["health"], responses=ERROR_RESPONSES)
 async def livez() -> dict[str, str]:
     """The process answers."""
     return {"status": "alive"}
 
 
-@get("/readyz", opt={PUBLIC: True}, tags=["health"], sync_to_thread=True)
-def readyz(service: SearchService) -> Response[dict[str, str]]:
+@get(
+    "/readyz",
+    opt={PUBLIC: True},
+    tags=["health"],
+    sync_to_thread=True,
+    responses={**ERROR_RESPONSES, 503: ResponseSpec(dict[str, str], description="Not ready")},
+)
+def readyz(service: NamedDependency[SearchService]) -> Response[dict[str, str]]:
     """Searches can be answered: Triton's model is ready and Milvus reachable (503 if not)."""
     triton, milvus = service.triton_state(), service.milvus_state()
     if triton.state == milvus.state == "up":
@@ -79,8 +93,14 @@ def readyz(service: SearchService) -> Response[dict[str, str]]:
     return Response(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-@get("/metrics", opt={PUBLIC: True}, tags=["health"], media_type="text/plain; version=0.0.4")
-async def metrics(metrics: ApiMetrics) -> bytes:
+@get(
+    "/metrics",
+    opt={PUBLIC: True},
+    tags=["health"],
+    media_type="text/plain; version=0.0.4",
+    responses=ERROR_RESPONSES,
+)
+async def metrics(metrics: NamedDependency[ApiMetrics]) -> bytes:
     """Prometheus text format: requests by route, method and status, latency, in flight."""
     return metrics.exposition()
 
@@ -88,9 +108,15 @@ async def metrics(metrics: ApiMetrics) -> bytes:
 # Collections ----------------------------------------------------------------------------------
 
 
-@post("/collections/create", opt=JSON_BODY, tags=["collections"], sync_to_thread=True)
+@post(
+    "/collections/create",
+    opt=JSON_BODY,
+    tags=["collections"],
+    sync_to_thread=True,
+    responses=ERROR_RESPONSES,
+)
 def create_collection(
-    data: CreateCollectionRequest, service: SearchService
+    data: JSONBody[CreateCollectionRequest], service: NamedDependency[SearchService]
 ) -> Response[CollectionCreated]:
     """Create a collection (201), or leave an existing one as it is (200)."""
     created = service.create_collection(data)
@@ -99,22 +125,31 @@ def create_collection(
     )
 
 
-@get("/collections", tags=["collections"], sync_to_thread=True)
-def list_collections(service: SearchService) -> CollectionList:
+@get("/collections", tags=["collections"], sync_to_thread=True, responses=ERROR_RESPONSES)
+def list_collections(service: NamedDependency[SearchService]) -> CollectionList:
     """Every collection's name, and the one searched by default."""
     return CollectionList(
         collections=service.store.list_collections(), default=service.store.default_collection
     )
 
 
-@get("/collections/{name:str}/stats", tags=["collections"], sync_to_thread=True)
-def collection_stats(name: str, service: SearchService) -> CollectionStats:
+@get(
+    "/collections/{name:str}/stats",
+    tags=["collections"],
+    sync_to_thread=True,
+    responses=ERROR_RESPONSES,
+)
+def collection_stats(
+    name: FromPath[str], service: NamedDependency[SearchService]
+) -> CollectionStats:
     """Row count, dimension, metric, index and its parameters, model tag; 404 if unknown."""
     return service.collection_stats(name)
 
 
-@delete("/collections/{name:str}", tags=["collections"], sync_to_thread=True)
-def drop_collection(name: str, service: SearchService) -> None:
+@delete(
+    "/collections/{name:str}", tags=["collections"], sync_to_thread=True, responses=ERROR_RESPONSES
+)
+def drop_collection(name: FromPath[str], service: NamedDependency[SearchService]) -> None:
     """Drop a collection and its data; 404 if unknown."""
     service.store.drop_collection(name)
 
@@ -122,8 +157,17 @@ def drop_collection(name: str, service: SearchService) -> None:
 # Search and embed -----------------------------------------------------------------------------
 
 
-@post("/search", opt=JSON_BODY, tags=["search"], status_code=200, sync_to_thread=True)
-def search(data: SearchRequest, service: SearchService) -> list[SearchHit]:
+@post(
+    "/search",
+    opt=JSON_BODY,
+    tags=["search"],
+    status_code=200,
+    sync_to_thread=True,
+    responses=ERROR_RESPONSES,
+)
+def search(
+    data: JSONBody[SearchRequest], service: NamedDependency[SearchService]
+) -> list[SearchHit]:
     """Search by ``query_input`` (path or URL), ``vector`` or ``id``; hits best first.
 
     A multipart form with the image in field ``file`` is accepted here too (see
@@ -160,10 +204,16 @@ class SearchUpload:
         )
 
 
-@post("/search/upload", opt=MULTIPART_BODY, tags=["search"], status_code=200)
+@post(
+    "/search/upload",
+    opt=MULTIPART_BODY,
+    tags=["search"],
+    status_code=200,
+    responses=ERROR_RESPONSES,
+)
 async def search_upload(
-    data: Annotated[SearchUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
-    service: SearchService,
+    data: MultipartBody[SearchUpload],
+    service: NamedDependency[SearchService],
 ) -> list[SearchHit]:
     """Search by an uploaded image (multipart field ``file``); hits best first."""
     options = data.options()
@@ -172,8 +222,15 @@ async def search_upload(
     return await anyio.to_thread.run_sync(service.search, vector, options)
 
 
-@post("/embed", opt=JSON_BODY, tags=["search"], status_code=200, sync_to_thread=True)
-def embed(data: EmbedRequest, service: SearchService) -> Embedding:
+@post(
+    "/embed",
+    opt=JSON_BODY,
+    tags=["search"],
+    status_code=200,
+    sync_to_thread=True,
+    responses=ERROR_RESPONSES,
+)
+def embed(data: JSONBody[EmbedRequest], service: NamedDependency[SearchService]) -> Embedding:
     """The embedding of the image at a path or URL (multipart uploads: ``/embed/upload``)."""
     return service.embedding(service.embed_reference(data.query_input))
 
@@ -183,10 +240,12 @@ class EmbedUpload:
     file: UploadFile
 
 
-@post("/embed/upload", opt=MULTIPART_BODY, tags=["search"], status_code=200)
+@post(
+    "/embed/upload", opt=MULTIPART_BODY, tags=["search"], status_code=200, responses=ERROR_RESPONSES
+)
 async def embed_upload(
-    data: Annotated[EmbedUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
-    service: SearchService,
+    data: MultipartBody[EmbedUpload],
+    service: NamedDependency[SearchService],
 ) -> Embedding:
     """The embedding of an uploaded image (multipart field ``file``)."""
     image = await data.file.read()
@@ -197,8 +256,15 @@ async def embed_upload(
 # Ingest and items -----------------------------------------------------------------------------
 
 
-@post("/insert", opt=JSON_BODY, tags=["ingest"], status_code=202, sync_to_thread=True)
-def insert(data: InsertRequest, ingest: IngestGateway) -> InsertAccepted:
+@post(
+    "/insert",
+    opt=JSON_BODY,
+    tags=["ingest"],
+    status_code=202,
+    sync_to_thread=True,
+    responses=ERROR_RESPONSES,
+)
+def insert(data: JSONBody[InsertRequest], ingest: NamedDependency[IngestGateway]) -> InsertAccepted:
     """Publish one ingest event per input; 202 with the ids once Kafka acknowledged them.
 
     Ingestion is asynchronous: the items become searchable when a worker has stored them.
@@ -211,8 +277,11 @@ def insert(data: InsertRequest, ingest: IngestGateway) -> InsertAccepted:
     tags=["ingest"],
     media_type="image/jpeg",
     sync_to_thread=True,
+    responses=ERROR_RESPONSES,
 )
-def item_thumbnail(collection: str, item_path: str, service: SearchService) -> Response[bytes]:
+def item_thumbnail(
+    collection: FromPath[str], item_path: FromPath[str], service: NamedDependency[SearchService]
+) -> Response[bytes]:
     """``/items/{collection}/{id}/thumbnail``: a JPEG thumbnail of a stored item's image.
 
     Ids may hold slashes. Made from the stored source under the same path and URL rules as

@@ -17,8 +17,9 @@ import logging
 from typing import Any
 
 from litestar import Request
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, NotAuthorizedException
-from litestar.middleware import AbstractMiddleware
+from litestar.middleware import ASGIMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -62,16 +63,18 @@ def api_keys(settings: ApiSettings) -> frozenset[str] | None:
     return frozenset(keys)
 
 
-class ApiKeyMiddleware(AbstractMiddleware):
+class ApiKeyMiddleware(ASGIMiddleware):
     """Refuses requests without a valid ``X-API-Key`` (401), except on public handlers."""
 
+    scopes = (ScopeType.HTTP,)
     exclude_opt_key = PUBLIC
+    # The interactive docs stay open too (the schema itself is the public /openapi.json).
+    exclude_path_pattern = ("^/docs",)
 
-    def __init__(self, app: ASGIApp, keys: frozenset[str]) -> None:
-        super().__init__(app)
+    def __init__(self, keys: frozenset[str]) -> None:
         self._keys = [key.encode() for key in keys]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         given = _header(scope, API_KEY_HEADER.lower().encode())
         # Compare against every key, in constant time, so timing tells nothing about them.
         matches = [hmac.compare_digest(given, key) for key in self._keys]
@@ -81,7 +84,7 @@ class ApiKeyMiddleware(AbstractMiddleware):
                 if given
                 else f"missing {API_KEY_HEADER} header"
             )
-        await self.app(scope, receive, send)
+        await next_app(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> bytes:
