@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,7 @@ class VectorStore:
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._collections: dict[str, CollectionInfo] = {}
+        self._alias = f"trident-store-{uuid.uuid4().hex}"
 
     @property
     def default_collection(self) -> str:
@@ -164,6 +166,9 @@ class VectorStore:
                     uri=self._settings.uri,
                     token=self._settings.token,
                     timeout=self._settings.timeout_s,
+                    # pymilvus shares one connection per URI unless told otherwise, and closing
+                    # any client drops it for all: each store keeps its own.
+                    alias=self._alias,
                 )
             return self._client
 

@@ -68,11 +68,11 @@ class ApiKeyMiddleware(ASGIMiddleware):
 
     scopes = (ScopeType.HTTP,)
     exclude_opt_key = PUBLIC
-    # The interactive docs stay open too (the schema itself is the public /openapi.json).
-    exclude_path_pattern = ("^/docs",)
 
     def __init__(self, keys: frozenset[str]) -> None:
         self._keys = [key.encode() for key in keys]
+        # The interactive docs stay open too (the schema itself is the public /openapi.json).
+        self.should_bypass_for_scope = _is_docs
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         given = _header(scope, API_KEY_HEADER.lower().encode())
@@ -85,6 +85,10 @@ class ApiKeyMiddleware(ASGIMiddleware):
                 else f"missing {API_KEY_HEADER} header"
             )
         await next_app(scope, receive, send)
+
+
+def _is_docs(scope: Scope) -> bool:
+    return scope["path"] == "/docs" or scope["path"].startswith("/docs/")
 
 
 def _header(scope: Scope, name: bytes) -> bytes:
