@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pydantic
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
@@ -103,6 +104,15 @@ def _validation_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(422, "invalid_request", problems or str(exc.detail))
 
 
+def _model_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
+    # A model validated in a handler (the multipart search's options and filter).
+    assert isinstance(exc, pydantic.ValidationError)
+    problems = "; ".join(
+        f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in exc.errors()
+    )
+    return error_response(422, "invalid_request", problems)
+
+
 def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
@@ -125,6 +135,7 @@ def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     TridentError: _trident_error,
     ValidationException: _validation_error,
+    pydantic.ValidationError: _model_error,
     HTTPException: _http_error,
     Exception: _unexpected_error,
 }
