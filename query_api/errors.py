@@ -20,6 +20,7 @@ from litestar.types import ExceptionHandlersMap
 
 from engine.errors import (
     InvalidQueryError,
+    PermanentError,
     RetriableError,
     TridentError,
     UnknownCollectionError,
@@ -73,6 +74,8 @@ def error_response(
 def _status_of(exc: TridentError) -> int:
     if isinstance(exc, RetriableError):
         return 503
+    if not isinstance(exc, PermanentError):  # a configuration error: ours, not the caller's
+        return 500
     if isinstance(exc, UnknownCollectionError) or exc.reason in _NOT_FOUND_REASONS:
         return 404
     if exc.reason in _TOO_LARGE_REASONS:
@@ -85,6 +88,9 @@ def _status_of(exc: TridentError) -> int:
 def _trident_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     assert isinstance(exc, TridentError)
     status = _status_of(exc)
+    if status == 500:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return error_response(500, "internal_error", "the server failed to answer")
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
     if status == 503:
         logger.warning("%s %s: dependency unavailable: %s", request.method, request.url.path, exc)

@@ -43,6 +43,7 @@ from schemas.api import (
     IndexDescription,
     ServiceState,
 )
+from schemas.search import MAX_RESULT_WINDOW
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class SearchService:
             # Paging must count without the excluded item wherever it ranks: read from the top.
             window = self.store.search(
                 vector,
-                top_k=options.offset + options.topk + 1,
+                top_k=min(options.offset + options.topk + 1, MAX_RESULT_WINDOW),
                 filter_expr=expression,
                 collection=collection,
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-import uvicorn
 from litestar.testing import TestClient
 from PIL import Image
 
@@ -31,6 +29,7 @@ from engine.kafka import ensure_topics
 from engine.settings import Settings
 from engine.store import VectorStore
 from query_api import create_app
+from tests.integration.api_support import served
 from tests.integration.conftest import running_worker, wait_for
 
 pytestmark = pytest.mark.stack
@@ -304,33 +303,23 @@ def _ensure_chromium() -> None:
 
 
 @pytest.fixture
-def served(known: KnownSet) -> Iterator[tuple[str, str]]:
-    """The API with auth on, served by uvicorn on a free port; yields (base URL, key)."""
+def page_api(known: KnownSet) -> Iterator[tuple[str, str]]:
+    """The API with auth on, served over HTTP; yields (base URL, key)."""
     key = "browser-test-key"
     api = known.settings.api.model_copy(update={"auth": "on", "api_keys": [key]})
-    settings = known.settings.model_copy(update={"api": api})
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_config=None)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=120, what="uvicorn started")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", key
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served(create_app(known.settings.model_copy(update={"api": api}))) as base:
+        yield base, key
 
 
 def test_search_page_in_a_headless_browser(
-    known: KnownSet, served: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+    known: KnownSet, page_api: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     _ensure_chromium()
     from selenium import webdriver  # noqa: PLC0415 (a dev-only dependency)
     from selenium.webdriver.common.by import By  # noqa: PLC0415
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
-    base, key = served
+    base, key = page_api
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or ""
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):

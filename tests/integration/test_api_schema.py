@@ -8,12 +8,10 @@ would act on the shared Milvus (both are covered by example tests in test_api_ro
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
@@ -26,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 from engine.settings import Settings
 from engine.store import VectorStore
 from query_api import create_app
-from tests.integration.conftest import wait_for
+from tests.integration.api_support import served
 
 pytestmark = pytest.mark.stack
 
@@ -49,18 +47,9 @@ def api_schema(settings: Settings, store: VectorStore) -> Iterator[schemathesis.
             "fetch": settings.fetch.model_copy(update={"timeout_s": 2.0}),
         }
     )
-    config = uvicorn.Config(create_app(quick), host="127.0.0.1", port=0, log_config=None)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=120, what="uvicorn started")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
+    with served(create_app(quick)) as base:
+        schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
         yield schema.exclude(path="/collections/create").exclude(method="DELETE")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_generated_requests_get_documented_answers(api_schema: schemathesis.BaseSchema) -> None:
