@@ -166,8 +166,8 @@ class VectorStore:
                     uri=self._settings.uri,
                     token=self._settings.token,
                     timeout=self._settings.timeout_s,
-                    # pymilvus shares one connection per URI unless told otherwise, and closing
-                    # any client drops it for all: each store keeps its own.
+                    # pymilvus 2.5 shares one connection per URI, and closing any client drops
+                    # it for all: each store keeps its own (2.6 counts references, ignores it).
                     alias=self._alias,
                 )
             return self._client

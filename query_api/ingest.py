@@ -13,11 +13,11 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from pydantic import ValidationError
 
-from engine.errors import BrokerUnavailableError, ImageReferenceError
+from engine.errors import BrokerUnavailableError, ImageReferenceError, InvalidEventError
 from engine.settings import KafkaSettings
 from engine.store import VectorStore
 from producer.publisher import EventPublisher, event_for_reference
-from schemas import IngestEvent
+from schemas import ContractError, IngestEvent
 from schemas.api import InsertAccepted, InsertRequest, ServiceState
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class IngestGateway:
             UnknownCollectionError: the collection does not exist (it is never created here).
             ImageReferenceError: (``invalid_reference``) an input is not a path or http(s) URL,
                 or an id or metadata entry is not valid in an event.
+            InvalidEventError: an event is over one of the contract's limits (nothing of it is
+                sent; events before it may be).
             BrokerUnavailableError: Kafka did not acknowledge every event in time.
             StoreUnavailableError: Milvus could not be asked whether the collection exists.
         """
@@ -70,12 +72,15 @@ class IngestGateway:
         events = [self._event(request, index, collection) for index in range(len(request.inputs))]
         before = self._publisher.flush(self._timeout_s).failed
         for event in events:
-            self._publisher.publish(event)
-        report = self._publisher.flush(self._timeout_s)
-        if report.failed > before:
+            try:
+                self._publisher.publish(event)
+            except ContractError as exc:  # over a limit of the contract: nothing was sent
+                raise InvalidEventError(f"{event.id!r}: {exc}", reason=exc.reason) from exc
+        failed = self._publisher.flush(self._timeout_s).failed - before
+        if failed:
+            # The reasons are logged by the publisher's delivery reports.
             raise BrokerUnavailableError(
-                f"Kafka refused {report.failed - before} of {len(events)} events: "
-                + "; ".join(report.errors[before:][:3])
+                f"Kafka did not acknowledge {failed} of {len(events)} events"
             )
         logger.info("published %d events for collection %s", len(events), collection)
         return InsertAccepted(ids=[event.id for event in events], collection=collection)

@@ -58,15 +58,18 @@ _FILTER = TypeAdapter[Filter](Filter)
 def health(
     service: NamedDependency[SearchService], ingest: NamedDependency[IngestGateway]
 ) -> Response[HealthReport]:
-    """Triton, Milvus and Kafka, each ``up`` or ``down``; 503 when one is down."""
+    """Triton, Milvus and Kafka, each ``up`` or ``down``.
+
+    ``status`` is ``degraded`` when any is down; the answer is 503 only when searches cannot be
+    answered (Triton or Milvus down). Kafka down stops inserts alone, so probes that use this
+    route (compose, Kubernetes) keep the API serving searches meanwhile.
+    """
+    triton, milvus, kafka = service.triton_state(), service.milvus_state(), ingest.kafka_state()
+    down = [state for state in (triton, milvus, kafka) if state.state == "down"]
     report = HealthReport(
-        status="ok",
-        triton=service.triton_state(),
-        milvus=service.milvus_state(),
-        kafka=ingest.kafka_state(),
+        status="degraded" if down else "ok", triton=triton, milvus=milvus, kafka=kafka
     )
-    if "down" in (report.triton.state, report.milvus.state, report.kafka.state):
-        report.status = "degraded"
+    if "down" in (triton.state, milvus.state):
         return Response(report, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     return Response(report)
 

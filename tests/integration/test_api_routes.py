@@ -23,6 +23,7 @@ from engine.kafka import consumer_config
 from engine.settings import Settings
 from engine.store import VectorStore
 from query_api import create_app
+from query_api.ingest import IngestGateway
 
 pytestmark = pytest.mark.stack
 
@@ -273,6 +274,29 @@ def test_health_and_readiness_report_each_service(client: TestClient[Any]) -> No
     assert {body[name]["state"] for name in ("triton", "milvus", "kafka")} == {"up"}
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/livez").json() == {"status": "alive"}
+
+
+def test_kafka_down_degrades_health_but_searches_go_on(
+    settings: Settings, store: VectorStore
+) -> None:
+    dead = settings.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:9"})
+    gateway = IngestGateway(dead, store, acknowledge_timeout_s=2.0)
+    app = create_app(settings.model_copy(update={"kafka": dead}), ingest=gateway)
+    with TestClient(app=app) as client:
+        health = client.get("/health")
+        assert health.status_code == 200, health.text
+        body = health.json()
+        assert (body["status"], body["kafka"]["state"], body["milvus"]["state"]) == (
+            "degraded",
+            "down",
+            "up",
+        )
+        assert client.get("/readyz").status_code == 200
+        vector = [0.01] * settings.milvus.dimension
+        assert client.post("/search", json={"vector": vector}).status_code == 200
+        insert = client.post("/insert", json={"inputs": ["https://example.com/a.jpg"]})
+        assert_error(insert, 503, "kafka_unavailable")
+        assert insert.headers["Retry-After"] == "5"
 
 
 def test_services_down_answer_503_with_retry_after(settings: Settings) -> None:
