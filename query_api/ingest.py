@@ -40,7 +40,11 @@ class IngestGateway:
         self._timeout_s = acknowledge_timeout_s
         self._publisher = EventPublisher(settings)
         self._admin = AdminClient(
-            {"bootstrap.servers": settings.bootstrap_servers, **settings.extra}
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                **settings.extra,
+                "logger": logging.getLogger("librdkafka"),  # as engine.kafka's clients do
+            }
         )
 
     def close(self) -> None:
