@@ -8,6 +8,7 @@ any other producer. Free of HTTP, like :class:`query_api.service.SearchService`.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -39,13 +40,12 @@ class IngestGateway:
         self._store = store
         self._timeout_s = acknowledge_timeout_s
         self._publisher = EventPublisher(settings)
-        self._admin = AdminClient(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                **settings.extra,
-                "logger": logging.getLogger("librdkafka"),  # as engine.kafka's clients do
-            }
-        )
+        admin_config: dict[str, Any] = {
+            "bootstrap.servers": settings.bootstrap_servers,
+            **settings.extra,
+            "logger": logging.getLogger("librdkafka"),  # as engine.kafka's clients do
+        }
+        self._admin = AdminClient(admin_config)
 
     def close(self) -> None:
         self._publisher.close(self._timeout_s)
