@@ -26,7 +26,6 @@ from query_api.ingest import IngestGateway
 from query_api.metrics import ApiMetrics
 from query_api.security import CONSUMES, PUBLIC
 from query_api.service import SearchService
-from schemas import Filter, SearchHit, SearchOptions, SearchRequest
 from schemas.api import (
     CollectionCreated,
     CollectionList,
@@ -38,6 +37,7 @@ from schemas.api import (
     InsertAccepted,
     InsertRequest,
 )
+from schemas.search import Filter, SearchHit, SearchOptions, SearchRequest
 
 JSON_BODY = {CONSUMES: ("application/json",)}
 MULTIPART_BODY = {CONSUMES: ("multipart/form-data",)}

@@ -28,14 +28,7 @@ from engine.preprocess import JaxPreprocessor
 from engine.settings import Settings
 from engine.store import Hit, VectorStore
 from query_api.filters import combined_filter
-from schemas import (
-    PathImage,
-    SearchHit,
-    SearchOptions,
-    SearchRequest,
-    UrlImage,
-    reference_from_string,
-)
+from schemas import PathImage, UrlImage, reference_from_string
 from schemas.api import (
     CollectionStats,
     CreateCollectionRequest,
@@ -43,7 +36,7 @@ from schemas.api import (
     IndexDescription,
     ServiceState,
 )
-from schemas.search import MAX_RESULT_WINDOW
+from schemas.search import MAX_RESULT_WINDOW, SearchHit, SearchOptions, SearchRequest
 
 logger = logging.getLogger(__name__)
 

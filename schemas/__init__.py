@@ -1,7 +1,7 @@
 """Versioned wire contracts shared by the producer, the worker and the query API.
 
 Public surface: the ingest event and its image references, their (de)serialisers, and the search
-request/response models (the query API's other bodies are in :mod:`schemas.api`).
+request/response models.
 """
 
 from schemas.errors import ContractError
@@ -16,18 +16,16 @@ from schemas.events import (
     encode_event,
     reference_from_string,
 )
-from schemas.search import Filter, SearchHit, SearchOptions, SearchRequest
+from schemas.search import SearchHit, SearchRequest
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
     "ContractError",
-    "Filter",
     "ImageRef",
     "IngestEvent",
     "InlineImage",
     "PathImage",
     "SearchHit",
-    "SearchOptions",
     "SearchRequest",
     "UrlImage",
     "decode_event",

@@ -11,7 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from engine.errors import InvalidQueryError
 from query_api.filters import checked_expression, combined_filter, compile_filter
-from schemas import Filter
+from schemas.search import Filter
 
 FILTER = TypeAdapter[Filter](Filter)
 

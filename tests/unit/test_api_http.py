@@ -21,8 +21,8 @@ from engine.errors import (
 from engine.settings import Settings
 from query_api import SearchService, create_app
 from query_api.ingest import IngestGateway
-from schemas import SearchHit, SearchOptions, SearchRequest
 from schemas.api import ServiceState
+from schemas.search import SearchHit, SearchOptions, SearchRequest
 
 
 class FakeService(SearchService):
