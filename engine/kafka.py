@@ -84,3 +84,16 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> None:
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise BrokerUnavailableError(f"creating topic {topic}: {exc}") from exc
+
+
+def broker_reachable(settings: KafkaSettings, *, timeout_s: float = 5.0) -> bool:
+    """Whether the cluster answers a metadata request within ``timeout_s``; never raises."""
+    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers, **settings.extra}
+    config["logger"] = _client_logger
+    admin = AdminClient(config)
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        logger.debug("Kafka %s did not answer: %s", settings.bootstrap_servers, exc)
+        return False
+    return True

@@ -143,7 +143,6 @@ class VectorStore:
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._collections: dict[str, CollectionInfo] = {}
-        self._alias = f"trident-store-{uuid.uuid4().hex}"
 
     @property
     def default_collection(self) -> str:
@@ -166,9 +165,9 @@ class VectorStore:
                     uri=self._settings.uri,
                     token=self._settings.token,
                     timeout=self._settings.timeout_s,
-                    # pymilvus 2.5 shares one connection per URI, and closing any client drops
-                    # it for all: each store keeps its own (2.6 counts references, ignores it).
-                    alias=self._alias,
+                    # pymilvus 2.5 shares one connection per address unless told otherwise,
+                    # and close() then disconnects every other store on it (2.6 counts users).
+                    alias=f"trident-{uuid.uuid4().hex}",
                 )
             return self._client
 

@@ -8,13 +8,11 @@ any other producer. Free of HTTP, like :class:`query_api.service.SearchService`.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from pydantic import ValidationError
 
 from engine.errors import BrokerUnavailableError, ImageReferenceError, InvalidEventError
+from engine.kafka import broker_reachable
 from engine.settings import KafkaSettings
 from engine.store import VectorStore
 from producer.publisher import EventPublisher, event_for_reference
@@ -40,24 +38,16 @@ class IngestGateway:
         self._store = store
         self._timeout_s = acknowledge_timeout_s
         self._publisher = EventPublisher(settings)
-        admin_config: dict[str, Any] = {
-            "bootstrap.servers": settings.bootstrap_servers,
-            **settings.extra,
-            "logger": logging.getLogger("librdkafka"),  # as engine.kafka's clients do
-        }
-        self._admin = AdminClient(admin_config)
 
     def close(self) -> None:
         self._publisher.close(self._timeout_s)
 
     def kafka_state(self) -> ServiceState:
-        try:
-            self._admin.list_topics(timeout=PROBE_TIMEOUT_S)
-        except KafkaException as exc:
-            return ServiceState(
-                state="down", detail=f"Kafka {self._settings.bootstrap_servers}: {exc}"
-            )
-        return ServiceState(state="up")
+        if broker_reachable(self._settings, timeout_s=PROBE_TIMEOUT_S):
+            return ServiceState(state="up")
+        return ServiceState(
+            state="down", detail=f"Kafka {self._settings.bootstrap_servers} did not answer"
+        )
 
     def insert(self, request: InsertRequest) -> InsertAccepted:
         """Publish one event per input and wait until the brokers acknowledged them all.
