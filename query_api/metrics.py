@@ -3,9 +3,9 @@
 Series (a Grafana dashboard reads these names):
 
 - ``trident_api_requests_total{route,method,status}``: answered requests; ``route`` is the
-  route's template (``/items/{collection:str}/{item_id:str}/thumbnail``), so ids do not
-  multiply series. Requests matching no route never reach a route's middleware and are not
-  counted.
+  route's template (``/items/{collection:str}/{item_path:path}``), so ids do not multiply
+  series; multipart searches and embeds count under ``/search/upload`` and ``/embed/upload``.
+  Requests matching no route never reach a route's middleware and are not counted.
 - ``trident_api_request_seconds{route}``: latency histogram.
 - ``trident_api_in_flight_requests``: requests being answered now.
 
