@@ -18,6 +18,7 @@ from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 from litestar.params import FromPath, JSONBody, MultipartBody
 from pydantic import TypeAdapter
 
@@ -43,6 +44,25 @@ JSON_BODY = {CONSUMES: ("application/json",)}
 MULTIPART_BODY = {CONSUMES: ("multipart/form-data",)}
 THUMBNAIL_SUFFIX = "/thumbnail"
 _FILTER = TypeAdapter[Filter](Filter)
+
+
+def _also_multipart(form: str) -> type[Operation]:
+    """An OpenAPI operation that also documents the multipart ``form`` (a component's name).
+
+    The JSON route's handler takes JSON only; its multipart form is served by the ``/upload``
+    route beside it (query_api.app), and the schema says so on the earlier API's path.
+    """
+
+    @dataclass
+    class WithUpload(Operation):
+        def __post_init__(self) -> None:
+            if isinstance(self.request_body, RequestBody):
+                reference = Reference(ref=f"#/components/schemas/{form}")
+                self.request_body.content["multipart/form-data"] = OpenAPIMediaType(
+                    schema=reference
+                )
+
+    return WithUpload
 
 
 # Health ---------------------------------------------------------------------------------------
@@ -163,6 +183,7 @@ def drop_collection(name: FromPath[str], service: NamedDependency[SearchService]
 @post(
     "/search",
     opt=JSON_BODY,
+    operation_class=_also_multipart("SearchUpload"),
     tags=["search"],
     status_code=200,
     sync_to_thread=True,
@@ -228,6 +249,7 @@ async def search_upload(
 @post(
     "/embed",
     opt=JSON_BODY,
+    operation_class=_also_multipart("EmbedUpload"),
     tags=["search"],
     status_code=200,
     sync_to_thread=True,

@@ -260,8 +260,10 @@ def test_openapi_is_titled_versioned_and_lists_every_route(client: TestClient[An
         "/insert",
         "/items/{collection}/{item_path}",
     }
-    upload = schema["paths"]["/search/upload"]["post"]["requestBody"]["content"]
-    assert "multipart/form-data" in upload
+    # The earlier API's path takes both bodies; the multipart one is served by /search/upload.
+    for path in ("/search", "/embed"):
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data"}, path
     docs = client.get("/docs")
     assert docs.status_code == 200 and "Embedding Trident" in docs.text
 
