@@ -366,6 +366,18 @@ def test_search_page_in_a_headless_browser(
         wait.until(lambda d: hit_ids(d) == expected)
         assert "more like " + clicked in driver.find_element(By.ID, "status").text
         driver.save_screenshot(str(artifacts / "more-like-this.png"))
+
+        # A pasted path, with a filter and another top k.
+        reference = list(known.paths)[4]
+        driver.find_element(By.ID, "reference").send_keys(str(known.paths[reference]))
+        driver.find_element(By.ID, "filter").send_keys('metadata["category"] == "dogs"')
+        topk = driver.find_element(By.ID, "topk")
+        topk.clear()
+        topk.send_keys("5")
+        driver.find_element(By.ID, "search-button").click()
+        dogs = known.ranked(known.vectors[reference], where=lambda m: m["category"] == "dogs")
+        wait.until(lambda d: hit_ids(d) == dogs[:5])
+        driver.save_screenshot(str(artifacts / "pasted-path-with-filter.png"))
         print(f"screenshots in {artifacts}")
     finally:
         driver.quit()
