@@ -143,9 +143,24 @@ class WorkerSettings(BaseModel):
 
 
 class ApiSettings(BaseModel):
+    """The query API: where it listens and how it protects itself."""
+
     host: str = "127.0.0.1"
     port: int = 8080
-    max_upload_bytes: int = 25 * 1024 * 1024
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest request body, uploads included (413)."
+    )
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys required: auto = unless the API listens on loopback only."
+    )
+    api_keys: list[str] = Field(default_factory=list, description="Accepted X-API-Key values.")
+    api_keys_file: Path | None = Field(None, description="More keys, one a line (# comments).")
+    rate_limit_per_minute: int = Field(600, ge=0, description="Per client; 0 turns it off.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; none by default."
+    )
+    thumbnail_size: int = Field(256, ge=16, le=1024, description="Longest side, in pixels.")
+    thumbnail_cache_items: int = Field(512, ge=0)
 
 
 class Settings(BaseSettings):

@@ -419,8 +419,9 @@ class VectorStore:
         top_k: int = 10,
         filter_expr: str | None = None,
         collection: str | None = None,
+        offset: int = 0,
     ) -> list[Hit]:
-        """The ``top_k`` nearest stored vectors, best first.
+        """The ``top_k`` nearest stored vectors after the ``offset`` nearest, best first.
 
         Raises:
             UnknownCollectionError: no such collection.
@@ -444,6 +445,7 @@ class VectorStore:
             name,
             data=[query.tolist()],
             limit=top_k,
+            offset=offset,
             filter=filter_expr or "",
             output_fields=list(RECORD_FIELDS),
             search_params={"metric_type": info.index.metric, "params": info.index.query_params()},

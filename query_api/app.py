@@ -1,8 +1,10 @@
-"""The Litestar application: health and similarity search.
+"""The Litestar application: :func:`create_app` builds it from settings.
 
-Built by :func:`create_app` from settings (or a ready :class:`SearchService`, for tests). The
-service's clients are opened in the lifespan and closed on shutdown; blocking work (decoding,
-inference, Milvus calls) runs in worker threads so the event loop stays responsive.
+The lifespan owns the clients (:class:`SearchService`: Milvus, Triton, the fetcher;
+:class:`IngestGateway`: the Kafka producer) and closes them on shutdown; handlers receive them
+through ``Provide``. Middleware, outermost first: metrics, rate limit, API key. The OpenAPI
+schema is generated from the handlers' types and served at ``/openapi.json`` (interactive docs
+at ``/docs``); the search page is ``GET /``.
 """
 
 from __future__ import annotations
@@ -10,148 +12,156 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata, resources
 from typing import Any
 
 import anyio
-import orjson
-from litestar import Litestar, MediaType, Request, Response, get, post
-from litestar.datastructures import State, UploadFile
-from litestar.exceptions import HTTPException
-from pydantic import ValidationError
+from litestar import Litestar, MediaType, Request, get
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.enums import ScopeType
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
+from litestar.types import ASGIApp, Receive, Scope, Send
 
-from engine.errors import (
-    ImageContentError,
-    ImageReferenceError,
-    InvalidQueryError,
-    PermanentError,
-    RetriableError,
-    TridentError,
-)
 from engine.settings import Settings
+from query_api.errors import EXCEPTION_HANDLERS
+from query_api.ingest import IngestGateway
+from query_api.metrics import ApiMetrics, MetricsMiddleware
+from query_api.routes import ROUTES
+from query_api.security import (
+    API_KEY_HEADER,
+    PUBLIC,
+    ApiKeyMiddleware,
+    api_keys,
+    check_content_type,
+    rate_limit,
+)
 from query_api.service import SearchService
-from schemas import SearchRequest
 
 logger = logging.getLogger(__name__)
 
-
-def _service(state: State) -> SearchService:
-    service: SearchService = state.search_service
-    return service
-
-
-@get("/health", sync_to_thread=True)
-def health(state: State) -> Response[dict[str, Any]]:
-    """Liveness plus the reachability of Triton and Milvus (503 when one is down)."""
-    service = _service(state)
-    triton = service.embedder.is_ready()
-    try:
-        service.store.list_collections()
-        milvus = True
-    except RetriableError:
-        milvus = False
-    ok = triton and milvus
-    body = {"status": "ok" if ok else "degraded", "triton": triton, "milvus": milvus}
-    return Response(body, status_code=200 if ok else 503)
+TITLE = "Embedding Trident"
+# Routes whose multipart form is served by the "/upload" route beside them.
+_UPLOAD_ROUTES = {"/search", "/embed"}
+_SEARCH_PAGE = resources.files("query_api").joinpath("static/index.html").read_text()
 
 
-@post("/search", status_code=200)
-async def search(request: Request[Any, Any, State], state: State) -> list[dict[str, Any]]:
-    """Search by an uploaded image (multipart field ``file``), or by JSON.
+@get("/", opt={PUBLIC: True}, include_in_schema=False, media_type=MediaType.HTML)
+async def search_page() -> str:
+    """The search page (plain HTML and JavaScript, no build step)."""
+    return _SEARCH_PAGE
 
-    JSON: ``{"query_input": "<path or URL>" | "vector": [...] | "id": "...", "topk": 10,
-    "collection_name": "...", "filter_expr": "..."}``. Answers ``[{id, score, metadata}]``,
-    best first.
+
+@get("/openapi.json", opt={PUBLIC: True}, include_in_schema=False)
+async def openapi_json(request: Request[Any, Any, State]) -> dict[str, Any]:
+    """The OpenAPI 3.1 schema of every route."""
+    return request.app.openapi_schema.to_schema()
+
+
+def _state_value(name: str) -> Provide:
+    def provide(state: State) -> Any:
+        return getattr(state, name)
+
+    return Provide(provide, sync_to_thread=False)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    service: SearchService | None = None,
+    ingest: IngestGateway | None = None,
+) -> Litestar:
+    """Build the application; ``service``/``ingest`` replace the ones built from settings (tests).
+
+    Raises:
+        ConfigurationError: API keys are required (``api.auth``) but none is configured.
     """
-    service = _service(state)
-    upload: UploadFile | None = None
-    if request.content_type[0] == "multipart/form-data":
-        form = await request.form()
-        fields = {key: value for key, value in form.items() if not isinstance(value, UploadFile)}
-        upload = form.get("file") or form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(
-                status_code=400, detail="multipart search needs an image in field 'file'"
-            )
-        query = _parse_request({**fields, "query_input": "<upload>"})
-    else:
-        try:
-            raw = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise HTTPException(status_code=400, detail=f"malformed JSON: {exc}") from exc
-        query = _parse_request(raw)
-
-    if upload is not None:
-        data = await upload.read()
-        vector = await anyio.to_thread.run_sync(service.embed_image, data)
-    elif query.query_input is not None:
-        vector = await anyio.to_thread.run_sync(service.embed_reference, query.query_input)
-    elif query.id is not None:
-        vector = await anyio.to_thread.run_sync(service.vector_of, query.id, query.collection_name)
-    else:
-        vector = query.vector  # type: ignore[assignment]
-
-    def run() -> list[dict[str, Any]]:
-        hits = service.search(
-            vector,
-            top_k=query.topk,
-            filter_expr=query.filter_expr,
-            collection=query.collection_name,
-        )
-        return [hit.model_dump() for hit in hits]
-
-    return await anyio.to_thread.run_sync(run)
-
-
-def _parse_request(raw: Any) -> SearchRequest:
-    if not isinstance(raw, dict):
-        raise HTTPException(status_code=400, detail="the request body must be a JSON object")
-    try:
-        return SearchRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise HTTPException(
-            status_code=400,
-            detail="; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-            ),
-        ) from exc
-
-
-def _error_response(request: Request[Any, Any, State], exc: Exception) -> Response[dict[str, Any]]:
-    assert isinstance(exc, TridentError)
-    if isinstance(exc, RetriableError):
-        status, headers = 503, {"Retry-After": "5"}
-    elif isinstance(exc, InvalidQueryError) and exc.reason == "unknown_id":
-        status, headers = 404, {}
-    elif isinstance(exc, ImageContentError | ImageReferenceError | PermanentError):
-        status, headers = 400, {}
-    else:
-        status, headers = 500, {}
-    if status >= 500:
-        logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
-    return Response(
-        {"error": exc.reason, "detail": str(exc)},
-        status_code=status,
-        headers=headers,
-        media_type=MediaType.JSON,
-    )
-
-
-def create_app(settings: Settings, *, service: SearchService | None = None) -> Litestar:
-    """Build the application; ``service`` replaces the one built from settings (tests)."""
+    keys = api_keys(settings.api)
+    api_metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         search_service = service or SearchService.from_settings(settings)
-        await anyio.to_thread.run_sync(search_service.warmup)
-        app.state.search_service = search_service
+        gateway = ingest or IngestGateway(settings.kafka, search_service.store)
         try:
+            await anyio.to_thread.run_sync(search_service.warmup)
+            app.state.search_service, app.state.ingest = search_service, gateway
             yield
         finally:
+            await anyio.to_thread.run_sync(gateway.close)
             await anyio.to_thread.run_sync(search_service.close)
 
-    return Litestar(
-        route_handlers=[health, search],
+    middleware: list[Any] = [MetricsMiddleware(api_metrics)]
+    limiter = rate_limit(settings.api)
+    if limiter is not None:
+        middleware.append(limiter.middleware)
+    if keys is not None:
+        middleware.append(ApiKeyMiddleware(keys))
+    app = Litestar(
+        route_handlers=[*ROUTES, search_page, openapi_json],
+        dependencies={
+            "service": _state_value("search_service"),
+            "ingest": _state_value("ingest"),
+            "metrics": Provide(lambda: api_metrics, sync_to_thread=False),
+        },
         lifespan=[lifespan],
-        exception_handlers={TridentError: _error_response},
+        middleware=middleware,
+        before_request=check_content_type,
+        exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.api.max_upload_bytes,
+        cors_config=(
+            CORSConfig(allow_origins=settings.api.cors_origins, allow_headers=[API_KEY_HEADER])
+            if settings.api.cors_origins
+            else None
+        ),
+        openapi_config=_openapi_config(authenticated=keys is not None),
     )
+    app.asgi_handler = _uploads_to_their_routes(app.asgi_handler)
+    return app
+
+
+def _openapi_config(*, authenticated: bool) -> OpenAPIConfig:
+    scheme = SecurityScheme(type="apiKey", name=API_KEY_HEADER, security_scheme_in="header")
+    security: list[SecurityRequirement] | None = [{"ApiKey": []}] if authenticated else None
+    return OpenAPIConfig(
+        title=TITLE,
+        version=metadata.version("embedding-trident"),
+        description="Similarity search over images embedded by the Embedding Trident workers.",
+        path="/docs",
+        render_plugins=[SwaggerRenderPlugin(path="/")],
+        components=Components(security_schemes={"ApiKey": scheme})
+        if authenticated
+        else Components(),
+        security=security,
+    )
+
+
+def _uploads_to_their_routes(app: ASGIApp) -> ASGIApp:
+    """Send multipart POSTs to ``/search`` and ``/embed`` to the typed ``/upload`` routes.
+
+    Litestar reads one body type per handler; this keeps the earlier API's single path for
+    both JSON and uploads while each handler's body stays typed (and documented).
+    """
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == ScopeType.HTTP
+            and scope["method"] == "POST"
+            and scope["path"] in _UPLOAD_ROUTES
+            and _is_multipart(scope)
+        ):
+            path = scope["path"] + "/upload"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await app(scope, receive, send)
+
+    return dispatch
+
+
+def _is_multipart(scope: Scope) -> bool:
+    for key, value in scope.get("headers", []):
+        if key == b"content-type":
+            return bytes(value).lower().startswith(b"multipart/form-data")
+    return False

@@ -21,9 +21,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="Override api.port (default 8080).")
     args = parser.parse_args(argv)
     settings = settings_from_arguments(args)
-    host = args.host or settings.api.host
-    port = args.port or settings.api.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    # The listening address decides whether API keys are required (api.auth: auto).
+    api = settings.api.model_copy(
+        update={"host": args.host or settings.api.host, "port": args.port or settings.api.port}
+    )
+    settings = settings.model_copy(update={"api": api})
+    uvicorn.run(
+        create_app(settings), host=api.host, port=api.port, log_config=None, access_log=False
+    )
     return 0
 
 

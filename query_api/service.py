@@ -1,22 +1,43 @@
-"""What the query API does, independent of HTTP: turn a query into a vector, search Milvus."""
+"""What the query API does, independent of HTTP.
+
+:class:`SearchService` turns a query (image bytes, an image reference, a vector or a stored id)
+into a vector, searches Milvus with paging, filters and a score threshold, manages collections
+and renders thumbnails of stored items. It raises engine/errors.py's errors only; the HTTP layer
+maps them to statuses.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
+from pydantic import ValidationError
 
-from engine.errors import InvalidQueryError, Stage
+from engine.errors import ImageReferenceError, InvalidQueryError, RetriableError
 from engine.fetch import ImageFetcher
 from engine.images import decode_image
+from engine.indexes import IndexSpec
 from engine.inference import TritonEmbedder
 from engine.preprocess import JaxPreprocessor
 from engine.preprocess_jax import build_preprocessor
 from engine.settings import Settings
 from engine.store import Hit, VectorStore
-from schemas import SearchHit, reference_from_string
+from query_api.filters import combined_filter
+from schemas import PathImage, UrlImage, reference_from_string
+from schemas.api import (
+    CollectionStats,
+    CreateCollectionRequest,
+    Embedding,
+    IndexDescription,
+    ServiceState,
+)
+from schemas.search import MAX_RESULT_WINDOW, SearchHit, SearchOptions, SearchRequest
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +59,11 @@ class SearchService:
         self.embedder = embedder
         self._preprocessor = preprocessor
         self._fetcher = fetcher
+        self._thumbnails = _ThumbnailCache(settings.api.thumbnail_cache_items)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SearchService:
+        """The service with its clients built from settings (the one place they are built)."""
         return cls(
             settings,
             store=VectorStore(settings.milvus),
@@ -57,11 +80,30 @@ class SearchService:
         self.embedder.close()
         self.store.close()
 
+    # Health ---------------------------------------------------------------------------------
+
+    def triton_state(self) -> ServiceState:
+        if self.embedder.is_ready():
+            return ServiceState(state="up")
+        return ServiceState(
+            state="down", detail=f"model {self._settings.triton.model_name} not ready"
+        )
+
+    def milvus_state(self) -> ServiceState:
+        try:
+            self.store.list_collections()
+        except RetriableError as exc:
+            return ServiceState(state="down", detail=str(exc))
+        return ServiceState(state="up")
+
+    # Embeddings -----------------------------------------------------------------------------
+
     def embed_image(self, data: bytes) -> npt.NDArray[np.float32]:
         """The embedding of one encoded image.
 
         Raises:
-            ImageContentError: the bytes are not a usable image.
+            ImageContentError: the bytes are not a usable image (``too_many_pixels`` above
+                ``fetch.max_pixels``).
             InferenceUnavailableError: Triton is unavailable.
         """
         pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
@@ -73,33 +115,220 @@ class SearchService:
         """The embedding of the image at a path (under the allowed roots) or http(s) URL.
 
         Raises:
-            ImageReferenceError: forbidden or missing reference.
+            ImageReferenceError: forbidden, malformed or missing reference.
             ImageContentError, InferenceUnavailableError, FetchUnavailableError.
         """
-        return self.embed_image(self._fetcher.fetch(reference_from_string(reference)))
+        return self.embed_image(self._fetcher.fetch(_reference(reference)))
+
+    def embedding(self, vector: npt.NDArray[np.float32]) -> Embedding:
+        """The wire form of an embedding, naming the model that made it."""
+        return Embedding(
+            embedding=vector.astype(float).tolist(),
+            dim=int(vector.shape[0]),
+            model=self._settings.triton.model_tag,
+        )
 
     def vector_of(self, item_id: str, collection: str | None) -> npt.NDArray[np.float32]:
         """The stored vector of ``item_id``.
 
         Raises:
-            InvalidQueryError: no such id.
+            UnknownCollectionError: no such collection.
+            InvalidQueryError: (``unknown_id``) no such id.
         """
         rows = self.store.get([item_id], collection, with_vectors=True)
         if not rows:
-            raise InvalidQueryError(
-                f"no item with id {item_id!r}", reason="unknown_id", stage=Stage.SEARCH
-            )
+            raise _unknown_id(item_id)
         return np.asarray(rows[0]["embedding"], dtype=np.float32)
+
+    # Search ---------------------------------------------------------------------------------
+
+    def query(self, request: SearchRequest) -> list[SearchHit]:
+        """Answer a JSON search (by reference, vector or id), best first.
+
+        Raises:
+            UnknownCollectionError, InvalidQueryError (unknown id, wrong dimension, bad filter),
+            ImageReferenceError, ImageContentError, RetriableError (a service is down).
+        """
+        if request.query_input is not None:
+            return self.search(self.embed_reference(request.query_input), request)
+        if request.id is not None:
+            vector = self.vector_of(request.id, request.collection_name)
+            exclude = None if request.include_self else request.id
+            return self.search(vector, request, exclude_id=exclude)
+        assert request.vector is not None  # SearchRequest holds exactly one query
+        return self.search(request.vector, request)
 
     def search(
         self,
         vector: npt.NDArray[np.float32] | Sequence[float],
+        options: SearchOptions,
         *,
-        top_k: int,
-        filter_expr: str | None = None,
-        collection: str | None = None,
+        exclude_id: str | None = None,
     ) -> list[SearchHit]:
-        hits: list[Hit] = self.store.search(
-            vector, top_k=top_k, filter_expr=filter_expr, collection=collection
+        """The hits of ``vector`` on the page ``options`` asks for, ``exclude_id`` left out.
+
+        Raises:
+            UnknownCollectionError, InvalidQueryError, StoreUnavailableError.
+        """
+        collection = options.collection_name or self.store.default_collection
+        expression = combined_filter(options.filter_expr, options.filter)
+        if exclude_id is None:
+            hits = self.store.search(
+                vector,
+                top_k=options.topk,
+                offset=options.offset,
+                filter_expr=expression,
+                collection=collection,
+            )
+        else:
+            # Paging must count without the excluded item wherever it ranks: read from the top.
+            window = self.store.search(
+                vector,
+                top_k=min(options.offset + options.topk + 1, MAX_RESULT_WINDOW),
+                filter_expr=expression,
+                collection=collection,
+            )
+            kept = [hit for hit in window if hit.id != exclude_id]
+            hits = kept[options.offset : options.offset + options.topk]
+        if options.score_threshold is not None:
+            hits = self._above_threshold(hits, options.score_threshold, collection)
+        return [_hit(hit, options.output_fields) for hit in hits]
+
+    def _above_threshold(self, hits: list[Hit], threshold: float, collection: str) -> list[Hit]:
+        if self.store.describe_collection(collection).index.metric == "L2":  # a distance
+            return [hit for hit in hits if hit.score <= threshold]
+        return [hit for hit in hits if hit.score >= threshold]
+
+    # Collections ----------------------------------------------------------------------------
+
+    def create_collection(self, request: CreateCollectionRequest) -> bool:
+        """Create a collection unless it exists; True if it was created.
+
+        Raises:
+            InvalidQueryError: (``invalid_index``) a parameter the index type does not take, or
+                out of range.
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        try:
+            index = IndexSpec(
+                index_type=request.index_type,
+                metric=request.metric,
+                params=request.params,
+                search_params=request.search_params,
+            )
+        except ValidationError as exc:
+            messages = "; ".join(str(error["msg"]) for error in exc.errors())
+            raise InvalidQueryError(messages, reason="invalid_index") from exc
+        return self.store.create_collection(
+            request.name,
+            dimension=request.dim or self._settings.milvus.dimension,
+            index=index,
+            description=request.description,
+            model_tag=self._settings.triton.model_tag,
         )
-        return [SearchHit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits]
+
+    def collection_stats(self, name: str) -> CollectionStats:
+        """Row count, dimension, index and model tag of a collection.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        info = self.store.describe_collection(name)
+        return CollectionStats(
+            name=name,
+            row_count=self.store.count(name),
+            dimension=info.dimension,
+            index=IndexDescription.model_validate(info.index.describe()),
+            description=info.description,
+            model_tag=info.model_tag,
+        )
+
+    # Thumbnails -----------------------------------------------------------------------------
+
+    def thumbnail(self, collection: str, item_id: str) -> bytes:
+        """A JPEG of the stored item's image, its longest side at most ``api.thumbnail_size``.
+
+        Made from the stored source with the fetcher's rules (allowed roots, address policy,
+        size limits) and cached per item and image content.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            InvalidQueryError: (``unknown_id``) no such item.
+            ImageReferenceError: (``no_source``) the item's image was sent inline, so there is
+                nothing to fetch; or its source can no longer be followed.
+            ImageContentError, FetchUnavailableError, StoreUnavailableError.
+        """
+        rows = self.store.get([item_id], collection)
+        if not rows:
+            raise _unknown_id(item_id)
+        source, digest = str(rows[0]["source"]), str(rows[0]["content_sha256"])
+        key = (collection, item_id, digest)
+        cached = self._thumbnails.get(key)
+        if cached is not None:
+            return cached
+        if not source or source.startswith("inline:"):
+            raise ImageReferenceError(
+                f"item {item_id!r} was sent inline: no stored image to show", reason="no_source"
+            )
+        data = self._fetcher.fetch(_reference(source))
+        thumbnail = _render_thumbnail(
+            data, self._settings.api.thumbnail_size, self._settings.fetch.max_pixels
+        )
+        self._thumbnails.put(key, thumbnail)
+        return thumbnail
+
+
+class _ThumbnailCache:
+    """A bounded, thread-safe LRU of rendered thumbnails."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> bytes | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, str, str], value: bytes) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+def _render_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
+    pixels = decode_image(data, max_pixels=max_pixels, target_short_side=size).pixels
+    image = Image.fromarray(pixels)
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def _reference(text: str) -> PathImage | UrlImage:
+    try:
+        return reference_from_string(text)
+    except ValidationError as exc:
+        raise ImageReferenceError(
+            f"not a usable path or http(s) URL: {text[:200]!r}", reason="invalid_reference"
+        ) from exc
+
+
+def _hit(hit: Hit, output_fields: Sequence[str]) -> SearchHit:
+    return SearchHit(
+        id=hit.id,
+        score=hit.score,
+        metadata=hit.metadata,
+        source=str(hit.fields.get("source", "")),
+        fields={name: hit.fields[name] for name in output_fields if name in hit.fields},
+    )
+
+
+def _unknown_id(item_id: str) -> InvalidQueryError:
+    return InvalidQueryError(f"no item with id {item_id!r}", reason="unknown_id")

@@ -1,27 +1,118 @@
-"""Search request and response contracts of the query API."""
+"""Search request and response contracts of the query API.
+
+A search names exactly one query (``query_input``, ``vector`` or ``id``; an uploaded image
+comes as a multipart form, :class:`SearchForm`), how many hits (``topk``, bounded, with
+``offset`` for paging) and optionally which hits: a raw Milvus ``filter_expr`` (the earlier
+API's field) and/or a structured :data:`Filter` that the API compiles so that no value can
+inject syntax.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+COLLECTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"
+MAX_TOPK = 1000
+# Milvus refuses offset + limit above 16384.
+MAX_RESULT_WINDOW = 16_384
+MAX_FILTER_LENGTH = 4096
 
-class SearchRequest(BaseModel):
-    """A JSON similarity search.
+CollectionName = Annotated[str, Field(pattern=COLLECTION_NAME_PATTERN)]
+# Extra stored fields a hit may carry besides id, score, metadata and source.
+OutputField = Literal["content_sha256", "model_version", "event_version", "ingested_at_ms"]
+Scalar = str | int | float | bool
 
-    Exactly one query: ``query_input`` (a path or http(s) URL of an image; the earlier API's
-    field), ``vector`` (an embedding) or ``id`` (a stored item whose vector is the query).
-    """
+
+class FieldCondition(BaseModel):
+    """One comparison of a metadata field (``metadata["<field>"] <op> <value>``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    query_input: str | None = Field(default=None, min_length=1)
-    vector: list[float] | None = None
+    field: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", description="A metadata key.")
+    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in"] = "eq"
+    value: Scalar | list[Scalar] = Field(
+        description="A scalar, or a list of scalars (1 to 100) for in / not_in."
+    )
+
+    @model_validator(mode="after")
+    def _value_fits_operator(self) -> FieldCondition:
+        listed = isinstance(self.value, list)
+        if self.op in ("in", "not_in"):
+            if not listed or not 1 <= len(self.value) <= 100:  # type: ignore[arg-type]
+                raise ValueError(f"{self.op} takes a list of 1 to 100 values")
+        elif listed:
+            raise ValueError(f"{self.op} takes a single value")
+        elif self.op in ("lt", "le", "gt", "ge") and isinstance(self.value, bool):
+            raise ValueError(f"{self.op} compares numbers or strings, not booleans")
+        return self
+
+
+class AllOf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    and_: list[Filter] = Field(alias="and", min_length=1, max_length=32)
+
+
+class AnyOf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    or_: list[Filter] = Field(alias="or", min_length=1, max_length=32)
+
+
+class NoneOf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    not_: Filter = Field(alias="not")
+
+
+Filter = FieldCondition | AllOf | AnyOf | NoneOf
+
+
+class SearchOptions(BaseModel):
+    """What every search takes besides its query (shared by the JSON and multipart forms)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    topk: int = Field(default=10, ge=1, le=MAX_TOPK)
+    offset: int = Field(default=0, ge=0, le=MAX_RESULT_WINDOW - 1)
+    collection_name: CollectionName | None = None
+    filter_expr: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_FILTER_LENGTH,
+        description='A raw Milvus boolean expression, e.g. metadata["category"] == "nature".',
+    )
+    filter: Filter | None = Field(default=None, description="A structured metadata filter.")
+    output_fields: list[OutputField] = Field(default_factory=list, max_length=4)
+    score_threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Leave out hits scoring worse (below it for COSINE/IP, above it for L2).",
+    )
+
+    @model_validator(mode="after")
+    def _window_is_bounded(self) -> SearchOptions:
+        if self.offset + self.topk > MAX_RESULT_WINDOW:
+            raise ValueError(f"offset + topk must not exceed {MAX_RESULT_WINDOW}")
+        return self
+
+
+class SearchRequest(SearchOptions):
+    """A JSON similarity search.
+
+    Exactly one query: ``query_input`` (a path or http(s) URL of an image; the earlier API's
+    field), ``vector`` (an embedding) or ``id`` (a stored item whose vector is the query; the
+    item itself is left out of the hits unless ``include_self``).
+    """
+
+    query_input: str | None = Field(default=None, min_length=1, max_length=2048)
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        default=None, min_length=1, max_length=65_536
+    )
     id: str | None = Field(default=None, min_length=1, max_length=256)
-    topk: int = Field(default=10, ge=1, le=1000)
-    collection_name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-    filter_expr: str | None = Field(default=None, max_length=4096)
+    include_self: bool = False
 
     @model_validator(mode="after")
     def _exactly_one_query(self) -> SearchRequest:
@@ -42,3 +133,10 @@ class SearchHit(BaseModel):
     id: str
     score: float
     metadata: dict[str, Any] = Field(default_factory=dict)
+    source: str = Field(default="", description="Where the stored image came from.")
+    fields: dict[str, Any] = Field(default_factory=dict, description="The output_fields asked.")
+
+
+AllOf.model_rebuild()
+AnyOf.model_rebuild()
+NoneOf.model_rebuild()

@@ -1,0 +1,141 @@
+"""The HTTP layer alone, on fake services: error statuses, upload dispatch, content types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from litestar.testing import TestClient
+
+from engine.errors import (
+    ConfigurationError,
+    ImageContentError,
+    ImageReferenceError,
+    InvalidQueryError,
+    StoreUnavailableError,
+    TridentError,
+    UnknownCollectionError,
+)
+from engine.settings import Settings
+from query_api import SearchService, create_app
+from query_api.ingest import IngestGateway
+from schemas.api import ServiceState
+from schemas.search import SearchHit, SearchOptions, SearchRequest
+
+
+class FakeService(SearchService):
+    """Answers like SearchService (Litestar checks the type injected); ``failure`` is raised by
+    every JSON search."""
+
+    def __init__(self) -> None:  # no clients: nothing here reaches a service
+        self.failure: Exception | None = None
+        self.calls: list[tuple[str, Any]] = []
+
+    def warmup(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def triton_state(self) -> ServiceState:
+        return ServiceState(state="up")
+
+    def milvus_state(self) -> ServiceState:
+        return ServiceState(state="up")
+
+    def query(self, request: SearchRequest) -> list[SearchHit]:
+        self.calls.append(("query", request))
+        if self.failure is not None:
+            raise self.failure
+        return [SearchHit(id="a", score=0.5)]
+
+    def embed_image(self, data: bytes) -> np.ndarray[Any, Any]:
+        self.calls.append(("embed_image", data))
+        return np.ones(4, dtype=np.float32)
+
+    def search(
+        self, vector: Any, options: SearchOptions, *, exclude_id: str | None = None
+    ) -> list[SearchHit]:
+        self.calls.append(("search", options))
+        return [SearchHit(id="b", score=0.9)]
+
+
+class FakeIngest(IngestGateway):
+    def __init__(self) -> None: ...
+
+    def kafka_state(self) -> ServiceState:
+        return ServiceState(state="up")
+
+    def close(self) -> None: ...
+
+
+@pytest.fixture
+def fake() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+def client(fake: FakeService) -> Iterator[TestClient[Any]]:
+    app = create_app(Settings(), service=fake, ingest=FakeIngest())
+    with TestClient(app=app) as test_client:
+        yield test_client
+
+
+def test_a_multipart_search_is_served_by_the_upload_route(
+    client: TestClient[Any], fake: FakeService
+) -> None:
+    response = client.post(
+        "/search",
+        files={"file": ("x.png", b"image bytes", "image/png")},
+        data={"topk": "7", "offset": "2", "filter": '{"field": "k", "value": "v"}'},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["id"] == "b"
+    assert fake.calls[0] == ("embed_image", b"image bytes")
+    options = fake.calls[1][1]
+    assert (options.topk, options.offset, options.filter.field) == (7, 2, "k")
+    bad = client.post("/search", files={"file": ("x.png", b"x", "image/png")}, data={"topk": "0"})
+    assert (bad.status_code, bad.json()["error"]) == (422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "reason"),
+    [
+        (UnknownCollectionError("no collection named 'c'"), 404, "unknown_collection"),
+        (InvalidQueryError("no item", reason="unknown_id"), 404, "unknown_id"),
+        (InvalidQueryError("bad", reason="wrong_dimension"), 422, "wrong_dimension"),
+        (ImageContentError("big", reason="too_many_pixels"), 413, "too_many_pixels"),
+        (ImageContentError("nope", reason="not_an_image"), 400, "not_an_image"),
+        (ImageReferenceError("outside", reason="path_not_allowed"), 400, "path_not_allowed"),
+        (StoreUnavailableError("down"), 503, "milvus_unavailable"),
+    ],
+)
+def test_service_errors_map_to_statuses(
+    client: TestClient[Any], fake: FakeService, failure: TridentError, status: int, reason: str
+) -> None:
+    fake.failure = failure
+    response = client.post("/search", json={"vector": [1.0]})
+    assert response.status_code == status
+    assert response.json() == {"error": reason, "detail": str(failure)}
+    assert ("Retry-After" in response.headers) == (status == 503)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ConfigurationError("secret path /etc/x is wrong"), RuntimeError("secret internals")],
+)
+def test_server_faults_answer_500_without_details(
+    client: TestClient[Any], fake: FakeService, failure: Exception
+) -> None:
+    fake.failure = failure
+    response = client.post("/search", json={"vector": [1.0]})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error", "detail": "the server failed to answer"}
+
+
+def test_routes_refuse_content_types_they_do_not_take(client: TestClient[Any]) -> None:
+    multipart = client.post("/insert", files={"file": ("x.png", b"x", "image/png")})
+    assert (multipart.status_code, multipart.json()["error"]) == (415, "unsupported_media_type")
+    no_type = client.post("/collections/create", content=b"{}")
+    assert no_type.status_code == 415
+    assert client.get("/").headers["content-type"].startswith("text/html")
