@@ -27,10 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 ENV_PREFIX = "TRIDENT_"
 
-# Settings that the deployment files already set for work not merged yet. Each entry must not
-# be a settings field yet (test_pending_settings_are_not_fields_yet): once its issue lands, that
-# test fails, and the entry goes after checking that the name matches what was built.
-PENDING_SETTINGS = {"TRIDENT_API__API_KEYS": "issue 8: API keys of the query API"}
 
 # The pinned kustomize, built from its Go module once per machine (a ~30 MB binary, ~2 minutes).
 KUSTOMIZE_MODULE = "sigs.k8s.io/kustomize/kustomize/v5"
@@ -62,12 +58,12 @@ def field_annotation(variable: str) -> Any:
 
 
 def check_variable_names(names: set[str]) -> None:
-    """Every name is a settings field, or pending (see ``PENDING_SETTINGS``).
+    """Every name is a settings field.
 
     Raises:
         AssertionError: a name that is neither.
     """
-    for name in sorted(names - set(PENDING_SETTINGS)):
+    for name in sorted(names):
         field_annotation(name)
 
 
@@ -109,11 +105,7 @@ def assert_environment_arrives(
     Raises:
         AssertionError: a variable that is no field, or whose value does not arrive as given.
     """
-    variables = {
-        k: v
-        for k, v in environment.items()
-        if k.startswith(ENV_PREFIX) and k not in PENDING_SETTINGS
-    }
+    variables = {k: v for k, v in environment.items() if k.startswith(ENV_PREFIX)}
     with only_these_trident_variables(monkeypatch, variables):
         settings = load_settings()
     for key, raw in variables.items():

@@ -71,12 +71,30 @@ def compose_validator() -> jsonschema.protocols.Validator:
     return jsonschema.Draft7Validator(schema)
 
 
+# Variables compose requires from the user's shell (``${NAME:?message}``), as a user sets them.
+REQUIRED_VARIABLES = {"TRIDENT_API_KEYS": '["a-long-random-key"]'}
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::([?-])([^}]*))?\}")
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ``${NAME:-default}`` and ``${NAME:?message}``, as ``docker compose`` fills them."""
+
+    def fill(match: re.Match[str]) -> str:
+        name, kind, rest = match[1], match[2], match[3]
+        if kind == "?":
+            assert name in REQUIRED_VARIABLES, f"compose requires ${name}: add it to the test"
+            return REQUIRED_VARIABLES[name]
+        return rest if kind == "-" else ""
+
+    return _INTERPOLATION.sub(fill, value)
+
+
 def _environment(service: dict[str, Any]) -> dict[str, str]:
     """A service's environment as a mapping, whichever of compose's two forms it uses."""
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {str(key): str(value) for key, value in env.items()}
+    return {str(key): _interpolate(str(value)) for key, value in env.items()}
 
 
 def _trident_environment(services: dict[str, dict[str, Any]]) -> dict[str, str]:
