@@ -24,8 +24,7 @@ from engine.fetch import ImageFetcher
 from engine.images import decode_image
 from engine.indexes import IndexSpec
 from engine.inference import TritonEmbedder
-from engine.preprocess import JaxPreprocessor
-from engine.preprocess_jax import build_preprocessor
+from engine.preprocess_jax import BaseJAXPreprocessor, build_preprocessor
 from engine.settings import Settings
 from engine.store import Hit, VectorStore
 from query_api.filters import combined_filter
@@ -51,7 +50,7 @@ class SearchService:
         *,
         store: VectorStore,
         embedder: TritonEmbedder,
-        preprocessor: JaxPreprocessor,
+        preprocessor: BaseJAXPreprocessor,
         fetcher: ImageFetcher,
     ) -> None:
         self._settings = settings
@@ -68,7 +67,7 @@ class SearchService:
             settings,
             store=VectorStore(settings.milvus),
             embedder=TritonEmbedder(settings.triton),
-            preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),  # type: ignore[arg-type]
+            preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),
             fetcher=ImageFetcher(settings.fetch),
         )
 
