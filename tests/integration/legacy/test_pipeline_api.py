@@ -25,6 +25,7 @@ from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder
 from query_api import SearchService
+from schemas.search import SearchOptions
 from tests.integration.conftest import running_worker, wait_for
 from tests.integration.legacy.conftest import N_IMAGES
 from tests.support.custom_preprocessing import GreyscalePreprocessor
@@ -265,7 +266,7 @@ def test_a_user_preprocessor_in_the_pipeline_worker_and_query_api(
         assert isinstance(service._preprocessor, GreyscalePreprocessor)
         query = service.embed_reference(str(paths[2]))
         assert cosine(query, embedded[2]) > 0.9999
-        assert service.search(query, top_k=1)[0].id == paths[2].name
+        assert service.search(query, SearchOptions(topk=1))[0].id == paths[2].name
     finally:
         service.close()
 
