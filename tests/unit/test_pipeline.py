@@ -186,7 +186,7 @@ def test_each_bad_record_fails_alone_with_its_reason() -> None:
 
 
 def test_transient_fetch_failure_is_retried_then_left_unfinished_never_dead() -> None:
-    flaky = FetchUnavailableError("503", reason="http_503")
+    flaky = FetchUnavailableError("503", reason=Reason.HTTP_SERVER_ERROR)
     fetcher = FakeFetcher(
         {
             "/recovers.jpg": [flaky, png(80)],
