@@ -49,8 +49,7 @@ class OffsetTracker:
         if state is None:
             self._partitions[key] = _PartitionState(commit_at=offset, open={offset: False})
             return
-        if offset < state.commit_at:
-            state.commit_at = offset
+        state.commit_at = min(state.commit_at, offset)
         state.open = {o: done for o, done in state.open.items() if o < offset}
         state.open[offset] = False
 
