@@ -104,6 +104,8 @@ class Reason(StrEnum):
     TRITON_CONFIGURATION = "triton_configuration"
     MILVUS_UNAVAILABLE = "milvus_unavailable"
     KAFKA_UNAVAILABLE = "kafka_unavailable"
+    # Deployment.
+    MODEL_WEIGHTS = "model_weights"
 
 
 class TridentError(Exception):
@@ -131,58 +133,58 @@ class TridentError(Exception):
 class PermanentError(TridentError):
     """Bad input: retrying the same event can never succeed. Dead-letter it."""
 
-    reason = Reason.PERMANENT
+    reason: str = Reason.PERMANENT
 
 
 class RetriableError(TridentError):
     """A dependency is unavailable, slow or throttled. Retry with backoff (see the module doc)."""
 
-    reason = Reason.UNAVAILABLE
+    reason: str = Reason.UNAVAILABLE
 
 
 class ConfigurationError(TridentError):
     """The settings are inconsistent or name something that does not exist. Fix and restart."""
 
-    reason = Reason.CONFIGURATION
+    reason: str = Reason.CONFIGURATION
 
 
 # Permanent, by what is wrong with the input.
 class InvalidEventError(PermanentError):
     """The message is not a valid ingest event (bad JSON, wrong schema, unknown version)."""
 
-    reason = Reason.INVALID_EVENT
+    reason: str = Reason.INVALID_EVENT
 
 
 class ImageReferenceError(PermanentError):
     """The image reference cannot be followed: missing file, 404/410, forbidden path or address."""
 
-    reason = Reason.BAD_REFERENCE
+    reason: str = Reason.BAD_REFERENCE
 
 
 class ImageContentError(PermanentError):
     """The bytes are not a usable image: not an image, truncated, too many bytes or pixels."""
 
-    reason = Reason.BAD_IMAGE
+    reason: str = Reason.BAD_IMAGE
 
 
 class InvalidRowError(PermanentError):
     """The store cannot hold this row: an id or source too long in UTF-8 bytes, metadata too
     large, a vector of the wrong size, or any other value the server refuses for that row."""
 
-    reason = Reason.ROW_REJECTED
+    reason: str = Reason.ROW_REJECTED
 
 
 class InvalidQueryError(PermanentError):
     """A malformed search: bad filter expression, wrong vector size, unknown collection or id."""
 
-    reason = Reason.INVALID_QUERY
+    reason: str = Reason.INVALID_QUERY
 
 
 class UnknownCollectionError(PermanentError):
     """A read or write names a collection that does not exist (collections are created on purpose,
     never as a side effect of using them)."""
 
-    reason = Reason.UNKNOWN_COLLECTION
+    reason: str = Reason.UNKNOWN_COLLECTION
 
 
 # Retriable, by which service failed.
@@ -192,22 +194,22 @@ class FetchUnavailableError(RetriableError):
     Concerns one record's reference, so the worker caps it per record (``retry.record_attempts``).
     """
 
-    reason = Reason.FETCH_UNAVAILABLE
+    reason: str = Reason.FETCH_UNAVAILABLE
 
 
 class InferenceUnavailableError(RetriableError):
     """Triton is down, not ready, overloaded (queue full) or timed out."""
 
-    reason = Reason.TRITON_UNAVAILABLE
+    reason: str = Reason.TRITON_UNAVAILABLE
 
 
 class StoreUnavailableError(RetriableError):
     """Milvus is down, not ready, throttling or timed out."""
 
-    reason = Reason.MILVUS_UNAVAILABLE
+    reason: str = Reason.MILVUS_UNAVAILABLE
 
 
 class BrokerUnavailableError(RetriableError):
     """Kafka did not acknowledge a write or a commit in time."""
 
-    reason = Reason.KAFKA_UNAVAILABLE
+    reason: str = Reason.KAFKA_UNAVAILABLE

@@ -21,7 +21,12 @@ HEADER_ATTEMPTS = "trident.errors.attempts"
 HEADER_FIRST_FAILED = "trident.errors.first_failed_at"
 HEADER_WORKER = "trident.errors.worker"
 HEADER_MODEL = "trident.errors.model_version"
-# Headers we add; a replay strips them so a re-failure is described afresh.
+# On a record the worker re-published to its own topic after a per-record transient failure (an
+# image host timing out or answering 5xx): how many attempts were made so far. It travels with
+# the record, so the retry cap holds across pauses, rewinds, restarts and other workers.
+HEADER_RETRY_ATTEMPTS = "trident.retry.attempts"
+# Headers we add; a replay strips them so a re-failure is described afresh (and a replayed
+# record gets a fresh retry budget).
 DEAD_LETTER_HEADERS: Final = frozenset(
     {
         HEADER_TOPIC,
@@ -35,5 +40,6 @@ DEAD_LETTER_HEADERS: Final = frozenset(
         HEADER_FIRST_FAILED,
         HEADER_WORKER,
         HEADER_MODEL,
+        HEADER_RETRY_ATTEMPTS,
     }
 )

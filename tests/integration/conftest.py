@@ -16,7 +16,7 @@ from PIL import Image
 
 from devstack._process import ManagedProcess
 from devstack.stack import LocalStack
-from engine.errors import RetriableError, Stage
+from engine.errors import RetriableError
 from engine.kafka import consumer_config, ensure_topics
 from engine.settings import Settings
 from engine.store import VectorStore
@@ -130,19 +130,9 @@ def small_images(folder: Path, count: int, *, seed: int = 1) -> list[Path]:
     return paths
 
 
-def stored_ids(store: VectorStore, collection: str, limit: int = 16_000) -> list[str]:
+def stored_ids(store: VectorStore, collection: str) -> list[str]:
     """Every stored id (strongly consistent), duplicates included if there were any."""
-    rows = store._call(  # the test reads through the adapter's error translation on purpose
-        Stage.SEARCH,
-        "list ids",
-        "query",
-        collection,
-        filter='id != ""',
-        output_fields=["id"],
-        limit=limit,
-        consistency_level="Strong",
-    )
-    return [str(row["id"]) for row in rows]
+    return store.ids(collection)
 
 
 def safe_count(store: VectorStore) -> int:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.settings import Settings
+from engine.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose.yaml"
@@ -150,7 +150,7 @@ def test_compose_environment_arrives_in_settings(
                 monkeypatch.setenv(key, value)
             else:
                 monkeypatch.delenv(key, raising=False)
-        settings = Settings()
+        settings = load_settings()  # the entry points' loader: the only reader of the environment
         for key, raw in environment.items():
             if key.startswith(ENV_PREFIX):
                 expected = _expected(_field_annotation(key), raw)
