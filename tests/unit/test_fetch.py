@@ -537,7 +537,8 @@ def test_fetch_many_isolates_failures_and_keeps_order(
     )
     assert results[0] == PNG and results[2] == PNG and results[5] == b"inline"
     assert isinstance(results[1], ImageReferenceError) and results[1].reason == "not_found"
-    assert isinstance(results[3], FetchUnavailableError) and results[3].reason == "http_server_error"
+    assert isinstance(results[3], FetchUnavailableError)
+    assert results[3].reason == "http_server_error"
     assert isinstance(results[4], ImageContentError) and results[4].stage is Stage.FETCH
 
 
