@@ -172,15 +172,6 @@ class KafkaService:
         if was_running:
             self._wait_ports_released()
 
-    def restart(self) -> None:
-        """Stop and start again, keeping the data.
-
-        Raises:
-            StackError: as ``start``.
-        """
-        self.stop()
-        self.start()
-
     def status(self) -> dict[str, str | int | bool | None]:
         """Running, healthy, pid, address and log path of the broker. Never raises."""
         pid = self.process.pid()

@@ -10,6 +10,7 @@ Owns pymilvus's errors, classified by what was asked, never by who asked:
   caught what can be checked before writing;
 - a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`;
 - a collection that does not exist: :class:`UnknownCollectionError`;
+- credentials the server refuses: :class:`ConfigurationError` (fix ``milvus.token``);
 - any other refusal of a read or of collection management: retriable (nothing a record did).
 """
 
@@ -32,6 +33,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from engine.errors import (
+    ConfigurationError,
     InvalidQueryError,
     InvalidRowError,
     Reason,
@@ -241,6 +243,9 @@ class VectorStore:
 
     def _translate(self, exc: BaseException, operation: _Operation, what: str) -> TridentError:
         text = f"Milvus {self._settings.uri}: {what} failed: {exc}"
+        code = getattr(exc, "code", None)  # grpc.Call errors carry their status
+        if callable(code) and code() is grpc.StatusCode.UNAUTHENTICATED:
+            return ConfigurationError(f"{text} (check milvus.token)")
         lowered = str(exc).lower()
         if not isinstance(exc, MilvusException) or any(m in lowered for m in _TRANSIENT_MARKERS):
             return StoreUnavailableError(text)

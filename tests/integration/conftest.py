@@ -56,8 +56,9 @@ def store(settings: Settings) -> Iterator[VectorStore]:
 
 @contextmanager
 def running_worker(settings: Settings, worker_id: str = "test-worker") -> Iterator[Worker]:
-    """A worker consuming in a background thread of this process; stopped on exit."""
-    worker, _readiness = build_worker(settings, worker_id=worker_id)
+    """A worker consuming in a background thread of this process; stopped and closed on exit."""
+    runtime = build_worker(settings, worker_id=worker_id)
+    worker = runtime.worker
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -74,6 +75,7 @@ def running_worker(settings: Settings, worker_id: str = "test-worker") -> Iterat
     finally:
         worker.stop()
         thread.join(timeout=60)
+        runtime.close()
     assert not thread.is_alive(), "worker did not stop within 60 s"
     assert not failure, f"worker crashed: {failure[0]!r}"
 
