@@ -138,7 +138,7 @@ def _varint(value: int) -> bytes:
 
 
 def wait_indexed(
-    client: MilvusClient, uri: str, token: str, name: str, count: int, timeout: float
+    client: MilvusClient, uri: str, token: str, name: str, count: int, *, timeout: float
 ) -> float:
     """Flush, then wait until every indexable segment is indexed and served; return seconds."""
     began = time.perf_counter()
