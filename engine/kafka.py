@@ -48,6 +48,8 @@ def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
+        # Records of aborted transactions are never seen (librdkafka's default, made explicit).
+        "isolation.level": "read_committed",
         "session.timeout.ms": settings.session_timeout_ms,
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         # Cooperative rebalancing: adding a worker moves only the partitions it takes over.

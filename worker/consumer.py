@@ -51,6 +51,7 @@ class ConsumerClient(Protocol):
         self, *, offsets: list[TopicPartition], asynchronous: Literal[False]
     ) -> list[TopicPartition]: ...
     def assignment(self) -> list[TopicPartition]: ...
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
     def pause(self, partitions: list[TopicPartition]) -> None: ...
     def resume(self, partitions: list[TopicPartition]) -> None: ...
     def seek(self, partition: TopicPartition) -> None: ...
@@ -155,6 +156,8 @@ class Worker:
                 messages = self._poll_batch()
                 if messages:
                     self._handle(messages)
+                elif self._paused_until is None:
+                    self._commit_idle()
         finally:
             self._shutdown()
 
@@ -274,7 +277,20 @@ class Worker:
                 self.metrics.requeued.labels(item.requeue_reason).inc()
             logger.info("re-queued %d records for a later attempt", len(requeued))
 
-    def _commit(self) -> None:
+    def _commit_idle(self) -> None:
+        """With nothing in hand, commit idle partitions at the consumer's position (past the
+        control records that end transactional partitions)."""
+        try:
+            self._commit(caught_up=True)
+        except RetriableError as exc:
+            logger.warning("idle commit failed: %s", exc)
+
+    def _commit(self, *, caught_up: bool = False) -> None:
+        if caught_up:
+            assignment = self._consumer.assignment()
+            for tp in self._consumer.position(assignment) if assignment else []:
+                if tp.offset >= 0 and (tp.topic, tp.partition) in self.assigned:
+                    self._offsets.caught_up(tp.topic, tp.partition, tp.offset)
         positions = self._offsets.committable()
         positions = {key: offset for key, offset in positions.items() if key in self.assigned}
         if not positions:

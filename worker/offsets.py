@@ -5,7 +5,10 @@ Milvus, skipped as already stored, dead-lettered or re-queued with the dead-lett
 ingest topic's acknowledgement. Records finish out of order, and a partition's offsets are not
 contiguous: transaction markers, aborted transactions (read_committed) and compaction leave gaps.
 So the tracker works over the offsets actually consumed: the commit position is the last
-finished offset + 1 such that every record consumed before it is terminal too.
+finished offset + 1 such that every record consumed before it is terminal too. When nothing is
+open, the consumer's own position may lie further on, past control records (a transaction's
+commit or abort marker ends every transactional partition): :meth:`OffsetTracker.caught_up`
+moves the commit there, so an idle partition's lag reaches 0.
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ class OffsetTracker:
             return
         state.open[offset] = True
         state.advance()
+
+    def caught_up(self, topic: str, partition: int, consumer_position: int) -> None:
+        """The consumer will read on from ``consumer_position``: with no record open, nothing
+        below it is left to do (what lies between is control records or compacted away)."""
+        key = (topic, partition)
+        state = self._partitions.get(key)
+        if state is None:
+            self._partitions[key] = _PartitionState(commit_at=consumer_position)
+        elif not state.open and consumer_position > state.commit_at:
+            state.commit_at = consumer_position
 
     def position(self, topic: str, partition: int) -> int | None:
         """Where a rewind must seek to: the first unfinished consumed record, else the commit

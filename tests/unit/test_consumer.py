@@ -134,8 +134,20 @@ class FakeConsumer:
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int]:
-        records = self.partitions[partition.partition]
-        return 0, (records[-1].offset() + 1 if records else 0)
+        return 0, self._end(partition.partition)
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        out = []
+        for tp in partitions:
+            records, index = self.partitions[tp.partition], self.positions[tp.partition]
+            at = records[index].offset() if index < len(records) else self._end(tp.partition)
+            out.append(TopicPartition(TOPIC, tp.partition, at))
+        return out
+
+    def _end(self, partition: int) -> int:
+        # Every partition ends with a transaction marker: one offset past the last record.
+        records = self.partitions[partition]
+        return records[-1].offset() + 2 if records else 0
 
     def close(self) -> None:
         self.closed = True
@@ -251,11 +263,14 @@ def records(partition: int, offsets: list[int], payload: bytes = b"ok") -> list[
     return [Record(partition, offset, payload) for offset in offsets]
 
 
-def test_commits_reach_past_the_last_record_over_offset_gaps() -> None:
+def test_commits_reach_the_end_of_each_partition_over_gaps_and_markers() -> None:
     partitions = {0: records(0, [0, 1, 3, 4, 7]), 1: records(1, [10, 12])}
-    worker, consumer, _sink, _log = make_worker(partitions, ScriptedProcessor())
+    worker, consumer, _sink, log = make_worker(partitions, ScriptedProcessor())
     worker.run()
-    assert consumer.committed == {0: 8, 1: 13}
+    commits = [line for line in log if line.startswith("commit")]
+    assert commits[0] == "commit [(0, 5)]"  # the first batch: last finished + 1
+    # Idle, the consumer's position lies past the trailing marker: lag 0.
+    assert consumer.committed == {0: 9, 1: 14}
     assert consumer.closed
 
 
@@ -266,7 +281,7 @@ def test_dead_letters_are_acknowledged_before_the_offsets_are_committed() -> Non
     assert [letter.message.offset() for letter in sink.letters] == [1]
     first_commit = next(i for i, line in enumerate(log) if line.startswith("commit"))
     assert log.index("dead-letter [1]") < first_commit
-    assert consumer.committed == {0: 3}
+    assert consumer.committed == {0: 4}  # the end, past the trailing marker
 
 
 def test_a_dead_letter_topic_that_never_acknowledges_commits_nothing() -> None:
@@ -288,7 +303,7 @@ def test_an_outage_pauses_rewinds_and_redelivers_everything() -> None:
     worker.run()
     assert consumer.pauses == 2
     assert "seek 0@5" in log and "seek 1@0" in log
-    assert consumer.committed == {0: 10, 1: 2}
+    assert consumer.committed == {0: 11, 1: 3}
     assert processor.seen.count((0, 5)) == 3  # twice abandoned, then stored
 
 
@@ -301,7 +316,7 @@ def test_records_of_a_revoked_partition_are_dropped_and_never_committed_again() 
     consumer.script[2] = ("on_revoke", [1])
     worker.run()
     assert processor.seen == [(0, 0)]
-    assert consumer.committed == {0: 1}
+    assert consumer.committed == {0: 2}
     assert not any("(1," in line for line in log if line.startswith("commit"))
 
 
@@ -314,7 +329,7 @@ def test_partitions_lost_during_a_pause_are_resumed_when_given_back() -> None:
     consumer.script[3] = ("on_lost", [0])
     consumer.script[4] = ("on_assign", [0])
     worker.run()
-    assert consumer.committed == {0: 2}
+    assert consumer.committed == {0: 3}
     assert 0 not in consumer.paused
 
 
@@ -375,7 +390,7 @@ def test_a_record_failing_transiently_forever_is_capped_and_stalls_nothing() -> 
     assert (letter.stage.value, letter.reason, letter.attempts) == ("fetch", "retries_exhausted", 5)
     # Everything consumed is terminal, the re-queued copies included: committed to the end.
     last = partitions[0][-1].offset()
-    assert consumer.committed == {0: last + 1, 1: 1}
+    assert consumer.committed == {0: last + 2, 1: 2}
 
 
 def test_heartbeat_goes_stale_when_the_loop_stops_beating() -> None:

@@ -98,3 +98,23 @@ def test_redelivery_reopens_records_finished_after_it() -> None:
     tracker.track("t", 0, 7)
     tracker.finish("t", 0, 7)
     assert tracker.committable() == {("t", 0): 8}
+
+
+def test_a_caught_up_consumer_moves_the_commit_past_trailing_control_records() -> None:
+    tracker = _tracked(4, 5)
+    tracker.caught_up("t", 0, 7)  # 6 is a commit marker; 4 and 5 are still open
+    assert tracker.committable() == {("t", 0): 4}
+    tracker.finish("t", 0, 4)
+    tracker.finish("t", 0, 5)
+    tracker.caught_up("t", 0, 7)
+    assert tracker.committable() == {("t", 0): 7}  # the end of the partition: lag 0
+    tracker.caught_up("t", 0, 3)  # a stale position never moves the commit back
+    assert tracker.committable() == {("t", 0): 7}
+
+
+def test_a_partition_with_only_control_records_is_committed_at_the_position() -> None:
+    tracker = OffsetTracker()
+    tracker.caught_up("t", 2, 12)  # an aborted transaction and its marker: nothing consumed
+    assert tracker.committable() == {("t", 2): 12}
+    tracker.track("t", 2, 12)
+    assert tracker.committable() == {("t", 2): 12}
