@@ -519,7 +519,11 @@ def test_transactional_gaps_commit_to_the_end_of_each_partition(
 ) -> None:
     """Events written in transactions, every third one aborted: the committed ones are stored,
     no aborted one, and the group's offsets pass every marker (lag 0)."""
-    producer = Producer(producer_config(settings.kafka, **{"transactional.id": f"tx-{unique}"}))
+    producer = Producer(
+        producer_config(
+            settings.kafka, **{"transactional.id": f"tx-{unique}", "message.timeout.ms": 60_000}
+        )
+    )
     producer.init_transactions(30)
     committed: list[str] = []
     aborted: list[str] = []
