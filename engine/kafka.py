@@ -1,8 +1,8 @@
 """Kafka client configuration and topic administration shared by every role.
 
-The settings section is turned into librdkafka configuration here, in one place, so the
-producer, the worker, the dead-letter publisher and the replay tool cannot disagree on the
-delivery guarantees.
+The settings section is turned into librdkafka configuration here, in one place: every client
+of the project (the producer, the worker's consumer, its dead-letter and re-queue producer) gets
+its delivery guarantees from these two functions.
 """
 
 from __future__ import annotations
