@@ -399,16 +399,12 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         name = self._existing(collection)
-        rows = self._call(
-            _Operation.READ,
-            f"count {name}",
-            "query",
-            name,
-            filter="",
-            output_fields=["count(*)"],
-            consistency_level="Strong",
-        )
+        rows = self._strong_query(name, f"count {name}", filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
+
+    def _strong_query(self, name: str, what: str, **query: Any) -> Any:
+        # Strong consistency: sees rows written just now (slow; never on the search path).
+        return self._call(_Operation.READ, what, "query", name, consistency_level="Strong", **query)
 
     def _existing(self, collection: str | None) -> str:
         """The collection's name, once it is known to exist (a read never creates one)."""
@@ -509,15 +505,8 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         name = self._existing(collection)
-        rows = self._call(
-            _Operation.READ,
-            f"list ids of {name}",
-            "query",
-            name,
-            filter='id != ""',
-            output_fields=["id"],
-            limit=limit,
-            consistency_level="Strong",
+        rows = self._strong_query(
+            name, f"list ids of {name}", filter='id != ""', output_fields=["id"], limit=limit
         )
         return [str(row["id"]) for row in rows]
 
