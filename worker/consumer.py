@@ -287,10 +287,7 @@ class Worker:
 
     def _commit(self, *, caught_up: bool = False) -> None:
         if caught_up:
-            assignment = self._consumer.assignment()
-            for tp in self._consumer.position(assignment) if assignment else []:
-                if tp.offset >= 0 and (tp.topic, tp.partition) in self.assigned:
-                    self._offsets.caught_up(tp.topic, tp.partition, tp.offset)
+            self._note_positions()
         positions = self._offsets.committable()
         positions = {key: offset for key, offset in positions.items() if key in self.assigned}
         if not positions:
@@ -309,6 +306,17 @@ class Worker:
         self._with_retries(commit, Step.COMMIT)
         self._offsets.mark_committed(positions)
         logger.debug("committed %s", positions)
+
+    def _note_positions(self) -> None:
+        assignment = self._consumer.assignment()
+        try:
+            positions = self._consumer.position(assignment) if assignment else []
+        except KafkaException as exc:  # a local query; nothing to commit beyond then
+            logger.debug("consumer positions unavailable: %s", exc)
+            return
+        for tp in positions:
+            if tp.offset >= 0 and (tp.topic, tp.partition) in self.assigned:
+                self._offsets.caught_up(tp.topic, tp.partition, tp.offset)
 
     def _with_retries(self, fn: Callable[[], None], step: Step) -> None:
         with self.metrics.step_seconds.labels(step).time():
