@@ -4,10 +4,11 @@ Owns pymilvus's errors, classified by what was asked, never by who asked:
 
 - connection failures, timeouts, "not ready" and rate limiting: :class:`StoreUnavailableError`
   (retriable) for every operation;
-- a write the server refuses (code 1100 "exceeds max length", a type or dimension mismatch, any
-  other invalid parameter): :class:`InvalidRowError` (permanent; the caller isolates the rows by
-  bisecting the batch, see ``worker.pipeline``), after :meth:`VectorStore.validate` has already
-  caught what can be checked before writing;
+- a write refused for its values (code 1100 "exceeds max length", a type or dimension mismatch,
+  any other invalid parameter, pymilvus's own data checks): :class:`InvalidRowError` (permanent;
+  the caller isolates the rows by bisecting the batch, see ``worker.pipeline``), after
+  :meth:`VectorStore.validate` has already caught what can be checked before writing; any other
+  refusal of a write is retriable;
 - a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`;
 - a collection that does not exist: :class:`UnknownCollectionError`;
 - credentials the server refuses: :class:`ConfigurationError` (fix ``milvus.token``);
@@ -30,7 +31,12 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
+from pymilvus.exceptions import (
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    MilvusException,
+    ParamError,
+)
 
 from engine.errors import (
     ConfigurationError,
@@ -85,6 +91,13 @@ _TRANSIENT_MARKERS = (
     "not healthy",
     "abnormal",
 )
+# What says "this request's values are wrong", not "I am unwell": pymilvus's own checks of the
+# data, the server's ErrParameterInvalid (code 1100: a VARCHAR over max_length, a wrong type or
+# dimension...). Any other refusal of a write is taken as transient: misreading an outage as bad
+# rows would dead-letter good records.
+_INVALID_DATA_ERRORS = (ParamError, DataNotMatchException, DataTypeNotMatchException)
+_INVALID_PARAMETER_CODE = 1100
+_INVALID_ROW_MARKERS = ("invalid parameter", "exceeds max length", "mismatch")
 # ... and ones that mean the collection is gone (dropped after our cache looked it up).
 _MISSING_COLLECTION_MARKERS = ("collection not found", "can't find collection")
 
@@ -253,7 +266,9 @@ class VectorStore:
             self._collections.clear()
             return UnknownCollectionError(text)
         if operation is _Operation.WRITE:
-            return InvalidRowError(text, stage=Stage.UPSERT)
+            if _refuses_the_data(exc):
+                return InvalidRowError(text, stage=Stage.UPSERT)
+            return StoreUnavailableError(text)
         if operation is _Operation.SEARCH:
             return InvalidQueryError(text, stage=Stage.SEARCH)
         return StoreUnavailableError(text)
@@ -615,6 +630,15 @@ def _row_problem(record: VectorRecord) -> tuple[Reason, str] | None:
     if not np.isfinite(record.vector).all():
         return Reason.NOT_FINITE, "vector has NaN or infinite values"
     return None
+
+
+def _refuses_the_data(exc: MilvusException) -> bool:
+    lowered = str(exc).lower()
+    return (
+        isinstance(exc, _INVALID_DATA_ERRORS)
+        or getattr(exc, "code", None) == _INVALID_PARAMETER_CODE
+        or any(marker in lowered for marker in _INVALID_ROW_MARKERS)
+    )
 
 
 def _close_quietly(client: MilvusClient) -> None:
