@@ -44,13 +44,19 @@ class Reason(StrEnum):
     PERMANENT = "permanent"
     UNAVAILABLE = "unavailable"
     CONFIGURATION = "configuration"
-    # The event (schemas.ContractError reasons, translated by the worker).
+    # The event (schemas.ContractError reasons, translated by the worker; the size limits are
+    # the event contract's and the store's alike).
     INVALID_EVENT = "invalid_event"
     EMPTY_EVENT = "empty_event"
     MALFORMED_JSON = "malformed_json"
     SCHEMA_INVALID = "schema_invalid"
     UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
     UNKNOWN_IMAGE_KIND = "unknown_image_kind"
+    ID_TOO_LONG = "id_too_long"
+    SOURCE_TOO_LONG = "source_too_long"
+    METADATA_TOO_LARGE = "metadata_too_large"
+    INLINE_IMAGE_TOO_LARGE = "inline_image_too_large"
+    MESSAGE_TOO_LARGE = "message_too_large"
     # The image reference.
     BAD_REFERENCE = "bad_reference"
     NOT_FOUND = "not_found"
@@ -78,17 +84,19 @@ class Reason(StrEnum):
     UNSUPPORTED_MODE = "unsupported_mode"
     # Rows the store cannot hold.
     ROW_REJECTED = "row_rejected"
-    ID_TOO_LONG = "id_too_long"
     EMPTY_ID = "empty_id"
-    SOURCE_TOO_LONG = "source_too_long"
-    METADATA_TOO_LARGE = "metadata_too_large"
     METADATA_NOT_JSON = "metadata_not_json"
     WRONG_DIMENSION = "wrong_dimension"
     NOT_FINITE = "not_finite"
     UNKNOWN_COLLECTION = "unknown_collection"
-    # Searches.
+    # Searches and the query API.
     INVALID_QUERY = "invalid_query"
+    INVALID_FILTER = "invalid_filter"
+    INVALID_INDEX = "invalid_index"
+    INVALID_REFERENCE = "invalid_reference"
     UNKNOWN_ID = "unknown_id"
+    NO_SOURCE = "no_source"
+    BAD_REQUEST = "bad_request"
     # A record whose own transient failures outlasted its retry budget.
     RETRIES_EXHAUSTED = "retries_exhausted"
     # Transient, per service.

@@ -64,9 +64,9 @@ RECORD_FIELDS = (
     "event_version",
     "ingested_at_ms",
 )
-# Milvus counts VARCHAR max_length in UTF-8 bytes, not characters.
-ID_MAX_BYTES = 256
-SOURCE_MAX_BYTES = 2048
+# Milvus counts VARCHAR max_length in UTF-8 bytes, not characters: both limits are in bytes.
+ID_MAX_LENGTH = 256
+SOURCE_MAX_LENGTH = 2048
 # Milvus's JSON field limit (common.JSONMaxLength), for the encoded metadata.
 METADATA_MAX_BYTES = 65_536
 MODEL_VERSION_MAX_BYTES = 128
@@ -319,10 +319,10 @@ class VectorStore:
             # The model tag rides in the description so that stats can name it on any server.
             description=orjson.dumps({"description": description, "model_tag": model_tag}).decode(),
         )
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
         schema.add_field("metadata", DataType.JSON)
-        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
+        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_LENGTH)
         schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
         schema.add_field("model_version", DataType.VARCHAR, max_length=MODEL_VERSION_MAX_BYTES)
         schema.add_field("event_version", DataType.INT64)
@@ -433,8 +433,8 @@ class VectorStore:
         """Check, before writing, that the collection can hold the row.
 
         Raises:
-            InvalidRowError: the id is empty or over ``ID_MAX_BYTES`` UTF-8 bytes
-                (``empty_id``, ``id_too_long``), the source over ``SOURCE_MAX_BYTES``
+            InvalidRowError: the id is empty or over ``ID_MAX_LENGTH`` UTF-8 bytes
+                (``empty_id``, ``id_too_long``), the source over ``SOURCE_MAX_LENGTH``
                 (``source_too_long``), the metadata not JSON or over ``METADATA_MAX_BYTES``
                 encoded (``metadata_not_json``, ``metadata_too_large``), the vector not of the
                 collection's dimension or not finite (``wrong_dimension``, ``not_finite``).
@@ -595,15 +595,15 @@ def validate_id(record_id: str) -> None:
     """Check that an id fits the primary key (before it is even looked up).
 
     Raises:
-        InvalidRowError: empty (``empty_id``), or over ``ID_MAX_BYTES`` UTF-8 bytes
+        InvalidRowError: empty (``empty_id``), or over ``ID_MAX_LENGTH`` UTF-8 bytes
             (``id_too_long``).
     """
     size = len(record_id.encode("utf-8", errors="surrogatepass"))
     if size == 0:
         raise InvalidRowError("empty id", reason=Reason.EMPTY_ID, stage=Stage.UPSERT)
-    if size > ID_MAX_BYTES:
+    if size > ID_MAX_LENGTH:
         raise InvalidRowError(
-            f"id {record_id[:40]!r}... is {size} UTF-8 bytes; the store holds {ID_MAX_BYTES}",
+            f"id {record_id[:40]!r}... is {size} UTF-8 bytes; the store holds {ID_MAX_LENGTH}",
             reason=Reason.ID_TOO_LONG,
             stage=Stage.UPSERT,
         )
@@ -612,8 +612,8 @@ def validate_id(record_id: str) -> None:
 def _row_problem(record: VectorRecord) -> tuple[Reason, str] | None:
     """The first problem of a row that needs no server to find, or None."""
     source_bytes = len(record.source.encode("utf-8", errors="surrogatepass"))
-    if source_bytes > SOURCE_MAX_BYTES:
-        return Reason.SOURCE_TOO_LONG, f"source is {source_bytes} bytes (max {SOURCE_MAX_BYTES})"
+    if source_bytes > SOURCE_MAX_LENGTH:
+        return Reason.SOURCE_TOO_LONG, f"source is {source_bytes} bytes (max {SOURCE_MAX_LENGTH})"
     try:
         metadata_bytes = len(orjson.dumps(record.metadata))
     except TypeError as exc:  # orjson.JSONEncodeError: non-str keys, unknown types, ...

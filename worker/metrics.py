@@ -53,8 +53,8 @@ class WorkerMetrics:
         )
         self.retries = Counter(
             "trident_retries_total",
-            "Retried calls to a dependency, by step.",
-            ["step", "reason"],
+            "Retried calls to a dependency, by step (label ``stage``) and reason.",
+            ["stage", "reason"],
             registry=r,
         )
         self.requeued = Counter(
@@ -80,10 +80,11 @@ class WorkerMetrics:
             buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
             registry=r,
         )
+        # The label keeps its name ``stage`` (dashboards query it); its values are Steps.
         self.step_seconds = Histogram(
-            "trident_step_seconds",
+            "trident_stage_seconds",
             "Time spent per step and batch.",
-            ["step"],
+            ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
