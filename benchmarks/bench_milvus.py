@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,11 +137,13 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def wait_indexed(client: MilvusClient, uri: str, name: str, count: int, timeout: float) -> float:
+def wait_indexed(
+    client: MilvusClient, uri: str, token: str, name: str, count: int, *, timeout: float
+) -> float:
     """Flush, then wait until every indexable segment is indexed and served; return seconds."""
     began = time.perf_counter()
     client.flush(name)
-    connections.connect(alias="bench", uri=uri)
+    connections.connect(alias="bench", uri=uri, token=token)
     deadline = began + timeout
     while time.perf_counter() < deadline:
         segments = utility.get_query_segment_info(name, using="bench")
@@ -171,6 +174,12 @@ def pct(timings: list[float], q: float) -> float:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--uri", default="http://127.0.0.1:19530")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(".stack/milvus/secret"),
+        help="root password of the local stack's Milvus (authentication is on)",
+    )
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batch", type=int, default=1_000)
@@ -191,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     queries = vectors[picked] + 0.02 * rng.standard_normal((args.queries, args.dim), np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
-    client = MilvusClient(uri=args.uri)
+    token = f"root:{args.token_file.read_text().strip()}" if args.token_file.exists() else ""
+    client = MilvusClient(uri=args.uri, token=token)
     create_collection(client, args.collection, args.dim)
     # A tenth one batch at a time, then half of the rest each way with batches in flight.
     starts = list(range(0, args.count, args.batch))
@@ -200,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     serial = upserter.run(upserter.rows, starts[:tenth], args.batch, 1)
     rate = upserter.run(upserter.rows, starts[tenth:half], args.batch, args.inflight)
     packed = upserter.run(upserter.packed, starts[half:], args.batch, args.inflight)
-    settle = wait_indexed(client, args.uri, args.collection, args.count, timeout=1_800)
+    settle = wait_indexed(client, args.uri, token, args.collection, args.count, timeout=1_800)
 
     params = {"metric_type": "COSINE", "params": {"ef": args.ef}}
     found: list[list[str]] = []

@@ -224,13 +224,16 @@ def wait_until(
 
     Raises:
         StackError: the timeout passed, or ``process`` died while waiting; the message names the
-            service and its log, and quotes the end of the log.
+            service and its log, and quotes the end of the log. A StackError from ``check``
+            itself is raised at once.
     """
     deadline = time.monotonic() + timeout
     while True:
         try:
             if check():
                 return
+        except StackError:  # the probe knows it can never succeed: say so at once
+            raise
         except Exception as exc:  # a failing probe just means "not yet"
             logger.debug("%s: probe failed: %s", what, exc)
         if process is not None and not process.is_running():

@@ -1,10 +1,12 @@
-"""The Kafka broker of the local stack: Apache Kafka 4.x jars from Maven Central, one KRaft node.
+"""The Kafka broker of the local stack: Apache Kafka 4.x jars from Maven Central, KRaft nodes.
 
-One JVM is both broker and controller (``process.roles=broker,controller``), listening on the
-configured loopback host only. The jars of each version (``libs-<version>/``) and the Maven log
-of the install live in the shared cache (``<cache>/kafka/``); ``server.properties``, the log4j2
-configuration, the data (``data/``), the process log (``kafka.log``) and the pid file under
-``<root>/kafka/``.
+Each JVM is both broker and controller (``process.roles=broker,controller``), listening on the
+configured loopback host only. The stack runs one node (:class:`KafkaService`); fault tests run a
+three-node replicated cluster beside it (:class:`KafkaCluster`). The jars of each version
+(``libs-<version>/``) and the Maven log of the install live in the shared cache
+(``<cache>/kafka/``); ``server.properties``, the log4j2 configuration, the data (``data/``), the
+process log (``kafka.log``) and the pid file of a node under its folder (``<root>/kafka/``, or
+``<root>/kafka-cluster/node-<id>/``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import logging
 import shutil
 import subprocess
 import uuid
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -51,16 +57,41 @@ _INFO_LOGGERS = (
 )
 
 
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node's id and loopback ports."""
+
+    node_id: int
+    port: int
+    controller_port: int
+
+
 class KafkaService:
-    """A single-node Kafka (KRaft, combined broker + controller) on loopback."""
+    """One Kafka node (KRaft, combined broker + controller) on loopback.
+
+    By default the stack's single node, its own quorum; with ``node`` and ``voters``, one member
+    of a replicated cluster (see :class:`KafkaCluster`).
+    """
 
     name = "kafka"
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        node: KafkaNode | None = None,
+        voters: Sequence[KafkaNode] = (),
+        folder: Path | None = None,
+        cluster_id: str | None = None,
+    ) -> None:
         self.config = config
-        self.folder = config.folder(self.name)
+        self.node = node or KafkaNode(1, config.kafka_port, config.kafka_controller_port)
+        self.voters = tuple(voters) or (self.node,)
+        self.folder = folder or config.folder(self.name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._cluster_id = cluster_id
         # The jars are shared by every stack on this machine (quick start, tests): a cache.
-        self.cache = config.cache_folder(self.name)
+        self.cache = config.cache_folder("kafka")
         self.libs = self.cache / f"libs-{config.kafka_version}"
         self.data_dir = self.folder / "data"
         self.properties_file = self.folder / "server.properties"
@@ -70,7 +101,7 @@ class KafkaService:
     @property
     def bootstrap_servers(self) -> str:
         """``host:port`` of the broker's client listener."""
-        return self.config.kafka_bootstrap
+        return f"{self.config.host}:{self.node.port}"
 
     def install(self) -> None:
         """Fetch the broker's jars with Maven into ``libs-<version>/``; a no-op once done.
@@ -143,7 +174,7 @@ class KafkaService:
     def healthy(self) -> bool:
         """True if the broker answers a metadata request within about 2 s."""
         # Checking the port first keeps librdkafka from retrying (and logging) against nothing.
-        if not port_open(self.config.host, self.config.kafka_port):
+        if not port_open(self.config.host, self.node.port):
             return False
         admin = AdminClient(
             {
@@ -172,15 +203,6 @@ class KafkaService:
         if was_running:
             self._wait_ports_released()
 
-    def restart(self) -> None:
-        """Stop and start again, keeping the data.
-
-        Raises:
-            StackError: as ``start``.
-        """
-        self.stop()
-        self.start()
-
     def status(self) -> dict[str, str | int | bool | None]:
         """Running, healthy, pid, address and log path of the broker. Never raises."""
         pid = self.process.pid()
@@ -204,8 +226,8 @@ class KafkaService:
 
     def _wait_ports_released(self, timeout: float = 10.0) -> list[int]:
         """Wait until no one listens on the broker's ports; return those still in use."""
-        cfg = self.config
-        return wait_ports_closed(cfg.host, (cfg.kafka_port, cfg.kafka_controller_port), timeout)
+        ports = (self.node.port, self.node.controller_port)
+        return wait_ports_closed(self.config.host, ports, timeout)
 
     def _wait_ready(self) -> None:
         wait_until(
@@ -230,32 +252,36 @@ class KafkaService:
 
     def _write_config(self) -> None:
         """Write server.properties and the log4j2 configuration (rewritten on every start)."""
-        cfg = self.config
+        host, node = self.config.host, self.node
+        # One node: no replication possible. A cluster: 3 replicas, and a write needs 2.
+        replicas = str(min(3, len(self.voters)))
+        min_isr = "2" if len(self.voters) >= 3 else "1"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            # A static voter set: one node that is its own quorum, no dynamic membership.
-            "controller.quorum.voters": f"1@{cfg.host}:{cfg.kafka_controller_port}",
-            "listeners": f"PLAINTEXT://{cfg.host}:{cfg.kafka_port},"
-            f"CONTROLLER://{cfg.host}:{cfg.kafka_controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{cfg.host}:{cfg.kafka_port}",
+            "node.id": str(node.node_id),
+            # A static voter set (no dynamic membership): this node alone, or the cluster's.
+            "controller.quorum.voters": ",".join(
+                f"{v.node_id}@{host}:{v.controller_port}" for v in self.voters
+            ),
+            "listeners": f"PLAINTEXT://{host}:{node.port},CONTROLLER://{host}:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{node.port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "4",
-            "default.replication.factor": "1",
-            "min.insync.replicas": "1",
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
             "auto.create.topics.enable": "true",
             # Internal topics default to 3 replicas and 50 partitions: impossible, resp. slow to
             # create, on one small node.
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "8",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "8",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
             # Tests join and leave groups constantly; the default 3 s delay only slows them down.
             "group.initial.rebalance.delay.ms": "0",
             # After a SIGKILL the restarted broker waits until its old registration's session
@@ -286,7 +312,7 @@ class KafkaService:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [java, *self._jvm_args(), "kafka.tools.StorageTool", "format"]
-        argv += ["-t", _new_cluster_id(), "-c", str(self.properties_file)]
+        argv += ["-t", self._cluster_id or _new_cluster_id(), "-c", str(self.properties_file)]
         log = self.process.log_file
         logger.info("kafka: formatting %s", self.data_dir)
         try:
@@ -295,6 +321,71 @@ class KafkaService:
             raise StackError(f"kafka: formatting the data dir timed out; see {log}", log) from exc
         if rc != 0:
             raise StackError(f"kafka: formatting the data dir failed (exit {rc}); see {log}", log)
+
+
+class KafkaCluster:
+    """Three KRaft nodes (each broker and controller) on loopback: replication factor 3 and
+    ``min.insync.replicas=2`` everywhere, for failover tests. Its data lives under
+    ``<root>/kafka-cluster/``; the nodes are this stack's processes like any other."""
+
+    name = "kafka-cluster"
+
+    def __init__(self, config: StackConfig, nodes: Sequence[KafkaNode]) -> None:
+        self.folder = config.folder(self.name)
+        id_file = self.folder / "cluster.id"
+        if not id_file.exists():  # every node of one cluster is formatted with the same id
+            id_file.write_text(_new_cluster_id())
+        cluster_id = id_file.read_text().strip()
+        self.brokers = {
+            node.node_id: KafkaService(
+                config,
+                node=node,
+                voters=nodes,
+                folder=self.folder / f"node-{node.node_id}",
+                cluster_id=cluster_id,
+            )
+            for node in nodes
+        }
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(broker.bootstrap_servers for broker in self.brokers.values())
+
+    def start(self) -> None:
+        """Start every node at once (a node is ready only once a quorum of them runs).
+
+        Raises:
+            StackError: as :meth:`KafkaService.start`, for the first node that failed.
+        """
+        with ThreadPoolExecutor(max_workers=len(self.brokers)) as pool:
+            for future in [pool.submit(broker.start) for broker in self.brokers.values()]:
+                future.result()
+
+    def stop(self) -> None:
+        """Stop every node; never raises."""
+        for broker in self.brokers.values():
+            broker.stop()
+
+    def reset(self) -> None:
+        """Stop every node and delete the cluster's data; never raises."""
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def busiest_leader(self, topic: str) -> int:
+        """The node id leading most partitions of ``topic``.
+
+        Raises:
+            StackError: the cluster did not answer, or the topic has no partitions.
+        """
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        try:
+            metadata = admin.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            raise StackError(f"kafka cluster: no metadata for {topic}: {exc}") from exc
+        leaders = Counter(p.leader for p in metadata.topics[topic].partitions.values())
+        if not leaders:
+            raise StackError(f"kafka cluster: topic {topic} has no partitions")
+        return leaders.most_common(1)[0][0]
 
 
 def _run_logged(argv: list[str], log: Path, timeout: float, *, append: bool) -> int:

@@ -11,7 +11,15 @@ session, pid and log files), so stop/kill/restart work across CLI invocations.
 Layout: in the shared cache ``<cache>/milvus``, ``venv/`` (the wheel) and ``server/`` (unpacked
 binary, libraries, config template); under ``<root>/milvus``, ``configs/`` (rendered at each
 start), ``data/`` (etcd, rocksmq, segments; kept by stop, wiped by reset), ``logs/`` (etcd and
-C++ engine logs), ``milvus.log``/``milvus.pid``.
+C++ engine logs), ``milvus.log``/``milvus.pid``, and ``secret`` (the root password, mode 0600).
+
+Milvus 2.3.5 binds its gRPC ports on every interface whatever the configuration says, so the
+server runs with authentication on: ``start()`` generates a random root password once, keeps it
+in ``secret`` and sets it on the server; clients use :attr:`MilvusService.token`.
+
+Several stacks share the cached binary, so a stack recognises its own server by pid file and
+working directory (its folder), never by the binary's path: stopping one stack never touches
+another's server.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import lzma
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -39,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 MILVUS_VERSION = "2.3.5"
 START_TIMEOUT = 120.0
+ROOT_USER = "root"
+_DEFAULT_ROOT_PASSWORD = "Milvus"  # what a fresh data directory starts with
 
 # Every port is an offset from config.milvus_port (19530 gives 19529-19540), so one setting moves
 # the whole server and nothing lands on Milvus's stock ports elsewhere: etcd's 2379/2380 and the
@@ -89,6 +100,7 @@ class MilvusService:
         self.data = self.folder / "data"
         self.logs = self.folder / "logs"
         self.pip_log = cache / "pip.log"
+        self.secret_file = self.folder / "secret"
         self.marker = self.server_dir / f".installed-{MILVUS_VERSION}"
         self.process = ManagedProcess(self.name, self.folder)
         self.ports = {key: config.milvus_port + off for key, off in _PORT_OFFSETS.items()}
@@ -98,6 +110,16 @@ class MilvusService:
     def uri(self) -> str:
         """The client URI, e.g. ``http://127.0.0.1:19530``."""
         return self.config.milvus_uri
+
+    @property
+    def token(self) -> str:
+        """``root:<password>`` for clients (the password is generated on first use)."""
+        if not self.secret_file.exists():
+            self.secret_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(24))
+        return f"{ROOT_USER}:{self.secret_file.read_text().strip()}"
 
     @property
     def health_url(self) -> str:
@@ -199,6 +221,7 @@ class MilvusService:
                 [str(self.binary), "run", "standalone"], env=self._env(), cwd=self.folder
             )
         started = time.monotonic()
+        wait_until(self._secured, timeout=START_TIMEOUT, what="milvus", process=self.process)
         # Loaded collections come back asynchronously after a restart; queries fail with
         # "collection not loaded" until then, so ready means reloaded too.
         wait_until(
@@ -221,14 +244,14 @@ class MilvusService:
     def stop(self) -> None:
         """SIGTERM the server (SIGKILL after 15 s) and any stray server of this stack; data kept.
 
-        Raises nothing; returns once no process of this stack's binary is left.
+        Raises nothing; returns once no server of this stack (by working directory) is left.
         """
         # A clean stop takes 0.1-3.5 s, but 2.3.5's shutdown can hang for good when SIGTERM
         # lands during background DDL work (seen right after a drop_collection). SIGKILL loses
         # nothing acknowledged: the write-ahead log and etcd are on disk (kill() tests prove it).
         self.process.stop(timeout=15.0)
         for pid in self._server_pids():
-            # A server whose pid file was lost (e.g. a wiped folder): same binary, so ours.
+            # A server of this stack whose pid file was lost: it runs in our folder, so ours.
             logger.warning("milvus: stopping stray server pid %d", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -241,15 +264,6 @@ class MilvusService:
         """
         self.process.kill()
         self._wait_released()
-
-    def restart(self) -> None:
-        """Stop, then start.
-
-        Raises:
-            StackError: as ``start()``.
-        """
-        self.stop()
-        self.start()
 
     def reset(self) -> None:
         """Stop the server and delete all its data (collections, etcd metadata, message log).
@@ -271,19 +285,6 @@ class MilvusService:
             "log": str(self.process.log_file),
         }
 
-    def listening_note(self) -> str:
-        """What listens where (measured with ``ss -ltnp`` on Milvus 2.3.5)."""
-        p = self.ports
-        return (
-            f"Milvus 2.3.5 listens on ALL interfaces (0.0.0.0/[::]) for its gRPC ports, whatever "
-            f"the config says: the client port {self.config.milvus_port} (gRPC + REST), proxy "
-            f"internal {p['proxy_internal']}, and the components' internal ports "
-            f"{p['query_coord']}-{p['index_node']}; plus the metrics/health HTTP port "
-            f"{p['metrics']} (/healthz, /metrics). The embedded etcd listens on "
-            f"{self.config.host}:{p['etcd_client']} (client) and :{p['etcd_peer']} (peer) only. "
-            "There is no authentication: keep the machine's firewall closed to these ports."
-        )
-
     # ---------------------------------------------------------------- internals
 
     def _probe(self, *, loaded: bool = False) -> bool:
@@ -296,7 +297,7 @@ class MilvusService:
         # Imported here: pymilvus takes ~1 s to import and only a running server needs it.
         from pymilvus import MilvusClient  # noqa: PLC0415
 
-        client = MilvusClient(uri=self.uri, timeout=5)
+        client = MilvusClient(uri=self.uri, token=self.token, timeout=5, alias=_probe_alias())
         try:
             names = client.list_collections()
             if loaded:
@@ -305,6 +306,43 @@ class MilvusService:
         finally:
             client.close()
         return True
+
+    def _secured(self) -> bool:
+        """Once the proxy answers: True when the root password is this stack's secret, setting
+        it first on a fresh data directory (which starts with Milvus's default password).
+
+        Raises:
+            StackError: neither the secret nor the default opens the server (the data
+                directory was secured with a secret since lost: ``trident-stack reset``).
+        """
+        import grpc  # noqa: PLC0415
+        from pymilvus import MilvusClient  # noqa: PLC0415
+
+        with _DIRECT.open(self.health_url, timeout=2) as response:
+            if b"OK" not in response.read():
+                return False
+        password = self.token.split(":", 1)[1]
+        for candidate in (password, _DEFAULT_ROOT_PASSWORD):
+            try:
+                client = MilvusClient(
+                    uri=self.uri, token=f"{ROOT_USER}:{candidate}", timeout=5, alias=_probe_alias()
+                )
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                continue
+            try:
+                if candidate != password:
+                    client.update_password(ROOT_USER, candidate, password)
+                    logger.info("milvus: root password set to the stack's secret")
+            finally:
+                client.close()
+            return True
+        raise StackError(
+            f"milvus: the root password is neither {self.secret_file} nor the default; "
+            "the data was secured with a lost secret (trident-stack reset starts afresh)",
+            self.process.log_file,
+        )
 
     def _env(self) -> dict[str, str]:
         # A clean environment: Milvus reads overrides from env vars (ETCD_*, COMMON_*, ...), so
@@ -362,6 +400,8 @@ class MilvusService:
             # exit) to expire before DDL proceeds: the stock 30 s TTL stalled create_collection
             # for ~25 s after each restart.
             "common.session.ttl": 10,
+            # Its gRPC ports listen on every interface: nobody gets in without the secret.
+            "common.security.authorizationEnabled": True,
             **{f"{component}.ip": host for component in _COMPONENTS},
         }
         for dotted, value in overrides.items():
@@ -398,13 +438,21 @@ class MilvusService:
         wait_ports_closed(self.config.host, self.all_ports, max(0.0, deadline - time.monotonic()))
 
     def _server_pids(self) -> list[int]:
-        """Pids of live processes running this stack's server binary (the pgrep of stop())."""
+        """Pids of live Milvus servers of *this* stack: the cached binary (shared by every stack
+        on the machine) running with this stack's folder as its working directory."""
         pids = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
-                    if Path(os.readlink(entry / "exe")) == self.binary:
+                    ours = Path(os.readlink(entry / "cwd")) == self.folder
+                    if ours and Path(os.readlink(entry / "exe")) == self.binary:
                         pids.append(int(entry.name))
                 except OSError:
                     continue
         return pids
+
+
+def _probe_alias() -> str:
+    # A connection of the probe's own: pymilvus shares connections by URI and token otherwise,
+    # and the probe's close() would close them for every other client of this process.
+    return f"stack-probe-{secrets.token_hex(8)}"

@@ -1,8 +1,11 @@
 """The whole local stack: Kafka, Milvus and Triton, plus worker and query-API processes.
 
 Used by ``trident-stack`` (and so ``make up``/``make down``) and by the tests. Every server binds
-to loopback (see the README for Milvus's exceptions), keeps its data, logs and pid file under
-``StackConfig.root``, and is started and stopped idempotently.
+to loopback (see the README for Milvus's exceptions, and its authentication), keeps its data,
+logs and pid file under ``StackConfig.root``, and is started and stopped idempotently. A stack
+stops only the processes it started (pid files, working directories under its root): several
+stacks, e.g. the quick start and the tests, share one install cache but never each other's
+processes.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class LocalStack:
         values: dict[str, Any] = {
             "kafka": {"bootstrap_servers": self.config.kafka_bootstrap},
             "triton": {"url": self.config.triton_grpc_url, "protocol": "grpc"},
-            "milvus": {"uri": self.config.milvus_uri},
+            "milvus": {"uri": self.config.milvus_uri, "token": self.milvus.token},
         }
         for name, overrides in sections.items():
             values[name] = {**values.get(name, {}), **overrides}

@@ -246,15 +246,6 @@ class TritonService:
         self.process.kill()
         self._remove_stale_shm()
 
-    def restart(self) -> None:
-        """Stop, then start.
-
-        Raises:
-            StackError: as ``start()``.
-        """
-        self.stop()
-        self.start()
-
     def status(self) -> dict[str, Any]:
         """Running/healthy state, pid, endpoints and log file; never raises."""
         return {

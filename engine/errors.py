@@ -3,12 +3,15 @@
 Two families, because the worker treats them in opposite ways:
 
 - :class:`PermanentError`: the *input* is bad (invalid event, unreadable image, forbidden
-  reference). Retrying cannot help; the event goes to the dead-letter topic at once.
+  reference, a row the store refuses). Retrying cannot help; the record goes to the dead-letter
+  topic at once.
 - :class:`RetriableError`: a *service* is down, slow or throttling (Triton, Milvus, an image
-  host, Kafka). Retry with backoff, then pause; never dead-letter.
+  host, Kafka). Retry with backoff. Whether it can ever end in a dead letter depends on whose
+  fault it is: an image host failing for one record is that record's problem and is capped
+  (``retries_exhausted``); Triton, Milvus or Kafka failing is an outage and never dead-letters.
 
-Each error carries a short machine-readable ``reason`` (used in dead-letter headers and metric
-labels) and the pipeline ``stage`` it happened in.
+Each error carries a ``reason`` from :class:`Reason` (dead-letter header and metric label, one
+vocabulary for the whole project) and the :class:`Stage` of the pipeline where the record failed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from enum import StrEnum
 
 
 class Stage(StrEnum):
-    """Pipeline stages, in the order the worker runs them."""
+    """Where in the pipeline a record failed (the ``trident.errors.stage`` dead-letter header).
+
+    This names a place in the record's journey, not a kind of error: how an error is treated is
+    decided by its class alone. Timing labels are a separate vocabulary (``worker.metrics.Step``).
+    """
 
     DECODE_EVENT = "decode_event"
     FETCH = "fetch"
@@ -29,10 +36,94 @@ class Stage(StrEnum):
     SEARCH = "search"
 
 
-class TridentError(Exception):
-    """Base of every error raised by Embedding Trident's own code."""
+class Reason(StrEnum):
+    """Every machine-readable reason an error can carry (dead-letter headers, metric labels)."""
 
-    reason: str = "error"
+    # Generic, per family.
+    ERROR = "error"
+    PERMANENT = "permanent"
+    UNAVAILABLE = "unavailable"
+    CONFIGURATION = "configuration"
+    # The event (schemas.ContractError reasons, translated by the worker; the size limits are
+    # the event contract's and the store's alike).
+    INVALID_EVENT = "invalid_event"
+    EMPTY_EVENT = "empty_event"
+    MALFORMED_JSON = "malformed_json"
+    SCHEMA_INVALID = "schema_invalid"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    UNKNOWN_IMAGE_KIND = "unknown_image_kind"
+    ID_TOO_LONG = "id_too_long"
+    SOURCE_TOO_LONG = "source_too_long"
+    METADATA_TOO_LARGE = "metadata_too_large"
+    INLINE_IMAGE_TOO_LARGE = "inline_image_too_large"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    # The image reference.
+    BAD_REFERENCE = "bad_reference"
+    NOT_FOUND = "not_found"
+    GONE = "gone"
+    UNREADABLE = "unreadable"
+    NOT_A_FILE = "not_a_file"
+    SYMLINK_LOOP = "symlink_loop"
+    INVALID_PATH = "invalid_path"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    INVALID_URL = "invalid_url"
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    UNKNOWN_HOST = "unknown_host"
+    FORBIDDEN_ADDRESS = "forbidden_address"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    HTTP_CLIENT_ERROR = "http_client_error"
+    # The image bytes.
+    BAD_IMAGE = "bad_image"
+    BAD_ENCODING = "bad_encoding"
+    TOO_MANY_BYTES = "too_many_bytes"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    CORRUPT_IMAGE = "corrupt_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNSUPPORTED_MODE = "unsupported_mode"
+    # Rows the store cannot hold.
+    ROW_REJECTED = "row_rejected"
+    EMPTY_ID = "empty_id"
+    METADATA_NOT_JSON = "metadata_not_json"
+    WRONG_DIMENSION = "wrong_dimension"
+    NOT_FINITE = "not_finite"
+    UNKNOWN_COLLECTION = "unknown_collection"
+    # Searches and the query API.
+    INVALID_QUERY = "invalid_query"
+    INVALID_FILTER = "invalid_filter"
+    INVALID_INDEX = "invalid_index"
+    INVALID_REFERENCE = "invalid_reference"
+    UNKNOWN_ID = "unknown_id"
+    NO_SOURCE = "no_source"
+    BAD_REQUEST = "bad_request"
+    # A record whose own transient failures outlasted its retry budget.
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    # Transient, per service.
+    FETCH_UNAVAILABLE = "fetch_unavailable"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    HTTP_SERVER_ERROR = "http_server_error"
+    HTTP_THROTTLED = "http_throttled"
+    IO_ERROR = "io_error"
+    INTERNAL_ERROR = "internal_error"
+    TRITON_UNAVAILABLE = "triton_unavailable"
+    TRITON_OVERLOADED = "triton_overloaded"
+    TRITON_CONFIGURATION = "triton_configuration"
+    MILVUS_UNAVAILABLE = "milvus_unavailable"
+    KAFKA_UNAVAILABLE = "kafka_unavailable"
+    # Deployment.
+    MODEL_WEIGHTS = "model_weights"
+
+
+class TridentError(Exception):
+    """Base of every error raised by Embedding Trident's own code.
+
+    ``reason`` should be a :class:`Reason` member (a plain string is accepted so that call sites
+    stay readable, but ``tests/unit/test_errors.py`` checks every literal in the code base).
+    """
+
+    reason: str = Reason.ERROR
 
     def __init__(
         self, message: str, *, reason: str | None = None, stage: Stage | None = None
@@ -50,73 +141,83 @@ class TridentError(Exception):
 class PermanentError(TridentError):
     """Bad input: retrying the same event can never succeed. Dead-letter it."""
 
-    reason = "permanent"
+    reason: str = Reason.PERMANENT
 
 
 class RetriableError(TridentError):
-    """A dependency is unavailable, slow or throttled. Retry with backoff; never dead-letter."""
+    """A dependency is unavailable, slow or throttled. Retry with backoff (see the module doc)."""
 
-    reason = "unavailable"
+    reason: str = Reason.UNAVAILABLE
 
 
 class ConfigurationError(TridentError):
     """The settings are inconsistent or name something that does not exist. Fix and restart."""
 
-    reason = "configuration"
+    reason: str = Reason.CONFIGURATION
 
 
 # Permanent, by what is wrong with the input.
 class InvalidEventError(PermanentError):
     """The message is not a valid ingest event (bad JSON, wrong schema, unknown version)."""
 
-    reason = "invalid_event"
+    reason: str = Reason.INVALID_EVENT
 
 
 class ImageReferenceError(PermanentError):
     """The image reference cannot be followed: missing file, 404/410, forbidden path or address."""
 
-    reason = "bad_reference"
+    reason: str = Reason.BAD_REFERENCE
 
 
 class ImageContentError(PermanentError):
     """The bytes are not a usable image: not an image, truncated, too many bytes or pixels."""
 
-    reason = "bad_image"
+    reason: str = Reason.BAD_IMAGE
+
+
+class InvalidRowError(PermanentError):
+    """The store cannot hold this row: an id or source too long in UTF-8 bytes, metadata too
+    large, a vector of the wrong size, or any other value the server refuses for that row."""
+
+    reason: str = Reason.ROW_REJECTED
 
 
 class InvalidQueryError(PermanentError):
     """A malformed search: bad filter expression, wrong vector size, unknown collection or id."""
 
-    reason = "invalid_query"
+    reason: str = Reason.INVALID_QUERY
 
 
 class UnknownCollectionError(PermanentError):
     """A read or write names a collection that does not exist (collections are created on purpose,
     never as a side effect of using them)."""
 
-    reason = "unknown_collection"
+    reason: str = Reason.UNKNOWN_COLLECTION
 
 
 # Retriable, by which service failed.
 class FetchUnavailableError(RetriableError):
-    """An image host timed out, refused the connection, answered 5xx or 429."""
+    """An image host timed out, refused the connection, answered 5xx or 429.
 
-    reason = "fetch_unavailable"
+    Concerns one record's reference, so the worker caps it per record (``retry.record_attempts``).
+    """
+
+    reason: str = Reason.FETCH_UNAVAILABLE
 
 
 class InferenceUnavailableError(RetriableError):
     """Triton is down, not ready, overloaded (queue full) or timed out."""
 
-    reason = "triton_unavailable"
+    reason: str = Reason.TRITON_UNAVAILABLE
 
 
 class StoreUnavailableError(RetriableError):
     """Milvus is down, not ready, throttling or timed out."""
 
-    reason = "milvus_unavailable"
+    reason: str = Reason.MILVUS_UNAVAILABLE
 
 
 class BrokerUnavailableError(RetriableError):
-    """Kafka did not acknowledge a write in time."""
+    """Kafka did not acknowledge a write or a commit in time."""
 
-    reason = "kafka_unavailable"
+    reason: str = Reason.KAFKA_UNAVAILABLE

@@ -34,6 +34,7 @@ from engine.errors import (
     FetchUnavailableError,
     ImageContentError,
     ImageReferenceError,
+    Reason,
     Stage,
     TridentError,
 )
@@ -54,15 +55,15 @@ _NO_SUCH_HOST = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", sock
 # errno values meaning the reference itself is bad. Any other OSError (EIO, ESTALE on NFS,
 # EMFILE...) is taken as the filesystem being unwell and retried rather than dead-lettered.
 _PERMANENT_ERRNOS = {
-    errno.ENOENT: "not_found",
-    errno.ENOTDIR: "not_found",
-    errno.EACCES: "unreadable",
-    errno.EPERM: "unreadable",
-    errno.ELOOP: "symlink_loop",
-    errno.EISDIR: "not_a_file",
-    errno.ENXIO: "not_a_file",
-    errno.ENAMETOOLONG: "invalid_path",
-    errno.EINVAL: "invalid_path",
+    errno.ENOENT: Reason.NOT_FOUND,
+    errno.ENOTDIR: Reason.NOT_FOUND,
+    errno.EACCES: Reason.UNREADABLE,
+    errno.EPERM: Reason.UNREADABLE,
+    errno.ELOOP: Reason.SYMLINK_LOOP,
+    errno.EISDIR: Reason.NOT_A_FILE,
+    errno.ENXIO: Reason.NOT_A_FILE,
+    errno.ENAMETOOLONG: Reason.INVALID_PATH,
+    errno.EINVAL: Reason.INVALID_PATH,
 }
 
 
@@ -114,12 +115,13 @@ class ImageFetcher:
                 (``path_not_allowed``), missing (``not_found``), not a regular file
                 (``not_a_file``), unreadable, forbidden or unknown host (``forbidden_address``,
                 ``unknown_host``), unsupported scheme, too many redirects, HTTP 404/410/other 4xx
-                (``not_found``, ``gone``, ``http_<code>``).
+                (``not_found``, ``gone``, ``http_client_error``).
             ImageContentError: more than ``max_bytes`` (``too_many_bytes``) or a body that
                 cannot be decoded.
             FetchUnavailableError: host timed out (``timeout``), refused or dropped the connection
-                or DNS failed temporarily (``connection_error``), answered 408/429/5xx
-                (``http_<code>``), or the filesystem failed (``io_error``).
+                or DNS failed temporarily (``connection_error``), answered 408/5xx
+                (``http_server_error``) or 429 (``http_throttled``), or the filesystem failed
+                (``io_error``).
         """
         try:
             match ref:
@@ -156,7 +158,7 @@ class ImageFetcher:
             logger.exception("unexpected error fetching %s", _describe(ref))
             return FetchUnavailableError(
                 f"cannot fetch {_describe(ref)}: unexpected {type(exc).__name__}: {exc}",
-                reason="internal_error",
+                reason=Reason.INTERNAL_ERROR,
                 stage=Stage.FETCH,
             )
 
@@ -185,7 +187,7 @@ class ImageFetcher:
                 # fstat the open file, not the path, so what is checked is what is read.
                 info = os.fstat(file.fileno())
                 if not stat.S_ISREG(info.st_mode):
-                    raise ImageReferenceError("not a regular file", reason="not_a_file")
+                    raise ImageReferenceError("not a regular file", reason=Reason.NOT_A_FILE)
                 if info.st_size > limit:
                     raise _too_many_bytes(limit)
                 data = file.read(limit + 1)  # bounded: the file may have grown since fstat
@@ -203,22 +205,22 @@ class ImageFetcher:
         try:
             return self._follow(httpx.URL(url), deadline)
         except httpx.TimeoutException as exc:
-            raise FetchUnavailableError("timed out", reason="timeout") from exc
+            raise FetchUnavailableError("timed out", reason=Reason.TIMEOUT) from exc
         except httpx.TransportError as exc:  # refused, reset, protocol violations
             raise FetchUnavailableError(
-                f"connection failed: {exc or type(exc).__name__}", reason="connection_error"
+                f"connection failed: {exc or type(exc).__name__}", reason=Reason.CONNECTION_ERROR
             ) from exc
         except httpx.DecodingError as exc:
-            raise ImageContentError(f"undecodable body: {exc}", reason="bad_encoding") from exc
+            raise ImageContentError(f"undecodable body: {exc}", reason=Reason.BAD_ENCODING) from exc
         except httpx.InvalidURL as exc:
-            raise ImageReferenceError(f"invalid URL: {exc}", reason="invalid_url") from exc
+            raise ImageReferenceError(f"invalid URL: {exc}", reason=Reason.INVALID_URL) from exc
 
     def _follow(self, url: httpx.URL, deadline: float) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
             self._check_target(url)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise FetchUnavailableError("timed out", reason="timeout")
+                raise FetchUnavailableError("timed out", reason=Reason.TIMEOUT)
             # Each blocking step may take at most what is left, so the whole fetch (redirects
             # and body included) stays within timeout_s: a slow drip cannot hold a thread.
             request = self._client.build_request("GET", url, timeout=remaining)
@@ -234,18 +236,18 @@ class ImageFetcher:
             finally:
                 response.close()
         raise ImageReferenceError(
-            f"more than {MAX_REDIRECTS} redirects", reason="too_many_redirects"
+            f"more than {MAX_REDIRECTS} redirects", reason=Reason.TOO_MANY_REDIRECTS
         )
 
     def _check_target(self, url: httpx.URL) -> None:
         if url.scheme not in ("http", "https"):
             raise ImageReferenceError(
                 f"scheme {url.scheme!r} is not http(s) ({_redact(url)})",
-                reason="unsupported_scheme",
+                reason=Reason.UNSUPPORTED_SCHEME,
             )
         host = url.raw_host.decode("ascii")
         if not host:
-            raise ImageReferenceError("URL has no host", reason="invalid_url")
+            raise ImageReferenceError("URL has no host", reason=Reason.INVALID_URL)
         if not self._policy.trusted(host):
             self._policy.checked_addresses(host, url.port or (443 if url.scheme == "https" else 80))
 
@@ -261,7 +263,7 @@ class ImageFetcher:
             if len(body) > limit:
                 raise _too_many_bytes(limit)
             if time.monotonic() > deadline:
-                raise FetchUnavailableError("timed out reading the body", reason="timeout")
+                raise FetchUnavailableError("timed out reading the body", reason=Reason.TIMEOUT)
         return bytes(body)
 
 
@@ -287,13 +289,15 @@ class _AddressPolicy:
         name = _normalise_host(host)
         # Refused by name before any lookup, so such names never even reach DNS.
         if name in _FORBIDDEN_NAMES or name.endswith(".localhost"):
-            raise ImageReferenceError(f"host {host!r} is forbidden", reason="forbidden_address")
+            raise ImageReferenceError(
+                f"host {host!r} is forbidden", reason=Reason.FORBIDDEN_ADDRESS
+            )
         addresses = _resolve(name, port)
         for address in addresses:
             if not _is_public(address):
                 raise ImageReferenceError(
                     f"host {host!r} resolves to {address}, which is not a public address",
-                    reason="forbidden_address",
+                    reason=Reason.FORBIDDEN_ADDRESS,
                 )
         return addresses
 
@@ -358,12 +362,12 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         if exc.errno in _NO_SUCH_HOST:
-            raise ImageReferenceError(f"unknown host {host!r}", reason="unknown_host") from exc
+            raise ImageReferenceError(f"unknown host {host!r}", reason=Reason.UNKNOWN_HOST) from exc
         raise FetchUnavailableError(
-            f"cannot resolve {host!r}: {exc}", reason="connection_error"
+            f"cannot resolve {host!r}: {exc}", reason=Reason.CONNECTION_ERROR
         ) from exc
     except UnicodeError as exc:
-        raise ImageReferenceError(f"invalid host {host!r}", reason="invalid_url") from exc
+        raise ImageReferenceError(f"invalid host {host!r}", reason=Reason.INVALID_URL) from exc
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
@@ -388,12 +392,14 @@ def _check_status(status: int) -> None:
     if 200 <= status < 300:
         return
     if status == 404:
-        raise ImageReferenceError("HTTP 404", reason="not_found")
+        raise ImageReferenceError("HTTP 404", reason=Reason.NOT_FOUND)
     if status == 410:
-        raise ImageReferenceError("HTTP 410", reason="gone")
-    if status in (408, 429) or 500 <= status < 600:
-        raise FetchUnavailableError(f"HTTP {status}", reason=f"http_{status}")
-    raise ImageReferenceError(f"HTTP {status}", reason=f"http_{status}")
+        raise ImageReferenceError("HTTP 410", reason=Reason.GONE)
+    if status == 429:
+        raise FetchUnavailableError("HTTP 429", reason=Reason.HTTP_THROTTLED)
+    if status == 408 or 500 <= status < 600:
+        raise FetchUnavailableError(f"HTTP {status}", reason=Reason.HTTP_SERVER_ERROR)
+    raise ImageReferenceError(f"HTTP {status}", reason=Reason.HTTP_CLIENT_ERROR)
 
 
 def _open_no_follow(path: str, flags: int) -> int:
@@ -414,20 +420,20 @@ def _resolve_loosely(path: Path) -> Path:
 
 def _path_error(exc: BaseException) -> TridentError:
     if isinstance(exc, RuntimeError):  # Python 3.11 reports symlink loops this way
-        return ImageReferenceError(str(exc), reason="symlink_loop")
+        return ImageReferenceError(str(exc), reason=Reason.SYMLINK_LOOP)
     if isinstance(exc, ValueError):  # e.g. an embedded NUL byte
-        return ImageReferenceError(str(exc), reason="invalid_path")
+        return ImageReferenceError(str(exc), reason=Reason.INVALID_PATH)
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return ImageReferenceError(exc.strerror or str(exc), reason=_PERMANENT_ERRNOS[exc.errno])
-    return FetchUnavailableError(f"I/O error: {exc}", reason="io_error")
+    return FetchUnavailableError(f"I/O error: {exc}", reason=Reason.IO_ERROR)
 
 
 def _not_allowed() -> ImageReferenceError:
-    return ImageReferenceError("path is outside the allowed roots", reason="path_not_allowed")
+    return ImageReferenceError("path is outside the allowed roots", reason=Reason.PATH_NOT_ALLOWED)
 
 
 def _too_many_bytes(limit: int) -> ImageContentError:
-    return ImageContentError(f"more than {limit} bytes", reason="too_many_bytes")
+    return ImageContentError(f"more than {limit} bytes", reason=Reason.TOO_MANY_BYTES)
 
 
 def _describe(ref: ImageSource) -> str:

@@ -9,7 +9,7 @@ dead letter can fix a deployment that does not match the settings.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from engine.errors import ConfigurationError, InferenceUnavailableError, Stage
+from engine.errors import ConfigurationError, InferenceUnavailableError, Reason, Stage
 from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -31,38 +31,40 @@ _CONFIGURATION_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
 class InferenceConfigurationError(ConfigurationError):
     """Triton rejected the request itself: wrong model name, tensor name, shape or dtype."""
 
-    reason = "triton_configuration"
+    reason = Reason.TRITON_CONFIGURATION
 
 
 class TritonEmbedder:
     """Embeds preprocessed image batches with a model served by Triton.
 
     Batches larger than the model's ``max_batch_size`` are split; the result always has one
-    row per input row.
+    row per input row. Meant for one thread (the loop); a health probe uses an instance of its
+    own, so its failures never close the loop's client. Connecting is locked all the same.
     """
 
     def __init__(self, settings: TritonSettings) -> None:
         self._settings = settings
         self._client: Any = None
+        self._lock = threading.Lock()
 
     def _connect(self) -> Any:
-        if self._client is None:
-            if self._settings.protocol == "grpc":
-                self._client = grpcclient.InferenceServerClient(url=self._settings.url)
-            else:
-                self._client = httpclient.InferenceServerClient(
-                    url=self._settings.url,
-                    connection_timeout=self._settings.request_timeout_s,
-                    network_timeout=self._settings.request_timeout_s,
-                )
-        return self._client
+        with self._lock:
+            if self._client is None:
+                if self._settings.protocol == "grpc":
+                    self._client = grpcclient.InferenceServerClient(url=self._settings.url)
+                else:
+                    self._client = httpclient.InferenceServerClient(
+                        url=self._settings.url,
+                        connection_timeout=self._settings.request_timeout_s,
+                        network_timeout=self._settings.request_timeout_s,
+                    )
+            return self._client
 
     def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            finally:
-                self._client = None
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> TritonEmbedder:
         return self
@@ -82,23 +84,6 @@ class TritonEmbedder:
             logger.debug("Triton readiness probe failed: %s", exc)
             self._drop_client()
             return False
-
-    def wait_until_ready(self, timeout_s: float | None = None) -> None:
-        """Block until :meth:`is_ready`.
-
-        Raises:
-            InferenceUnavailableError: not ready within ``timeout_s`` (default: the settings').
-        """
-        timeout = self._settings.ready_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise InferenceUnavailableError(
-                    f"Triton model {self._settings.model_name!r} at {self._settings.url} "
-                    f"not ready after {timeout:.0f}s",
-                    stage=Stage.EMBED,
-                )
-            time.sleep(0.5)
 
     def embed(
         self,
@@ -172,7 +157,8 @@ class TritonEmbedder:
         if status in _CONFIGURATION_STATUSES:
             return InferenceConfigurationError(text, stage=Stage.EMBED)
         self._drop_client()
-        reason = "triton_overloaded" if "queue" in str(exc).lower() else "triton_unavailable"
+        overloaded = "queue" in str(exc).lower()
+        reason = Reason.TRITON_OVERLOADED if overloaded else Reason.TRITON_UNAVAILABLE
         return InferenceUnavailableError(text, reason=reason, stage=Stage.EMBED)
 
     def _drop_client(self) -> None:
@@ -181,4 +167,3 @@ class TritonEmbedder:
             self.close()
         except Exception as exc:
             logger.debug("closing Triton client failed: %s", exc)
-            self._client = None

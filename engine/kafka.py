@@ -1,8 +1,8 @@
 """Kafka client configuration and topic administration shared by every role.
 
-The settings section is turned into librdkafka configuration here, in one place, so the
-producer, the worker, the dead-letter publisher and the replay tool cannot disagree on the
-delivery guarantees.
+The settings section is turned into librdkafka configuration here, in one place: every client
+of the project (the producer, the worker's consumer, its dead-letter and re-queue producer) gets
+its delivery guarantees from these two functions.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
+        # Records of aborted transactions are never seen (librdkafka's default, made explicit).
+        "isolation.level": "read_committed",
         "session.timeout.ms": settings.session_timeout_ms,
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         # Cooperative rebalancing: adding a worker moves only the partitions it takes over.

@@ -1,8 +1,10 @@
 """Typed settings, read once at an entry point and passed down.
 
-Sources, later ones winning: defaults, a YAML file, environment variables prefixed ``TRIDENT_``
-with ``__`` between nesting levels (``TRIDENT_KAFKA__BOOTSTRAP_SERVERS=host:9092``). Core classes
-receive the section they need; none of them reads the environment.
+:func:`load_settings` (the entry points' loader, and the only reader of the environment) merges,
+later ones winning: defaults, a YAML file, environment variables prefixed ``TRIDENT_`` with
+``__`` between nesting levels (``TRIDENT_KAFKA__BOOTSTRAP_SERVERS=host:9092``). ``Settings(...)``
+built in code means exactly what it says: the environment is not consulted. An unknown key in any
+section is an error naming it. Core classes receive the section they need.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -24,7 +27,13 @@ from engine.model.spec import DEFAULT_MODEL_SPEC
 from schemas import EventLimits
 
 
-class KafkaSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: a misspelt key is an error naming it, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:19092"
     topic: str = "trident.ingest"
     dead_letter_topic: str = "trident.ingest.dlq"
@@ -40,7 +49,7 @@ class KafkaSettings(BaseModel):
     )
 
 
-class TritonSettings(BaseModel):
+class TritonSettings(_Section):
     url: str = "127.0.0.1:18001"
     protocol: Literal["grpc", "http"] = "grpc"
     model_name: str = DEFAULT_MODEL_SPEC.name
@@ -53,7 +62,7 @@ class TritonSettings(BaseModel):
     ready_timeout_s: float = 120.0
 
 
-class MilvusSettings(BaseModel):
+class MilvusSettings(_Section):
     uri: str = "http://127.0.0.1:19530"
     token: str = ""
     collection: str = Field("images", description="The default collection, created by the worker.")
@@ -80,7 +89,7 @@ class MilvusSettings(BaseModel):
         )
 
 
-class FetchSettings(BaseModel):
+class FetchSettings(_Section):
     """How image references are followed. Defaults are safe for untrusted events."""
 
     allowed_roots: list[Path] = Field(
@@ -98,7 +107,7 @@ class FetchSettings(BaseModel):
     )
 
 
-class PreprocessSettings(BaseModel):
+class PreprocessSettings(_Section):
     """How decoded images become model input (see engine/preprocess.py, engine/preprocess_jax.py).
 
     ``class_`` (key ``class``) names a :class:`engine.preprocess_jax.BaseJAXPreprocessor`
@@ -108,7 +117,7 @@ class PreprocessSettings(BaseModel):
     as stored images were.
     """
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     device: Literal["auto", "cpu", "gpu"] = "auto"
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
@@ -122,27 +131,39 @@ class PreprocessSettings(BaseModel):
     )
 
 
-class BatchSettings(BaseModel):
+class BatchSettings(_Section):
     max_size: int = Field(32, ge=1)
     max_wait_ms: int = Field(250, ge=1)
 
 
-class RetrySettings(BaseModel):
-    attempts: int = Field(5, ge=1)
+class RetrySettings(_Section):
+    attempts: int = Field(5, ge=1, description="Attempts per call before giving up on it.")
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 8.0
     pause_s: float = Field(
-        5.0, description="How long partitions stay paused after retries run out."
+        5.0, description="How long partitions stay paused when a dependency is down."
+    )
+    record_attempts: int = Field(
+        10,
+        ge=1,
+        description="Attempts one record's image fetch may fail transiently, over all its "
+        "deliveries, before it is dead-lettered as retries_exhausted.",
     )
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(_Section):
     health_host: str = "127.0.0.1"
     health_port: int = 9400
     shutdown_grace_s: float = 30.0
+    liveness_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="/livez fails when the consumer loop made no progress for this long; keep "
+        "it above the longest batch with its retries (an outage pauses, which is progress).",
+    )
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(_Section):
     """The query API: where it listens and how it protects itself."""
 
     host: str = "127.0.0.1"
@@ -189,8 +210,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the YAML file (passed as init values), which beats defaults.
-        return (env_settings, init_settings)
+        # Only what the caller passes: the environment is read by load_settings alone.
+        return (init_settings,)
 
 
 def load_settings(path: Path | str | None = None) -> Settings:
@@ -209,7 +230,20 @@ def load_settings(path: Path | str | None = None) -> Settings:
             raise ConfigurationError(f"settings file {path} must hold a mapping")
         values = loaded or {}
     try:
-        settings = Settings(**values)
+        environment = EnvSettingsSource(Settings)()
+        settings = Settings(**_merged(values, environment))
     except ValueError as exc:
         raise ConfigurationError(f"invalid settings: {exc}") from exc
     return settings
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, section by section (an env var replaces one key)."""
+    merged = dict(base)
+    for key, value in override.items():
+        current = merged.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            merged[key] = _merged(current, value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,17 +1,29 @@
 """Milvus adapter: collections, upserts, lookups and similarity search.
 
-Owns pymilvus's errors: connection failures, timeouts, "not ready" and rate limiting become
-:class:`StoreUnavailableError` (retriable); a search the server refuses as invalid (bad filter,
-wrong dimension, missing collection) becomes :class:`InvalidQueryError`.
+Owns pymilvus's errors, classified by what was asked, never by who asked:
+
+- connection failures, timeouts, "not ready" and rate limiting: :class:`StoreUnavailableError`
+  (retriable) for every operation;
+- a write refused for its values (code 1100 "exceeds max length", a type or dimension mismatch,
+  any other invalid parameter, pymilvus's own data checks): :class:`InvalidRowError` (permanent;
+  the caller isolates the rows by bisecting the batch, see ``worker.pipeline``), after
+  :meth:`VectorStore.validate` has already caught what can be checked before writing; any other
+  refusal of a write is retriable;
+- a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`;
+- a collection that does not exist: :class:`UnknownCollectionError`;
+- credentials the server refuses: :class:`ConfigurationError` (fix ``milvus.token``);
+- any other refusal of a read or of collection management: retriable (nothing a record did).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import grpc
@@ -19,11 +31,27 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
+from pymilvus.exceptions import (
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    MilvusException,
+    ParamError,
+)
 
-from engine.errors import InvalidQueryError, Stage, StoreUnavailableError, UnknownCollectionError
+from engine.errors import (
+    ConfigurationError,
+    InvalidQueryError,
+    InvalidRowError,
+    Reason,
+    Stage,
+    StoreUnavailableError,
+    TridentError,
+    UnknownCollectionError,
+)
 from engine.indexes import IndexSpec
 from engine.settings import MilvusSettings
+from schemas.events import ID_MAX_BYTES, SOURCE_MAX_BYTES
+from schemas.events import METADATA_MAX_BYTES as SCHEMA_METADATA_MAX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +66,13 @@ RECORD_FIELDS = (
     "event_version",
     "ingested_at_ms",
 )
-ID_MAX_LENGTH = 256
-SOURCE_MAX_LENGTH = 2048
+# Milvus counts VARCHAR max_length in UTF-8 bytes, not characters: both limits are in bytes. The
+# event contract's ceilings are these sizes, so what a valid event holds always fits.
+ID_MAX_LENGTH = ID_MAX_BYTES
+SOURCE_MAX_LENGTH = SOURCE_MAX_BYTES
+# Milvus's JSON field limit (common.JSONMaxLength), for the encoded metadata.
+METADATA_MAX_BYTES = SCHEMA_METADATA_MAX_BYTES
+MODEL_VERSION_MAX_BYTES = 128
 
 # Fragments of pymilvus/server messages that mean "try again later", not "you are wrong".
 _TRANSIENT_MARKERS = (
@@ -61,6 +94,24 @@ _TRANSIENT_MARKERS = (
     "not healthy",
     "abnormal",
 )
+# What says "this request's values are wrong", not "I am unwell": pymilvus's own checks of the
+# data, the server's ErrParameterInvalid (code 1100: a VARCHAR over max_length, a wrong type or
+# dimension...). Any other refusal of a write is taken as transient: misreading an outage as bad
+# rows would dead-letter good records.
+_INVALID_DATA_ERRORS = (ParamError, DataNotMatchException, DataTypeNotMatchException)
+_INVALID_PARAMETER_CODE = 1100
+_INVALID_ROW_MARKERS = ("invalid parameter", "exceeds max length", "mismatch")
+# ... and ones that mean the collection is gone (dropped after our cache looked it up).
+_MISSING_COLLECTION_MARKERS = ("collection not found", "can't find collection")
+
+
+class _Operation(Enum):
+    """What a call does, which decides what a refusal by the server means (module docstring)."""
+
+    READ = "read"
+    WRITE = "write"
+    SEARCH = "search"
+    ADMIN = "admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +132,7 @@ class VectorRecord:
             "id": self.id,
             VECTOR_FIELD: self.vector.astype(np.float32).tolist(),
             "metadata": self.metadata,
-            "source": self.source[:SOURCE_MAX_LENGTH],
+            "source": self.source,
             "content_sha256": self.content_sha256,
             "model_version": self.model_version,
             "event_version": self.event_version,
@@ -134,14 +185,16 @@ def _description_of(text: str) -> dict[str, str]:
 class VectorStore:
     """Vectors and metadata in Milvus, one collection per dataset.
 
-    Thread-safe for concurrent calls (pymilvus clients are); the connection is opened lazily
-    and reopened after a connection failure, so a store outlives a Milvus restart.
+    Thread-safe for concurrent calls (pymilvus clients are); the connection is its own (never
+    shared with another store), opened lazily and replaced after a connection failure, so a store
+    outlives a Milvus restart. One thread's failure never closes a client another thread uses.
     """
 
     def __init__(self, settings: MilvusSettings) -> None:
         self._settings = settings
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
+        self._retired: list[tuple[MilvusClient, float]] = []
         self._collections: dict[str, CollectionInfo] = {}
 
     @property
@@ -149,50 +202,79 @@ class VectorStore:
         return self._settings.collection
 
     def close(self) -> None:
+        """Close the connection (and any retired one); the next call opens a new one."""
         with self._lock:
+            clients = [c for c, _ in self._retired]
             if self._client is not None:
-                try:
-                    self._client.close()
-                except Exception as exc:
-                    logger.debug("closing Milvus client failed: %s", exc)
-                self._client = None
+                clients.append(self._client)
+            self._client, self._retired = None, []
             self._collections.clear()
+        for client in clients:
+            _close_quietly(client)
 
     def _connect(self) -> MilvusClient:
         with self._lock:
             if self._client is None:
+                self._close_retired_locked()
                 self._client = MilvusClient(
                     uri=self._settings.uri,
                     token=self._settings.token,
                     timeout=self._settings.timeout_s,
-                    # pymilvus 2.5 shares one connection per address unless told otherwise,
-                    # and close() then disconnects every other store on it (2.6 counts users).
+                    # pymilvus shares one connection between clients of the same URI and token,
+                    # and close() removes it for all: a store of its own must own its connection.
                     alias=f"trident-{uuid.uuid4().hex}",
                 )
             return self._client
 
-    def _call(self, stage: Stage, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _retire(self, client: MilvusClient) -> None:
+        """Replace a client whose channel may be dead (server restarted), without closing it
+        under another thread's call: it is closed once no call can still be using it."""
+        with self._lock:
+            if self._client is client:
+                self._client = None
+                self._retired.append((client, time.monotonic()))
+
+    def _close_retired_locked(self) -> None:
+        # Every call is bounded by timeout_s, so after twice that a retired client is unused.
+        cutoff = time.monotonic() - 2 * self._settings.timeout_s
+        done = [c for c, retired_at in self._retired if retired_at < cutoff]
+        self._retired = [(c, at) for c, at in self._retired if at >= cutoff]
+        for client in done:
+            _close_quietly(client)
+
+    def _call(
+        self, operation: _Operation, what: str, method: str, *args: Any, **kwargs: Any
+    ) -> Any:
         """Run one client call, translating pymilvus and gRPC errors into ours."""
+        client: MilvusClient | None = None
         try:
             client = self._connect()
             kwargs.setdefault("timeout", self._settings.timeout_s)
             return getattr(client, method)(*args, **kwargs)
         except (MilvusException, grpc.RpcError, OSError, TimeoutError) as exc:
-            raise self._translate(exc, stage, what) from exc
+            error = self._translate(exc, operation, what)
+            if isinstance(error, StoreUnavailableError) and client is not None:
+                self._retire(client)
+            raise error from exc
 
-    def _translate(self, exc: BaseException, stage: Stage, what: str) -> Exception:
+    def _translate(self, exc: BaseException, operation: _Operation, what: str) -> TridentError:
         text = f"Milvus {self._settings.uri}: {what} failed: {exc}"
+        code = getattr(exc, "code", None)  # grpc.Call errors carry their status
+        if callable(code) and code() is grpc.StatusCode.UNAUTHENTICATED:
+            return ConfigurationError(f"{text} (check milvus.token)")
         lowered = str(exc).lower()
-        transient = (
-            not isinstance(exc, MilvusException)
-            or any(marker in lowered for marker in _TRANSIENT_MARKERS)
-            or stage is not Stage.SEARCH
-        )
-        if transient:
-            # The channel may be dead (server restarted): reconnect on the next call.
-            self.close()
-            return StoreUnavailableError(text, stage=stage)
-        return InvalidQueryError(text, stage=stage)
+        if not isinstance(exc, MilvusException) or any(m in lowered for m in _TRANSIENT_MARKERS):
+            return StoreUnavailableError(text)
+        if any(marker in lowered for marker in _MISSING_COLLECTION_MARKERS):
+            self._collections.clear()
+            return UnknownCollectionError(text)
+        if operation is _Operation.WRITE:
+            if _refuses_the_data(exc):
+                return InvalidRowError(text, stage=Stage.UPSERT)
+            return StoreUnavailableError(text)
+        if operation is _Operation.SEARCH:
+            return InvalidQueryError(text, stage=Stage.SEARCH)
+        return StoreUnavailableError(text)
 
     # Collections ---------------------------------------------------------------------------
 
@@ -202,7 +284,7 @@ class VectorStore:
         Raises:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        return bool(self._call(Stage.SEARCH, f"has_collection {name}", "has_collection", name))
+        return bool(self._call(_Operation.READ, f"has_collection {name}", "has_collection", name))
 
     def create_collection(
         self,
@@ -227,7 +309,7 @@ class VectorStore:
             spec = index or self._settings.index_spec()
             self._create(name, dimension or self._settings.dimension, spec, description, model_tag)
             created = True
-        self._call(Stage.UPSERT, f"load {name}", "load_collection", name)
+        self._call(_Operation.ADMIN, f"load {name}", "load_collection", name)
         self._collections.pop(name, None)
         return created
 
@@ -245,7 +327,7 @@ class VectorStore:
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_LENGTH)
         schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
-        schema.add_field("model_version", DataType.VARCHAR, max_length=128)
+        schema.add_field("model_version", DataType.VARCHAR, max_length=MODEL_VERSION_MAX_BYTES)
         schema.add_field("event_version", DataType.INT64)
         schema.add_field("ingested_at_ms", DataType.INT64)
         index = MilvusClient.prepare_index_params()
@@ -259,7 +341,7 @@ class VectorStore:
         )
         try:
             self._call(
-                Stage.UPSERT,
+                _Operation.ADMIN,
                 f"create collection {name}",
                 "create_collection",
                 name,
@@ -285,15 +367,15 @@ class VectorStore:
         if cached is not None:
             return cached
         if not self.collection_exists(name):
-            raise UnknownCollectionError(f"no collection named {name!r}", stage=Stage.SEARCH)
-        described = self._call(Stage.SEARCH, f"describe {name}", "describe_collection", name)
+            raise UnknownCollectionError(f"no collection named {name!r}")
+        described = self._call(_Operation.READ, f"describe {name}", "describe_collection", name)
         dimension = next(
             int(f.get("params", {}).get("dim", 0))
             for f in described.get("fields", [])
             if f.get("name") == VECTOR_FIELD
         )
         index = self._call(
-            Stage.SEARCH,
+            _Operation.READ,
             f"describe index of {name}",
             "describe_index",
             name,
@@ -313,7 +395,7 @@ class VectorStore:
         return info
 
     def list_collections(self) -> list[str]:
-        return sorted(self._call(Stage.SEARCH, "list collections", "list_collections"))
+        return sorted(self._call(_Operation.READ, "list collections", "list_collections"))
 
     def drop_collection(self, name: str) -> None:
         """Drop a collection and its data.
@@ -323,8 +405,8 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         if not self.collection_exists(name):
-            raise UnknownCollectionError(f"no collection named {name!r}", stage=Stage.UPSERT)
-        self._call(Stage.UPSERT, f"drop {name}", "drop_collection", name)
+            raise UnknownCollectionError(f"no collection named {name!r}")
+        self._call(_Operation.ADMIN, f"drop {name}", "drop_collection", name)
         self._collections.pop(name, None)
 
     def count(self, collection: str | None = None) -> int:
@@ -335,16 +417,12 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         name = self._existing(collection)
-        rows = self._call(
-            Stage.SEARCH,
-            f"count {name}",
-            "query",
-            name,
-            filter="",
-            output_fields=["count(*)"],
-            consistency_level="Strong",
-        )
+        rows = self._strong_query(name, f"count {name}", filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
+
+    def _strong_query(self, name: str, what: str, **query: Any) -> Any:
+        # Strong consistency: sees rows written just now (slow; never on the search path).
+        return self._call(_Operation.READ, what, "query", name, consistency_level="Strong", **query)
 
     def _existing(self, collection: str | None) -> str:
         """The collection's name, once it is known to exist (a read never creates one)."""
@@ -354,17 +432,47 @@ class VectorStore:
 
     # Writes --------------------------------------------------------------------------------
 
+    def validate(self, record: VectorRecord, collection: str | None = None) -> None:
+        """Check, before writing, that the collection can hold the row.
+
+        Raises:
+            InvalidRowError: the id is empty or over ``ID_MAX_LENGTH`` UTF-8 bytes
+                (``empty_id``, ``id_too_long``), the source over ``SOURCE_MAX_LENGTH``
+                (``source_too_long``), the metadata not JSON or over ``METADATA_MAX_BYTES``
+                encoded (``metadata_not_json``, ``metadata_too_large``), the vector not of the
+                collection's dimension or not finite (``wrong_dimension``, ``not_finite``).
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable (to look up the dimension).
+        """
+        validate_id(record.id)
+        problem = _row_problem(record)
+        if problem is None:
+            dimension = self.describe_collection(collection or self._settings.collection).dimension
+            if record.vector.shape != (dimension,):
+                problem = (
+                    Reason.WRONG_DIMENSION,
+                    f"vector shape {record.vector.shape}, collection holds {dimension}",
+                )
+        if problem is not None:
+            reason, detail = problem
+            raise InvalidRowError(
+                f"row {record.id[:80]!r}: {detail}", reason=reason, stage=Stage.UPSERT
+            )
+
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
         """Insert or replace records by id; return how many were written.
 
         Raises:
-            StoreUnavailableError: Milvus is unreachable, throttling, or refused the write.
+            InvalidRowError: the server refused the request for a row's value (the whole request
+                is refused: bisect to find the row; :meth:`validate` catches most beforehand).
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable, throttling or timed out.
         """
         if not records:
             return 0
         name = self._existing(collection)
         self._call(
-            Stage.UPSERT,
+            _Operation.WRITE,
             f"upsert {len(records)} rows into {name}",
             "upsert",
             name,
@@ -374,19 +482,24 @@ class VectorStore:
 
     def delete(self, ids: Sequence[str], collection: str | None = None) -> None:
         name = self._existing(collection)
-        self._call(Stage.UPSERT, f"delete from {name}", "delete", name, ids=list(ids))
+        self._call(_Operation.WRITE, f"delete from {name}", "delete", name, ids=list(ids))
 
     # Reads ---------------------------------------------------------------------------------
 
     def stored_versions(
         self, ids: Sequence[str], collection: str | None = None
     ) -> dict[str, StoredVersion]:
-        """The version facts of those ids that are stored (strongly consistent read)."""
+        """The version facts of those ids that are stored (strongly consistent read).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
         if not ids:
             return {}
         name = self._existing(collection)
         rows = self._call(
-            Stage.UPSERT,
+            _Operation.READ,
             f"get versions from {name}",
             "get",
             name,
@@ -401,14 +514,33 @@ class VectorStore:
             for row in rows
         }
 
+    def ids(self, collection: str | None = None, *, limit: int = 16_384) -> list[str]:
+        """Up to ``limit`` stored ids, duplicates included if there were any (strongly
+        consistent; for checks and operators, not for the hot path).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        name = self._existing(collection)
+        rows = self._strong_query(
+            name, f"list ids of {name}", filter='id != ""', output_fields=["id"], limit=limit
+        )
+        return [str(row["id"]) for row in rows]
+
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
-        """Stored records by id (missing ids are left out)."""
+        """Stored records by id (missing ids are left out).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
         name = self._existing(collection)
         fields = [*RECORD_FIELDS, VECTOR_FIELD] if with_vectors else list(RECORD_FIELDS)
         rows = self._call(
-            Stage.SEARCH, f"get from {name}", "get", name, ids=list(ids), output_fields=fields
+            _Operation.READ, f"get from {name}", "get", name, ids=list(ids), output_fields=fields
         )
         return [dict(row) for row in rows]
 
@@ -435,11 +567,11 @@ class VectorStore:
             raise InvalidQueryError(
                 f"vector has {query.shape[0]} dimensions; collection {name!r} holds "
                 f"{info.dimension}",
-                reason="wrong_dimension",
+                reason=Reason.WRONG_DIMENSION,
                 stage=Stage.SEARCH,
             )
         results = self._call(
-            Stage.SEARCH,
+            _Operation.SEARCH,
             f"search {name}",
             "search",
             name,
@@ -462,3 +594,60 @@ class VectorStore:
                 )
             )
         return hits
+
+
+def validate_id(record_id: str) -> None:
+    """Check that an id fits the primary key (before it is even looked up).
+
+    Raises:
+        InvalidRowError: empty (``empty_id``), or over ``ID_MAX_LENGTH`` UTF-8 bytes
+            (``id_too_long``).
+    """
+    size = len(record_id.encode("utf-8", errors="surrogatepass"))
+    if size == 0:
+        raise InvalidRowError("empty id", reason=Reason.EMPTY_ID, stage=Stage.UPSERT)
+    if size > ID_MAX_LENGTH:
+        raise InvalidRowError(
+            f"id {record_id[:40]!r}... is {size} UTF-8 bytes; the store holds {ID_MAX_LENGTH}",
+            reason=Reason.ID_TOO_LONG,
+            stage=Stage.UPSERT,
+        )
+
+
+def _row_problem(record: VectorRecord) -> tuple[Reason, str] | None:
+    """The first problem of a row that needs no server to find, or None."""
+    source_bytes = len(record.source.encode("utf-8", errors="surrogatepass"))
+    if source_bytes > SOURCE_MAX_LENGTH:
+        return Reason.SOURCE_TOO_LONG, f"source is {source_bytes} bytes (max {SOURCE_MAX_LENGTH})"
+    try:
+        metadata_bytes = len(orjson.dumps(record.metadata))
+    except TypeError as exc:  # orjson.JSONEncodeError: non-str keys, unknown types, ...
+        return Reason.METADATA_NOT_JSON, f"metadata is not JSON: {exc}"
+    if metadata_bytes > METADATA_MAX_BYTES:
+        return (
+            Reason.METADATA_TOO_LARGE,
+            f"metadata is {metadata_bytes} bytes encoded (max {METADATA_MAX_BYTES})",
+        )
+    if len(record.model_version.encode()) > MODEL_VERSION_MAX_BYTES:
+        return Reason.ROW_REJECTED, "model version tag too long"
+    if record.vector.ndim != 1:
+        return Reason.WRONG_DIMENSION, f"vector shape {record.vector.shape}"
+    if not np.isfinite(record.vector).all():
+        return Reason.NOT_FINITE, "vector has NaN or infinite values"
+    return None
+
+
+def _refuses_the_data(exc: MilvusException) -> bool:
+    lowered = str(exc).lower()
+    return (
+        isinstance(exc, _INVALID_DATA_ERRORS)
+        or getattr(exc, "code", None) == _INVALID_PARAMETER_CODE
+        or any(marker in lowered for marker in _INVALID_ROW_MARKERS)
+    )
+
+
+def _close_quietly(client: MilvusClient) -> None:
+    try:
+        client.close()
+    except Exception as exc:  # closing a dead channel may fail; nothing is lost
+        logger.debug("closing Milvus client failed: %s", exc)

@@ -27,7 +27,12 @@ HEADER_WORKER = "trident.errors.worker"
 HEADER_MODEL = "trident.errors.model_version"
 # Decimal count of replays; set by the replay tool, not one of the headers a failure rewrites.
 HEADER_REPLAY_COUNT = "trident.replay.count"
-# Headers we add; a replay strips them so a re-failure is described afresh.
+# On a record the worker re-published to its own topic after a per-record transient failure (an
+# image host timing out or answering 5xx): how many attempts were made so far. It travels with
+# the record, so the retry cap holds across pauses, rewinds, restarts and other workers.
+HEADER_RETRY_ATTEMPTS = "trident.retry.attempts"
+# Headers we add; a replay strips them so a re-failure is described afresh (and a replayed
+# record gets a fresh retry budget).
 DEAD_LETTER_HEADERS: Final = frozenset(
     {
         HEADER_TOPIC,
@@ -41,5 +46,6 @@ DEAD_LETTER_HEADERS: Final = frozenset(
         HEADER_FIRST_FAILED,
         HEADER_WORKER,
         HEADER_MODEL,
+        HEADER_RETRY_ATTEMPTS,
     }
 )

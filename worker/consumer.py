@@ -1,31 +1,79 @@
 """The consumer-group worker: one loop, one micro-batch at a time.
 
 Delivery is at-least-once with idempotent effects: Milvus writes are upserts keyed by the event
-id, and a partition's offset is committed only up to the first record whose effect is not yet
-durable. A crash or restart therefore repeats work but never loses it.
+id, and a partition's offset is committed only past records whose effect is durable. A crash or
+restart therefore repeats work but never loses it.
+
+The Kafka consumer, the producer for dead letters and re-queued records, and the batch processor
+are injected behind the small Protocols below, so the loop is tested with fakes
+(``tests/unit/test_consumer.py``) as well as on the real stack.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from engine.errors import BrokerUnavailableError, RetriableError, Stage
-from engine.kafka import consumer_config
+from engine.errors import BrokerUnavailableError, RetriableError
 from engine.settings import Settings
-from worker.dead_letter import DeadLetterPublisher
-from worker.metrics import WorkerMetrics
+from worker.dead_letter import DeadLetter, Requeue
+from worker.health import Heartbeat
+from worker.metrics import Step, WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.pipeline import BatchProcessor, BatchResult, Outcome
+from worker.pipeline import BatchResult, Item, Outcome
 from worker.retry import call_with_retries
 
 logger = logging.getLogger(__name__)
+
+RebalanceCallback = Callable[[Any, list[TopicPartition]], None]
+
+# Outcomes after which a record's offset may be committed (published ones once acknowledged).
+_TERMINAL = frozenset({Outcome.STORED, Outcome.SKIPPED, Outcome.DEAD, Outcome.REQUEUE})
+
+
+class ConsumerClient(Protocol):
+    """The part of ``confluent_kafka.Consumer`` the loop uses."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: RebalanceCallback | None = None,
+        on_revoke: RebalanceCallback | None = None,
+        on_lost: RebalanceCallback | None = None,
+    ) -> None: ...
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
+    def commit(
+        self, *, offsets: list[TopicPartition], asynchronous: Literal[False]
+    ) -> list[TopicPartition]: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+    def seek(self, partition: TopicPartition) -> None: ...
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = -1, cached: bool = False
+    ) -> tuple[int, int]: ...
+    def close(self) -> None: ...
+
+
+class RecordSink(Protocol):
+    """Where records that leave the stream go; each call returns once acknowledged.
+
+    Raises:
+        BrokerUnavailableError: not acknowledged; nothing of the call may be committed.
+    """
+
+    def publish(self, letters: list[DeadLetter]) -> None: ...
+    def requeue(self, requeues: list[Requeue]) -> None: ...
+
+
+class Processor(Protocol):
+    def process(self, messages: Sequence[Message]) -> BatchResult: ...
 
 
 class Worker:
@@ -39,41 +87,45 @@ class Worker:
        alone);
     3. **preprocess** the decoded images as one JAX batch;
     4. **embed** it with Triton;
-    5. **upsert** the vectors and metadata into Milvus;
-    6. **dead-letter** the records that can never succeed, waiting for the acknowledgement;
-    7. **commit** each partition up to its first unfinished record.
+    5. **upsert** the vectors and metadata into Milvus (rows Milvus refuses are isolated);
+    6. **dead-letter** the records that can never succeed and **re-queue** those whose image
+       host failed transiently, waiting for the acknowledgements;
+    7. **commit** each partition up to its last terminal record.
 
-    When a dependency stays unavailable through the retries, the worker pauses its partitions,
-    rewinds them to the first uncommitted offset and resumes after ``retry.pause_s``: an
-    outage delays records, it never dead-letters or drops them.
+    When a dependency (Triton, Milvus, Kafka) stays unavailable through the retries, the worker
+    pauses its partitions, rewinds them to the first unfinished record and resumes after
+    ``retry.pause_s``: an outage delays records, it never dead-letters or drops them. One
+    record's own transient failure never pauses anything (see ``worker.pipeline``).
     """
 
     def __init__(
         self,
         settings: Settings,
-        processor_factory: Callable[[WorkerMetrics, Callable[[], bool]], BatchProcessor],
+        processor: Processor,
         *,
-        metrics: WorkerMetrics | None = None,
-        worker_id: str | None = None,
+        consumer: ConsumerClient,
+        sink: RecordSink,
+        metrics: WorkerMetrics,
+        stop: threading.Event,
+        heartbeat: Heartbeat,
+        worker_id: str,
     ) -> None:
         self._settings = settings
-        self.metrics = metrics or WorkerMetrics()
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self._stop = threading.Event()
-        self._processor = processor_factory(self.metrics, self._stop.is_set)
+        self._processor = processor
+        self._consumer = consumer
+        self._sink = sink
+        self.metrics = metrics
+        self._stop = stop
+        self.heartbeat = heartbeat
+        self.worker_id = worker_id
         self._offsets = OffsetTracker()
-        self._consumer = Consumer(
-            consumer_config(settings.kafka, **{"client.id": self.worker_id}),
-        )
-        self._dead_letters = DeadLetterPublisher(
-            settings.kafka, worker_id=self.worker_id, model_version=settings.triton.model_tag
-        )
         self._paused_until: float | None = None
         self._lag_updated = 0.0
         self._fresh_assignment = False
         self._revoked: set[tuple[str, int]] = set()
         self.assigned: set[tuple[str, int]] = set()
         self.subscribed = False
+        self._closed = False
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -81,12 +133,13 @@ class Worker:
         """Ask the loop to finish its batch, commit what is safe, and leave the group."""
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def run(self) -> None:
-        """Consume until :meth:`stop` is called; always leaves the group cleanly."""
+        """Consume until :meth:`stop` is called; always leaves the group (closes the consumer).
+
+        Raises:
+            KafkaException: a fatal consumer error (e.g. fenced by the group coordinator).
+            ConfigurationError: Triton refused the requests for its model (see the processor).
+        """
         self._consumer.subscribe(
             [self._settings.kafka.topic],
             on_assign=self._on_assign,
@@ -97,11 +150,14 @@ class Worker:
         logger.info("worker %s consuming %s", self.worker_id, self._settings.kafka.topic)
         try:
             while not self._stop.is_set():
+                self.heartbeat.beat()
                 self._resume_if_due()
                 self._update_lag()
                 messages = self._poll_batch()
                 if messages:
                     self._handle(messages)
+                elif self._paused_until is None:
+                    self._commit_idle()
         finally:
             self._shutdown()
 
@@ -111,11 +167,15 @@ class Worker:
             self._commit()
         except RetriableError as exc:
             logger.warning("final commit failed; the records will be consumed again: %s", exc)
-        self._dead_letters.close()
-        # close() commits nothing (auto-commit is off) and leaves the group at once, so the
-        # partitions move to another worker without waiting for the session timeout.
-        self._consumer.close()
+        self.close()
         logger.info("worker %s stopped", self.worker_id)
+
+    def close(self) -> None:
+        """Close the consumer (once): it commits nothing (auto-commit is off) and leaves the
+        group at once, so the partitions move on without waiting for the session timeout."""
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()
 
     # 1. fetch -----------------------------------------------------------------------------
 
@@ -158,20 +218,18 @@ class Worker:
         # Broker restarts and transport errors are retried by librdkafka itself.
         logger.warning("consumer: %s", error)
 
-    # 2-7. process, dead-letter, commit ------------------------------------------------------
+    # 2-7. process, dead-letter and re-queue, commit -----------------------------------------
 
     def _handle(self, messages: list[Message]) -> None:
         for message in messages:
-            self._offsets.track(
-                message.topic() or "", message.partition() or 0, message.offset() or 0
-            )
+            self._offsets.track(*_position(message))
         self.metrics.consumed.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
         self.metrics.batch_fill.observe(len(messages) / self._settings.batch.max_size)
         self.metrics.in_flight.set(len(messages))
         try:
             result = self._processor.process(messages)
-            self._dead_letter(result)
+            self._publish(result)
         except RetriableError as exc:
             logger.warning("batch of %d abandoned: %s", len(messages), exc)
             self._pause_and_rewind()
@@ -179,12 +237,8 @@ class Worker:
         finally:
             self.metrics.in_flight.set(0)
         for item in result.items:
-            if item.outcome is not Outcome.UNFINISHED:
-                self._offsets.finish(
-                    item.message.topic() or "",
-                    item.message.partition() or 0,
-                    item.message.offset() or 0,
-                )
+            if item.outcome in _TERMINAL:
+                self._offsets.finish(*_position(item.message))
             if item.outcome is Outcome.SKIPPED:
                 self.metrics.skipped.labels(item.skip_reason).inc()
         try:
@@ -196,32 +250,44 @@ class Worker:
         if result.with_outcome(Outcome.UNFINISHED):
             self._pause_and_rewind()
 
-    def _dead_letter(self, result: BatchResult) -> None:
+    def _publish(self, result: BatchResult) -> None:
+        """Dead letters, then re-queued records, each acknowledged before anything commits."""
         letters = [
             item.dead_letter for item in result.with_outcome(Outcome.DEAD) if item.dead_letter
         ]
-        if not letters:
-            return
-        with self.metrics.stage_seconds.labels(Stage.DEAD_LETTER.value).time():
-            call_with_retries(
-                lambda: self._dead_letters.publish(letters),
-                self._settings.retry,
-                what="dead-letter publish",
-                should_stop=self._stop.is_set,
-            )
-        for letter in letters:
-            self.metrics.dead_lettered.labels(letter.stage.value, letter.reason).inc()
-            logger.info(
-                "dead-lettered %s[%d]@%d: %s/%s: %s",
-                letter.message.topic(),
-                letter.message.partition(),
-                letter.message.offset(),
-                letter.stage.value,
-                letter.reason,
-                letter.error,
-            )
+        if letters:
+            self._with_retries(lambda: self._sink.publish(letters), Step.DEAD_LETTER)
+            for letter in letters:
+                self.metrics.dead_lettered.labels(letter.stage.value, letter.reason).inc()
+                logger.info(
+                    "dead-lettered %s[%d]@%d: %s/%s after %d attempt(s): %s",
+                    letter.message.topic(),
+                    letter.message.partition(),
+                    letter.message.offset(),
+                    letter.stage.value,
+                    letter.reason,
+                    letter.attempts,
+                    letter.error,
+                )
+        requeued: list[Item] = result.with_outcome(Outcome.REQUEUE)
+        if requeued:
+            requeues = [Requeue(item.message, item.attempts) for item in requeued]
+            self._with_retries(lambda: self._sink.requeue(requeues), Step.REQUEUE)
+            for item in requeued:
+                self.metrics.requeued.labels(item.requeue_reason).inc()
+            logger.info("re-queued %d records for a later attempt", len(requeued))
 
-    def _commit(self) -> None:
+    def _commit_idle(self) -> None:
+        """With nothing in hand, commit idle partitions at the consumer's position (past the
+        control records that end transactional partitions)."""
+        try:
+            self._commit(caught_up=True)
+        except RetriableError as exc:
+            logger.warning("idle commit failed: %s", exc)
+
+    def _commit(self, *, caught_up: bool = False) -> None:
+        if caught_up:
+            self._note_positions()
         positions = self._offsets.committable()
         positions = {key: offset for key, offset in positions.items() if key in self.assigned}
         if not positions:
@@ -237,11 +303,30 @@ class Worker:
             except KafkaException as exc:
                 raise BrokerUnavailableError(f"commit failed: {exc}") from exc
 
-        call_with_retries(
-            commit, self._settings.retry, what="offset commit", should_stop=self._stop.is_set
-        )
+        self._with_retries(commit, Step.COMMIT)
         self._offsets.mark_committed(positions)
         logger.debug("committed %s", positions)
+
+    def _note_positions(self) -> None:
+        assignment = self._consumer.assignment()
+        try:
+            positions = self._consumer.position(assignment) if assignment else []
+        except KafkaException as exc:  # a local query; nothing to commit beyond then
+            logger.debug("consumer positions unavailable: %s", exc)
+            return
+        for tp in positions:
+            if tp.offset >= 0 and (tp.topic, tp.partition) in self.assigned:
+                self._offsets.caught_up(tp.topic, tp.partition, tp.offset)
+
+    def _with_retries(self, fn: Callable[[], None], step: Step) -> None:
+        with self.metrics.step_seconds.labels(step).time():
+            call_with_retries(
+                fn,
+                self._settings.retry,
+                what=step.value.replace("_", " "),
+                should_stop=self._stop.is_set,
+                on_retry=lambda exc: self.metrics.retries.labels(step, exc.reason).inc(),
+            )
 
     def _update_lag(self, every_s: float = 5.0) -> None:
         """Export high watermark minus committed position per assigned partition."""
@@ -304,16 +389,16 @@ class Worker:
 
     # Rebalance callbacks (run inside consume()) ---------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         self._fresh_assignment = True
         self.metrics.assigned.set(len(self.assigned))
         if self._paused_until is not None:
             # Newly assigned partitions join the pause too: the outage concerns them as well.
-            consumer.pause(partitions)
+            self._consumer.pause(partitions)
         logger.info("assigned %s", sorted((tp.topic, tp.partition) for tp in partitions))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Everything finished so far is committed before the partitions move on.
         try:
             self._commit()
@@ -322,7 +407,7 @@ class Worker:
         self._drop(partitions)
         logger.info("revoked %s", sorted((tp.topic, tp.partition) for tp in partitions))
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Lost partitions may already belong to another member: committing would be wrong.
         self._drop(partitions)
         logger.warning("lost %s", sorted((tp.topic, tp.partition) for tp in partitions))
@@ -333,3 +418,7 @@ class Worker:
         self._revoked.update(keys)
         self.assigned.difference_update(keys)
         self.metrics.assigned.set(len(self.assigned))
+
+
+def _position(message: Message) -> tuple[str, int, int]:
+    return message.topic() or "", message.partition() or 0, message.offset() or 0

@@ -1,8 +1,15 @@
-"""Dead-letter publishing: failed records, unchanged, plus headers saying why.
+"""Re-publishing consumed records: to the dead-letter topic, or back to their own partition.
 
-The original key, value and headers are kept byte for byte so a replay publishes exactly what
-the producer sent. Headers follow Kafka Connect's ``__connect.errors.*`` names (so existing DLQ
-tooling understands them) plus ``trident.*`` ones for our own stage/attempt bookkeeping.
+Dead letters keep the original key, value and headers byte for byte, so a replay publishes
+exactly what the producer sent; the headers of ``schemas.dead_letter`` say why (Kafka Connect's
+``__connect.errors.*`` names, so existing DLQ tooling understands them, plus ``trident.*``).
+
+A re-queued record (its image host failed transiently) goes back to the end of its own
+partition, unchanged but for the ``trident.retry.attempts`` header: see
+:meth:`RecordPublisher.requeue` for why a header on the record itself.
+
+Every publish waits for the brokers' acknowledgement: only then may the consumer commit past
+the original record.
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from schemas.dead_letter import (
     HEADER_OFFSET,
     HEADER_PARTITION,
     HEADER_REASON,
+    HEADER_RETRY_ATTEMPTS,
     HEADER_STAGE,
     HEADER_TOPIC,
     HEADER_WORKER,
 )
 
 logger = logging.getLogger(__name__)
+
+_Headers = list[tuple[str, str | bytes | None]]
+# (topic, partition or None for the partitioner's choice, original record, headers)
+_Record = tuple[str, int | None, Message, _Headers]
 
 
 @dataclass(frozen=True)
@@ -47,8 +59,16 @@ class DeadLetter:
     first_failed_at: datetime | None = None
 
 
-class DeadLetterPublisher:
-    """Writes dead letters and waits for the brokers' acknowledgement before returning."""
+@dataclass(frozen=True)
+class Requeue:
+    """A consumed record to try again later, with the attempts it has used so far."""
+
+    message: Message
+    attempts: int
+
+
+class RecordPublisher:
+    """Publishes dead letters and re-queued records; returns once every one is acknowledged."""
 
     def __init__(self, settings: KafkaSettings, *, worker_id: str, model_version: str) -> None:
         self._topic = settings.dead_letter_topic
@@ -59,26 +79,58 @@ class DeadLetterPublisher:
         self._failures: list[str] = []
 
     def publish(self, letters: list[DeadLetter], *, timeout_s: float = 30.0) -> None:
-        """Publish all letters and block until every one is acknowledged.
+        """Publish dead letters and block until every one is acknowledged.
 
         Raises:
             BrokerUnavailableError: a write failed or was not acknowledged in time; the caller
                 must not commit those records' offsets.
         """
-        if not letters:
+        records: list[_Record] = [
+            (self._topic, None, letter.message, self._letter_headers(letter)) for letter in letters
+        ]
+        self._send(records, timeout_s, what=f"dead-letter topic {self._topic}")
+
+    def requeue(self, requeues: list[Requeue], *, timeout_s: float = 30.0) -> None:
+        """Append each record again to the end of the partition it was read from.
+
+        The attempt count rides in a header of the record itself, not in the worker's memory
+        nor in a separate retry topic: it survives pause/rewind cycles, restarts and rebalances
+        with no state to keep, the record stays on its own partition (after any newer version of
+        its id, which the stale-version guard then keeps), and no other topic needs creating,
+        watching or draining. The backoff is the time the partition takes to come round again.
+
+        Raises:
+            BrokerUnavailableError: as :meth:`publish`.
+        """
+        records: list[_Record] = []
+        for requeue in requeues:
+            message = requeue.message
+            headers = _kept_headers(message)
+            headers.append((HEADER_RETRY_ATTEMPTS, str(requeue.attempts).encode()))
+            records.append((message.topic() or "", message.partition(), message, headers))
+        self._send(records, timeout_s, what="re-queue")
+
+    def _send(
+        self,
+        records: list[_Record],
+        timeout_s: float,
+        *,
+        what: str,
+    ) -> None:
+        if not records:
             return
         self._failures.clear()
-        for letter in letters:
-            self._produce(letter)
+        for topic, partition, message, headers in records:
+            self._produce(topic, partition, message, headers)
         remaining = self._producer.flush(timeout_s)
         if remaining or self._failures:
             raise BrokerUnavailableError(
-                f"dead-letter topic {self._topic}: {remaining} unacknowledged, "
+                f"{what}: {remaining} unacknowledged, "
                 f"{len(self._failures)} failed ({'; '.join(self._failures[:3])})",
                 stage=Stage.DEAD_LETTER,
             )
 
-    def _produce(self, letter: DeadLetter) -> None:
+    def _letter_headers(self, letter: DeadLetter) -> _Headers:
         message = letter.message
         failed_at = (letter.first_failed_at or datetime.now(UTC)).isoformat()
         ours = {
@@ -94,19 +146,30 @@ class DeadLetterPublisher:
             HEADER_WORKER: self._worker_id,
             HEADER_MODEL: self._model_version,
         }
-        received = message.headers() or []
-        pairs = list(received.items()) if isinstance(received, dict) else received
-        headers = [(key, value) for key, value in pairs if key not in DEAD_LETTER_HEADERS]
-        headers += [(key, value.encode()) for key, value in ours.items()]
+        return _kept_headers(message) + [(key, value.encode()) for key, value in ours.items()]
+
+    def _produce(
+        self, topic: str, partition: int | None, message: Message, headers: _Headers
+    ) -> None:
         while True:
             try:
-                self._producer.produce(
-                    self._topic,
-                    key=message.key(),
-                    value=message.value(),
-                    headers=headers,
-                    on_delivery=self._on_delivery,
-                )
+                if partition is None:
+                    self._producer.produce(
+                        topic,
+                        key=message.key(),
+                        value=message.value(),
+                        headers=headers,
+                        on_delivery=self._on_delivery,
+                    )
+                else:  # a re-queued record goes back to its own partition
+                    self._producer.produce(
+                        topic,
+                        key=message.key(),
+                        value=message.value(),
+                        headers=headers,
+                        partition=partition,
+                        on_delivery=self._on_delivery,
+                    )
                 return
             except BufferError:
                 self._producer.poll(0.5)
@@ -115,10 +178,17 @@ class DeadLetterPublisher:
         if error is not None:
             with self._lock:
                 self._failures.append(str(error))
-            logger.warning("dead-letter write failed: %s", error)
+            logger.warning("re-publish to %s failed: %s", message.topic(), error)
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.flush(timeout_s)
+
+
+def _kept_headers(message: Message) -> _Headers:
+    """The producer's own headers, without the bookkeeping we add (it is written afresh)."""
+    received = message.headers() or []
+    pairs = list(received.items()) if isinstance(received, dict) else received
+    return [(key, value) for key, value in pairs if key not in DEAD_LETTER_HEADERS]
 
 
 def _class_name(error: BaseException) -> str:

@@ -1,9 +1,16 @@
-"""Liveness, readiness and Prometheus metrics over HTTP, served from a background thread."""
+"""Liveness, readiness and Prometheus metrics over HTTP, served from a background thread.
+
+Liveness is a heartbeat: the consumer loop beats once per turn (and while it waits out a pause),
+and ``/livez`` fails once the last beat is older than ``worker.liveness_timeout_s``, so a wedged
+loop gets the process restarted. Readiness probes run on this server's threads with clients of
+their own, never the loop's.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,8 +22,27 @@ logger = logging.getLogger(__name__)
 ReadinessCheck = Callable[[], dict[str, bool]]
 
 
+class Heartbeat:
+    """When the consumer loop last made progress; safe to read from any thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        self._last = self._clock()
+
+    def age(self) -> float:
+        """Seconds since the last beat."""
+        return self._clock() - self._last
+
+    def fresh(self, bound_s: float) -> bool:
+        return self.age() <= bound_s
+
+
 class HealthServer:
-    """``GET /livez`` (the loop is alive), ``GET /readyz`` (dependencies), ``GET /metrics``."""
+    """``GET /livez`` (``is_alive``: the loop's heartbeat is fresh), ``GET /readyz``
+    (dependencies), ``GET /metrics``."""
 
     def __init__(
         self,

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Step(StrEnum):
+    """What the worker was doing: the label of timings and retries.
+
+    Not the place a record failed (that is ``engine.errors.Stage``, in dead-letter headers): the
+    version lookup, for instance, is a step of its own, whatever stage its errors are charged to.
+    """
+
+    DECODE_EVENT = "decode_event"
+    FETCH = "fetch"
+    VERSION_LOOKUP = "version_lookup"
+    DECODE_IMAGE = "decode_image"
+    PREPROCESS = "preprocess"
+    EMBED = "embed"
+    UPSERT = "upsert"
+    DEAD_LETTER = "dead_letter"
+    REQUEUE = "requeue"
+    COMMIT = "commit"
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -31,8 +53,14 @@ class WorkerMetrics:
         )
         self.retries = Counter(
             "trident_retries_total",
-            "Retried calls to a dependency.",
+            "Retried calls to a dependency, by step (label ``stage``) and reason.",
             ["stage", "reason"],
+            registry=r,
+        )
+        self.requeued = Counter(
+            "trident_events_requeued_total",
+            "Records re-published for a later attempt after a per-record transient failure.",
+            ["reason"],
             registry=r,
         )
         self.pauses = Counter(
@@ -52,9 +80,10 @@ class WorkerMetrics:
             buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
             registry=r,
         )
-        self.stage_seconds = Histogram(
+        # The label keeps its name ``stage`` (dashboards query it); its values are Steps.
+        self.step_seconds = Histogram(
             "trident_stage_seconds",
-            "Time spent per pipeline stage and batch.",
+            "Time spent per step and batch.",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -67,3 +96,8 @@ class WorkerMetrics:
             registry=r,
         )
         self.assigned = Gauge("trident_assigned_partitions", "Partitions assigned.", registry=r)
+        self.heartbeat_age = Gauge(
+            "trident_loop_heartbeat_age_seconds",
+            "Seconds since the consumer loop last reported progress.",
+            registry=r,
+        )

@@ -1,8 +1,14 @@
 """Which offsets are safe to commit.
 
-A partition's committed position may only move past records whose effect is durable (upserted
-into Milvus, skipped as already stored, or acknowledged by the dead-letter topic). Records can
-finish out of order, so the safe position is the first offset that is *not* yet finished.
+A partition's committed position may only move past records that are *terminal*: stored in
+Milvus, skipped as already stored, dead-lettered or re-queued with the dead-letter topic's or the
+ingest topic's acknowledgement. Records finish out of order, and a partition's offsets are not
+contiguous: transaction markers, aborted transactions (read_committed) and compaction leave gaps.
+So the tracker works over the offsets actually consumed: the commit position is the last
+finished offset + 1 such that every record consumed before it is terminal too. When nothing is
+open, the consumer's own position may lie further on, past control records (a transaction's
+commit or abort marker ends every transactional partition): :meth:`OffsetTracker.caught_up`
+moves the commit there, so an idle partition's lag reaches 0.
 """
 
 from __future__ import annotations
@@ -14,56 +20,81 @@ TopicPartitionKey = tuple[str, int]
 
 @dataclass
 class _PartitionState:
-    next_to_commit: int  # the first offset not known to be finished
-    finished: set[int] = field(default_factory=set)
+    # Everything consumed below ``commit_at`` is terminal; committing it never skips a record.
+    commit_at: int
+    # Consumed offsets at or above ``commit_at``, ascending (consumption order), -> finished?
+    open: dict[int, bool] = field(default_factory=dict)
+
+    def advance(self) -> None:
+        while self.open:
+            first = next(iter(self.open))
+            if not self.open[first]:
+                return
+            del self.open[first]
+            self.commit_at = first + 1
 
 
 class OffsetTracker:
-    """Tracks finished offsets per partition and yields the highest contiguous commit point."""
+    """Tracks consumed and finished offsets per partition; yields safe commit positions."""
 
     def __init__(self) -> None:
         self._partitions: dict[TopicPartitionKey, _PartitionState] = {}
         self._committed: dict[TopicPartitionKey, int] = {}
 
     def track(self, topic: str, partition: int, offset: int) -> None:
-        """Register a consumed record (so the partition's start is known)."""
+        """Register a consumed record (unfinished until :meth:`finish`).
+
+        A record at or below one already tracked is a redelivery after a rewind: the consumer
+        reads on from there, so it and everything tracked after it are open again.
+        """
         key = (topic, partition)
         state = self._partitions.get(key)
         if state is None:
-            self._partitions[key] = _PartitionState(next_to_commit=offset)
-        elif offset < state.next_to_commit:
-            # Redelivered after a rewind: the record is unfinished again.
-            state.next_to_commit = offset
-            state.finished = {o for o in state.finished if o < offset}
+            self._partitions[key] = _PartitionState(commit_at=offset, open={offset: False})
+            return
+        state.commit_at = min(state.commit_at, offset)
+        state.open = {o: done for o, done in state.open.items() if o < offset}
+        state.open[offset] = False
 
     def finish(self, topic: str, partition: int, offset: int) -> None:
-        """Mark a record's effect durable."""
+        """Mark a consumed record terminal (a record never tracked, or forgotten, is ignored)."""
         state = self._partitions.get((topic, partition))
-        if state is None or offset < state.next_to_commit:
+        if state is None or offset not in state.open:
             return
-        state.finished.add(offset)
-        while state.next_to_commit in state.finished:
-            state.finished.remove(state.next_to_commit)
-            state.next_to_commit += 1
+        state.open[offset] = True
+        state.advance()
+
+    def caught_up(self, topic: str, partition: int, consumer_position: int) -> None:
+        """The consumer will read on from ``consumer_position``: with no record open, nothing
+        below it is left to do (what lies between is control records or compacted away)."""
+        key = (topic, partition)
+        state = self._partitions.get(key)
+        if state is None:
+            self._partitions[key] = _PartitionState(commit_at=consumer_position)
+        elif not state.open and consumer_position > state.commit_at:
+            state.commit_at = consumer_position
 
     def position(self, topic: str, partition: int) -> int | None:
-        """The first unfinished offset of the partition (where a rewind must seek to)."""
+        """Where a rewind must seek to: the first unfinished consumed record, else the commit
+        position (None for a partition never consumed)."""
         state = self._partitions.get((topic, partition))
-        return None if state is None else state.next_to_commit
+        if state is None:
+            return None
+        return next(iter(state.open), state.commit_at)
 
     def committable(self) -> dict[TopicPartitionKey, int]:
         """Commit positions that moved since the last :meth:`mark_committed`."""
         return {
-            key: state.next_to_commit
+            key: state.commit_at
             for key, state in self._partitions.items()
-            if self._committed.get(key) != state.next_to_commit
+            if self._committed.get(key) != state.commit_at
         }
 
     def mark_committed(self, positions: dict[TopicPartitionKey, int]) -> None:
         self._committed.update(positions)
 
     def forget(self, partitions: list[TopicPartitionKey]) -> None:
-        """Drop the state of partitions this worker no longer owns."""
+        """Drop the state of partitions this worker no longer owns (revoked or lost)."""
         for key in partitions:
             self._partitions.pop(key, None)
             self._committed.pop(key, None)

@@ -1,79 +1,165 @@
-"""Assemble a worker from settings and run it until SIGTERM/SIGINT."""
+"""Assemble a worker from settings, own its adapters, and run it until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
-from types import FrameType
+from types import FrameType, TracebackType
+from typing import TypeVar
+
+from confluent_kafka import Consumer
 
 from engine.errors import RetriableError
 from engine.fetch import ImageFetcher
 from engine.inference import TritonEmbedder
-from engine.kafka import ensure_topics
+from engine.kafka import consumer_config, ensure_topics
 from engine.preprocess_jax import build_preprocessor
 from engine.settings import Settings
 from engine.store import VectorStore
 from worker.consumer import Worker
-from worker.health import HealthServer
+from worker.dead_letter import RecordPublisher
+from worker.health import HealthServer, Heartbeat
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchProcessor
 from worker.retry import call_with_retries
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def build_worker(
-    settings: Settings, *, worker_id: str | None = None
-) -> tuple[Worker, Callable[[], dict[str, bool]]]:
-    """A ready-to-run worker and its readiness check (Triton model ready, Milvus reachable).
 
-    Raises:
-        ConfigurationError: the settings are inconsistent.
+class WorkerRuntime:
+    """A worker with every adapter it uses, which this object owns and closes.
+
+    The loop's clients (consumer, producer, Triton, Milvus, fetcher, decoding threads) and the
+    health probes' own Triton and Milvus clients: a failing probe never touches the loop's.
+    Use as a context manager, or call :meth:`close` after ``worker.run()`` returned.
     """
-    fetcher = ImageFetcher(settings.fetch)
-    preprocessor = build_preprocessor(settings.preprocess)
-    embedder = TritonEmbedder(settings.triton)
-    store = VectorStore(settings.milvus)
 
-    def make_processor(metrics: WorkerMetrics, should_stop: Callable[[], bool]) -> BatchProcessor:
-        return BatchProcessor(
-            fetcher=fetcher,
-            preprocessor=preprocessor,
-            embedder=embedder,
-            store=store,
-            fetch_settings=settings.fetch,
-            retry_settings=settings.retry,
-            model_version=settings.triton.model_tag,
-            default_collection=settings.milvus.collection,
-            metrics=metrics,
-            should_stop=should_stop,
-        )
-
-    worker = Worker(settings, make_processor, worker_id=worker_id)
-
-    def readiness() -> dict[str, bool]:
+    def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
+        self._closers: list[Callable[[], None]] = []
         try:
-            store.list_collections()
+            self.worker = self._assemble(
+                settings, worker_id or f"{socket.gethostname()}-{os.getpid()}"
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _assemble(self, settings: Settings, worker_id: str) -> Worker:
+        self.metrics = WorkerMetrics()
+        self.heartbeat = Heartbeat()
+        self.metrics.heartbeat_age.set_function(self.heartbeat.age)
+        self._liveness_bound = settings.worker.liveness_timeout_s
+        stop = threading.Event()
+        fetcher = self._owned(ImageFetcher(settings.fetch), "close")
+        embedder = self._owned(TritonEmbedder(settings.triton), "close")
+        store = self._owned(VectorStore(settings.milvus), "close")
+        self._probe_embedder = self._owned(TritonEmbedder(settings.triton), "close")
+        self._probe_store = self._owned(VectorStore(settings.milvus), "close")
+        sink = self._owned(
+            RecordPublisher(
+                settings.kafka, worker_id=worker_id, model_version=settings.triton.model_tag
+            ),
+            "close",
+        )
+        preprocessor = build_preprocessor(settings.preprocess)
+        processor = self._owned(
+            BatchProcessor(
+                fetcher=fetcher,
+                preprocessor=preprocessor,
+                embedder=embedder,
+                store=store,
+                fetch_settings=settings.fetch,
+                retry_settings=settings.retry,
+                model_version=settings.triton.model_tag,
+                default_collection=settings.milvus.collection,
+                metrics=self.metrics,
+                should_stop=stop.is_set,
+                event_limits=settings.kafka.event_limits,
+            ),
+            "close",
+        )
+        # The default collection is created on purpose, here; events naming any other
+        # collection are dead-lettered unless it was created beforehand (API, CLI).
+        call_with_retries(
+            lambda: store.create_collection(
+                settings.milvus.collection, model_tag=settings.triton.model_tag
+            ),
+            settings.retry,
+            what=f"creating collection {settings.milvus.collection}",
+        )
+        # Compile every batch shape now, not on the first records.
+        preprocessor.warmup()
+        # The loop closes its consumer itself when it stops (leaving the group at once);
+        # Worker.close covers a worker that never ran.
+        consumer = Consumer(consumer_config(settings.kafka, **{"client.id": worker_id}))
+        worker = Worker(
+            settings,
+            processor,
+            consumer=consumer,
+            sink=sink,
+            metrics=self.metrics,
+            stop=stop,
+            heartbeat=self.heartbeat,
+            worker_id=worker_id,
+        )
+        return self._owned(worker, "close")
+
+    def _owned(self, adapter: T, close: str) -> T:
+        self._closers.append(getattr(adapter, close))
+        return adapter
+
+    def alive(self) -> bool:
+        """The loop's heartbeat is fresher than ``worker.liveness_timeout_s``."""
+        return self.heartbeat.fresh(self._liveness_bound)
+
+    def readiness(self) -> dict[str, bool]:
+        """Subscribed, Triton model ready, Milvus reachable (the probes' own clients)."""
+        try:
+            self._probe_store.list_collections()
             milvus_ok = True
         except RetriableError:
             milvus_ok = False
-        return {"kafka": worker.subscribed, "triton": embedder.is_ready(), "milvus": milvus_ok}
+        return {
+            "kafka": self.worker.subscribed,
+            "triton": self._probe_embedder.is_ready(),
+            "milvus": milvus_ok,
+        }
 
-    # The default collection is created on purpose, here; events naming any other collection
-    # are dead-lettered unless it was created beforehand (API, CLI).
-    call_with_retries(
-        lambda: store.create_collection(
-            settings.milvus.collection, model_tag=settings.triton.model_tag
-        ),
-        settings.retry,
-        what=f"creating collection {settings.milvus.collection}",
-    )
-    # Compile every batch shape now, not on the first records.
-    preprocessor.warmup()
-    return worker, readiness
+    def close(self) -> None:
+        """Close every adapter, last opened first; never raises."""
+        while self._closers:
+            close = self._closers.pop()
+            try:
+                close()
+            except Exception as exc:  # closing must go on whatever one adapter does
+                logger.warning("closing %s failed: %s", close, exc)
+
+    def __enter__(self) -> WorkerRuntime:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def build_worker(settings: Settings, *, worker_id: str | None = None) -> WorkerRuntime:
+    """A ready-to-run worker (``runtime.worker``) with its adapters; close the runtime after.
+
+    Raises:
+        StoreUnavailableError: Milvus stayed unreachable while creating the default collection.
+        ConfigurationError: the settings are inconsistent.
+    """
+    return WorkerRuntime(settings, worker_id=worker_id)
 
 
 def run_worker(settings: Settings, *, worker_id: str | None = None) -> None:
@@ -83,32 +169,32 @@ def run_worker(settings: Settings, *, worker_id: str | None = None) -> None:
         BrokerUnavailableError: Kafka could not be reached to create the topics.
     """
     ensure_topics(settings.kafka)
-    worker, readiness = build_worker(settings, worker_id=worker_id)
-    loop_thread = threading.current_thread()
-    health = HealthServer(
-        settings.worker.health_host,
-        settings.worker.health_port,
-        registry=worker.metrics.registry,
-        is_alive=loop_thread.is_alive,
-        readiness=readiness,
-    )
-    health.start()
+    with build_worker(settings, worker_id=worker_id) as runtime:
+        worker = runtime.worker
+        health = HealthServer(
+            settings.worker.health_host,
+            settings.worker.health_port,
+            registry=runtime.metrics.registry,
+            is_alive=runtime.alive,
+            readiness=runtime.readiness,
+        )
+        health.start()
 
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s: finishing the current batch", signal.Signals(signum).name)
-        worker.stop()
-        # A second signal, or the grace period running out, ends the process the hard way;
-        # uncommitted records are simply consumed again by another worker.
-        timer = threading.Timer(settings.worker.shutdown_grace_s, _force_exit)
-        timer.daemon = True
-        timer.start()
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s: finishing the current batch", signal.Signals(signum).name)
+            worker.stop()
+            # A second signal, or the grace period running out, ends the process the hard way;
+            # uncommitted records are simply consumed again by another worker.
+            timer = threading.Timer(settings.worker.shutdown_grace_s, _force_exit)
+            timer.daemon = True
+            timer.start()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        worker.run()
-    finally:
-        health.stop()
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            worker.run()
+        finally:
+            health.stop()
 
 
 def _force_exit() -> None:

@@ -2,7 +2,10 @@
 
 Everything that must agree between the ONNX graph, the Triton ``config.pbtxt`` (python and
 onnxruntime backends alike), the worker's inference client and the vectors stored in Milvus is
-derived from a :class:`ModelSpec`, so the names, shapes and batching cannot drift apart.
+derived from a :class:`ModelSpec`: the model repository is generated from it, and the settings'
+defaults (``TritonSettings``, ``MilvusSettings.dimension``) come from :data:`DEFAULT_MODEL_SPEC`.
+Settings that override those defaults must still match the served model: Triton refuses a
+mismatched request (``InferenceConfigurationError``), the store a vector of the wrong size.
 This module imports only pydantic: the worker can read it without onnx installed.
 """
 

@@ -22,7 +22,7 @@ from typing import IO, Any, NoReturn
 
 import numpy as np
 
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, Reason
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
 class TorchPickleError(ConfigurationError):
     """The file is not a readable legacy torch state dict (wrong format, corrupt, unsafe)."""
 
-    reason = "model_weights"
+    reason = Reason.MODEL_WEIGHTS
 
 
 @dataclass(frozen=True)

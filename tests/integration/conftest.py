@@ -16,7 +16,7 @@ from PIL import Image
 
 from devstack._process import ManagedProcess
 from devstack.stack import LocalStack
-from engine.errors import RetriableError, Stage
+from engine.errors import RetriableError
 from engine.kafka import consumer_config, ensure_topics
 from engine.settings import Settings
 from engine.store import VectorStore
@@ -56,8 +56,9 @@ def store(settings: Settings) -> Iterator[VectorStore]:
 
 @contextmanager
 def running_worker(settings: Settings, worker_id: str = "test-worker") -> Iterator[Worker]:
-    """A worker consuming in a background thread of this process; stopped on exit."""
-    worker, _readiness = build_worker(settings, worker_id=worker_id)
+    """A worker consuming in a background thread of this process; stopped and closed on exit."""
+    runtime = build_worker(settings, worker_id=worker_id)
+    worker = runtime.worker
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -74,6 +75,7 @@ def running_worker(settings: Settings, worker_id: str = "test-worker") -> Iterat
     finally:
         worker.stop()
         thread.join(timeout=60)
+        runtime.close()
     assert not thread.is_alive(), "worker did not stop within 60 s"
     assert not failure, f"worker crashed: {failure[0]!r}"
 
@@ -130,19 +132,9 @@ def small_images(folder: Path, count: int, *, seed: int = 1) -> list[Path]:
     return paths
 
 
-def stored_ids(store: VectorStore, collection: str, limit: int = 16_000) -> list[str]:
+def stored_ids(store: VectorStore, collection: str) -> list[str]:
     """Every stored id (strongly consistent), duplicates included if there were any."""
-    rows = store._call(  # the test reads through the adapter's error translation on purpose
-        Stage.SEARCH,
-        "list ids",
-        "query",
-        collection,
-        filter='id != ""',
-        output_fields=["id"],
-        limit=limit,
-        consistency_level="Strong",
-    )
-    return [str(row["id"]) for row in rows]
+    return store.ids(collection)
 
 
 def safe_count(store: VectorStore) -> int:

@@ -188,7 +188,7 @@ def test_a_model_upgrade_switches_searches_behind_an_alias(stack: LocalStack, un
     """docs/OPERATIONS.md "Upgrading the model": re-embed into a new collection, move the alias
     searches go through; they follow at once, with no client reconnecting."""
     old, new, alias = f"images_v1_{unique}", f"images_v2_{unique}", f"images_{unique}"
-    client = MilvusClient(uri=_milvus_uri(stack))
+    client = MilvusClient(uri=_milvus_uri(stack), token=stack.milvus.token)
     try:
         _collection_with_one_row(client, old, 1)
         _collection_with_one_row(client, new, 2)
@@ -207,6 +207,7 @@ def test_the_alias_job_sets_up_once_and_never_moves_an_alias(
     collection, alias, upgraded = f"images_v1_{unique}", f"images_{unique}", f"images_v2_{unique}"
     environment = {
         "TRIDENT_MILVUS__URI": _milvus_uri(stack),
+        "TRIDENT_MILVUS__TOKEN": stack.milvus.token,
         "TRIDENT_MILVUS__COLLECTION": collection,
         "SEARCH_ALIAS": alias,
         "COLLECTION_WAIT_S": "6",
@@ -223,7 +224,7 @@ def test_the_alias_job_sets_up_once_and_never_moves_an_alias(
             check=False,
         )
 
-    client = MilvusClient(uri=_milvus_uri(stack))
+    client = MilvusClient(uri=_milvus_uri(stack), token=stack.milvus.token)
     try:
         # Before the workers made their collection, the Job waits, then fails (and the Job's
         # backoff runs it again).

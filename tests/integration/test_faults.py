@@ -17,17 +17,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 from PIL import Image
 
+from devstack.kafka import KafkaCluster, KafkaNode
 from devstack.stack import LocalStack
+from engine.kafka import ensure_topics, producer_config
 from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, event_for_reference
 from schemas import IngestEvent, InlineImage, PathImage, UrlImage, encode_event
-from schemas.dead_letter import HEADER_REASON, HEADER_STAGE
+from schemas.dead_letter import HEADER_ATTEMPTS, HEADER_REASON, HEADER_STAGE
 from tests.integration.conftest import (
+    committed_everything,
     dead_letters,
     report,
     safe_count,
@@ -72,16 +76,17 @@ def run_outage(
     *,
     scenario: str,
     fault: Callable[[], None],
+    count: int = STREAM,
 ) -> None:
-    """Stream STREAM events, apply ``fault`` once ingest is under way, check nothing is lost."""
-    ids = publish_folder(settings, small_images(tmp_path, STREAM))
+    """Stream ``count`` events, apply ``fault`` once ingest is under way, check nothing is lost."""
+    ids = publish_folder(settings, small_images(tmp_path, count))
     with worker_processes(stack, settings, [f"{scenario}-worker"]) as (worker,):
         wait_for(lambda: safe_count(store) >= 30, timeout=240, what="ingest under way")
         fault()
         wait_for(
-            lambda: worker_alive(worker) and safe_count(store) == STREAM,
+            lambda: worker_alive(worker) and safe_count(store) == count,
             timeout=400,
-            what=f"all {STREAM} stored",
+            what=f"all {count} stored",
         )
     dead = assert_stream_complete(scenario, ids, settings, store)
     assert dead == [], "an outage must never produce dead letters"
@@ -130,6 +135,24 @@ def test_service_outage_during_ingest(
     run_outage(stack, settings, store, tmp_path, scenario=scenario, fault=fault)
 
 
+def test_milvus_killed_mid_ingest_keeps_every_acknowledged_upsert(
+    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
+) -> None:
+    """SIGKILL (no clean shutdown, no flush) Milvus mid-stream, then restart it."""
+
+    def fault() -> None:
+        acknowledged = set(stored_ids(store, settings.milvus.collection))
+        stack.milvus.kill()
+        time.sleep(5)
+        stack.milvus.start()  # returns once the collections are loaded again
+        # Read before the worker could write anything again: what Milvus acknowledged survived.
+        survived = set(stored_ids(store, settings.milvus.collection))
+        missing = acknowledged - survived
+        assert not missing, f"{len(missing)} acknowledged upserts lost by the kill"
+
+    run_outage(stack, settings, store, tmp_path, scenario="milvus_kill9", fault=fault, count=300)
+
+
 def test_graceful_stop_with_events_in_flight_loses_nothing(
     stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
 ) -> None:
@@ -152,7 +175,8 @@ def test_two_workers_share_four_partitions_and_store_each_event_once(
     ids = publish_folder(settings, small_images(tmp_path, STREAM))
     with worker_processes(stack, settings, ["scale-a", "scale-b"]) as workers:
         wait_for(lambda: safe_count(store) == STREAM, timeout=600, what=f"all {STREAM} stored")
-        logs = [w.log_file.read_text() for w in workers]
+        # This run's part of each log (a log file collects every run of a worker of that name).
+        logs = [(text := w.log_file.read_text())[text.rfind("starting:") :] for w in workers]
         # Each worker's health server: ready, and its metrics count what it upserted.
         upserted = 0.0
         for log in logs:
@@ -328,3 +352,209 @@ def test_permanent_failures_are_dead_lettered_with_stage_and_reason(
         lost=lost,
     )
     assert lost == 0
+
+
+# Records that must not stall the stream ------------------------------------------------------
+
+POISON_GOOD = 240
+
+
+@pytest.fixture
+def unwell_server() -> Iterator[str]:
+    """A loopback HTTP server: /500 answers 500 forever, /hang never answers (until shutdown)."""
+    closing = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/hang"):
+                closing.wait(60)
+                return
+            self.send_error(500)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    closing.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _raw_event(event_id: str, image: dict[str, str], **extra: object) -> bytes:
+    """An event as the wire carries it, built by hand: nothing checks it before it is sent."""
+    return orjson.dumps({"schema_version": 1, "id": event_id, "image": image, **extra})
+
+
+def test_poison_rows_never_stall_the_stream(
+    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path, unwell_server: str
+) -> None:
+    record_attempts = 4
+    settings = settings.model_copy(
+        update={
+            "fetch": settings.fetch.model_copy(
+                update={"allowed_hosts": ["127.0.0.1"], "timeout_s": 1.0}
+            ),
+            "retry": settings.retry.model_copy(
+                update={"attempts": 2, "record_attempts": record_attempts}
+            ),
+        }
+    )
+    good_ids = publish_folder(settings, small_images(tmp_path, POISON_GOOD))
+    partitions = settings.kafka.topic_partitions  # the settings fixture created the topic
+    # Every kind of poison on every partition, published raw, bypassing the producer's checks.
+    expected: dict[str, set[tuple[str, str]]] = {}
+    raw = Producer(producer_config(settings.kafka))
+    for partition in range(partitions):
+        poisons = {
+            f"long-id-{partition}": (
+                # 256 characters, 768 UTF-8 bytes: over the store's 256-byte primary key.
+                _raw_event(
+                    f"{partition}" + "猫" * 255,
+                    {"kind": "path", "path": str(tmp_path / "img_00000.png")},
+                ),
+                {("upsert", "id_too_long"), ("decode_event", "id_too_long")},
+            ),
+            f"http-500-{partition}": (
+                _raw_event(f"http-500-{partition}", {"kind": "url", "url": f"{unwell_server}/500"}),
+                {("fetch", "retries_exhausted")},
+            ),
+            f"hang-{partition}": (
+                _raw_event(f"hang-{partition}", {"kind": "url", "url": f"{unwell_server}/hang"}),
+                {("fetch", "retries_exhausted")},
+            ),
+            f"big-metadata-{partition}": (
+                # Over Milvus's 64 KiB JSON field: the store refuses the row.
+                _raw_event(
+                    f"big-metadata-{partition}",
+                    {"kind": "path", "path": str(tmp_path / "img_00000.png")},
+                    metadata={"blob": "x" * 70_000},
+                ),
+                {("upsert", "metadata_too_large"), ("decode_event", "metadata_too_large")},
+            ),
+        }
+        for key, (payload, outcomes) in poisons.items():
+            raw.produce(settings.kafka.topic, key=key.encode(), value=payload, partition=partition)
+            expected[key] = outcomes
+    assert raw.flush(30) == 0
+    bound_s = 300  # all good events stored within this, whatever the poison
+    with worker_processes(stack, settings, ["poison-worker"]) as (worker,):
+        wait_for(
+            lambda: worker_alive(worker) and safe_count(store) >= POISON_GOOD,
+            timeout=bound_s,
+            what=f"all {POISON_GOOD} good events stored",
+        )
+        letters = wait_for(
+            lambda: (d := dead_letters(settings)) and len(d) >= len(expected) and d,
+            timeout=120,
+            what="every poison record dead-lettered",
+        )
+        log = worker.log_file.read_text()
+    # One record's trouble is never an outage: no partition was ever paused for it.
+    assert "partitions for" not in log[log.rfind("starting:") :], "a partition was paused"
+    by_key = {message.key().decode(): message for message in letters}
+    stored = set(stored_ids(store, settings.milvus.collection))
+    lost = len(set(good_ids) - stored) + len(set(expected) - set(by_key))
+    report(
+        "poison_rows",
+        produced=POISON_GOOD + len(expected),
+        stored=len(stored),
+        dead_lettered=len(letters),
+        lost=lost,
+    )
+    assert lost == 0
+    assert stored == set(good_ids), "only the good events are stored"
+    assert len(letters) == len(expected), sorted(by_key)
+    for key, outcomes in expected.items():
+        headers = dict(by_key[key].headers())
+        outcome = (headers[HEADER_STAGE].decode(), headers[HEADER_REASON].decode())
+        assert outcome in outcomes, (key, outcome)
+        if outcome[1] == "retries_exhausted":  # the cap held across re-queues
+            assert headers[HEADER_ATTEMPTS] == str(record_attempts).encode(), key
+
+
+# Kafka itself ------------------------------------------------------------------------------
+
+
+CLUSTER_NODES = [KafkaNode(1, 29750, 29751), KafkaNode(2, 29752, 29753), KafkaNode(3, 29754, 29755)]
+
+
+def test_kafka_cluster_failover_loses_and_duplicates_nothing(
+    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
+) -> None:
+    """Three brokers (replication 3, min ISR 2, acks=all); the busiest leader is SIGKILLed
+    mid-stream while events are still being published, and returns later."""
+    cluster = KafkaCluster(stack.config, CLUSTER_NODES)
+    try:
+        cluster.start()
+        settings = settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(
+                    update={"bootstrap_servers": cluster.bootstrap_servers}
+                )
+            }
+        )
+        ensure_topics(settings.kafka)
+        images = small_images(tmp_path, 250)
+        ids = publish_folder(settings, images[:150])
+        with worker_processes(stack, settings, ["failover-worker"]) as (worker,):
+            wait_for(lambda: safe_count(store) >= 30, timeout=240, what="ingest under way")
+            victim = cluster.brokers[cluster.busiest_leader(settings.kafka.topic)]
+            victim.kill()
+            ids += publish_folder(settings, images[150:])  # two replicas in sync still take it
+            time.sleep(5)
+            victim.start()
+            wait_for(
+                lambda: worker_alive(worker) and safe_count(store) == len(ids),
+                timeout=400,
+                what=f"all {len(ids)} stored",
+            )
+        dead = assert_stream_complete("kafka_cluster_failover", ids, settings, store)
+        assert dead == [], "a broker failover must never produce dead letters"
+    finally:
+        cluster.reset()
+
+
+def test_transactional_gaps_commit_to_the_end_of_each_partition(
+    stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path, unique: str
+) -> None:
+    """Events written in transactions, every third one aborted: the committed ones are stored,
+    no aborted one, and the group's offsets pass every marker (lag 0)."""
+    producer = Producer(
+        producer_config(
+            settings.kafka, **{"transactional.id": f"tx-{unique}", "message.timeout.ms": 60_000}
+        )
+    )
+    producer.init_transactions(30)
+    committed: list[str] = []
+    aborted: list[str] = []
+    paths = small_images(tmp_path, 300)
+    for index in range(12):
+        chunk = [event_for_reference(str(p), event_id=p.name) for p in paths[index * 25 :][:25]]
+        producer.begin_transaction()
+        for event in chunk:
+            producer.produce(settings.kafka.topic, key=event.id.encode(), value=encode_event(event))
+        if index % 3 == 1:
+            producer.abort_transaction(30)
+            aborted += [event.id for event in chunk]
+        else:
+            producer.commit_transaction(30)
+            committed += [event.id for event in chunk]
+    with worker_processes(stack, settings, ["tx-worker"]) as (worker,):
+        wait_for(
+            lambda: worker_alive(worker) and safe_count(store) >= len(committed),
+            timeout=300,
+            what=f"all {len(committed)} committed events stored",
+        )
+        wait_for(
+            lambda: committed_everything(settings),
+            timeout=60,
+            what="the group's offsets at the end of every partition",
+        )
+    stored = set(stored_ids(store, settings.milvus.collection))
+    assert not stored & set(aborted), "an aborted event was stored"
+    dead = assert_stream_complete("transactional_gaps", committed, settings, store)
+    assert dead == []

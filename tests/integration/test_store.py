@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from devstack.stack import LocalStack
-from engine.errors import UnknownCollectionError
+from engine.errors import InvalidRowError, UnknownCollectionError
 from engine.indexes import IndexSpec
 from engine.store import VectorRecord, VectorStore
 
@@ -64,4 +64,32 @@ def test_reads_of_a_missing_collection_never_create_it(stack: LocalStack, unique
         assert not store.collection_exists(name)
         assert name not in store.list_collections()
     finally:
+        store.close()
+
+
+def test_rows_milvus_refuses_are_permanent_errors(stack: LocalStack, unique: str) -> None:
+    """What the worker's bisecting relies on: Milvus refuses a whole request for one row (code
+    1100), the adapter calls that permanent (not retriable), and the other rows alone pass."""
+    store = VectorStore(stack.settings().milvus)
+    name = f"refuse_{unique}"
+    long_id = "猫" * 256  # 256 characters but 768 UTF-8 bytes: Milvus counts bytes
+    try:
+        store.create_collection(name, dimension=8, index=IndexSpec(index_type="FLAT"))
+        bad = VectorRecord(id=long_id, vector=np.ones(8, np.float32))
+        with pytest.raises(InvalidRowError) as checked:
+            store.validate(bad, name)  # caught before writing...
+        assert checked.value.reason == "id_too_long"
+        good = [VectorRecord(id=f"g{i}", vector=np.ones(8, np.float32)) for i in range(3)]
+        with pytest.raises(InvalidRowError) as refused:  # ...and by the server when not
+            store.upsert([*good, bad], name)
+        assert "exceeds max length" in str(refused.value)
+        with pytest.raises(InvalidRowError):
+            store.upsert([bad], name)
+        assert store.upsert(good, name) == 3
+        assert sorted(store.ids(name)) == ["g0", "g1", "g2"]
+        with pytest.raises(InvalidRowError) as wrong:
+            store.validate(VectorRecord(id="short", vector=np.ones(5, np.float32)), name)
+        assert wrong.value.reason == "wrong_dimension"
+    finally:
+        store.drop_collection(name)
         store.close()

@@ -319,9 +319,9 @@ def test_os_errors_split_into_permanent_and_transient(
     [
         ("/missing", ImageReferenceError, "not_found"),
         ("/gone", ImageReferenceError, "gone"),
-        ("/denied", ImageReferenceError, "http_403"),
-        ("/error", FetchUnavailableError, "http_500"),
-        ("/busy", FetchUnavailableError, "http_429"),
+        ("/denied", ImageReferenceError, "http_client_error"),
+        ("/error", FetchUnavailableError, "http_server_error"),
+        ("/busy", FetchUnavailableError, "http_throttled"),
         ("/big", ImageContentError, "too_many_bytes"),
         ("/big-unsized", ImageContentError, "too_many_bytes"),
         ("/redirect-metadata", ImageReferenceError, "forbidden_address"),
@@ -537,7 +537,8 @@ def test_fetch_many_isolates_failures_and_keeps_order(
     )
     assert results[0] == PNG and results[2] == PNG and results[5] == b"inline"
     assert isinstance(results[1], ImageReferenceError) and results[1].reason == "not_found"
-    assert isinstance(results[3], FetchUnavailableError) and results[3].reason == "http_500"
+    assert isinstance(results[3], FetchUnavailableError)
+    assert results[3].reason == "http_server_error"
     assert isinstance(results[4], ImageContentError) and results[4].stage is Stage.FETCH
 
 

@@ -1,8 +1,10 @@
-"""The batch processor with fake services: isolation, classification, version guard."""
+"""The batch processor with fake services: isolation, classification, retry budget, bisecting
+rejected rows, version guard."""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +18,16 @@ from engine.errors import (
     FetchUnavailableError,
     ImageReferenceError,
     InferenceUnavailableError,
+    InvalidRowError,
+    Reason,
+    StoreUnavailableError,
     TridentError,
+    UnknownCollectionError,
 )
 from engine.settings import FetchSettings, RetrySettings
 from engine.store import StoredVersion, VectorRecord
 from schemas import IngestEvent, InlineImage, PathImage, encode_event
+from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchProcessor, Outcome
@@ -33,6 +40,7 @@ class FakeMessage:
     payload: bytes | None
     offset_: int
     key_: bytes | None = None
+    headers_: list[tuple[str, bytes]] | None = None
 
     def value(self) -> bytes | None:
         return self.payload
@@ -50,7 +58,7 @@ class FakeMessage:
         return self.offset_
 
     def headers(self) -> list[tuple[str, bytes]] | None:
-        return None
+        return self.headers_
 
 
 class FakeFetcher:
@@ -96,12 +104,31 @@ class FakeEmbedder:
 
 @dataclass
 class FakeStore:
+    """Rows in a dict. ``refused`` ids make the whole upsert request fail, as Milvus does (code
+    1100); ``invalid`` ids fail validation; ``collections`` are the ones that exist."""
+
     rows: dict[str, VectorRecord] = field(default_factory=dict)
     upserts: int = 0
+    refused: set[str] = field(default_factory=set)
+    invalid: set[str] = field(default_factory=set)
+    collections: set[str] = field(default_factory=lambda: {"images"})
+    outage: bool = False
+
+    def _check(self, collection: str | None) -> None:
+        if self.outage:
+            raise StoreUnavailableError("milvus down")
+        if (collection or "images") not in self.collections:
+            raise UnknownCollectionError(f"no collection {collection}")
+
+    def validate(self, record: VectorRecord, collection: str | None = None) -> None:
+        self._check(collection)
+        if record.id in self.invalid:
+            raise InvalidRowError("too big", reason=Reason.METADATA_TOO_LARGE)
 
     def stored_versions(
         self, ids: Sequence[str], collection: str | None = None
     ) -> dict[str, StoredVersion]:
+        self._check(collection)
         return {
             i: StoredVersion(
                 self.rows[i].event_version, self.rows[i].content_sha256, self.rows[i].model_version
@@ -111,7 +138,10 @@ class FakeStore:
         }
 
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
+        self._check(collection)
         self.upserts += 1
+        if any(record.id in self.refused for record in records):
+            raise InvalidRowError("exceeds max length (code 1100)")
         for record in records:
             self.rows[record.id] = record
         return len(records)
@@ -128,12 +158,14 @@ def png(shade: int) -> bytes:
     return buffer.getvalue()
 
 
-def event(event_id: str, image: ImageRef, version: int = 1) -> bytes:
-    return encode_event(IngestEvent(id=event_id, image=image, version=version))
+def event(event_id: str, image: ImageRef, version: int = 1, collection: str | None = None) -> bytes:
+    return encode_event(
+        IngestEvent(id=event_id, image=image, version=version, collection=collection)
+    )
 
 
 def make_processor(
-    fetcher: FakeFetcher, embedder: FakeEmbedder, store: FakeStore
+    fetcher: FakeFetcher, embedder: FakeEmbedder, store: FakeStore, *, record_attempts: int = 7
 ) -> BatchProcessor:
     return BatchProcessor(
         fetcher=fetcher,
@@ -141,7 +173,9 @@ def make_processor(
         embedder=embedder,
         store=store,
         fetch_settings=FetchSettings(max_pixels=10_000),
-        retry_settings=RetrySettings(attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0),
+        retry_settings=RetrySettings(
+            attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0, record_attempts=record_attempts
+        ),
         model_version="m1",
         default_collection="images",
         metrics=WorkerMetrics(),
@@ -185,22 +219,114 @@ def test_each_bad_record_fails_alone_with_its_reason() -> None:
     assert store.rows["good-1"].content_sha256 and store.rows["good-1"].model_version == "m1"
 
 
-def test_transient_fetch_failure_is_retried_then_left_unfinished_never_dead() -> None:
-    flaky = FetchUnavailableError("503", reason="http_503")
-    fetcher = FakeFetcher(
-        {
-            "/recovers.jpg": [flaky, png(80)],
-            "/down.jpg": [flaky],
-        }
-    )
+def test_a_transiently_failing_image_is_requeued_with_its_attempts_never_blocking() -> None:
+    flaky = FetchUnavailableError("503", reason=Reason.HTTP_SERVER_ERROR)
+    fetcher = FakeFetcher({"/recovers.jpg": [flaky, png(80)], "/down.jpg": [flaky]})
     store = FakeStore()
     messages = [
         FakeMessage(event("recovers", PathImage(path="/recovers.jpg")), 0),
         FakeMessage(event("down", PathImage(path="/down.jpg")), 1),
+        FakeMessage(event("fine", InlineImage(data=png(9))), 2),
     ]
     result = make_processor(fetcher, FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
-    assert [item.outcome for item in result.items] == [Outcome.STORED, Outcome.UNFINISHED]
-    assert fetcher.calls == 3
+    assert [item.outcome for item in result.items] == [
+        Outcome.STORED,
+        Outcome.REQUEUE,  # terminal once re-published: its partition moves on
+        Outcome.STORED,
+    ]
+    down = result.items[1]
+    assert down.attempts == 3 and down.requeue_reason == "http_server_error"
+    assert fetcher.calls == 3  # this pass's share of the budget, then back to the topic
+    assert set(store.rows) == {"recovers", "fine"}
+
+
+def test_the_retry_budget_counts_earlier_deliveries_then_dead_letters() -> None:
+    flaky = FetchUnavailableError("timed out", reason=Reason.TIMEOUT)
+    fetcher = FakeFetcher({"/down.jpg": [flaky]})
+    payload = event("down", PathImage(path="/down.jpg"))
+    # Two earlier passes used 6 of 7 attempts: one more, then the dead letter.
+    again = FakeMessage(payload, 9, headers_=[(HEADER_RETRY_ATTEMPTS, b"6"), ("origin", b"t")])
+    result = make_processor(fetcher, FakeEmbedder(), FakeStore()).process([again])  # type: ignore[list-item]
+    item = result.items[0]
+    assert item.outcome is Outcome.DEAD and fetcher.calls == 1
+    assert item.dead_letter is not None
+    assert (item.dead_letter.stage.value, item.dead_letter.reason) == ("fetch", "retries_exhausted")
+    assert item.dead_letter.attempts == 7
+
+
+def test_a_store_outage_is_never_a_per_record_failure() -> None:
+    store = FakeStore(outage=True)
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    with pytest.raises(StoreUnavailableError):
+        processor.process([FakeMessage(event("a", InlineImage(data=png(1))), 0)])  # type: ignore[list-item]
+
+
+def test_rows_the_store_refuses_are_bisected_out_and_the_rest_stored() -> None:
+    store = FakeStore(refused={"bad-2", "bad-5"}, invalid={"big-7"})
+    messages = [
+        FakeMessage(event(name, InlineImage(data=png(10 + i))), i)
+        for i, name in enumerate(
+            ["ok-0", "ok-1", "bad-2", "ok-3", "ok-4", "bad-5", "ok-6", "big-7", "ok-8"]
+        )
+    ]
+    result = make_processor(FakeFetcher(), FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    dead = {
+        item.event.id: (item.dead_letter.stage.value, item.dead_letter.reason)
+        for item in result.items
+        if item.event and item.dead_letter
+    }
+    assert dead == {
+        "bad-2": ("upsert", "row_rejected"),
+        "bad-5": ("upsert", "row_rejected"),
+        "big-7": ("upsert", "metadata_too_large"),
+    }
+    assert set(store.rows) == {"ok-0", "ok-1", "ok-3", "ok-4", "ok-6", "ok-8"}
+    # Bisecting costs at most two requests per level per refused row, past the first one.
+    rows_written = len(messages) - 1  # big-7 never reached the store
+    assert store.upserts <= 1 + 2 * math.ceil(math.log2(rows_written)) * 2
+
+
+def test_an_id_over_the_byte_limit_fails_before_any_lookup() -> None:
+    store = FakeStore()
+    long_id = "猫" * 256  # 256 characters, 768 UTF-8 bytes: over Milvus's 256-byte VARCHAR
+    messages = [
+        FakeMessage(event(long_id, InlineImage(data=png(3))), 0),
+        FakeMessage(event("short", InlineImage(data=png(4))), 1),
+    ]
+    result = make_processor(FakeFetcher(), FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    first = result.items[0]
+    assert first.outcome is Outcome.DEAD and first.dead_letter is not None
+    assert first.dead_letter.reason == "id_too_long"
+    assert set(store.rows) == {"short"}
+
+
+def test_events_naming_a_missing_collection_are_dead_lettered_not_created() -> None:
+    store = FakeStore()
+    messages = [
+        FakeMessage(event("a", InlineImage(data=png(3)), collection="typo"), 0),
+        FakeMessage(event("b", InlineImage(data=png(4))), 1),
+    ]
+    result = make_processor(FakeFetcher(), FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    first = result.items[0]
+    assert first.dead_letter is not None and first.dead_letter.reason == "unknown_collection"
+    assert result.items[1].outcome is Outcome.STORED
+    assert store.collections == {"images"}
+
+
+def test_a_collection_dropped_before_the_write_dead_letters_its_rows() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    messages = [FakeMessage(event("a", InlineImage(data=png(3))), 0)]
+    original = store.validate
+
+    def drop_then_validate(record: VectorRecord, collection: str | None = None) -> None:
+        original(record, collection)
+        store.collections.clear()  # dropped between validation and the upsert
+
+    store.validate = drop_then_validate  # type: ignore[method-assign]
+    result = processor.process(messages)  # type: ignore[arg-type]
+    assert result.items[0].dead_letter is not None
+    assert result.items[0].dead_letter.reason == "unknown_collection"
 
 
 def test_inference_outage_propagates_after_retries_and_stores_nothing() -> None:

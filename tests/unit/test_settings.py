@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConfigurationError
-from engine.settings import load_settings
+from engine.settings import Settings, load_settings
 
 
 def test_yaml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,3 +32,40 @@ def test_invalid_values_and_files_fail_clearly(tmp_path: Path) -> None:
     unknown.write_text("kafak: {}\n")
     with pytest.raises(ConfigurationError, match="kafak"):
         load_settings(unknown)
+
+
+def test_settings_built_in_code_ignore_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIDENT_MILVUS__COLLECTION", "prod_images")
+    assert Settings(milvus={"collection": "test_x"}).milvus.collection == "test_x"
+    assert Settings().milvus.collection == "images"
+    assert load_settings().milvus.collection == "prod_images"  # only the loader reads it
+
+
+def test_environment_overrides_one_key_of_a_yaml_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "trident.yaml"
+    config.write_text("fetch:\n  max_bytes: 1000\n  allowed_roots: [/a]\n")
+    monkeypatch.setenv("TRIDENT_FETCH__ALLOWED_ROOTS", '["/b", "/c"]')
+    settings = load_settings(config)
+    assert settings.fetch.max_bytes == 1000
+    assert [str(p) for p in settings.fetch.allowed_roots] == ["/b", "/c"]
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["kafka", "triton", "milvus", "fetch", "preprocess", "batch", "retry", "worker", "api"],
+)
+def test_an_unknown_key_in_any_section_is_an_error_naming_it(tmp_path: Path, section: str) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text(f"{section}:\n  no_such_key: 1\n")
+    with pytest.raises(ConfigurationError, match="no_such_key"):
+        load_settings(config)
+    with pytest.raises(ValueError, match="no_such_key"):
+        Settings(**{section: {"no_such_key": 1}})
+
+
+def test_an_unknown_key_from_the_environment_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIDENT_KAFKA__BOOTSTRAP_SERVRES", "typo:9092")
+    with pytest.raises(ConfigurationError, match="bootstrap_servres"):
+        load_settings()

@@ -1,0 +1,403 @@
+"""The consumer loop with a fake Kafka consumer and sink: commit order, rewinds, rebalances, the
+per-record retry budget, all without a broker."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import TopicPartition
+from PIL import Image
+
+from engine.errors import (
+    BrokerUnavailableError,
+    FetchUnavailableError,
+    Reason,
+    Stage,
+    StoreUnavailableError,
+    TridentError,
+)
+from engine.settings import Settings
+from schemas import IngestEvent, InlineImage, UrlImage, encode_event
+from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
+from schemas.events import ImageRef
+from tests.unit.test_pipeline import FakeEmbedder, FakePreprocessor, FakeStore
+from worker.consumer import Worker
+from worker.dead_letter import DeadLetter, Requeue
+from worker.health import Heartbeat
+from worker.metrics import WorkerMetrics
+from worker.pipeline import BatchProcessor, BatchResult, Item, Outcome
+
+TOPIC = "ingest"
+
+
+class Record:
+    """A consumed record, with the accessors of ``confluent_kafka.Message``."""
+
+    def __init__(
+        self,
+        partition: int,
+        offset: int,
+        payload: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        self._partition, self._offset, self._payload = partition, offset, payload
+        self._headers = headers or []
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._payload
+
+    def key(self) -> bytes | None:
+        return None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
+
+    def error(self) -> None:
+        return None
+
+
+class FakeConsumer:
+    """Partitions as lists of records (offsets may have gaps); pause, seek, commit, rebalance.
+
+    ``script`` maps the n-th ``consume`` call to a rebalance to run inside it, as librdkafka does.
+    """
+
+    def __init__(self, log: list[str], partitions: dict[int, list[Record]]) -> None:
+        self.log = log
+        self.partitions = partitions
+        self.positions = {p: 0 for p in partitions}  # index into the partition's list
+        self.paused: set[int] = set()
+        self.assigned: set[int] = set()
+        self.committed: dict[int, int] = {}
+        self.calls = 0
+        self.pauses = 0
+        self.script: dict[int, tuple[str, list[int]]] = {}
+        self.on_idle: Callable[[], None] = lambda: None
+        self._callbacks: dict[str, Any] = {}
+        self.closed = False
+
+    # What the worker calls.
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self._callbacks = callbacks
+        self.script.setdefault(1, ("on_assign", sorted(self.partitions)))  # as the group joins
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Record]:
+        self.calls += 1
+        if self.calls in self.script:  # rebalances run inside consume(), as in librdkafka
+            self.rebalance(*self.script.pop(self.calls))
+        out: list[Record] = []
+        for partition in sorted(self.assigned - self.paused):
+            records = self.partitions[partition]
+            while self.positions[partition] < len(records) and len(out) < num_messages:
+                out.append(records[self.positions[partition]])
+                self.positions[partition] += 1
+        if not out and timeout >= 0.5:  # the loop's idle poll, not the wait for a fuller batch
+            self.on_idle()
+        return out
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        for tp in offsets:
+            assert tp.partition in self.assigned, "committed a partition it does not own"
+            self.committed[tp.partition] = tp.offset
+        self.log.append(f"commit {sorted((tp.partition, tp.offset) for tp in offsets)}")
+        return offsets
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, p) for p in sorted(self.assigned)]
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.pauses += 1
+        self.paused.update(tp.partition for tp in partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused.difference_update(tp.partition for tp in partitions)
+
+    def seek(self, partition: TopicPartition) -> None:
+        records = self.partitions[partition.partition]
+        self.positions[partition.partition] = next(
+            (i for i, r in enumerate(records) if r.offset() >= partition.offset), len(records)
+        )
+        self.log.append(f"seek {partition.partition}@{partition.offset}")
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = -1, cached: bool = False
+    ) -> tuple[int, int]:
+        return 0, self._end(partition.partition)
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        out = []
+        for tp in partitions:
+            records, index = self.partitions[tp.partition], self.positions[tp.partition]
+            at = records[index].offset() if index < len(records) else self._end(tp.partition)
+            out.append(TopicPartition(TOPIC, tp.partition, at))
+        return out
+
+    def _end(self, partition: int) -> int:
+        # Every partition ends with a transaction marker: one offset past the last record.
+        records = self.partitions[partition]
+        return records[-1].offset() + 2 if records else 0
+
+    def close(self) -> None:
+        self.closed = True
+
+    # What the tests do.
+    def rebalance(self, kind: str, partitions: list[int]) -> None:
+        tps = [TopicPartition(TOPIC, p) for p in partitions]
+        if kind == "on_assign":
+            self.assigned.update(partitions)
+            for p in partitions:  # a new owner starts at the committed position
+                self.seek(TopicPartition(TOPIC, p, self.committed.get(p, 0)))
+        else:
+            self.assigned.difference_update(partitions)
+        self._callbacks[kind](self, tps)
+
+    def append(self, partition: int, payload: bytes, headers: list[tuple[str, bytes]]) -> None:
+        records = self.partitions[partition]
+        offset = records[-1].offset() + 2 if records else 0  # +2: a transaction marker between
+        records.append(Record(partition, offset, payload, headers))
+
+
+class FakeSink:
+    def __init__(self, log: list[str], consumer: FakeConsumer, failures: int = 0) -> None:
+        self.log = log
+        self.consumer = consumer
+        self.failures = failures
+        self.letters: list[DeadLetter] = []
+
+    def publish(self, letters: list[DeadLetter]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise BrokerUnavailableError("dlq not acknowledged")
+        self.letters += letters
+        self.log.append(f"dead-letter {[letter.message.offset() for letter in letters]}")
+
+    def requeue(self, requeues: list[Requeue]) -> None:
+        for requeue in requeues:
+            message = requeue.message
+            headers = [(k, v) for k, v in message.headers() or [] if k != HEADER_RETRY_ATTEMPTS]
+            headers.append((HEADER_RETRY_ATTEMPTS, str(requeue.attempts).encode()))
+            self.consumer.append(message.partition(), message.value(), headers)
+        self.log.append(f"requeue {[r.message.offset() for r in requeues]}")
+
+
+class ScriptedProcessor:
+    """Stores everything, except: raise ``outages`` times first; dead-letter ``bad`` payloads."""
+
+    def __init__(self, outages: int = 0) -> None:
+        self.outages = outages
+        self.seen: list[tuple[int, int]] = []
+
+    def process(self, messages: Sequence[Any]) -> BatchResult:
+        self.seen += [(m.partition(), m.offset()) for m in messages]
+        if self.outages:
+            self.outages -= 1
+            raise StoreUnavailableError("milvus down")
+        items = [Item(m) for m in messages]
+        for item in items:
+            if item.message.value() == b"bad":
+                item.fail(TridentError("bad", reason=Reason.MALFORMED_JSON), Stage.DECODE_EVENT)
+            else:
+                item.outcome = Outcome.STORED
+        return BatchResult(items)
+
+
+SETTINGS = Settings(
+    kafka={"topic": TOPIC},
+    batch={"max_size": 4, "max_wait_ms": 1},
+    retry={
+        "attempts": 2,
+        "initial_backoff_s": 0.0,
+        "max_backoff_s": 0.0,
+        "pause_s": 0.01,
+        "record_attempts": 5,
+    },
+)
+
+
+def make_worker(
+    partitions: dict[int, list[Record]],
+    processor: Any,
+    *,
+    sink_failures: int = 0,
+    idle_rounds: int = 3,
+) -> tuple[Worker, FakeConsumer, FakeSink, list[str]]:
+    log: list[str] = []
+    consumer = FakeConsumer(log, partitions)
+    sink = FakeSink(log, consumer, failures=sink_failures)
+    worker = Worker(
+        SETTINGS,
+        processor,
+        consumer=consumer,  # type: ignore[arg-type]
+        sink=sink,
+        metrics=WorkerMetrics(),
+        stop=threading.Event(),
+        heartbeat=Heartbeat(),
+        worker_id="test",
+    )
+    idle = [0]
+
+    def on_idle() -> None:
+        # Stop once every partition was read to its end and nothing is paused.
+        drained = all(consumer.positions[p] == len(partitions[p]) for p in consumer.assigned)
+        idle[0] = idle[0] + 1 if drained and not consumer.paused else 0
+        if idle[0] >= idle_rounds:
+            worker.stop()
+
+    consumer.on_idle = on_idle
+    return worker, consumer, sink, log
+
+
+def records(partition: int, offsets: list[int], payload: bytes = b"ok") -> list[Record]:
+    return [Record(partition, offset, payload) for offset in offsets]
+
+
+def test_commits_reach_the_end_of_each_partition_over_gaps_and_markers() -> None:
+    partitions = {0: records(0, [0, 1, 3, 4, 7]), 1: records(1, [10, 12])}
+    worker, consumer, _sink, log = make_worker(partitions, ScriptedProcessor())
+    worker.run()
+    commits = [line for line in log if line.startswith("commit")]
+    assert commits[0] == "commit [(0, 5)]"  # the first batch: last finished + 1
+    # Idle, the consumer's position lies past the trailing marker: lag 0.
+    assert consumer.committed == {0: 9, 1: 14}
+    assert consumer.closed
+
+
+def test_dead_letters_are_acknowledged_before_the_offsets_are_committed() -> None:
+    partitions = {0: [Record(0, 0, b"ok"), Record(0, 1, b"bad"), Record(0, 2, b"ok")]}
+    worker, consumer, sink, log = make_worker(partitions, ScriptedProcessor(), sink_failures=1)
+    worker.run()
+    assert [letter.message.offset() for letter in sink.letters] == [1]
+    first_commit = next(i for i, line in enumerate(log) if line.startswith("commit"))
+    assert log.index("dead-letter [1]") < first_commit
+    assert consumer.committed == {0: 4}  # the end, past the trailing marker
+
+
+def test_a_dead_letter_topic_that_never_acknowledges_commits_nothing() -> None:
+    partitions = {0: [Record(0, 0, b"bad"), Record(0, 1, b"ok")]}
+    worker, consumer, _sink, log = make_worker(
+        partitions, ScriptedProcessor(), sink_failures=10**6, idle_rounds=1
+    )
+    consumer.on_idle = worker.stop  # stop after the first abandoned batch
+    worker.run()
+    assert consumer.committed.get(0, 0) == 0  # never past the unacknowledged dead letter
+    assert "seek 0@0" in log  # rewound to the first unfinished record
+    assert consumer.pauses >= 1
+
+
+def test_an_outage_pauses_rewinds_and_redelivers_everything() -> None:
+    partitions = {0: records(0, [5, 6, 9]), 1: records(1, [0, 1])}
+    processor = ScriptedProcessor(outages=2)
+    worker, consumer, _sink, log = make_worker(partitions, processor)
+    worker.run()
+    assert consumer.pauses == 2
+    assert "seek 0@5" in log and "seek 1@0" in log
+    assert consumer.committed == {0: 11, 1: 3}
+    assert processor.seen.count((0, 5)) == 3  # twice abandoned, then stored
+
+
+def test_records_of_a_revoked_partition_are_dropped_and_never_committed_again() -> None:
+    partitions = {0: records(0, [0]), 1: records(1, [0, 1])}
+    processor = ScriptedProcessor()
+    worker, consumer, _sink, log = make_worker(partitions, processor)
+    # The first consume() returns 3 records, short of a full batch; partition 1 is revoked
+    # inside the next one, while the batch is still being gathered.
+    consumer.script[2] = ("on_revoke", [1])
+    worker.run()
+    assert processor.seen == [(0, 0)]
+    assert consumer.committed == {0: 2}
+    assert not any("(1," in line for line in log if line.startswith("commit"))
+
+
+def test_partitions_lost_during_a_pause_are_resumed_when_given_back() -> None:
+    partitions = {0: records(0, [0, 1])}
+    processor = ScriptedProcessor(outages=1)
+    worker, consumer, _sink, _log = make_worker(partitions, processor, idle_rounds=6)
+    # Lost while paused (the session expired), then assigned again (librdkafka keeps the
+    # paused flag of the partition across the two).
+    consumer.script[3] = ("on_lost", [0])
+    consumer.script[4] = ("on_assign", [0])
+    worker.run()
+    assert consumer.committed == {0: 3}
+    assert 0 not in consumer.paused
+
+
+class FailingFetcher:
+    """Inline images pass; every URL fails transiently, as a host answering 500 forever does."""
+
+    def __init__(self) -> None:
+        self.url_attempts = 0
+
+    def fetch_many(self, refs: Sequence[ImageRef]) -> list[bytes | TridentError]:
+        out: list[bytes | TridentError] = []
+        for ref in refs:
+            if isinstance(ref, InlineImage):
+                out.append(ref.data)
+            else:
+                self.url_attempts += 1
+                out.append(FetchUnavailableError("HTTP 500", reason=Reason.HTTP_SERVER_ERROR))
+        return out
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (40, 90, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_record_failing_transiently_forever_is_capped_and_stalls_nothing() -> None:
+    good = encode_event(IngestEvent(id="good", image=InlineImage(data=_png())))
+    broken = encode_event(
+        IngestEvent(id="broken", image=UrlImage.model_validate({"url": "http://h.test/x.png"}))
+    )
+    partitions = {
+        0: [Record(0, 0, broken), Record(0, 1, good)],
+        1: [Record(1, 0, good.replace(b'"good"', b'"other"'))],
+    }
+    fetcher = FailingFetcher()
+    store = FakeStore()
+    metrics = WorkerMetrics()
+    processor = BatchProcessor(
+        fetcher=fetcher,
+        preprocessor=FakePreprocessor(),
+        embedder=FakeEmbedder(),
+        store=store,
+        fetch_settings=SETTINGS.fetch,
+        retry_settings=SETTINGS.retry,
+        model_version="m",
+        default_collection="images",
+        metrics=metrics,
+    )
+    worker, consumer, sink, log = make_worker(partitions, processor)
+    worker.run()
+    assert consumer.pauses == 0  # never an outage: nothing paused
+    assert set(store.rows) == {"good", "other"}
+    # 5 attempts in passes of 2: re-queued twice (with a header), then dead-lettered.
+    assert fetcher.url_attempts == SETTINGS.retry.record_attempts
+    assert sum(line.startswith("requeue") for line in log) == 2
+    (letter,) = sink.letters
+    assert (letter.stage.value, letter.reason, letter.attempts) == ("fetch", "retries_exhausted", 5)
+    # Everything consumed is terminal, the re-queued copies included: committed to the end.
+    last = partitions[0][-1].offset()
+    assert consumer.committed == {0: last + 2, 1: 2}
+
+
+def test_heartbeat_goes_stale_when_the_loop_stops_beating() -> None:
+    now = [100.0]
+    heartbeat = Heartbeat(clock=lambda: now[0])
+    assert heartbeat.fresh(5.0)
+    now[0] += 6.0
+    assert not heartbeat.fresh(5.0)
+    heartbeat.beat()
+    assert heartbeat.fresh(5.0)
