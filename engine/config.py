@@ -18,14 +18,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigurationError
 from engine.indexes import IndexType, Metric
 from engine.model.spec import DEFAULT_MODEL_SPEC
 from engine.preprocess_jax import DEFAULT_BATCH_SIZES, MODEL_MEAN, MODEL_STD
-from engine.settings import Settings
+from engine.settings import Settings, read_yaml_mapping
 from engine.store import VECTOR_FIELD
 from engine.triton_client import TRITON_PORTS
 
@@ -169,14 +168,9 @@ class ServiceConfig(_Section):
             ConfigurationError: the file cannot be read, is not a mapping, or has an unknown key
                 or invalid value (named, with the file).
         """
+        loaded = read_yaml_mapping(path, "config file")
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigurationError(f"config file {path} must hold a mapping")
-        try:
-            return cls(**(loaded or {}))
+            return cls(**loaded)
         except ConfigurationError as exc:
             raise ConfigurationError(f"config file {path}: {exc}") from exc
 

@@ -214,21 +214,29 @@ class Settings(BaseSettings):
         return (init_settings,)
 
 
+def read_yaml_mapping(path: Path | str, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty for an empty file).
+
+    Raises:
+        ConfigurationError: the file cannot be read or parsed, or holds something else than a
+            mapping; the message names ``what`` and the path.
+    """
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"cannot read {what} {path}: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigurationError(f"{what} {path} must hold a mapping")
+    return loaded or {}
+
+
 def load_settings(path: Path | str | None = None) -> Settings:
     """Read settings from an optional YAML file, then the environment (which wins).
 
     Raises:
         ConfigurationError: the file is missing, is not a YAML mapping, or a value is invalid.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigurationError(f"cannot read settings file {path}: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigurationError(f"settings file {path} must hold a mapping")
-        values = loaded or {}
+    values = read_yaml_mapping(path, "settings file") if path is not None else {}
     try:
         environment = EnvSettingsSource(Settings)()
         settings = Settings(**_merged(values, environment))
