@@ -18,6 +18,7 @@ Owns pymilvus's errors, classified by what was asked, never by who asked:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ from engine.indexes import IndexSpec
 from engine.settings import MilvusSettings
 from schemas.events import ID_MAX_BYTES, SOURCE_MAX_BYTES
 from schemas.events import METADATA_MAX_BYTES as SCHEMA_METADATA_MAX_BYTES
+from schemas.search import COLLECTION_NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ SOURCE_MAX_LENGTH = SOURCE_MAX_BYTES
 # Milvus's JSON field limit (common.JSONMaxLength), for the encoded metadata.
 METADATA_MAX_BYTES = SCHEMA_METADATA_MAX_BYTES
 MODEL_VERSION_MAX_BYTES = 128
+
+_COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 
 # Fragments of pymilvus/server messages that mean "try again later", not "you are wrong".
 _TRANSIENT_MARKERS = (
@@ -281,9 +285,13 @@ class VectorStore:
     def collection_exists(self, name: str) -> bool:
         """Whether the collection exists (a read: it never creates one).
 
+        A name Milvus cannot hold (it refuses to even look it up) names no collection.
+
         Raises:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
+        if not _COLLECTION_NAME.fullmatch(name):
+            return False
         return bool(self._call(_Operation.READ, f"has_collection {name}", "has_collection", name))
 
     def create_collection(

@@ -63,6 +63,10 @@ def test_reads_of_a_missing_collection_never_create_it(stack: LocalStack, unique
                 read()
         assert not store.collection_exists(name)
         assert name not in store.list_collections()
+        # A name Milvus refuses to look up names no collection: unknown, not an outage.
+        assert not store.collection_exists("0_not_a_name")
+        with pytest.raises(UnknownCollectionError):
+            store.count("0_not_a_name")
     finally:
         store.close()
 

@@ -27,7 +27,11 @@ def write_config(path: Path, stack: LocalStack, images: list[Path], **kafka: str
     """The earlier YAML, pointed at the test stack."""
     values = {
         "triton": {"url": stack.config.triton_url, "protocol": "http"},
-        "milvus": {"host": stack.config.host, "port": stack.config.milvus_port},
+        "milvus": {
+            "host": stack.config.host,
+            "port": stack.config.milvus_port,
+            "token": stack.milvus.token,
+        },
         "kafka": {"bootstrap_servers": stack.config.kafka_bootstrap, **kafka},
         "fetch": {"allowed_roots": [str(images[0].parent)]},
         "preprocess": {"batch_size": 2},

@@ -40,7 +40,12 @@ def stack_config(stack: LocalStack, images: list[Path], **milvus: Any) -> Servic
     """The earlier configuration, pointed at the test stack."""
     return ServiceConfig(
         triton={"url": stack.config.triton_url, "protocol": "http"},
-        milvus={"host": stack.config.host, "port": stack.config.milvus_port, **milvus},
+        milvus={
+            "host": stack.config.host,
+            "port": stack.config.milvus_port,
+            "token": stack.milvus.token,
+            **milvus,
+        },
         kafka={"bootstrap_servers": stack.config.kafka_bootstrap},
         fetch={"allowed_roots": [str(images[0].parent)]},
         preprocess={"batch_size": 4},
@@ -144,6 +149,7 @@ triton:
 milvus:
   host: "{stack.config.host}"
   port: {stack.config.milvus_port}
+  token: "{stack.milvus.token}"
   embedding_dim: 1280
   vector_field: "vector"
   index_type: "IVF_FLAT"
@@ -176,6 +182,7 @@ def test_the_earlier_environment_variables_drive_the_pipeline(
     monkeypatch.setenv("MILVUS_HOST", stack.config.host)
     monkeypatch.setenv("MILVUS_PORT", str(stack.config.milvus_port))
     monkeypatch.setenv("MILVUS_EMBEDDING_DIM", "1280")
+    monkeypatch.setenv("MILVUS_TOKEN", stack.milvus.token)
     monkeypatch.setenv("JAX_USE_GPU", "false")
     config = ServiceConfig()
     config.fetch.allowed_roots = [images[0].parent]
