@@ -66,11 +66,11 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
-def _cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) used so far per role, summed over that role's processes."""
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Role and CPU seconds (user + system) used so far of each process that has a role."""
     ticks = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
-    totals: dict[str, float] = {}
+    totals: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -83,7 +83,7 @@ def _cpu_seconds() -> dict[str, float]:
         role = "benchmark" if int(entry.name) == me else _role(cmdline)
         if role is None:
             continue
-        totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        totals[int(entry.name)] = (role, (int(fields[11]) + int(fields[12])) / ticks)
     return totals
 
 
@@ -93,8 +93,8 @@ class LoadSampler:
     def __init__(self, every: float = 1.0) -> None:
         self.every = every
         self.loads: list[float] = []
-        self._start_cpu: dict[str, float] = {}
-        self._end_cpu: dict[str, float] = {}
+        self._start_cpu: dict[int, tuple[str, float]] = {}
+        self._end_cpu: dict[int, tuple[str, float]] = {}
         self._started = self._ended = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
@@ -129,10 +129,11 @@ class LoadSampler:
         processes that ended during it are missed (their CPU is gone from /proc).
         """
         wall = max(self._ended - self._started, 1e-9)
-        cores = {
-            role: round((seconds - self._start_cpu.get(role, 0.0)) / wall, 3)
-            for role, seconds in sorted(self._end_cpu.items(), key=lambda kv: -kv[1])
-        }
+        used: dict[str, float] = {}
+        for pid, (role, seconds) in self._end_cpu.items():
+            before = self._start_cpu.get(pid, (role, 0.0))[1]
+            used[role] = used.get(role, 0.0) + seconds - before
+        cores = {role: round(seconds / wall, 3) for role, seconds in used.items()}
         return {
             "seconds": round(wall, 1),
             "load_avg_mean": round(sum(self.loads) / len(self.loads), 2) if self.loads else None,
@@ -150,7 +151,7 @@ class LoadSampler:
         )
 
 
-def _safe_cpu() -> dict[str, float]:
+def _safe_cpu() -> dict[int, tuple[str, float]]:
     try:
         return _cpu_seconds()
     except OSError:  # no /proc: not Linux
