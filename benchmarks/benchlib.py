@@ -95,6 +95,7 @@ class LoadSampler:
         self.loads: list[float] = []
         self._start_cpu: dict[int, tuple[str, float]] = {}
         self._end_cpu: dict[int, tuple[str, float]] = {}
+        self._last: dict[int, tuple[str, float]] = {}
         self._started = self._ended = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
@@ -102,6 +103,8 @@ class LoadSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self.loads.append(os.getloadavg()[0])
+            # Remember every process seen, so one that ends before the run does still counts.
+            self._last.update(_safe_cpu())
 
     def __enter__(self) -> LoadSampler:
         self._started = time.monotonic()
@@ -119,14 +122,14 @@ class LoadSampler:
         self._stop.set()
         self._thread.join()
         self._ended = time.monotonic()
-        self._end_cpu = _safe_cpu()
+        self._end_cpu = {**self._last, **_safe_cpu()}
         self.loads.append(os.getloadavg()[0])
 
     def summary(self) -> dict[str, Any]:
         """Mean and max 1-minute load, and each role's mean share of one core (1.0 = a core).
 
-        Processes that started during the run count from zero, so their share is exact;
-        processes that ended during it are missed (their CPU is gone from /proc).
+        Processes that started during the run count from zero; processes that ended during it
+        count up to their last sample (at most ``every`` seconds of their CPU are missed).
         """
         wall = max(self._ended - self._started, 1e-9)
         used: dict[str, float] = {}
