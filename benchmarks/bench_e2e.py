@@ -222,6 +222,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few hundred images in all")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()
+    benchlib.exit_on_sigterm()
     if args.quick:
         args.images, args.large, args.naive_images, args.memory_images = 64, 2, 16, 96
         args.workers = [1]
