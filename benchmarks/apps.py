@@ -2,7 +2,8 @@
 
 Contract:
 
-- :func:`bench_settings` gives settings on the given stack addresses with the benchmark's own
+- :func:`add_stack_arguments` adds the stack's addresses to a script's command line;
+  :func:`bench_settings` gives settings on the given stack addresses with the benchmark's own
   topic, group and collection (nothing shared with tests or other runs).
 - :class:`AppProcess` runs ``trident-worker`` / ``trident-api`` from this venv with a settings
   file written as devstack's ``LocalStack.write_settings`` does; it reports its RSS and stops
@@ -14,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import signal
@@ -38,6 +40,17 @@ from producer.publisher import EventPublisher
 from schemas import IngestEvent, PathImage
 
 BIN = Path(sys.executable).parent
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser, *, api_port: int) -> None:
+    """The stack's addresses (defaults: the quick start's) and the query API's port and key."""
+    parser.add_argument("--kafka", default="127.0.0.1:19092")
+    parser.add_argument("--triton-grpc", default="127.0.0.1:18001")
+    parser.add_argument("--milvus", default="http://127.0.0.1:19530")
+    parser.add_argument("--api-port", type=int, default=api_port)
+    parser.add_argument(
+        "--api-key", default="", help="X-API-Key for the query API, if it wants one"
+    )
 
 
 def bench_settings(

@@ -39,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 from apps import (
     AppProcess,
+    add_stack_arguments,
     bench_settings,
     make_large_jpegs,
     prepare,
@@ -206,19 +207,13 @@ def memory_and_search(
 def main() -> int:
     """Run every phase, print, record; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--kafka", default="127.0.0.1:19092")
-    parser.add_argument("--triton-grpc", default="127.0.0.1:18001")
-    parser.add_argument("--milvus", default="http://127.0.0.1:19530")
+    add_stack_arguments(parser, api_port=28390)
     parser.add_argument("--images", type=int, default=2_000, help="640x480 JPEGs per run")
     parser.add_argument("--large", type=int, default=64, help="12-megapixel JPEGs per run")
     parser.add_argument("--naive-images", type=int, default=300)
     parser.add_argument("--memory-images", type=int, default=10_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=32, help="worker batch = ceiling batch")
-    parser.add_argument("--api-port", type=int, default=28390)
-    parser.add_argument(
-        "--api-key", default="", help="X-API-Key for the query API, if it wants one"
-    )
     parser.add_argument("--quick", action="store_true", help="a few hundred images in all")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()

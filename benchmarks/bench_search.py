@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from apps import AppProcess, bench_settings, running, wait_http, write_settings
+from apps import AppProcess, add_stack_arguments, bench_settings, running, wait_http, write_settings
 from bench_milvus import make_vectors
 from bench_preprocess import make_jpegs
 from pymilvus import MilvusClient
@@ -106,18 +106,12 @@ def summary(latencies: list[float]) -> dict[str, float]:
 def main() -> int:
     """Run, print, record; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--kafka", default="127.0.0.1:19092")
-    parser.add_argument("--triton-grpc", default="127.0.0.1:18001")
-    parser.add_argument("--milvus", default="http://127.0.0.1:19530")
+    add_stack_arguments(parser, api_port=28391)
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--upsert-batch", type=int, default=2_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--image-queries", type=int, default=100)
     parser.add_argument("--indexes", nargs="+", default=list(INDEXES), choices=INDEXES)
-    parser.add_argument("--api-port", type=int, default=28391)
-    parser.add_argument(
-        "--api-key", default="", help="X-API-Key for the query API, if it wants one"
-    )
     parser.add_argument("--quick", action="store_true", help="5,000 vectors, 40 queries")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()
