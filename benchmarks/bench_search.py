@@ -32,7 +32,7 @@ import numpy as np
 from apps import AppProcess, add_stack_arguments, bench_settings, running, wait_http, write_settings
 from bench_milvus import make_vectors
 from bench_preprocess import make_jpegs
-from pymilvus import MilvusClient
+from pymilvus import MilvusClient, connections, utility
 
 import benchlib
 from engine.indexes import IndexSpec, IndexType
@@ -61,7 +61,7 @@ def fill(store: VectorStore, name: str, vectors: np.ndarray, batch: int) -> floa
 
 
 def settle(uri: str, name: str, count: int, timeout: float) -> float:
-    """Flush, then wait until the index covers every row; return seconds.
+    """Flush, then wait until the index covers every row and is served; return seconds.
 
     Raises:
         TimeoutError: not indexed within ``timeout``.
@@ -73,12 +73,21 @@ def settle(uri: str, name: str, count: int, timeout: float) -> float:
         index = client.list_indexes(name)[0]
         while time.perf_counter() - began < timeout:
             described = client.describe_index(name, index)
-            if int(described.get("indexed_rows", 0)) >= count:
+            if int(described.get("indexed_rows", 0)) >= count and served(uri, name) >= count:
                 return time.perf_counter() - began
             time.sleep(1.0)
     finally:
         client.close()
-    raise TimeoutError(f"{name}: index not built after {timeout:.0f}s")
+    raise TimeoutError(f"{name}: index not built and served after {timeout:.0f}s")
+
+
+def served(uri: str, name: str) -> int:
+    """Rows in the sealed segments the query nodes serve (with their index, once handed off).
+
+    Until the handoff, fresh rows are searched from a temporary index, which lowers recall.
+    """
+    connections.connect(alias="bench-search", uri=uri)
+    return sum(s.num_rows for s in utility.get_query_segment_info(name, using="bench-search"))
 
 
 def timed(calls: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
