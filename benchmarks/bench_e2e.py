@@ -299,7 +299,6 @@ def main() -> int:
             "e2e_over_naive": round(best / slow, 3),
             "e2e_12mp_images_per_s": round(max(r["12mp"] for r in runs.values()), 1),
             "worker_rss_growth_ratio": mem["worker_rss_growth_ratio"],
-            "search_vector_p99_ms_during_ingest": mem["search_vector_p99_ms_during_ingest"],
         },
         sampler=load,
         quick=args.quick,

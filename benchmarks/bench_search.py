@@ -9,7 +9,9 @@ one batch at a time: ``milvus_upsert_vectors_per_s``), flushed and indexed. Then
 - by vector (JSON ``vector``): near-duplicate queries, p50/p95/p99, QPS, and recall@10 against
   exact brute-force cosine top-10 in numpy over the same vectors;
 - by id (JSON ``id``): a stored id, whose vector the API fetches then searches with;
-- by image (multipart ``file``, a 640x480 JPEG): decode, preprocess, Triton, search.
+- by image (multipart ``file``, a 640x480 JPEG): decode, preprocess, Triton, search;
+- by vector on the HNSW collection while a ``trident-worker`` ingests ``--ingest-images``
+  JPEGs into a collection of its own (``search_vector_p99_ms_during_ingest``).
 
 QPS is sequential (one client): 1 / mean latency. From the repository root::
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -29,13 +32,23 @@ from typing import Any
 
 import httpx
 import numpy as np
-from apps import AppProcess, add_stack_arguments, bench_settings, running, wait_http, write_settings
+from apps import (
+    AppProcess,
+    add_stack_arguments,
+    bench_settings,
+    prepare,
+    publish_paths,
+    running,
+    wait_http,
+    write_settings,
+)
 from bench_milvus import make_vectors
 from bench_preprocess import make_jpegs
 from pymilvus import MilvusClient, connections, utility
 
 import benchlib
 from engine.indexes import IndexSpec, IndexType
+from engine.settings import Settings
 from engine.store import VectorRecord, VectorStore
 
 TOP_K = 10
@@ -90,6 +103,45 @@ def served(uri: str, name: str) -> int:
     return sum(s.num_rows for s in utility.get_query_segment_info(name, using="bench-search"))
 
 
+def during_ingest(
+    settings: Settings,
+    folder: Path,
+    images: int,
+    *,
+    search: Callable[..., Any],
+    queries: np.ndarray,
+) -> dict[str, float]:
+    """Search by vector in a loop while one worker ingests ``images`` JPEGs elsewhere.
+
+    The worker writes its own collection on the same Milvus: the contention measured is for
+    the server's CPU and the machine's, as in production, not for one collection's segments.
+    """
+    paths = []
+    for n, jpeg in enumerate(make_jpegs(images, seed=9)):
+        paths.append(folder / f"ingest-{n:05d}.jpg")
+        paths[-1].write_bytes(jpeg)
+    store = prepare(settings)
+    worker = AppProcess.worker(write_settings(settings, folder / "ingest.yaml"), "bench-i", folder)
+    latencies: list[float] = []
+    try:
+        with running([worker]):
+            publisher = threading.Thread(target=publish_paths, args=(settings, paths, "i"))
+            publisher.start()
+            n = 0
+            while store.count(settings.milvus.collection) < images:
+                worker.check_running()
+                for query in queries[n % len(queries) :][:20]:
+                    began = time.perf_counter()
+                    search(vector=query.tolist())
+                    latencies.append((time.perf_counter() - began) * 1000)
+                n += 20
+            publisher.join(60)
+    finally:
+        store.drop_collection(settings.milvus.collection)
+        store.close()
+    return {"images": images, **summary(latencies)}
+
+
 def timed(calls: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
     """Latencies (ms) and answers of each call, in order, after two untimed warm-up calls."""
     for call in calls[:2]:
@@ -120,13 +172,16 @@ def main() -> int:
     parser.add_argument("--upsert-batch", type=int, default=2_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--image-queries", type=int, default=100)
+    parser.add_argument(
+        "--ingest-images", type=int, default=1_000, help="ingested while searching (0: skip)"
+    )
     parser.add_argument("--indexes", nargs="+", default=list(INDEXES), choices=INDEXES)
     parser.add_argument("--quick", action="store_true", help="5,000 vectors, 40 queries")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()
     benchlib.exit_on_sigterm()
     if args.quick:
-        args.count, args.queries, args.image_queries = 5_000, 40, 10
+        args.count, args.queries, args.image_queries, args.ingest_images = 5_000, 40, 10, 64
 
     vectors, _labels = make_vectors(args.count, 1280, seed=0)
     rng = np.random.default_rng(1)
@@ -138,6 +193,8 @@ def main() -> int:
     jpegs = make_jpegs(args.image_queries, seed=5)
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     figures: dict[str, dict[str, Any]] = {}
+    main_index = "HNSW" if "HNSW" in args.indexes else args.indexes[0]
+    during: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp, benchlib.LoadSampler() as load:
         folder = Path(tmp)
@@ -207,6 +264,14 @@ def main() -> int:
                                 "recall_at_10": round(recall, 3),
                             }
                         )
+                    if args.ingest_images:
+                        during = during_ingest(
+                            settings,
+                            folder,
+                            args.ingest_images,
+                            search=partial(post, topk=TOP_K, collection_name=names[main_index]),
+                            queries=queries,
+                        )
         finally:
             for name in names.values():
                 if store.collection_exists(name):
@@ -223,11 +288,21 @@ def main() -> int:
                 f"    by {what:<6} p50 {s['p50_ms']:7.1f}  p95 {s['p95_ms']:7.1f}  "
                 f"p99 {s['p99_ms']:7.1f} ms  {s['qps']:6.1f} q/s"
             )
+    if during:
+        print(
+            f"  {main_index} by vector while a worker ingests {during['images']} images: "
+            f"p50 {during['p50_ms']:.1f}  p99 {during['p99_ms']:.1f} ms "
+            f"({during['queries']:.0f} queries)"
+        )
     print(load.describe())
-    main_index = "HNSW" if "HNSW" in figures else next(iter(figures))
     benchlib.record(
         "search",
-        {"count": args.count, "by_index": figures, "upsert_batch": args.upsert_batch},
+        {
+            "count": args.count,
+            "by_index": figures,
+            "upsert_batch": args.upsert_batch,
+            "vector_during_ingest": during,
+        },
         headline={
             "milvus_upsert_vectors_per_s": max(f["upsert_vectors_per_s"] for f in figures.values()),
             "search_vector_p99_ms": figures[main_index]["vector"]["p99_ms"],
@@ -235,6 +310,7 @@ def main() -> int:
             "search_id_p99_ms": figures[main_index]["id"]["p99_ms"],
             "search_recall_at_10": figures[main_index]["recall_at_10"],
             "search_index": main_index,
+            **({"search_vector_p99_ms_during_ingest": during["p99_ms"]} if during else {}),
         },
         sampler=load,
         quick=args.quick,
