@@ -209,7 +209,7 @@ def wait_stored(
 
 def make_large_jpegs(folder: Path, count: int, size: tuple[int, int] = (4000, 3000)) -> list[Path]:
     """``count`` distinct 12-megapixel JPEGs (quality 90): upscaled, shifted sample photos."""
-    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
+    photos = [getattr(skdata, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")]
     rng = np.random.default_rng(7)
     paths = []
     for n in range(count):

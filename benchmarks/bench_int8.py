@@ -25,6 +25,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def speed(sessions: dict[str, ort.InferenceSession], batch: int, rounds: int) ->
     rng = np.random.default_rng(0)
     tensors = rng.standard_normal((batch, *DEFAULT_MODEL_SPEC.input_dims), dtype=np.float32)
     runs: dict[str, Callable[[], object]] = {
-        name: (lambda s=s: s.run(None, {DEFAULT_MODEL_SPEC.input_name: tensors}))
+        name: partial(s.run, None, {DEFAULT_MODEL_SPEC.input_name: tensors})
         for name, s in sessions.items()
     }
     for run in runs.values():
