@@ -236,6 +236,7 @@ def main() -> int:
                 milvus=args.milvus,
                 image_root=folder,
                 batch=args.batch,
+                quick=args.quick,
                 **sections,
             )
 

@@ -181,7 +181,7 @@ def main() -> int:
     args = parser.parse_args()
     benchlib.exit_on_sigterm()
     if args.quick:
-        args.count, args.queries, args.image_queries, args.ingest_images = 5_000, 40, 10, 64
+        args.count, args.queries, args.image_queries, args.ingest_images = 5_000, 40, 10, 32
 
     vectors, _labels = make_vectors(args.count, 1280, seed=0)
     rng = np.random.default_rng(1)
@@ -199,7 +199,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp, benchlib.LoadSampler() as load:
         folder = Path(tmp)
         settings = bench_settings(
-            kafka=args.kafka, triton_grpc=args.triton_grpc, milvus=args.milvus, image_root=folder
+            kafka=args.kafka,
+            triton_grpc=args.triton_grpc,
+            milvus=args.milvus,
+            image_root=folder,
+            quick=args.quick,
         )
         store = VectorStore(settings.milvus)
         names = {kind: f"{settings.milvus.collection}_{kind.lower()}" for kind in args.indexes}
