@@ -26,6 +26,7 @@ From the repository root (the test stack's addresses shown)::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -71,9 +72,17 @@ def write_jpegs(folder: Path, count: int, seed: int) -> list[Path]:
 
 
 def ceiling(batch: int, rounds: int) -> float:
-    """Images/s of the model alone in-process on ready tensors (median of ``rounds``)."""
+    """Images/s of the model alone in-process on ready tensors (median of ``rounds``).
+
+    One intra-op thread per CPU, set explicitly so that the ceiling does not depend on
+    onnxruntime's default (one per physical core; here the same, 2).
+    """
     model = build_embedding_model(load_packaged_weights())
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(0)
     tensors = rng.standard_normal((batch, *DEFAULT_MODEL_SPEC.input_dims), dtype=np.float32)
     session.run(None, {DEFAULT_MODEL_SPEC.input_name: tensors})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -130,7 +131,9 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--limit", type=int, default=400, help="at most this many images")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads"
+    )
     parser.add_argument("--quick", action="store_true", help="100 images, 3 rounds")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()

@@ -222,7 +222,12 @@ def main() -> int:
         if args.onnx:
             import onnxruntime as ort  # noqa: PLC0415 (optional baseline only)
 
-            session = ort.InferenceSession(str(args.onnx), providers=["CPUExecutionProvider"])
+            # One thread per CPU, explicitly: not onnxruntime's per-physical-core default.
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = os.cpu_count() or 1
+            session = ort.InferenceSession(
+                str(args.onnx), options, providers=["CPUExecutionProvider"]
+            )
             transports["onnx in-process"] = lambda b: session.run(None, {spec.input_name: b})[0]
 
         print(
