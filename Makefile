@@ -57,10 +57,12 @@ BENCH_KAFKA       ?= 127.0.0.1:19092
 BENCH_TRITON_HTTP ?= 127.0.0.1:18000
 BENCH_TRITON_GRPC ?= 127.0.0.1:18001
 BENCH_MILVUS      ?= http://127.0.0.1:19530
+BENCH_MILVUS_TOKEN_FILE ?= .stack/milvus/secret
 BENCH_ONNX        ?= .stack/triton/models/efficientnet_lite0_embedding/1/model.onnx
 BENCH_API_KEY     ?=
 BENCH_ARGS        ?=
-BENCH_STACK := --kafka $(BENCH_KAFKA) --triton-grpc $(BENCH_TRITON_GRPC) --milvus $(BENCH_MILVUS)
+BENCH_STACK := --kafka $(BENCH_KAFKA) --triton-grpc $(BENCH_TRITON_GRPC) --milvus $(BENCH_MILVUS) \
+  --milvus-token-file $(BENCH_MILVUS_TOKEN_FILE)
 
 bench: install
 	rm -f bench/results/latest.json

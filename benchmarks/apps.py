@@ -47,10 +47,21 @@ def add_stack_arguments(parser: argparse.ArgumentParser, *, api_port: int) -> No
     parser.add_argument("--kafka", default="127.0.0.1:19092")
     parser.add_argument("--triton-grpc", default="127.0.0.1:18001")
     parser.add_argument("--milvus", default="http://127.0.0.1:19530")
+    parser.add_argument(
+        "--milvus-token-file",
+        type=Path,
+        default=Path(".stack/milvus/secret"),
+        help="root password of the stack's Milvus, when its authentication is on",
+    )
     parser.add_argument("--api-port", type=int, default=api_port)
     parser.add_argument(
         "--api-key", default="", help="X-API-Key for the query API, if it wants one"
     )
+
+
+def milvus_token(path: Path) -> str:
+    """``root:<password>`` from the stack's secret file, or "" (no authentication) without one."""
+    return f"root:{path.read_text().strip()}" if path.is_file() else ""
 
 
 def bench_settings(
@@ -59,6 +70,7 @@ def bench_settings(
     triton_grpc: str,
     milvus: str,
     image_root: Path,
+    milvus_token: str = "",
     batch: int = 32,
     partitions: int = 4,
     quick: bool = False,
@@ -80,7 +92,7 @@ def bench_settings(
             "topic_partitions": partitions,
         },
         "triton": {"url": triton_grpc, "protocol": "grpc"},
-        "milvus": {"uri": milvus, "collection": f"bench_{unique}"},
+        "milvus": {"uri": milvus, "token": milvus_token, "collection": f"bench_{unique}"},
         "fetch": {"allowed_roots": [str(image_root)]},
         "batch": {"max_size": batch, "max_wait_ms": 250},
         "worker": {"health_port": 0},

@@ -194,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.count < 10 * args.batch:
         parser.error("--count must be at least 10 batches")
     load = os.getloadavg()  # the machine may be shared: the figures shrink under load
+    sampler = benchlib.LoadSampler().__enter__()  # left in __exit__ below, after the last timing
     vectors, labels = make_vectors(args.count, args.dim, seed=0)
     # Queries: perturbed copies of stored vectors, i.e. near-duplicate lookups.
     rng = np.random.default_rng(1)
@@ -201,7 +202,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     queries = vectors[picked] + 0.02 * rng.standard_normal((args.queries, args.dim), np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
-    sampler = benchlib.LoadSampler().__enter__()
     client = MilvusClient(uri=args.uri)
     create_collection(client, args.collection, args.dim)
     # A tenth one batch at a time, then half of the rest each way with batches in flight.

@@ -36,6 +36,7 @@ from apps import (
     AppProcess,
     add_stack_arguments,
     bench_settings,
+    milvus_token,
     prepare,
     publish_paths,
     running,
@@ -73,20 +74,20 @@ def fill(store: VectorStore, name: str, vectors: np.ndarray, batch: int) -> floa
     return len(vectors) / (time.perf_counter() - began)
 
 
-def settle(uri: str, name: str, count: int, timeout: float) -> float:
+def settle(uri: str, token: str, name: str, count: int, timeout: float) -> float:
     """Flush, then wait until the index covers every row and is served; return seconds.
 
     Raises:
         TimeoutError: not indexed within ``timeout``.
     """
     began = time.perf_counter()
-    client = MilvusClient(uri=uri)
+    client = MilvusClient(uri=uri, token=token)
     try:
         client.flush(name)
         index = client.list_indexes(name)[0]
         while time.perf_counter() - began < timeout:
             described = client.describe_index(name, index)
-            if int(described.get("indexed_rows", 0)) >= count and served(uri, name) >= count:
+            if int(described.get("indexed_rows", 0)) >= count and served(uri, token, name) >= count:
                 return time.perf_counter() - began
             time.sleep(1.0)
     finally:
@@ -94,12 +95,12 @@ def settle(uri: str, name: str, count: int, timeout: float) -> float:
     raise TimeoutError(f"{name}: index not built and served after {timeout:.0f}s")
 
 
-def served(uri: str, name: str) -> int:
+def served(uri: str, token: str, name: str) -> int:
     """Rows in the sealed segments the query nodes serve (with their index, once handed off).
 
     Until the handoff, fresh rows are searched from a temporary index, which lowers recall.
     """
-    connections.connect(alias="bench-search", uri=uri)
+    connections.connect(alias="bench-search", uri=uri, token=token)
     return sum(s.num_rows for s in utility.get_query_segment_info(name, using="bench-search"))
 
 
@@ -202,6 +203,7 @@ def main() -> int:
             kafka=args.kafka,
             triton_grpc=args.triton_grpc,
             milvus=args.milvus,
+            milvus_token=milvus_token(args.milvus_token_file),
             image_root=folder,
             quick=args.quick,
         )
@@ -217,7 +219,8 @@ def main() -> int:
                         model_tag=settings.triton.model_tag,
                     )
                     rate = fill(store, name, vectors, args.upsert_batch)
-                    seconds = settle(args.milvus, name, args.count, timeout=1_800)
+                    token = settings.milvus.token
+                    seconds = settle(args.milvus, token, name, args.count, timeout=1_800)
                     figures[kind] = {
                         "upsert_vectors_per_s": round(rate),
                         "settle_s": round(seconds),
