@@ -95,12 +95,25 @@ def ceiling(batch: int, rounds: int) -> float:
     return batch / statistics.median(times)
 
 
+def wait_ready(embedder: TritonEmbedder, timeout: float = 120.0) -> None:
+    """Wait until Triton serves the model (``is_ready`` only: main's embedder has no waiting).
+
+    Raises:
+        TimeoutError: not ready within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while not embedder.is_ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Triton not ready after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
 def naive(settings: Settings, paths: Sequence[Path]) -> float:
     """Images/s of the one-at-a-time loop over ``paths`` into the settings' collection."""
     with TritonEmbedder(settings.triton) as embedder:
         store = prepare(settings)
         try:
-            embedder.wait_until_ready()
+            wait_ready(embedder)
             began = time.perf_counter()
             for n, path in enumerate(paths):
                 pixels = decode_image(path.read_bytes(), max_pixels=settings.fetch.max_pixels)
