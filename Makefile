@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install up down status reset test lint typecheck unit bench
+.PHONY: install up down status reset test lint typecheck unit bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	@command -v java >/dev/null || { echo "error: a JDK 17+ is needed (java not found)"; exit 1; }
@@ -47,8 +47,33 @@ unit: install
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Needs the quick-start stack running (make up); each script prints figures and ratios.
+# Needs the quick-start stack running (make up); each script prints figures and ratios against
+# a baseline measured in the same run, and merges its section into bench/results/latest.json
+# (started afresh, so one file never mixes runs); charts.py then draws bench/results/*.png.
+# Point at another stack with e.g. BENCH_KAFKA=127.0.0.1:29092 BENCH_TRITON_HTTP=127.0.0.1:28000
+# BENCH_TRITON_GRPC=127.0.0.1:28001 BENCH_MILVUS=http://127.0.0.1:29530. bench-quick runs
+# every script at small sizes (under ~2 minutes each): it checks the scripts, not the figures.
+BENCH_KAFKA       ?= 127.0.0.1:19092
+BENCH_TRITON_HTTP ?= 127.0.0.1:18000
+BENCH_TRITON_GRPC ?= 127.0.0.1:18001
+BENCH_MILVUS      ?= http://127.0.0.1:19530
+BENCH_MILVUS_TOKEN_FILE ?= .stack/milvus/secret
+BENCH_ONNX        ?= .stack/triton/models/efficientnet_lite0_embedding/1/model.onnx
+BENCH_API_KEY     ?=
+BENCH_ARGS        ?=
+BENCH_STACK := --kafka $(BENCH_KAFKA) --triton-grpc $(BENCH_TRITON_GRPC) --milvus $(BENCH_MILVUS) \
+  --milvus-token-file $(BENCH_MILVUS_TOKEN_FILE)
+
 bench: install
-	$(BIN)/python benchmarks/bench_preprocess.py
-	$(BIN)/python benchmarks/bench_triton.py --http-url 127.0.0.1:18000 --grpc-url 127.0.0.1:18001
-	$(BIN)/python benchmarks/bench_milvus.py --uri http://127.0.0.1:19530
+	rm -f bench/results/latest.json
+	$(BIN)/python benchmarks/bench_preprocess.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_int8.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_triton.py --http-url $(BENCH_TRITON_HTTP) \
+	  --grpc-url $(BENCH_TRITON_GRPC) $(if $(wildcard $(BENCH_ONNX)),--onnx $(BENCH_ONNX)) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_milvus.py --uri $(BENCH_MILVUS) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_search.py $(BENCH_STACK) --api-key '$(BENCH_API_KEY)' $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_STACK) --api-key '$(BENCH_API_KEY)' $(BENCH_ARGS)
+	$(BIN)/python benchmarks/charts.py bench/results/latest.json
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS=--quick

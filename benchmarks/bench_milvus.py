@@ -19,6 +19,9 @@ the timing starts, so no row is missed.
 Needs a running server (``MilvusService.start()``); from the repository root::
 
     PYTHONPATH=. python benchmarks/bench_milvus.py --uri http://127.0.0.1:19530 --count 100000
+
+This is pymilvus directly (what the server can take); bench_search.py measures the service's own
+write path, ``VectorStore.upsert``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import numpy as np
 import numpy.typing as npt
 from pymilvus import DataType, MilvusClient, connections, utility
 from pymilvus.grpc_gen import milvus_pb2, schema_pb2
+
+import benchlib
 
 Matrix = npt.NDArray[np.float32]
 
@@ -188,11 +193,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ef", type=int, default=64, help="HNSW search breadth")
     parser.add_argument("--collection", default="bench_milvus")
     parser.add_argument("--keep", action="store_true", help="keep the collection afterwards")
+    parser.add_argument("--quick", action="store_true", help="10,000 vectors, 50 queries")
+    parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.count, args.queries = 10_000, 50
 
     if args.count < 10 * args.batch:
         parser.error("--count must be at least 10 batches")
     load = os.getloadavg()  # the machine may be shared: the figures shrink under load
+    sampler = benchlib.LoadSampler().__enter__()  # left in __exit__ below, after the last timing
     vectors, labels = make_vectors(args.count, args.dim, seed=0)
     # Queries: perturbed copies of stored vectors, i.e. near-duplicate lookups.
     rng = np.random.default_rng(1)
@@ -241,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.keep:
         client.drop_collection(args.collection)
     client.close()
+    sampler.__exit__(None, None, None)
 
     def verdict(ok: bool) -> str:
         return "meets target" if ok else "MISSES target"
@@ -272,6 +283,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"numpy brute-force top-{TOP_K} (exact)",
         f"p50 {pct(numpy_ms, 50):6.2f} ms  p95 {pct(numpy_ms, 95):6.2f} ms  "
         f"(numpy p50 / Milvus p50 = {pct(numpy_ms, 50) / p50:.1f})",
+    )
+    print(f"  {sampler.describe()}")
+    benchlib.record(
+        "milvus_raw",
+        {
+            "count": args.count,
+            "upsert_rows_serial_per_s": round(serial),
+            "upsert_rows_inflight_per_s": round(rate),
+            "upsert_packed_inflight_per_s": round(packed),
+            "settle_s": round(settle, 1),
+            "hnsw_p50_ms": round(p50, 2),
+            "hnsw_p95_ms": round(p95, 2),
+            "hnsw_recall_at_10": round(float(recall), 3),
+            "numpy_p50_ms": round(pct(numpy_ms, 50), 2),
+        },
+        sampler=sampler,
+        quick=args.quick,
+        path=args.results,
     )
 
 

@@ -9,11 +9,16 @@ each over the same batches of ``--batch`` images:
 - ``jax.image.resize``: ``jax.jit(jax.vmap(...))`` around ``jax.image.resize(..., "bicubic")``;
 - ``decode + X``: end to end, bytes in, NCHW batch out.
 
+Each at batch sizes 1, 8, 32 and 64 (the ``jax.image.resize`` baseline at 32 only), with the
+compile time of each batch shape, and the number of compiles that happened while timing (must
+be 0: one input shape per bucket). And for 12-megapixel JPEGs, a full decode against the
+service's draft-mode decode (DCT-domain downscaling).
+
 Rounds interleave the methods and the median round is reported, so a busy machine slows every
 method alike rather than whichever ran during a spike. Compilation happens before timing. From
 the repository root::
 
-    PYTHONPATH=. python benchmarks/bench_preprocess.py --batch 32 --rounds 5
+    .venv/bin/python benchmarks/bench_preprocess.py [--quick]
 """
 
 from __future__ import annotations
@@ -22,17 +27,22 @@ import argparse
 import io
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
+from apps import make_large_jpegs
 from PIL import Image
 from skimage import data as skdata
 
+import benchlib
 from engine.images import decode_image
 from engine.preprocess import MEAN, STD, JaxPreprocessor, reference_preprocess, resized_size
 
@@ -102,62 +112,121 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    """Run the benchmark and print images/s per method and the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=4, help="distinct batches per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    jpegs = make_jpegs(args.batch * args.batches)
-    batches = [jpegs[i : i + args.batch] for i in range(0, len(jpegs), args.batch)]
+def measure_batch(size: int, count: int, rounds: int, *, baseline: bool) -> dict[str, Any]:
+    """Images/s of every method at one batch size, compile time, and recompiles while timing."""
+    jpegs = make_jpegs(size * count, seed=size)
+    batches = [jpegs[i : i + size] for i in range(0, len(jpegs), size)]
     decoded = [decode_batch(batch) for batch in batches]
-    preprocessor = JaxPreprocessor(batch_sizes=(args.batch,))
-    baseline = jax_image_resize_baseline(HEIGHT, WIDTH)
-
+    preprocessor = JaxPreprocessor(batch_sizes=(size,))
     compile_started = time.perf_counter()
     preprocessor.warmup(max_scale=2.0)
-    seconds = time.perf_counter() - compile_started
-    print(f"JaxPreprocessor compile (batch {args.batch}): {seconds:.1f} s")
-    compile_started = time.perf_counter()
-    baseline(decoded[0])
-    print(f"jax.image.resize compile: {time.perf_counter() - compile_started:.1f} s")
-    worst = max(
-        float(np.abs(preprocessor.preprocess(images) - reference_batch(images)).max())
-        for images in decoded
-    )
-    print(f"max |jax - reference| on these inputs: {worst * STD:.2f} / 128")
-
+    compile_s = time.perf_counter() - compile_started
     methods: dict[str, Callable[[int], object]] = {
         "decode": lambda i: decode_batch(batches[i]),
         "jax": lambda i: preprocessor.preprocess(decoded[i]),
         "reference": lambda i: reference_batch(decoded[i]),
-        "jax.image.resize": lambda i: baseline(decoded[i]),
         "decode + jax": lambda i: preprocessor.preprocess(decode_batch(batches[i])),
         "decode + reference": lambda i: reference_batch(decode_batch(batches[i])),
-        "decode + jax.image.resize": lambda i: baseline(decode_batch(batches[i])),
     }
+    result: dict[str, Any] = {"compile_s": round(compile_s, 2)}
+    if baseline:
+        naive = jax_image_resize_baseline(HEIGHT, WIDTH)
+        compile_started = time.perf_counter()
+        naive(decoded[0])
+        result["jax_image_resize_compile_s"] = round(time.perf_counter() - compile_started, 2)
+        methods["jax.image.resize"] = lambda i: naive(decoded[i])
+        methods["decode + jax.image.resize"] = lambda i: naive(decode_batch(batches[i]))
+    worst = max(
+        float(np.abs(preprocessor.preprocess(images) - reference_batch(images)).max())
+        for images in decoded
+    )
+    result["max_abs_diff_over_128"] = round(worst * STD, 3)
+    compiled = preprocessor.compile_count
     rates: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, method in methods.items():
             seconds = sum(timed(partial(method, i)) for i in range(len(batches)))
             rates[name].append(len(jpegs) / seconds)
-    median = {name: statistics.median(values) for name, values in rates.items()}
+    result["recompiles_while_timed"] = preprocessor.compile_count - compiled
+    result["images_per_s"] = {n: round(statistics.median(v), 1) for n, v in rates.items()}
+    result["rounds_range"] = {n: [round(min(v)), round(max(v))] for n, v in rates.items()}
+    return result
 
-    print(
-        f"\n{WIDTH}x{HEIGHT} JPEG, batch {args.batch}, median of {args.rounds} rounds "
-        f"({len(jpegs)} images each):"
+
+def measure_large(count: int) -> dict[str, float]:
+    """12-megapixel JPEGs: full decode against the service's draft-mode decode, images/s."""
+    with tempfile.TemporaryDirectory(prefix="bench-large-") as tmp:
+        jpegs = [path.read_bytes() for path in make_large_jpegs(Path(tmp), count)]
+
+    def full(data: bytes) -> object:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+
+    out = {}
+    for name, decode in (
+        ("full decode", full),
+        ("draft decode (decode_image)", lambda d: decode_image(d, max_pixels=50_000_000)),
+    ):
+        decode(jpegs[0])
+        seconds = sum(timed(partial(decode, data)) for data in jpegs)
+        out[name] = round(len(jpegs) / seconds, 1)
+    return out
+
+
+def main() -> None:
+    """Run the benchmark and print images/s per method and the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--large", type=int, default=16, help="12-megapixel JPEGs to decode")
+    parser.add_argument("--quick", action="store_true", help="batches 1 and 32, 2 rounds")
+    parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.batches, args.rounds, args.large = [1, 32], 2, 2, 3
+    logging.basicConfig(level=logging.WARNING)
+
+    by_batch: dict[str, dict[str, Any]] = {}
+    with benchlib.LoadSampler() as sampler:
+        for size in args.batch_sizes:
+            # Batch 1 runs more batches so each round still times a few dozen images.
+            count = args.batches * max(1, 32 // size)
+            by_batch[str(size)] = measure_batch(size, count, args.rounds, baseline=size == 32)
+        large = measure_large(args.large)
+
+    print(f"{WIDTH}x{HEIGHT} JPEG, median of {args.rounds} rounds; images/s")
+    names = list(next(iter(by_batch.values()))["images_per_s"])
+    names += [n for n in by_batch.get("32", {}).get("images_per_s", {}) if n not in names]
+    print(f"  {'method':<27}" + "".join(f"{'b' + b:>10}" for b in by_batch))
+    for name in names:
+        cells = [f"{r['images_per_s'].get(name, float('nan')):10.1f}" for r in by_batch.values()]
+        print(f"  {name:<27}" + "".join(cells))
+    for size, r in by_batch.items():
+        rate = r["images_per_s"]
+        print(
+            f"  batch {size}: compile {r['compile_s']} s, recompiles while timed "
+            f"{r['recompiles_while_timed']}, max |jax - reference| {r['max_abs_diff_over_128']}"
+            f"/128; jax / reference {rate['jax'] / rate['reference']:.2f}x, decode included "
+            f"{rate['decode + jax'] / rate['decode + reference']:.2f}x"
+        )
+    print(f"  12-megapixel JPEG decode ({args.large} images): {large}")
+    print(sampler.describe())
+    headline = {}
+    if "32" in by_batch:
+        rate = by_batch["32"]["images_per_s"]
+        headline["preprocess_jax_over_pillow_b32"] = round(rate["jax"] / rate["reference"], 3)
+        headline["preprocess_jax_over_pillow_b32_with_decode"] = round(
+            rate["decode + jax"] / rate["decode + reference"], 3
+        )
+    benchlib.record(
+        "preprocess",
+        {"by_batch": by_batch, "large_decode_images_per_s": large},
+        headline=headline,
+        sampler=sampler,
+        quick=args.quick,
+        path=args.results,
     )
-    for name, rate in median.items():
-        spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
-        print(f"  {name:<27} {rate:8.1f} images/s   (rounds: {spread})")
-    print("\nratios:")
-    for stage in ("", "decode + "):
-        jax_rate = median[f"{stage}jax"]
-        for other in ("reference", "jax.image.resize"):
-            print(f"  {stage}jax / {stage}{other}: {jax_rate / median[stage + other]:.2f}x")
 
 
 if __name__ == "__main__":

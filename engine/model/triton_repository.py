@@ -209,12 +209,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("root", type=Path, help="Triton model repository folder")
     parser.add_argument("--backend", choices=get_args(Backend), default="python")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write the int8 model (its own name and vector tag; needs onnxruntime)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    model_dir = write_model_repository(args.root, backend=args.backend)
-    print(model_dir)
+    model = build_embedding_model(load_packaged_weights(), DEFAULT_MODEL_SPEC)
+    print(write_model_repository(args.root, backend=args.backend, model=model))
+    if args.int8:
+        print(write_int8_model(args.root, backend=args.backend, model=model))
     return 0
+
+
+def write_int8_model(root: Path, *, backend: Backend, model: onnx.ModelProto | None = None) -> Path:
+    """Write the int8 model (:data:`~engine.model.quantize.INT8_MODEL_SPEC`) beside the float one.
+
+    Args:
+        root: the Triton model repository folder.
+        backend: as for :func:`write_model_repository`.
+        model: the float32 model to quantize; by default built from the packaged weights.
+
+    Returns:
+        The int8 model's folder.
+
+    Raises:
+        ConfigurationError: no weights package, or scikit-image (calibration) missing.
+        ImportError: onnxruntime is not installed.
+        OSError: the repository cannot be written.
+    """
+    from engine.model.quantize import (  # noqa: PLC0415 (needs onnxruntime)
+        INT8_MODEL_SPEC,
+        quantize_embedding_model,
+        sample_calibration,
+    )
+
+    if model is None:
+        model = build_embedding_model(load_packaged_weights(), DEFAULT_MODEL_SPEC)
+    quantized = quantize_embedding_model(model, sample_calibration(), INT8_MODEL_SPEC)
+    return write_model_repository(root, INT8_MODEL_SPEC, backend=backend, model=quantized)
 
 
 if __name__ == "__main__":

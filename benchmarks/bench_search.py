@@ -1,0 +1,330 @@
+"""Search through the HTTP query API by index type, and the service's Milvus write path.
+
+For each of FLAT, IVF_FLAT and HNSW: a collection of ``--count`` synthetic unit-norm 1280-d
+vectors (clustered, see ``bench_milvus.make_vectors``) is created with ``VectorStore`` and
+filled through ``VectorStore.upsert`` in batches of ``--upsert-batch`` (the worker's write path,
+one batch at a time: ``milvus_upsert_vectors_per_s``), flushed and indexed. Then a
+``trident-api`` process started from this venv answers ``POST /search`` sequentially:
+
+- by vector (JSON ``vector``): near-duplicate queries, p50/p95/p99, QPS, and recall@10 against
+  exact brute-force cosine top-10 in numpy over the same vectors;
+- by id (JSON ``id``): a stored id, whose vector the API fetches then searches with;
+- by image (multipart ``file``, a 640x480 JPEG): decode, preprocess, Triton, search;
+- by vector on the HNSW collection while a ``trident-worker`` ingests ``--ingest-images``
+  JPEGs into a collection of its own (``search_vector_p99_ms_during_ingest``).
+
+QPS is sequential (one client): 1 / mean latency. From the repository root::
+
+    .venv/bin/python benchmarks/bench_search.py --milvus http://127.0.0.1:29530 \\
+        --triton-grpc 127.0.0.1:28001 --kafka 127.0.0.1:29092 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from apps import (
+    AppProcess,
+    add_stack_arguments,
+    bench_settings,
+    milvus_token,
+    prepare,
+    publish_paths,
+    running,
+    wait_http,
+    write_settings,
+)
+from bench_milvus import make_vectors
+from bench_preprocess import make_jpegs
+from pymilvus import MilvusClient, connections, utility
+
+import benchlib
+from engine.indexes import IndexSpec, IndexType
+from engine.settings import Settings
+from engine.store import VectorRecord, VectorStore
+
+TOP_K = 10
+INDEXES: tuple[IndexType, ...] = ("FLAT", "IVF_FLAT", "HNSW")
+
+
+def index_spec(index_type: IndexType, count: int) -> IndexSpec:
+    # IVF's k-means wants tens of vectors per list: fewer lists for the quick sizes.
+    params = {"nlist": max(16, min(1024, count // 100))} if index_type == "IVF_FLAT" else {}
+    return IndexSpec(index_type=index_type, metric="COSINE", params=params)
+
+
+def fill(store: VectorStore, name: str, vectors: np.ndarray, batch: int) -> float:
+    """Upsert every vector through ``VectorStore.upsert``; return vectors/s."""
+    began = time.perf_counter()
+    for start in range(0, len(vectors), batch):
+        records = [
+            VectorRecord(id=f"v-{i:07d}", vector=vectors[i], metadata={"n": i})
+            for i in range(start, min(start + batch, len(vectors)))
+        ]
+        store.upsert(records, name)
+    return len(vectors) / (time.perf_counter() - began)
+
+
+def settle(uri: str, token: str, name: str, count: int, timeout: float) -> float:
+    """Flush, then wait until the index covers every row and is served; return seconds.
+
+    Raises:
+        TimeoutError: not indexed within ``timeout``.
+    """
+    began = time.perf_counter()
+    client = MilvusClient(uri=uri, token=token)
+    try:
+        client.flush(name)
+        index = client.list_indexes(name)[0]
+        while time.perf_counter() - began < timeout:
+            described = client.describe_index(name, index)
+            if int(described.get("indexed_rows", 0)) >= count and served(uri, token, name) >= count:
+                return time.perf_counter() - began
+            time.sleep(1.0)
+    finally:
+        client.close()
+    raise TimeoutError(f"{name}: index not built and served after {timeout:.0f}s")
+
+
+def served(uri: str, token: str, name: str) -> int:
+    """Rows in the sealed segments the query nodes serve (with their index, once handed off).
+
+    Until the handoff, fresh rows are searched from a temporary index, which lowers recall.
+    """
+    connections.connect(alias="bench-search", uri=uri, token=token)
+    return sum(s.num_rows for s in utility.get_query_segment_info(name, using="bench-search"))
+
+
+def during_ingest(
+    settings: Settings,
+    folder: Path,
+    images: int,
+    *,
+    search: Callable[..., Any],
+    queries: np.ndarray,
+) -> dict[str, float]:
+    """Search by vector in a loop while one worker ingests ``images`` JPEGs elsewhere.
+
+    The worker writes its own collection on the same Milvus: the contention measured is for
+    the server's CPU and the machine's, as in production, not for one collection's segments.
+    """
+    paths = []
+    for n, jpeg in enumerate(make_jpegs(images, seed=9)):
+        paths.append(folder / f"ingest-{n:05d}.jpg")
+        paths[-1].write_bytes(jpeg)
+    store = prepare(settings)
+    worker = AppProcess.worker(write_settings(settings, folder / "ingest.yaml"), "bench-i", folder)
+    latencies: list[float] = []
+    try:
+        with running([worker]):
+            publisher = threading.Thread(target=publish_paths, args=(settings, paths, "i"))
+            publisher.start()
+            n = 0
+            while store.count(settings.milvus.collection) < images:
+                worker.check_running()
+                for query in queries[n % len(queries) :][:20]:
+                    began = time.perf_counter()
+                    search(vector=query.tolist())
+                    latencies.append((time.perf_counter() - began) * 1000)
+                n += 20
+            publisher.join(60)
+    finally:
+        store.drop_collection(settings.milvus.collection)
+        store.close()
+    return {"images": images, **summary(latencies)}
+
+
+def timed(calls: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
+    """Latencies (ms) and answers of each call, in order, after two untimed warm-up calls."""
+    for call in calls[:2]:
+        call()
+    latencies, answers = [], []
+    for call in calls:
+        began = time.perf_counter()
+        answers.append(call())
+        latencies.append((time.perf_counter() - began) * 1000)
+    return latencies, answers
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(benchlib.percentile(latencies, 50), 2),
+        "p95_ms": round(benchlib.percentile(latencies, 95), 2),
+        "p99_ms": round(benchlib.percentile(latencies, 99), 2),
+        "qps": round(1000 / (sum(latencies) / len(latencies)), 1),
+        "queries": len(latencies),
+    }
+
+
+def main() -> int:
+    """Run, print, record; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    add_stack_arguments(parser, api_port=28391)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--upsert-batch", type=int, default=2_000)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--image-queries", type=int, default=100)
+    parser.add_argument(
+        "--ingest-images", type=int, default=1_000, help="ingested while searching (0: skip)"
+    )
+    parser.add_argument("--indexes", nargs="+", default=list(INDEXES), choices=INDEXES)
+    parser.add_argument("--quick", action="store_true", help="5,000 vectors, 40 queries")
+    parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
+    args = parser.parse_args()
+    benchlib.exit_on_sigterm()
+    if args.quick:
+        args.count, args.queries, args.image_queries, args.ingest_images = 5_000, 40, 10, 32
+
+    vectors, _labels = make_vectors(args.count, 1280, seed=0)
+    rng = np.random.default_rng(1)
+    picked = rng.choice(args.count, args.queries, replace=False)
+    queries = vectors[picked] + 0.02 * rng.standard_normal((args.queries, 1280), np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores = queries @ vectors.T
+    exact = [set(np.argsort(-row)[:TOP_K].tolist()) for row in scores]
+    jpegs = make_jpegs(args.image_queries, seed=5)
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    figures: dict[str, dict[str, Any]] = {}
+    main_index = "HNSW" if "HNSW" in args.indexes else args.indexes[0]
+    during: dict[str, float] = {}
+
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp, benchlib.LoadSampler() as load:
+        folder = Path(tmp)
+        settings = bench_settings(
+            kafka=args.kafka,
+            triton_grpc=args.triton_grpc,
+            milvus=args.milvus,
+            milvus_token=milvus_token(args.milvus_token_file),
+            image_root=folder,
+            quick=args.quick,
+        )
+        store = VectorStore(settings.milvus)
+        names = {kind: f"{settings.milvus.collection}_{kind.lower()}" for kind in args.indexes}
+        api = AppProcess.api(write_settings(settings, folder / "api.yaml"), args.api_port, folder)
+        try:
+            with running([api]):
+                for kind, name in names.items():
+                    store.create_collection(
+                        name,
+                        index=index_spec(kind, args.count),
+                        model_tag=settings.triton.model_tag,
+                    )
+                    rate = fill(store, name, vectors, args.upsert_batch)
+                    token = settings.milvus.token
+                    seconds = settle(args.milvus, token, name, args.count, timeout=1_800)
+                    figures[kind] = {
+                        "upsert_vectors_per_s": round(rate),
+                        "settle_s": round(seconds),
+                    }
+                wait_http(f"http://127.0.0.1:{args.api_port}/health", api)
+                base = f"http://127.0.0.1:{args.api_port}"
+                with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+
+                    def post(**body: Any) -> list[dict[str, Any]]:
+                        response = http.post("/search", json=body)
+                        response.raise_for_status()
+                        hits: list[dict[str, Any]] = response.json()
+                        return hits
+
+                    def upload(jpeg: bytes, name: str) -> list[dict[str, Any]]:
+                        response = http.post(
+                            "/search",
+                            files={"file": ("q.jpg", jpeg, "image/jpeg")},
+                            data={"topk": str(TOP_K), "collection_name": name},
+                        )
+                        response.raise_for_status()
+                        hits: list[dict[str, Any]] = response.json()
+                        return hits
+
+                    for kind, name in names.items():
+                        by_vector, answers = timed(
+                            [
+                                partial(post, vector=q.tolist(), topk=TOP_K, collection_name=name)
+                                for q in queries
+                            ]
+                        )
+                        found = [{int(h["id"][2:]) for h in hits} for hits in answers]
+                        recall = float(
+                            np.mean([len(f & e) / TOP_K for f, e in zip(found, exact, strict=True)])
+                        )
+                        by_id, _ = timed(
+                            [
+                                partial(post, id=f"v-{i:07d}", topk=TOP_K, collection_name=name)
+                                for i in picked
+                            ]
+                        )
+                        by_image, _ = timed([partial(upload, j, name) for j in jpegs])
+                        figures[kind].update(
+                            {
+                                "vector": summary(by_vector),
+                                "id": summary(by_id),
+                                "image": summary(by_image),
+                                "recall_at_10": round(recall, 3),
+                            }
+                        )
+                    if args.ingest_images:
+                        during = during_ingest(
+                            settings,
+                            folder,
+                            args.ingest_images,
+                            search=partial(post, topk=TOP_K, collection_name=names[main_index]),
+                            queries=queries,
+                        )
+        finally:
+            for name in names.values():
+                if store.collection_exists(name):
+                    store.drop_collection(name)
+            store.close()
+
+    print(f"search through the query API, {args.count:,} vectors x 1280-d, top-{TOP_K}, sequential")
+    for kind, f in figures.items():
+        rate, recall = f["upsert_vectors_per_s"], f["recall_at_10"]
+        print(f"  {kind}: upsert {rate:,} vectors/s, recall@10 {recall}")
+        for what in ("vector", "id", "image"):
+            s = f[what]
+            print(
+                f"    by {what:<6} p50 {s['p50_ms']:7.1f}  p95 {s['p95_ms']:7.1f}  "
+                f"p99 {s['p99_ms']:7.1f} ms  {s['qps']:6.1f} q/s"
+            )
+    if during:
+        print(
+            f"  {main_index} by vector while a worker ingests {during['images']} images: "
+            f"p50 {during['p50_ms']:.1f}  p99 {during['p99_ms']:.1f} ms "
+            f"({during['queries']:.0f} queries)"
+        )
+    print(load.describe())
+    benchlib.record(
+        "search",
+        {
+            "count": args.count,
+            "by_index": figures,
+            "upsert_batch": args.upsert_batch,
+            "vector_during_ingest": during,
+        },
+        headline={
+            "milvus_upsert_vectors_per_s": max(f["upsert_vectors_per_s"] for f in figures.values()),
+            "search_vector_p99_ms": figures[main_index]["vector"]["p99_ms"],
+            "search_image_p99_ms": figures[main_index]["image"]["p99_ms"],
+            "search_id_p99_ms": figures[main_index]["id"]["p99_ms"],
+            "search_recall_at_10": figures[main_index]["recall_at_10"],
+            "search_index": main_index,
+            **({"search_vector_p99_ms_during_ingest": during["p99_ms"]} if during else {}),
+        },
+        sampler=load,
+        quick=args.quick,
+        path=args.results,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
