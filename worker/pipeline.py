@@ -44,7 +44,7 @@ from engine.errors import (
 )
 from engine.images import ImageDecodeError, decode_image
 from engine.settings import FetchSettings, RetrySettings
-from engine.store import StoredVersion, VectorRecord, validate_id
+from engine.store import StoredVersion, VectorRecord
 from schemas import DEFAULT_EVENT_LIMITS, ContractError, EventLimits, IngestEvent, decode_event
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
@@ -205,13 +205,11 @@ class BatchProcessor:
     def _decode_events(self, items: list[Item]) -> None:
         for item in items:
             try:
+                # The contract's limits are at most the store's field sizes, so an id the store
+                # cannot hold fails here, before it is looked up or fetched.
                 item.event = decode_event(item.message.value(), self._event_limits)
-                # An id the store cannot hold fails here, before it is looked up or fetched.
-                validate_id(item.event.id)
             except ContractError as exc:
                 item.fail(InvalidEventError(str(exc), reason=exc.reason), Stage.DECODE_EVENT)
-            except InvalidRowError as exc:
-                item.fail(exc, Stage.DECODE_EVENT)
         # Several versions of one id in a batch: only the newest needs work.
         newest: dict[tuple[str, str], Item] = {}
         for item in items:
