@@ -302,11 +302,18 @@ class Settings(BaseSettings):
                     {**preprocess.model_dump(by_alias=True), "output": triton.input_format}
                 )
         if self.triton.input_format != self.preprocess.output:
+            pre = self.preprocess
+            if pre.class_:
+                why = f"preprocess.class {pre.class_!r}"
+            elif "output" in pre.model_fields_set and pre.output == "float32_nchw":
+                why = "preprocess.output or a mean/std other than the model's"
+            else:
+                why = "preprocess.output"
             raise ValueError(
                 f"triton model {self.triton.model_name!r} takes {self.triton.input_format!r} but "
-                f"the preprocessing outputs {self.preprocess.output!r} (preprocess.class "
-                f"{self.preprocess.class_!r}): choose a model taking it (the float32 one is "
-                f"{DEFAULT_MODEL_SPEC.name!r}) or leave triton.model_name unset"
+                f"the preprocessing outputs {pre.output!r} (because of {why}): choose a model "
+                f"taking it (the float32 one is {DEFAULT_MODEL_SPEC.name!r}) or leave "
+                "triton.model_name unset"
             )
         return self
 
