@@ -244,6 +244,9 @@ def main() -> int:
     parser.add_argument(
         "--uint8-model", help="served variant of the uint8 model (default: the spec's name)"
     )
+    parser.add_argument(
+        "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="(tuning: uint8)"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=1, help="untimed, checked rounds")
@@ -254,7 +257,9 @@ def main() -> int:
     if args.quick:
         args.batches, args.repeat = [1, 32], 4
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    specs = model_specs(args.uint8_model)
+    specs = {
+        fmt: spec for fmt, spec in model_specs(args.uint8_model).items() if fmt in args.formats
+    }
     rng = np.random.default_rng(0)
 
     http = httpclient.InferenceServerClient(args.http_url, network_timeout=300.0)
@@ -267,15 +272,19 @@ def main() -> int:
         clients = {"http": (httpclient, http), "grpc": (grpcclient, grpc)}
         transports = transports_for(stack, clients, specs, max(args.batches))
         if args.onnx:
-            transports[("float32", "onnx in-process")] = in_process(args.onnx, DEFAULT_MODEL_SPEC)
-            sibling = args.onnx.parents[2] / UINT8_MODEL_SPEC.name / "1" / "model.onnx"
-            if sibling.exists():
-                transports[("uint8", "onnx in-process")] = in_process(sibling, UINT8_MODEL_SPEC)
+            files = {
+                "float32": args.onnx,
+                "uint8": args.onnx.parents[2] / UINT8_MODEL_SPEC.name / "1" / "model.onnx",
+            }
+            for fmt, spec in specs.items():
+                if files[fmt].exists():
+                    transports[(fmt, "onnx in-process")] = in_process(files[fmt], spec)
 
         names = {key: f"{key[1]} {key[0]}" for key in transports}
+        reference = names[next(iter(transports))]
         print(
             f"models {', '.join(s.name for s in specs.values())}; per request: median ms (p99), "
-            "images/s; ratio = median / 'grpc float32' median"
+            f"images/s; ratio = median / {reference!r} median"
         )
         print(f"{'batch':>5}  " + "  ".join(f"{names[k]:>30}" for k in transports))
         for rows in args.batches:
@@ -288,11 +297,12 @@ def main() -> int:
                 for name, run in runs.items():
                     outputs[name] = run()
                     check(outputs[name], rows, DEFAULT_MODEL_SPEC, name)
-            agreement[str(rows)] = round(
-                float(np.sum(outputs["grpc uint8"] * outputs["grpc float32"], axis=1).min()), 6
-            )
+            if len(specs) == 2:
+                agreement[str(rows)] = round(
+                    float(np.sum(outputs["grpc uint8"] * outputs["grpc float32"], axis=1).min()), 6
+                )
             times = measure(runs, args.repeat)
-            baseline = statistics.median(times["grpc float32"])
+            baseline = statistics.median(times[reference])
             cells = []
             for name, t in times.items():
                 median = statistics.median(t)
@@ -327,7 +337,7 @@ def summarise(
 ) -> dict[str, float]:
     """Print and record the chosen format against float32, and the fitted transfer cost."""
     headline: dict[str, float] = {}
-    if "32" in figures.get("grpc uint8", {}):
+    if "32" in figures.get("grpc uint8", {}) and "grpc float32" in figures:
         for transport in ("grpc", "http", "grpc+shm", "http+shm"):
             ratio = (
                 figures[f"{transport} uint8"]["32"]["images_per_s"]
@@ -340,7 +350,7 @@ def summarise(
             3,
         )
     compute = figures.get("onnx in-process float32")
-    if compute is None:
+    if compute is None or "grpc uint8" not in figures:
         return headline
     # Overhead of the gRPC body path over pure compute, as a line in the payload size.
     grpc_rows = figures["grpc float32"]

@@ -58,8 +58,10 @@ class ModelSpec(BaseModel):
     output_name: str = Field("embedding", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     output_dim: int = Field(1280, ge=1)
     output_dtype: Literal["FP32"] = "FP32"
-    # Batching and threads below were chosen from bench_triton.py runs on the project's
-    # 2-core machine (docs/PERFORMANCE.md, "Triton tuning").
+    # Runtime settings below: docs/PERFORMANCE.md, "Triton tuning" (bench_triton.py on the
+    # project's 2-core machine). Measured there: spinning off; threads and instances as they
+    # were (0 = one per core measured like an explicit 2, and stays right on bigger hosts).
+    # Batching was not re-measured (the benchmark has one client at a time).
     max_batch_size: int = Field(64, ge=1)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     max_queue_delay_microseconds: int = Field(2000, ge=0)
@@ -70,9 +72,9 @@ class ModelSpec(BaseModel):
     # graph is one chain, run sequentially (onnxruntime's default), which ignores them.
     intra_op_threads: int = Field(0, ge=0)
     # onnxruntime's pool threads spin-wait for work after each run; on 2 shared cores that
-    # holds the CPU the worker and Milvus need. Python backend only: Triton's onnxruntime
-    # backend has no model parameter for it.
-    allow_spinning: bool = True
+    # holds the CPU everything else needs (batch 1 took 3-4x longer with it on). Python backend
+    # only: Triton's onnxruntime backend has no model parameter for it.
+    allow_spinning: bool = False
     # Stored next to every vector so that vectors of different models are never mixed.
     model_version_tag: str = Field("efficientnet_lite0-imagenet-v1", min_length=1)
 
