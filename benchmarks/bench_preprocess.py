@@ -153,8 +153,8 @@ def measure_batch(size: int, count: int, rounds: int, *, baseline: bool) -> dict
         for name, method in methods.items():
             seconds = sum(timed(partial(method, i)) for i in range(len(batches)))
             rates[name].append(len(jpegs) / seconds)
-    result["recompiles_while_timed"] = preprocessor.compile_count - compiled + (
-        pixels.compile_count - compiled_pixels
+    result["recompiles_while_timed"] = (
+        preprocessor.compile_count - compiled + (pixels.compile_count - compiled_pixels)
     )
     result["images_per_s"] = {n: round(statistics.median(v), 1) for n, v in rates.items()}
     result["rounds_range"] = {n: [round(min(v)), round(max(v))] for n, v in rates.items()}

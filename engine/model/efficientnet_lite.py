@@ -5,7 +5,9 @@ ReLU6 everywhere, no squeeze-excite, stem (32) and head (1280) not scaled, Batch
 and TensorFlow-"SAME" convolutions: the total padding ``max((ceil(i/s)-1)*s + k - i, 0)`` is split
 with the smaller half first, which is asymmetric for stride 2 (224 -> 112 pads 0 before, 1 after).
 BatchNorm is folded into the preceding convolution. The embedding is the global-average-pooled
-1280-channel head, L2-normalised; the ImageNet classifier is only added for testing.
+1280-channel head, L2-normalised; the ImageNet classifier is only added for testing. A spec with
+``input_format="uint8_nhwc"`` gets the same graph behind Transpose, Cast, Sub and Mul nodes, so
+the model takes raw pixels and normalises them itself.
 """
 
 from __future__ import annotations
