@@ -82,7 +82,7 @@ def stages_of(response: httpx.Response) -> dict[str, float]:
 
 def stage_summary(latencies: list[float], answers: list[Answer]) -> dict[str, dict[str, float]]:
     """p50/p95/p99 of each stage, and of ``overhead``: latency minus the stages' sum."""
-    names = sorted({name for answer in answers for name in answer.stages})
+    names = list(dict.fromkeys(name for answer in answers for name in answer.stages))  # in order
     summaries = {name: [a.stages.get(name, 0.0) for a in answers] for name in names}
     summaries["overhead"] = [
         total - sum(a.stages.values()) for total, a in zip(latencies, answers, strict=True)
