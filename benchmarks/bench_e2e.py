@@ -5,7 +5,7 @@ All in one run, on the stack at the given addresses:
 1. **ceiling**: the embedding model alone, onnxruntime in-process on ready tensors, at the
    workers' batch size: no decode, no transfer, no store. End to end cannot beat it.
 2. **naive**: one image at a time: read the file, decode, Pillow+numpy preprocess
-   (``reference_preprocess``), Triton batch 1 (``TritonEmbedder``), ``VectorStore.upsert`` of
+   (``reference_pixels``), Triton batch 1 (``TritonEmbedder``), ``VectorStore.upsert`` of
    one row.
 3. **e2e**: ``trident-worker`` processes (1, then 2) started from this venv on a topic, group
    and collection of their own; a warm-up batch is published and stored first (JAX compiles,
@@ -58,7 +58,7 @@ from engine.images import decode_image
 from engine.inference import TritonEmbedder
 from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
 from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.preprocess import reference_preprocess
+from engine.preprocess import reference_pixels
 from engine.settings import Settings
 from engine.store import VectorRecord
 
@@ -117,7 +117,8 @@ def naive(settings: Settings, paths: Sequence[Path]) -> float:
             began = time.perf_counter()
             for n, path in enumerate(paths):
                 pixels = decode_image(path.read_bytes(), max_pixels=settings.fetch.max_pixels)
-                tensor = reference_preprocess(pixels.pixels)[np.newaxis]
+                # The default model takes the cropped uint8 pixels (issue 12.3).
+                tensor = reference_pixels(pixels.pixels)[np.newaxis]
                 vector = embedder.embed(tensor)[0]
                 store.upsert(
                     [VectorRecord(id=f"naive-{n:06d}", vector=vector, source=str(path))],

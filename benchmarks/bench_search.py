@@ -14,6 +14,11 @@ API, the path before issue 12, as the baseline), flushed and indexed. Then a
 - by vector on the HNSW collection while a ``trident-worker`` ingests ``--ingest-images``
   JPEGs into a collection of its own (``search_vector_p99_ms_during_ingest``).
 
+Where the time goes: each answer's ``Server-Timing`` header (query_api.timing) gives its
+stages (decode, preprocess, embed, lookup, search), summarised per stage with p50/p95/p99, and
+``overhead`` (the client's latency minus the stages: HTTP, JSON, thread hops); Triton's own
+statistics over the by-image queries split ``embed`` into its queue wait and model compute.
+
 QPS is sequential (one client): 1 / mean latency. From the repository root::
 
     .venv/bin/python benchmarks/bench_search.py --milvus http://127.0.0.1:29530 \\
@@ -29,10 +34,11 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
+import tritonclient.grpc as grpcclient
 from apps import (
     AppProcess,
     add_stack_arguments,
@@ -55,6 +61,54 @@ from engine.store import VectorRecord, VectorStore
 
 TOP_K = 10
 INDEXES: tuple[IndexType, ...] = ("FLAT", "IVF_FLAT", "HNSW")
+# Triton's cumulative per-model durations that make up one request's time in the server.
+TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+class Answer(NamedTuple):
+    """One search answer: its hits and its stages (ms) from ``Server-Timing``."""
+
+    hits: list[dict[str, Any]]
+    stages: dict[str, float]
+
+
+def stages_of(response: httpx.Response) -> dict[str, float]:
+    """``{stage: ms}`` from a ``Server-Timing`` header (empty when the API sends none)."""
+    stages: dict[str, float] = {}
+    for part in filter(None, response.headers.get("server-timing", "").split(",")):
+        name, _, duration = part.strip().partition(";dur=")
+        stages[name] = stages.get(name, 0.0) + float(duration or 0)
+    return stages
+
+
+def stage_summary(latencies: list[float], answers: list[Answer]) -> dict[str, dict[str, float]]:
+    """p50/p95/p99 of each stage, and of ``overhead``: latency minus the stages' sum."""
+    names = list(dict.fromkeys(name for answer in answers for name in answer.stages))  # in order
+    summaries = {name: [a.stages.get(name, 0.0) for a in answers] for name in names}
+    summaries["overhead"] = [
+        total - sum(a.stages.values()) for total, a in zip(latencies, answers, strict=True)
+    ]
+    return {name: percentiles(values) for name, values in summaries.items()}
+
+
+def triton_totals(url: str, model: str) -> dict[str, float]:
+    """Triton's cumulative request count and per-phase nanoseconds for ``model``."""
+    with grpcclient.InferenceServerClient(url=url) as client:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    phases = stats["inference_stats"]
+    totals = {name: float(phases[name].get("ns", 0)) for name in TRITON_PHASES}
+    totals["requests"] = float(phases["success"].get("count", 0))
+    return totals
+
+
+def triton_per_request(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per request in each phase between two :func:`triton_totals` (all clients')."""
+    requests = after["requests"] - before["requests"]
+    per = {
+        f"{name}_ms": round((after[name] - before[name]) / max(requests, 1) / 1e6, 2)
+        for name in TRITON_PHASES
+    }
+    return {**per, "requests": requests}
 
 
 def index_spec(index_type: IndexType, count: int) -> IndexSpec:
@@ -153,7 +207,7 @@ def during_ingest(
     return {"images": images, **summary(latencies)}
 
 
-def timed(calls: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
+def timed(calls: list[Callable[[], Answer]]) -> tuple[list[float], list[Answer]]:
     """Latencies (ms) and answers of each call, in order, after two untimed warm-up calls."""
     for call in calls[:2]:
         call()
@@ -165,11 +219,13 @@ def timed(calls: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
     return latencies, answers
 
 
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}_ms": round(benchlib.percentile(values, q), 2) for q in (50, 95, 99)}
+
+
 def summary(latencies: list[float]) -> dict[str, float]:
     return {
-        "p50_ms": round(benchlib.percentile(latencies, 50), 2),
-        "p95_ms": round(benchlib.percentile(latencies, 95), 2),
-        "p99_ms": round(benchlib.percentile(latencies, 99), 2),
+        **percentiles(latencies),
         "qps": round(1000 / (sum(latencies) / len(latencies)), 1),
         "queries": len(latencies),
     }
@@ -242,21 +298,19 @@ def main() -> int:
                 base = f"http://127.0.0.1:{args.api_port}"
                 with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
 
-                    def post(**body: Any) -> list[dict[str, Any]]:
+                    def post(**body: Any) -> Answer:
                         response = http.post("/search", json=body)
                         response.raise_for_status()
-                        hits: list[dict[str, Any]] = response.json()
-                        return hits
+                        return Answer(response.json(), stages_of(response))
 
-                    def upload(jpeg: bytes, name: str) -> list[dict[str, Any]]:
+                    def upload(jpeg: bytes, name: str) -> Answer:
                         response = http.post(
                             "/search",
                             files={"file": ("q.jpg", jpeg, "image/jpeg")},
                             data={"topk": str(TOP_K), "collection_name": name},
                         )
                         response.raise_for_status()
-                        hits: list[dict[str, Any]] = response.json()
-                        return hits
+                        return Answer(response.json(), stages_of(response))
 
                     for kind, name in names.items():
                         by_vector, answers = timed(
@@ -265,23 +319,34 @@ def main() -> int:
                                 for q in queries
                             ]
                         )
-                        found = [{int(h["id"][2:]) for h in hits} for hits in answers]
+                        found = [{int(h["id"][2:]) for h in a.hits} for a in answers]
                         recall = float(
                             np.mean([len(f & e) / TOP_K for f, e in zip(found, exact, strict=True)])
                         )
-                        by_id, _ = timed(
+                        by_id, id_answers = timed(
                             [
                                 partial(post, id=f"v-{i:07d}", topk=TOP_K, collection_name=name)
                                 for i in picked
                             ]
                         )
-                        by_image, _ = timed([partial(upload, j, name) for j in jpegs])
+                        model = settings.triton.model_name
+                        triton_before = triton_totals(args.triton_grpc, model)
+                        by_image, image_answers = timed([partial(upload, j, name) for j in jpegs])
+                        triton = triton_per_request(
+                            triton_before, triton_totals(args.triton_grpc, model)
+                        )
                         figures[kind].update(
                             {
                                 "vector": summary(by_vector),
                                 "id": summary(by_id),
                                 "image": summary(by_image),
                                 "recall_at_10": round(recall, 3),
+                                "stages": {
+                                    "vector": stage_summary(by_vector, answers),
+                                    "id": stage_summary(by_id, id_answers),
+                                    "image": stage_summary(by_image, image_answers),
+                                },
+                                "triton_during_image": triton,
                             }
                         )
                     if args.ingest_images:
@@ -312,6 +377,17 @@ def main() -> int:
                 f"    by {what:<6} p50 {s['p50_ms']:7.1f}  p95 {s['p95_ms']:7.1f}  "
                 f"p99 {s['p99_ms']:7.1f} ms  {s['qps']:6.1f} q/s"
             )
+            for stage, t in f["stages"][what].items():
+                print(
+                    f"      {stage:<10} p50 {t['p50_ms']:7.1f}  p95 {t['p95_ms']:7.1f}  "
+                    f"p99 {t['p99_ms']:7.1f} ms"
+                )
+        t = f["triton_during_image"]
+        print(
+            f"    Triton per request while searching by image ({t['requests']:.0f} requests, "
+            f"all clients): queue {t['queue_ms']:.1f}, input {t['compute_input_ms']:.1f}, "
+            f"model {t['compute_infer_ms']:.1f}, output {t['compute_output_ms']:.1f} ms"
+        )
     if during:
         print(
             f"  {main_index} by vector while a worker ingests {during['images']} images: "

@@ -1,11 +1,17 @@
-"""Request latency of the running Triton server per batch size and transport.
+"""Request latency of the running Triton server per batch size, transport and input format.
 
-Transports: HTTP and gRPC with the tensors in the request body (binary), and HTTP/gRPC with the
-tensors in system shared memory (``tritonclient.utils.shared_memory``; client and server on one
-host). The shared-memory timings include writing the batch into the region and copying the
-embeddings out, as a caller would. Every transport's output is checked (shape, unit-norm rows),
-so an empty or wrong answer cannot pass for a fast one. With ``--onnx`` the same batches also run
-in-process in onnxruntime, which estimates each transport's overhead over pure compute.
+Formats: the chosen one, uint8 pixels ``[N, 224, 224, 3]`` to the uint8 model (150 KB an image),
+against today's float32 ``[N, 3, 224, 224]`` to the float32 model (602 KB), in the same run and
+on the same images (the float32 batch is the uint8 one normalised), so their embeddings must
+agree (cosine printed). Transports: HTTP and gRPC with the tensors in the request body
+(binary), and HTTP/gRPC with the tensors in system shared memory
+(``tritonclient.utils.shared_memory``; client and server on one host). The shared-memory timings
+include writing the batch into the region and copying the embeddings out, as a caller would.
+Every output is checked (shape, unit-norm rows), so an empty or wrong answer cannot pass for a
+fast one. With ``--onnx`` (the float32 model.onnx; the uint8 one is its sibling folder) the
+same batches also run in-process in onnxruntime, taking turns with the requests: the estimate
+of each transport's overhead over pure compute, and of what the server leaves of the CPU to
+whatever runs next (spinning threads show up as a slower in-process run).
 
 Needs a running server (``TritonService.start()``); from the repository root::
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import statistics
@@ -35,12 +42,13 @@ from tritonclient.utils import InferenceServerException
 
 import benchlib
 from devstack.config import StackConfig
-from engine.model.spec import DEFAULT_MODEL_SPEC, ModelSpec
+from engine.model.spec import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-Batch = npt.NDArray[np.float32]
+Batch = npt.NDArray[Any]
 Infer = Callable[[Batch], Batch]
+FORMATS = ("uint8", "float32")
 
 
 @dataclass
@@ -143,13 +151,13 @@ def check(embeddings: Batch, rows: int, spec: ModelSpec, transport: str) -> None
         raise SystemExit(f"{transport}: row norms {norms.min():.4f}..{norms.max():.4f}, not 1")
 
 
-def measure(transports: dict[str, Infer], batch: Batch, repeat: int) -> dict[str, list[float]]:
-    """Latencies in ms per transport, taking turns so that load from elsewhere hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in transports}
+def measure(runs: dict[str, Callable[[], Batch]], repeat: int) -> dict[str, list[float]]:
+    """Latencies in ms per run, taking turns so that load from elsewhere hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        for name, infer in transports.items():
+        for name, run in runs.items():
             started = time.perf_counter()
-            infer(batch)
+            run()
             times[name].append((time.perf_counter() - started) * 1000)
     return times
 
@@ -159,10 +167,10 @@ def transfer_formats(
 ) -> dict[str, dict[str, float]]:
     """Bytes per batch of each candidate input format and the transfer cost that implies.
 
-    The served model takes float32 only, so uint8 and float16 cannot be sent to it as they
-    are; their cost is the line fitted through the float32 measurements of this run (fixed
-    cost per request + cost per MiB), applied to their sizes. uint8 needs normalisation and
-    layout folded into the model, float16 a cast in it (issue 12.3).
+    The line fitted through the float32 measurements of this run (fixed cost per request +
+    cost per MiB), applied to each format's size. uint8 is also measured directly (its own
+    served model); float16 is not served (it would need a cast in the graph and halves the
+    bytes of float32 only), so for it this estimate is all there is.
     """
     pixels = rows * int(np.prod(spec.input_dims))
     out = {}
@@ -180,6 +188,53 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return (float(intercept), float(slope))
 
 
+def model_specs(uint8_model: str | None) -> dict[str, ModelSpec]:
+    """The served spec per format; ``uint8_model`` names a variant of the uint8 model (tuning)."""
+    uint8 = UINT8_MODEL_SPEC.model_copy(update={"name": uint8_model or UINT8_MODEL_SPEC.name})
+    return {"uint8": uint8, "float32": DEFAULT_MODEL_SPEC}
+
+
+def batches_for(rows: int, rng: np.random.Generator) -> dict[str, Batch]:
+    """One batch of random pixels in both formats: the float32 one is the uint8 one normalised."""
+    pixels = rng.integers(0, 256, (rows, 224, 224, 3), dtype=np.uint8)
+    normalised = (pixels.astype(np.float32).transpose(0, 3, 1, 2) - 127.0) / 128.0
+    return {"uint8": pixels, "float32": np.ascontiguousarray(normalised)}
+
+
+def in_process(onnx_path: Path, spec: ModelSpec) -> Infer:
+    """onnxruntime on the served model file, one thread per CPU (not one per physical core)."""
+    import onnxruntime as ort  # noqa: PLC0415 (optional baseline only)
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def infer(batch: Batch) -> Batch:
+        embeddings: Batch = session.run(None, {spec.input_name: batch})[0]
+        return embeddings
+
+    return infer
+
+
+def transports_for(
+    stack: contextlib.ExitStack,
+    clients: dict[str, tuple[Any, Any]],
+    specs: dict[str, ModelSpec],
+    largest: int,
+) -> dict[tuple[str, str], Infer]:
+    """(format, transport) -> inference, body and shared-memory transports for every format."""
+    transports: dict[tuple[str, str], Infer] = {}
+    out_bytes = largest * DEFAULT_MODEL_SPEC.output_dim * 4
+    for fmt, spec in specs.items():
+        in_bytes = largest * int(np.prod(spec.input_dims)) * (1 if fmt == "uint8" else 4)
+        for label, (module, client) in clients.items():
+            transports[(fmt, label)] = body_infer(module, client, spec)
+            inp = stack.enter_context(shm_region(client, f"{label}_{fmt}_in", in_bytes))
+            out = stack.enter_context(shm_region(client, f"{label}_{fmt}_out", out_bytes))
+            transports[(fmt, f"{label}+shm")] = shm_infer(module, client, spec, inp, out)
+    return transports
+
+
 def main() -> int:
     """Run the benchmark, print one table, record it; returns the exit code."""
     config = StackConfig()
@@ -187,103 +242,136 @@ def main() -> int:
     parser.add_argument("--http-url", default=config.triton_url)
     parser.add_argument("--grpc-url", default=config.triton_grpc_url)
     parser.add_argument(
-        "--model", help="served model with the spec's tensors (default: the spec's name)"
+        "--uint8-model", help="served variant of the uint8 model (default: the spec's name)"
+    )
+    parser.add_argument(
+        "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="(tuning: uint8)"
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=1, help="untimed, checked rounds")
-    parser.add_argument("--onnx", type=Path, help="model.onnx for an in-process baseline")
+    parser.add_argument("--onnx", type=Path, help="float32 model.onnx for an in-process baseline")
     parser.add_argument("--quick", action="store_true", help="batches 1 and 32, 4 rounds")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.batches, args.repeat = [1, 32], 4
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    spec = DEFAULT_MODEL_SPEC.model_copy(update={"name": args.model or DEFAULT_MODEL_SPEC.name})
+    specs = {
+        fmt: spec for fmt, spec in model_specs(args.uint8_model).items() if fmt in args.formats
+    }
     rng = np.random.default_rng(0)
-    largest = max(args.batches)
-    in_bytes = largest * int(np.prod(spec.input_dims)) * 4
-    out_bytes = largest * spec.output_dim * 4
 
     http = httpclient.InferenceServerClient(args.http_url, network_timeout=300.0)
     grpc = grpcclient.InferenceServerClient(args.grpc_url)
     figures: dict[str, dict[str, dict[str, float]]] = {}
+    agreement: dict[str, float] = {}
     with contextlib.ExitStack() as stack, benchlib.LoadSampler() as sampler:
         stack.callback(http.close)
         stack.callback(grpc.close)
-        transports: dict[str, Infer] = {
-            "http": body_infer(httpclient, http, spec),
-            "grpc": body_infer(grpcclient, grpc, spec),
-        }
-        for label, module, client in (("http", httpclient, http), ("grpc", grpcclient, grpc)):
-            inp = stack.enter_context(shm_region(client, f"{label}_in", in_bytes))
-            out = stack.enter_context(shm_region(client, f"{label}_out", out_bytes))
-            transports[f"{label}+shm"] = shm_infer(module, client, spec, inp, out)
+        clients = {"http": (httpclient, http), "grpc": (grpcclient, grpc)}
+        transports = transports_for(stack, clients, specs, max(args.batches))
         if args.onnx:
-            import onnxruntime as ort  # noqa: PLC0415 (optional baseline only)
+            files = {
+                "float32": args.onnx,
+                "uint8": args.onnx.parents[2] / UINT8_MODEL_SPEC.name / "1" / "model.onnx",
+            }
+            for fmt, spec in specs.items():
+                if files[fmt].exists():
+                    transports[(fmt, "onnx in-process")] = in_process(files[fmt], spec)
 
-            # One thread per CPU, explicitly: not onnxruntime's per-physical-core default.
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = os.cpu_count() or 1
-            session = ort.InferenceSession(
-                str(args.onnx), options, providers=["CPUExecutionProvider"]
-            )
-            transports["onnx in-process"] = lambda b: session.run(None, {spec.input_name: b})[0]
-
+        names = {key: f"{key[1]} {key[0]}" for key in transports}
+        reference = names[next(iter(transports))]
         print(
-            f"model {spec.name}; per request: median ms (p99), images/s; "
-            "ratio = median / http median"
+            f"models {', '.join(s.name for s in specs.values())}; per request: median ms (p99), "
+            f"images/s; ratio = median / {reference!r} median"
         )
-        print(f"{'batch':>5} {'MiB':>6}  " + "  ".join(f"{t:>30}" for t in transports))
+        print(f"{'batch':>5}  " + "  ".join(f"{names[k]:>30}" for k in transports))
         for rows in args.batches:
-            batch = rng.standard_normal((rows, *spec.input_dims), dtype=np.float32)
+            inputs = batches_for(rows, rng)
+            runs = {
+                names[k]: functools.partial(infer, inputs[k[0]]) for k, infer in transports.items()
+            }
+            outputs = {}
             for _ in range(args.warmup):
-                for transport, infer in transports.items():
-                    check(infer(batch), rows, spec, transport)
-            times = measure(transports, batch, args.repeat)
-            baseline = statistics.median(times["http"])
+                for name, run in runs.items():
+                    outputs[name] = run()
+                    check(outputs[name], rows, DEFAULT_MODEL_SPEC, name)
+            if len(specs) == 2:
+                agreement[str(rows)] = round(
+                    float(np.sum(outputs["grpc uint8"] * outputs["grpc float32"], axis=1).min()), 6
+                )
+            times = measure(runs, args.repeat)
+            baseline = statistics.median(times[reference])
             cells = []
-            for transport, t in times.items():
+            for name, t in times.items():
                 median = statistics.median(t)
                 p99 = benchlib.percentile(t, 99)
-                figures.setdefault(transport, {})[str(rows)] = {
+                fmt = name.rsplit(" ", 1)[1]
+                figures.setdefault(name, {})[str(rows)] = {
                     "p50_ms": round(median, 2),
                     "p99_ms": round(p99, 2),
                     "images_per_s": round(rows / median * 1000, 1),
-                    "mib": round(batch.nbytes / 2**20, 2),
+                    "mib": round(inputs[fmt].nbytes / 2**20, 2),
                 }
                 rate = rows / median * 1000
                 cells.append(f"{median:7.1f} ({p99:6.1f}) {rate:5.0f}/s x{median / baseline:4.2f}")
-            print(f"{rows:>5} {batch.nbytes / 2**20:6.1f}  " + "  ".join(f"{c:>30}" for c in cells))
+            print(f"{rows:>5}  " + "  ".join(f"{c:>30}" for c in cells))
+    print(f"min cosine, uint8 model vs float32 model on the same images, by batch: {agreement}")
     print(sampler.describe())
-
-    headline: dict[str, float] = {}
-    section: dict[str, object] = {"by_transport": figures, "batches": args.batches}
-    if "onnx in-process" in figures:
-        # Overhead of the gRPC body path over pure compute, as a line in the payload size.
-        compute = figures["onnx in-process"]
-        grpc_rows = figures["grpc"]
-        xs = [grpc_rows[b]["mib"] for b in grpc_rows]
-        ys = [grpc_rows[b]["p50_ms"] - compute[b]["p50_ms"] for b in grpc_rows]
-        fixed, per_mib = fit_line(xs, ys)
-        formats = transfer_formats(32, spec, fixed, per_mib)
-        section["grpc_overhead_fit"] = {
-            "fixed_ms": round(fixed, 2),
-            "ms_per_mib": round(per_mib, 2),
-        }
-        section["transfer_formats_batch32"] = formats
-        print(f"gRPC overhead over in-process: {fixed:.1f} ms + {per_mib:.2f} ms/MiB (fitted)")
-        for label, value in formats.items():
-            mib, cost = value["mib"], value["overhead_ms"]
-            print(f"  batch 32 as {label:<8} {mib:6.1f} MiB  ~{cost:.1f} ms")
-        if "32" in compute and "32" in grpc_rows:
-            headline["triton_grpc_over_onnx_b32"] = round(
-                grpc_rows["32"]["images_per_s"] / compute["32"]["images_per_s"], 3
-            )
+    section: dict[str, object] = {
+        "by_transport": figures,
+        "batches": args.batches,
+        "models": {fmt: spec.name for fmt, spec in specs.items()},
+        "uint8_vs_float32_min_cosine": agreement,
+    }
+    headline = summarise(figures, section)
     benchlib.record(
         "triton", section, headline=headline, sampler=sampler, quick=args.quick, path=args.results
     )
     return 0
+
+
+def summarise(
+    figures: dict[str, dict[str, dict[str, float]]], section: dict[str, object]
+) -> dict[str, float]:
+    """Print and record the chosen format against float32, and the fitted transfer cost."""
+    headline: dict[str, float] = {}
+    if "32" in figures.get("grpc uint8", {}) and "grpc float32" in figures:
+        for transport in ("grpc", "http", "grpc+shm", "http+shm"):
+            ratio = (
+                figures[f"{transport} uint8"]["32"]["images_per_s"]
+                / figures[f"{transport} float32"]["32"]["images_per_s"]
+            )
+            print(f"batch 32, {transport}: uint8 over float32 x{ratio:.2f} images/s")
+        headline["triton_grpc_uint8_over_float32_b32"] = round(
+            figures["grpc uint8"]["32"]["images_per_s"]
+            / figures["grpc float32"]["32"]["images_per_s"],
+            3,
+        )
+    compute = figures.get("onnx in-process float32")
+    if compute is None or "grpc uint8" not in figures:
+        return headline
+    # Overhead of the gRPC body path over pure compute, as a line in the payload size.
+    grpc_rows = figures["grpc float32"]
+    xs = [grpc_rows[b]["mib"] for b in grpc_rows]
+    ys = [grpc_rows[b]["p50_ms"] - compute[b]["p50_ms"] for b in grpc_rows]
+    fixed, per_mib = fit_line(xs, ys)
+    formats = transfer_formats(32, DEFAULT_MODEL_SPEC, fixed, per_mib)
+    section["grpc_overhead_fit"] = {"fixed_ms": round(fixed, 2), "ms_per_mib": round(per_mib, 2)}
+    section["transfer_formats_batch32"] = formats
+    print(
+        f"gRPC overhead over in-process (float32): {fixed:.1f} ms + {per_mib:.2f} ms/MiB (fitted)"
+    )
+    for label, value in formats.items():
+        print(f"  batch 32 as {label:<8} {value['mib']:6.1f} MiB  ~{value['overhead_ms']:.1f} ms")
+    measured = figures["grpc uint8"].get("32", {}).get("p50_ms")
+    if measured is not None and "32" in compute:
+        print(f"  measured uint8 overhead at batch 32: {measured - compute['32']['p50_ms']:.1f} ms")
+        headline["triton_grpc_over_onnx_b32"] = round(
+            figures["grpc uint8"]["32"]["images_per_s"] / compute["32"]["images_per_s"], 3
+        )
+    return headline
 
 
 if __name__ == "__main__":

@@ -73,11 +73,17 @@ class LocalStack:
         self._all(steps)
 
     def build_model_repository(self) -> Path:
-        """Convert the model and write the Triton model repository (no-op when up to date)."""
-        # onnx (the model extra) is needed only here, not by the other stack commands.
-        from engine.model.triton_repository import write_model_repository  # noqa: PLC0415
+        """Convert the models and write the Triton model repository (no-op when up to date).
 
-        return write_model_repository(self.model_repository, backend="python")
+        Writes every model the applications use (uint8- and float32-input); a running Triton
+        that loaded another repository content is restarted by ``up()`` (see
+        :meth:`TritonService.start`).
+        """
+        # onnx (the model extra) is needed only here, not by the other stack commands.
+        from engine.model.triton_repository import write_served_models  # noqa: PLC0415
+
+        write_served_models(self.model_repository, backend="python")
+        return self.model_repository
 
     def up(self) -> None:
         """Install what is missing and start every service; a second call is harmless.

@@ -11,7 +11,10 @@ model repository the caller built (python-backend ``model.py`` running onnxrunti
 
 Layout: the install in the shared cache ``<cache>/triton``: ``venv/``, ``bin/tritonserver``,
 ``backends/python/`` (backend library, its utils module and the stub), ``install.json``
-(marker), ``pip.log``; the running server's ``triton.log``/``triton.pid`` under ``<root>/triton``.
+(marker), ``pip.log``; the running server's ``triton.log``/``triton.pid`` under ``<root>/triton``,
+and ``loaded.json``: the fingerprint of the model repository it was started on. The server loads
+the repository once (no polling), so ``start()`` restarts a running server whose repository has
+changed since (new or rebuilt models), or that was started before fingerprints were recorded.
 """
 
 from __future__ import annotations
@@ -198,6 +201,10 @@ class TritonService:
             raise StackError(f"triton: tritonclient[http] cannot be imported: {exc}") from exc
         if not self.models:
             raise StackError(f"triton: no model (*/config.pbtxt) in {self.model_repository}")
+        fingerprint = self.repository_fingerprint()
+        if self.process.is_running() and self._loaded_fingerprint() != fingerprint:
+            logger.info("triton: the model repository changed since it started; restarting")
+            self.stop()
         if not self.process.is_running():
             ports = (
                 self.config.triton_http_port,
@@ -212,6 +219,7 @@ class TritonService:
                 )
             self._remove_stale_shm()
             self.process.start(self._argv(), env=self._env(info), cwd=self.folder)
+            self.loaded_marker.write_text(json.dumps(fingerprint, indent=1))
         started = time.monotonic()
         try:
             wait_until(self._probe, timeout=START_TIMEOUT, what="triton", process=self.process)
@@ -259,6 +267,33 @@ class TritonService:
             "models": list(self.models),
             "log": str(self.process.log_file),
         }
+
+    @property
+    def loaded_marker(self) -> Path:
+        return self.folder / "loaded.json"
+
+    def repository_fingerprint(self) -> dict[str, list[int]]:
+        """Size and modification time of every file of the repository, by relative path.
+
+        The repository writer replaces a file only when its content changes, so this changes
+        exactly when a model, its config or its model.py does. Left out: the python backend's
+        own ``__pycache__`` and the writer's dot-prefixed temporary files.
+        """
+        return {
+            str(path.relative_to(self.model_repository)): [stat.st_size, stat.st_mtime_ns]
+            for path in sorted(self.model_repository.rglob("*"))
+            if path.is_file()
+            and not path.name.startswith(".")
+            and "__pycache__" not in path.relative_to(self.model_repository).parts
+            for stat in [path.stat()]
+        }
+
+    def _loaded_fingerprint(self) -> dict[str, list[int]] | None:
+        try:
+            loaded: dict[str, list[int]] = json.loads(self.loaded_marker.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return loaded
 
     # ---------------------------------------------------------------- internals
 

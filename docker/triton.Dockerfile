@@ -6,7 +6,9 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.12-py3
 
-# --- model: packaged weights -> model.onnx + config.pbtxt (no torch needed) -------------------
+# --- models: packaged weights -> model.onnx + config.pbtxt (no torch needed) ------------------
+# Two models from one set of weights: efficientnet_lite0_embedding_uint8 (uint8 pixels, the
+# workers' and API's default) and efficientnet_lite0_embedding (float32, custom preprocessing).
 FROM ${PYTHON_IMAGE} AS model
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src

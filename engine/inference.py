@@ -1,5 +1,11 @@
 """Triton adapter: send a preprocessed batch, get embeddings back.
 
+The batch is sent as the served model takes it (``TritonSettings.input_format``): uint8
+``[N, H, W, 3]`` pixels (``UINT8``) or float32 ``[N, 3, H, W]`` (``FP32``; other float dtypes
+are cast). A batch of the other kind, e.g. float32 for the uint8 model, is refused before
+anything is sent (:class:`InferenceConfigurationError`): settings check that preprocessing and
+model agree at startup, so this only happens when code hands over something else.
+
 Owns tritonclient's errors: everything that means "Triton is down, starting, overloaded or slow"
 becomes :class:`InferenceUnavailableError` (retriable); a request Triton rejects as malformed or a
 model it does not serve becomes :class:`InferenceConfigurationError`, because no retry and no
@@ -19,6 +25,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from engine.errors import ConfigurationError, InferenceUnavailableError, Reason, Stage
+from engine.model.spec import ModelBatch
 from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -87,21 +94,23 @@ class TritonEmbedder:
 
     def embed(
         self,
-        batch: npt.NDArray[np.float32],
+        batch: ModelBatch,
         *,
         input_name: str | None = None,
         output_name: str | None = None,
     ) -> npt.NDArray[np.float32]:
-        """Return the embeddings ``[N, D]`` of a preprocessed ``[N, 3, H, W]`` batch.
+        """Return the embeddings ``[N, D]`` of a preprocessed batch in the model's input format.
 
         ``input_name`` and ``output_name`` override the settings' tensor names for this call.
 
         Raises:
             InferenceUnavailableError: Triton is unreachable, not ready, overloaded or timed out.
-            InferenceConfigurationError: Triton refused the request as invalid for its model.
+            InferenceConfigurationError: the batch is not in the model's input format, or Triton
+                refused the request as invalid for its model.
         """
         if batch.shape[0] == 0:
             return np.zeros((0, 0), dtype=np.float32)
+        batch = self._as_model_input(batch)
         step = self._settings.max_batch_size
         names = (input_name or self._settings.input_name, output_name or self._settings.output_name)
         parts = [
@@ -110,13 +119,27 @@ class TritonEmbedder:
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _as_model_input(self, batch: ModelBatch) -> ModelBatch:
+        fmt = self._settings.input_format
+        if fmt == "uint8_nhwc":
+            fits = batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[-1] == 3
+        else:
+            fits = bool(np.issubdtype(batch.dtype, np.floating))
+        if not fits:
+            raise InferenceConfigurationError(
+                f"model {self._settings.model_name!r} takes {fmt}, got a {batch.dtype} batch "
+                f"{list(batch.shape)}: the preprocessing does not match triton.input_format",
+                stage=Stage.EMBED,
+            )
+        return np.ascontiguousarray(batch, dtype=np.uint8 if fmt == "uint8_nhwc" else np.float32)
+
     def _infer(
-        self, batch: npt.NDArray[np.float32], input_name: str, output_name: str
+        self, data: ModelBatch, input_name: str, output_name: str
     ) -> npt.NDArray[np.float32]:
         s = self._settings
         module: Any = grpcclient if s.protocol == "grpc" else httpclient
-        data = np.ascontiguousarray(batch, dtype=np.float32)
-        tensor = module.InferInput(input_name, list(data.shape), "FP32")
+        datatype = "UINT8" if data.dtype == np.uint8 else "FP32"
+        tensor = module.InferInput(input_name, list(data.shape), datatype)
         tensor.set_data_from_numpy(data)
         output = module.InferRequestedOutput(output_name)
         try:

@@ -1,9 +1,17 @@
 """Batch preprocessing for the embedding model, in JAX: resize, centre crop, normalise.
 
 Per image: shorter side resized to ``resize_short_side`` with Pillow's bicubic filter
-(antialiased when downscaling), centre crop ``image_size`` square, ``(x - mean) / std`` per
-channel (the model's 127 and 128 by default), NCHW float32. :func:`reference_preprocess` does
-the same with Pillow and numpy and is the definition the JAX path is tested against.
+(antialiased when downscaling), centre crop ``image_size`` square, then one of two outputs
+(``output``, the served model's :data:`~engine.model.spec.InputFormat`):
+
+- ``"float32_nchw"``: ``(x - mean) / std`` per channel (the model's 127 and 128 by default),
+  NCHW float32 (602 KB an image at 224);
+- ``"uint8_nhwc"``: the cropped pixels as they are, uint8 NHWC (150 KB an image), for the model
+  that normalises inside its graph. The float32 output is exactly this one normalised: the
+  resampling rounds to uint8 after each pass, as Pillow does.
+
+:func:`reference_pixels` / :func:`reference_preprocess` do the same with Pillow and numpy and
+are the definition the JAX path is tested against.
 
 How the JAX path stays fast and compiles once:
 
@@ -38,6 +46,8 @@ import numpy.typing as npt
 import PIL
 from PIL import Image
 
+from engine.model.spec import InputFormat, ModelBatch
+
 logger = logging.getLogger(__name__)
 
 MEAN = 127.0
@@ -69,15 +79,10 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return (2 * height * short_side + width) // (2 * width), short_side
 
 
-def reference_preprocess(
-    image: npt.NDArray[np.uint8],
-    *,
-    image_size: int = 224,
-    resize_short_side: int = 256,
-    mean: Channels = MODEL_MEAN,
-    std: Channels = MODEL_STD,
-) -> npt.NDArray[np.float32]:
-    """Pillow + numpy preprocessing of one RGB uint8 ``[h, w, 3]`` image to float32 ``[3, s, s]``.
+def reference_pixels(
+    image: npt.NDArray[np.uint8], *, image_size: int = 224, resize_short_side: int = 256
+) -> npt.NDArray[np.uint8]:
+    """Pillow resize + centre crop of one RGB uint8 ``[h, w, 3]`` image to uint8 ``[s, s, 3]``.
 
     Raises:
         ValueError: ``image`` is not a non-empty uint8 ``[h, w, 3]`` array.
@@ -86,7 +91,25 @@ def reference_preprocess(
     out_h, out_w = resized_size(height, width, resize_short_side)
     resized = Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BICUBIC)
     top, left = (out_h - image_size) // 2, (out_w - image_size) // 2
-    crop = np.asarray(resized)[top : top + image_size, left : left + image_size]
+    return np.ascontiguousarray(
+        np.asarray(resized)[top : top + image_size, left : left + image_size]
+    )
+
+
+def reference_preprocess(
+    image: npt.NDArray[np.uint8],
+    *,
+    image_size: int = 224,
+    resize_short_side: int = 256,
+    mean: Channels = MODEL_MEAN,
+    std: Channels = MODEL_STD,
+) -> npt.NDArray[np.float32]:
+    """:func:`reference_pixels` normalised: float32 ``[3, s, s]``.
+
+    Raises:
+        ValueError: ``image`` is not a non-empty uint8 ``[h, w, 3]`` array.
+    """
+    crop = reference_pixels(image, image_size=image_size, resize_short_side=resize_short_side)
     normalised = (crop.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(
         std, np.float32
     )
@@ -128,11 +151,13 @@ class JaxPreprocessor:
         scale_buckets: Sequence[float] = DEFAULT_SCALE_BUCKETS,
         mean: Channels = MODEL_MEAN,
         std: Channels = MODEL_STD,
+        output: InputFormat = "float32_nchw",
     ) -> None:
-        """Choose sizes, batch sizes, scale buckets, normalisation and the device.
+        """Choose sizes, batch sizes, scale buckets, normalisation, output and the device.
 
         ``device``: "gpu" needs a GPU, "auto" uses one when JAX sees one, "cpu" never does.
-        ``mean`` and ``std`` are per RGB channel, on the 0-255 scale.
+        ``mean`` and ``std`` are per RGB channel, on the 0-255 scale; the ``"uint8_nhwc"``
+        output ignores them (the model normalises).
 
         Raises:
             ValueError: inconsistent sizes, batch sizes or buckets.
@@ -150,6 +175,9 @@ class JaxPreprocessor:
             raise ValueError(f"scale_buckets must be positive, got {scale_buckets!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"need 3 means and 3 positive stds, got {mean!r}, {std!r}")
+        if output not in ("float32_nchw", "uint8_nhwc"):
+            raise ValueError(f"output must be 'float32_nchw' or 'uint8_nhwc', got {output!r}")
+        self.output: InputFormat = output
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(d) for d in std)
         self.image_size = image_size
@@ -190,8 +218,9 @@ class JaxPreprocessor:
             time.perf_counter() - started,
         )
 
-    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
-        """Float32 ``[len(images), 3, image_size, image_size]`` for RGB uint8 ``[h, w, 3]`` images.
+    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> ModelBatch:
+        """The model's input batch for RGB uint8 ``[h, w, 3]`` images: float32
+        ``[n, 3, s, s]`` or uint8 ``[n, s, s, 3]`` (``output``), ``s = image_size``.
 
         Row ``i`` belongs to ``images[i]``; padding rows never reach the result.
 
@@ -199,7 +228,11 @@ class JaxPreprocessor:
             ValueError: an image is not a non-empty uint8 ``[h, w, 3]`` array.
         """
         out = self.image_size
-        result = np.empty((len(images), 3, out, out), dtype=np.float32)
+        pixels = self.output == "uint8_nhwc"
+        shape = (len(images), out, out, 3) if pixels else (len(images), 3, out, out)
+        result = np.empty(shape, dtype=np.uint8 if pixels else np.float32)
+        # A transposed placement comes back with height and width swapped.
+        swapped = (1, 0, 2) if pixels else (0, 2, 1)
         groups: dict[int, list[tuple[int, _Placement]]] = {}
         for row, image in enumerate(images):
             placement = self._place(image)
@@ -214,7 +247,7 @@ class JaxPreprocessor:
             values = np.asarray(output)
             for position, (row, placement) in enumerate(chunk):
                 value = values[position]
-                result[row] = value.transpose(0, 2, 1) if placement.transposed else value
+                result[row] = value.transpose(swapped) if placement.transposed else value
         return result
 
     def _make_bucket(self, max_scale: float) -> _Bucket:
@@ -292,8 +325,7 @@ class JaxPreprocessor:
                     _resize_crop_normalise,
                     out=self.image_size,
                     taps=bucket.taps,
-                    mean=self.mean,
-                    std=self.std,
+                    normalise=(self.mean, self.std) if self.output == "float32_nchw" else None,
                 )
                 self._executables[key] = (
                     jax.jit(jax.vmap(_pack_pixels)).lower(canvas).compile(),
@@ -450,10 +482,10 @@ def _resize_crop_normalise(
     *,
     out: int,
     taps: int,
-    mean: tuple[float, ...] = MODEL_MEAN,
-    std: tuple[float, ...] = MODEL_STD,
+    normalise: tuple[tuple[float, ...], tuple[float, ...]] | None,
 ) -> jax.Array:
-    """One image: packed canvas uint32 ``[c, c]`` -> normalised float32 ``[3, out, out]``."""
+    """One image: packed canvas uint32 ``[c, c]`` -> ``(x - mean) / std`` float32
+    ``[3, out, out]`` with ``normalise=(mean, std)``, else the uint8 pixels ``[out, out, 3]``."""
     side = words.shape[0]
     y_index, y_weights = _axis_taps(params[0:4], out=out, taps=taps, canvas=side)
     x_index, x_weights = _axis_taps(params[4:8], out=out, taps=taps, canvas=side)
@@ -461,5 +493,8 @@ def _resize_crop_normalise(
     horizontal = _to_uint8(_tap_sum(columns, x_index, x_weights)).astype(jnp.uint8)
     rows = _transpose_pixels(jax.lax.bitcast_convert_type(horizontal, jnp.uint32))  # [y, x, 4]
     vertical = _to_uint8(_tap_sum(rows[:, :, :3], y_index, y_weights))
+    if normalise is None:
+        return vertical.astype(jnp.uint8)
+    mean, std = normalise
     normalised = (vertical - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return jnp.transpose(normalised, (2, 0, 1))

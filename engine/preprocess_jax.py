@@ -7,10 +7,13 @@
   per batch size (cached), and returns NCHW float32 (an HWC result is transposed).
 - :class:`JAXImagePreprocessor`: the built-in one, the project's banded resampling
   (:class:`engine.preprocess.JaxPreprocessor`: shorter side to 256/224 of ``image_size``,
-  centre crop, ``(x / 255 - mean) / std``).
+  centre crop, ``(x / 255 - mean) / std``); with ``output="uint8_nhwc"`` it stops before
+  normalising and returns the cropped uint8 pixels NHWC, for the model that normalises itself.
 - :func:`build_preprocessor`: the one preprocessor the settings describe (``preprocess.class``
   names a subclass by import path), used by the worker, the query API and the pipeline so that
-  what is searched is embedded exactly as what was stored.
+  what is searched is embedded exactly as what was stored. Its output is ``preprocess.output``
+  (:attr:`BaseJAXPreprocessor.output_format`), the served model's input: callers pass it on
+  without looking at its dtype.
 
 Device: ``use_gpu=True`` takes the GPU JAX sees and otherwise falls back to the CPU, logged once
 per preprocessor; ``jax_platform="cpu"`` or ``use_gpu=False`` forces the CPU.
@@ -36,6 +39,7 @@ from pydantic import ValidationError
 from engine.errors import ConfigurationError, ImageContentError, ImageReferenceError, TridentError
 from engine.fetch import ImageFetcher
 from engine.images import decode_image
+from engine.model.spec import InputFormat, ModelBatch
 from engine.preprocess import Device, JaxPreprocessor, select_device
 from engine.settings import FetchSettings, PreprocessSettings
 from schemas.events import reference_from_string
@@ -160,6 +164,11 @@ class BaseJAXPreprocessor:
         return min(self.image_size)
 
     @property
+    def output_format(self) -> InputFormat:
+        """What :meth:`preprocess` returns: float32 NCHW here (subclasses' results are cast)."""
+        return "float32_nchw"
+
+    @property
     def compiled_shapes(self) -> list[tuple[int, ...]]:
         """``(batch size, height, width)`` of every compiled batch function so far."""
         with self._lock:
@@ -175,8 +184,9 @@ class BaseJAXPreprocessor:
         for batch in self.batch_sizes:
             self._executable(batch)
 
-    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
-        """Float32 NCHW model input for decoded RGB uint8 ``[h, w, 3]`` images, in order.
+    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> ModelBatch:
+        """The model's input batch (:attr:`output_format`) for decoded RGB uint8 ``[h, w, 3]``
+        images, in order: here float32 NCHW.
 
         Raises:
             ImageContentError: an image is not a non-empty uint8 ``[h, w, 3]`` array.
@@ -197,18 +207,20 @@ class BaseJAXPreprocessor:
             parts.append(np.asarray(output)[: len(chunk)])
         return _to_nchw(np.concatenate(parts))
 
-    def preprocess_single(self, image: ImageInput) -> npt.NDArray[np.float32]:
-        """The model input ``[3, h, w]`` for one path, http(s) URL or RGB uint8 array.
+    def preprocess_single(self, image: ImageInput) -> ModelBatch:
+        """The model input for one path, http(s) URL or RGB uint8 array (``[3, h, w]`` float32
+        unless :attr:`output_format` says otherwise).
 
         Raises:
             ImageReferenceError, ImageContentError, FetchUnavailableError: see
                 :func:`load_images`.
         """
-        single: npt.NDArray[np.float32] = self.preprocess_batch([image])[0]
+        single: ModelBatch = self.preprocess_batch([image])[0]
         return single
 
-    def preprocess_batch(self, images: Sequence[ImageInput]) -> npt.NDArray[np.float32]:
-        """The model input ``[n, 3, h, w]`` for paths, http(s) URLs or RGB uint8 arrays.
+    def preprocess_batch(self, images: Sequence[ImageInput]) -> ModelBatch:
+        """The model input ``[n, ...]`` (:attr:`output_format`) for paths, http(s) URLs or RGB
+        uint8 arrays.
 
         Raises:
             ImageReferenceError, ImageContentError, FetchUnavailableError: see
@@ -229,8 +241,8 @@ class BaseJAXPreprocessor:
         pixels = [item if isinstance(item, np.ndarray) else next(remaining) for item in images]
         return self.preprocess(pixels)
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> npt.NDArray[np.float32]:
-        """A batch ``[n, 3, h, w]``: a list is preprocessed as one, a single input as ``n=1``."""
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> ModelBatch:
+        """A batch ``[n, ...]``: a list is preprocessed as one, a single input as ``n=1``."""
         if isinstance(images, list | tuple):
             return self.preprocess_batch(images)
         return self.preprocess_batch([images])  # type: ignore[list-item]
@@ -262,16 +274,18 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
         cache_compiled: bool = True,
         *,
         resize_short_side: int | None = None,
+        output: InputFormat = "float32_nchw",
         **kwargs: Any,
     ) -> None:
         """``image_size`` must be square; the shorter side is resized to ``resize_short_side``
         (default ``image_size * 256 / 224``, the model's ratio). ``cache_compiled`` compiles
-        every batch shape now (seconds) instead of on first use. Other keywords as
-        :class:`BaseJAXPreprocessor`.
+        every batch shape now (seconds) instead of on first use. ``output="uint8_nhwc"``
+        returns the cropped pixels for the model that normalises itself (``mean`` and ``std``
+        must then be the model's). Other keywords as :class:`BaseJAXPreprocessor`.
 
         Raises:
-            ConfigurationError: a non-square size, or sizes, normalisation or device that do not
-                fit together.
+            ConfigurationError: a non-square size, or sizes, normalisation, output or device
+                that do not fit together.
         """
         super().__init__(image_size, **kwargs)
         side, width = self.image_size
@@ -280,6 +294,11 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
                 f"image_size must be square for the built-in preprocessing, got {self.image_size}"
             )
         short = resize_short_side or round(side * 256 / 224)
+        if output == "uint8_nhwc" and not _is_model_normalisation(mean, std):
+            raise ConfigurationError(
+                f"output 'uint8_nhwc' leaves normalisation to the model; mean {tuple(mean)} and "
+                f"std {tuple(std)} are not its own: use output 'float32_nchw'"
+            )
         try:
             self._jax = JaxPreprocessor(
                 image_size=side,
@@ -288,6 +307,7 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
                 device="gpu" if self.device.platform == "gpu" else "cpu",
                 mean=_channels(mean, "mean"),
                 std=_channels(std, "std"),
+                output=output,
             )
         except ValueError as exc:
             raise ConfigurationError(f"invalid preprocessing: {exc}") from exc
@@ -302,10 +322,14 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
     def compiled_shapes(self) -> list[tuple[int, ...]]:
         return [(batch, side, side) for batch, side in self._jax.compiled_shapes]
 
+    @property
+    def output_format(self) -> InputFormat:
+        return self._jax.output
+
     def warmup(self) -> None:
         self._jax.warmup()
 
-    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> ModelBatch:
         try:
             return self._jax.preprocess(images)
         except ValueError as exc:  # not an RGB uint8 array
@@ -316,11 +340,13 @@ def build_preprocessor(
     settings: PreprocessSettings, *, batch_sizes: Sequence[int] | None = None
 ) -> BaseJAXPreprocessor:
     """The preprocessor the settings describe: ``settings.class_`` by import path, or the
-    built-in one. ``batch_sizes`` overrides the settings' (the query API embeds one at a time).
+    built-in one, with output ``settings.output``. ``batch_sizes`` overrides the settings'
+    (the query API embeds one at a time).
 
     Raises:
         ConfigurationError: the class cannot be imported, is not a
-            :class:`BaseJAXPreprocessor` subclass, or refuses its arguments.
+            :class:`BaseJAXPreprocessor` subclass, refuses its arguments, or outputs another
+            format than ``settings.output`` (the served model's input).
     """
     sizes = tuple(batch_sizes or settings.batch_sizes)
     if not settings.class_:
@@ -330,12 +356,13 @@ def build_preprocessor(
             std=tuple(s / 255 for s in settings.std),
             cache_compiled=False,  # entry points call warmup() when they are ready to wait
             resize_short_side=settings.resize_short_side,
+            output=settings.output,
             device=settings.device,
             batch_sizes=sizes,
         )
     cls = _import_class(settings.class_)
     try:
-        return cls(
+        preprocessor = cls(
             image_size=settings.image_size,
             use_gpu=settings.device != "cpu",
             batch_sizes=sizes,
@@ -345,6 +372,12 @@ def build_preprocessor(
         raise ConfigurationError(
             f"preprocess.class {settings.class_!r} refused its arguments: {exc}"
         ) from exc
+    if preprocessor.output_format != settings.output:
+        raise ConfigurationError(
+            f"preprocess.class {settings.class_!r} outputs {preprocessor.output_format!r}, "
+            f"but preprocess.output (the model's input) is {settings.output!r}"
+        )
+    return preprocessor
 
 
 def _import_class(path: str) -> type[BaseJAXPreprocessor]:
@@ -358,6 +391,12 @@ def _import_class(path: str) -> type[BaseJAXPreprocessor]:
             f"preprocess.class {path!r} is not a subclass of engine.BaseJAXPreprocessor"
         )
     return found
+
+
+def _is_model_normalisation(mean: Sequence[float], std: Sequence[float]) -> bool:
+    """True for the model's own ``(x - 127) / 128`` on the 0-1 scale (as the earlier API)."""
+    pairs = [*zip(mean, MODEL_MEAN, strict=False), *zip(std, MODEL_STD, strict=False)]
+    return len(pairs) == 6 and all(abs(a - b) < 1e-6 for a, b in pairs)
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:

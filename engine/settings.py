@@ -9,6 +9,7 @@ section is an error naming it. Core classes receive the section they need.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -23,7 +24,13 @@ from pydantic_settings import (
 
 from engine.errors import ConfigurationError
 from engine.indexes import IndexSpec, IndexType, Metric
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.model.spec import (
+    DEFAULT_MODEL_SPEC,
+    SERVED_MODEL_SPECS,
+    UINT8_MODEL_SPEC,
+    InputFormat,
+    project_model_for,
+)
 from schemas import EventLimits
 
 
@@ -50,9 +57,18 @@ class KafkaSettings(_Section):
 
 
 class TritonSettings(_Section):
+    """Where the embedding model is served, which model, and what it takes.
+
+    ``model_name`` defaults to the uint8-pixel model; in a :class:`Settings` it follows the
+    preprocessing when not given (see :class:`Settings`). ``input_format`` is what the model
+    takes; when not given it is known for the project's own models
+    (:data:`~engine.model.spec.SERVED_MODEL_SPECS`) and ``float32_nchw`` for any other.
+    """
+
     url: str = "127.0.0.1:18001"
     protocol: Literal["grpc", "http"] = "grpc"
-    model_name: str = DEFAULT_MODEL_SPEC.name
+    model_name: str = UINT8_MODEL_SPEC.name
+    input_format: InputFormat = UINT8_MODEL_SPEC.input_format
     model_version: str = ""
     input_name: str = DEFAULT_MODEL_SPEC.input_name
     output_name: str = DEFAULT_MODEL_SPEC.output_name
@@ -60,6 +76,25 @@ class TritonSettings(_Section):
     model_tag: str = Field(DEFAULT_MODEL_SPEC.model_version_tag, description="Stored with vectors.")
     request_timeout_s: float = 30.0
     ready_timeout_s: float = 120.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_of_a_named_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "model_name" in data and "input_format" not in data:
+            known = SERVED_MODEL_SPECS.get(str(data["model_name"]))
+            # Any other model is taken to be like the float32 one, as every model was before.
+            data = {**data, "input_format": known.input_format if known else "float32_nchw"}
+        return data
+
+    @model_validator(mode="after")
+    def _format_fits_a_known_model(self) -> Self:
+        known = SERVED_MODEL_SPECS.get(self.model_name)
+        if known is not None and known.input_format != self.input_format:
+            raise ValueError(
+                f"triton.input_format {self.input_format!r} does not fit model "
+                f"{self.model_name!r}, which takes {known.input_format!r}"
+            )
+        return self
 
 
 class MilvusSettings(_Section):
@@ -115,19 +150,61 @@ class PreprocessSettings(_Section):
     ``options``; empty means the built-in preprocessing (``image_size``, ``resize_short_side``,
     ``mean``, ``std``). Worker and query API use the same one, so queries are embedded exactly
     as stored images were.
+
+    ``output`` is what the preprocessing hands to the model: ``uint8_nhwc`` pixels (the built-in
+    preprocessing with the model's own normalisation, which the uint8 model applies itself) or
+    ``float32_nchw``. When not given it is ``float32_nchw`` for a custom class or a custom
+    ``mean``/``std``, and in a :class:`Settings` it follows an explicitly chosen model.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     device: Literal["auto", "cpu", "gpu"] = "auto"
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
-    image_size: int = Field(DEFAULT_MODEL_SPEC.input_dims[1], ge=1)
+    image_size: int = Field(DEFAULT_MODEL_SPEC.image_size, ge=1)
     resize_short_side: int = Field(256, ge=1)
     mean: tuple[float, float, float] = Field((127.0, 127.0, 127.0), description="0-255 scale.")
     std: tuple[float, float, float] = Field((128.0, 128.0, 128.0), description="0-255 scale.")
     class_: str = Field("", alias="class", pattern=r"^$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the custom class."
+    )
+    output: InputFormat = "uint8_nhwc"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _float32_unless_built_in(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "output" not in data and not _model_normalisation(data):
+            data = {**data, "output": "float32_nchw"}
+        return data
+
+    @model_validator(mode="after")
+    def _uint8_needs_the_models_normalisation(self) -> Self:
+        if (
+            self.output == "uint8_nhwc"
+            and not self.class_
+            and not _model_normalisation({"mean": self.mean, "std": self.std})
+        ):
+            raise ValueError(
+                "preprocess.output 'uint8_nhwc' leaves normalisation to the model, whose own is "
+                f"mean {UINT8_MODEL_SPEC.input_mean}, std {UINT8_MODEL_SPEC.input_std}: another "
+                "mean/std needs output 'float32_nchw' (and a model taking it)"
+            )
+        return self
+
+
+def _model_normalisation(values: dict[str, Any]) -> bool:
+    """True when raw section values keep the built-in preprocessing with the model's mean/std."""
+    if values.get("class") or values.get("class_"):
+        return False
+    spec = UINT8_MODEL_SPEC
+    # Close, not equal: the earlier config writes them as 127 / 255 * 255.
+    return all(
+        all(
+            math.isclose(float(v), d, abs_tol=1e-6)
+            for v, d in zip(values.get(key, default), default, strict=True)
+        )
+        for key, default in (("mean", spec.input_mean), ("std", spec.input_std))
     )
 
 
@@ -200,6 +277,45 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @model_validator(mode="after")
+    def _preprocessing_fits_the_model(self) -> Self:
+        """The model follows the preprocessing unless chosen, else the preprocessing follows it.
+
+        Explicit on both sides and different, or a preprocessing that cannot produce what an
+        explicitly chosen model takes, is an error here, at startup, naming both.
+        """
+        triton, preprocess = self.triton, self.preprocess
+        model_chosen = bool({"model_name", "input_format"} & triton.model_fields_set)
+        if triton.input_format != preprocess.output:
+            if not model_chosen:
+                model = project_model_for(preprocess.output)
+                self.triton = TritonSettings.model_validate(
+                    {
+                        **triton.model_dump(),
+                        "model_name": model.name,
+                        "input_format": model.input_format,
+                    }
+                )
+            elif "output" not in preprocess.model_fields_set:
+                self.preprocess = PreprocessSettings.model_validate(
+                    {**preprocess.model_dump(by_alias=True), "output": triton.input_format}
+                )
+        if self.triton.input_format != self.preprocess.output:
+            pre = self.preprocess
+            if pre.class_:
+                why = f"preprocess.class {pre.class_!r}"
+            elif "output" in pre.model_fields_set and pre.output == "float32_nchw":
+                why = "preprocess.output or a mean/std other than the model's"
+            else:
+                why = "preprocess.output"
+            raise ValueError(
+                f"triton model {self.triton.model_name!r} takes {self.triton.input_format!r} but "
+                f"the preprocessing outputs {pre.output!r} (because of {why}): choose a model "
+                f"taking it (the float32 one is {DEFAULT_MODEL_SPEC.name!r}) or leave "
+                "triton.model_name unset"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -2,14 +2,18 @@
 
 The lifespan owns the clients (:class:`SearchService`: Milvus, Triton, the fetcher;
 :class:`IngestGateway`: the Kafka producer) and closes them on shutdown; handlers receive them
-through ``Provide``. Middleware, outermost first: metrics, rate limit, API key. The OpenAPI
+through ``Provide``. With ``freeze_heap`` (the ``trident-api`` process asks for it), the
+lifespan freezes the heap once the service is warm (see :func:`_freeze_heap`). Middleware,
+outermost first: metrics, rate limit, API key. The OpenAPI
 schema is generated from the handlers' types and served at ``/openapi.json`` (interactive docs
 at ``/docs``); the search page is ``GET /``.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata, resources
@@ -73,8 +77,12 @@ def create_app(
     *,
     service: SearchService | None = None,
     ingest: IngestGateway | None = None,
+    freeze_heap: bool = False,
 ) -> Litestar:
     """Build the application; ``service``/``ingest`` replace the ones built from settings (tests).
+
+    ``freeze_heap``: once started, move every object alive to the collector's permanent
+    generation. It acts on the whole process, so only the process's owner asks for it.
 
     Raises:
         ConfigurationError: API keys are required (``api.auth``) but none is configured.
@@ -88,6 +96,8 @@ def create_app(
         gateway = ingest or IngestGateway(settings.kafka, search_service.store)
         try:
             await anyio.to_thread.run_sync(search_service.warmup)
+            if freeze_heap:
+                _freeze_heap()
             app.state.search_service, app.state.ingest = search_service, gateway
             yield
         finally:
@@ -121,6 +131,24 @@ def create_app(
     )
     app.asgi_handler = _uploads_to_their_routes(app.asgi_handler)
     return app
+
+
+def _freeze_heap() -> None:
+    """Keep the objects of start-up (modules, JAX, Litestar, pydantic) out of every collection.
+
+    The started process holds ~230k long-lived objects; each full (generation 2) collection
+    walks them all, 100-900 ms on 2 cores, and pauses whichever request is running. Frozen,
+    they are never scanned again; objects made by requests are collected as before. Collected
+    first so that start-up's garbage is freed rather than frozen.
+    """
+    began = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    logger.info(
+        "froze %d start-up objects out of garbage collection in %.2f s",
+        gc.get_freeze_count(),
+        time.perf_counter() - began,
+    )
 
 
 def _openapi_config(*, authenticated: bool) -> OpenAPIConfig:

@@ -27,7 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     settings = settings.model_copy(update={"api": api})
     uvicorn.run(
-        create_app(settings), host=api.host, port=api.port, log_config=None, access_log=False
+        create_app(settings, freeze_heap=True),
+        host=api.host,
+        port=api.port,
+        log_config=None,
+        access_log=False,
     )
     return 0
 

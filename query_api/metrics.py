@@ -8,6 +8,9 @@ Series (a Grafana dashboard reads these names):
   Requests matching no route never reach a route's middleware and are not counted.
 - ``trident_api_request_seconds{route}``: latency histogram.
 - ``trident_api_in_flight_requests``: requests being answered now.
+- ``trident_api_stage_seconds{stage}``: time in each stage of a search or embed request
+  (``fetch``, ``decode``, ``preprocess``, ``embed``, ``lookup``, ``search``; query_api.timing),
+  failed requests included: which step a slow request spent its time in.
 
 Each application has its own registry, so several apps in one process (tests) do not collide.
 """
@@ -23,7 +26,11 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from query_api.timing import StageTimings
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Stages take from ~1 ms (decode) to tens of ms (embed): finer at the low end.
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5.0)
 
 
 class ApiMetrics:
@@ -49,6 +56,18 @@ class ApiMetrics:
             "Requests being answered now.",
             registry=self.registry,
         )
+        self.stages = Histogram(
+            "trident_api_stage_seconds",
+            "Time in one stage of a search or embed request, by stage.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_stages(self, timings: StageTimings) -> None:
+        """Record each stage one request ran."""
+        for stage, seconds in timings.stages:
+            self.stages.labels(stage).observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every series."""

@@ -2,14 +2,18 @@
 
 Handlers take typed bodies (pydantic models for JSON, dataclasses with an ``UploadFile`` for
 multipart) and their collaborators through ``Provide`` (``service``, ``ingest``, ``metrics``);
-blocking work runs in worker threads. Errors are raised, never answered here
-(query_api.errors maps them). A multipart POST to ``/search`` or ``/embed`` is served by the
-``/upload`` route beside it (see query_api.app), so the earlier API's ``curl -F file=@…``
-forms keep working.
+blocking work runs in worker threads, one hop per request (a search by an uploaded image is
+decoded, embedded and searched in one). Search and embed answers carry a ``Server-Timing``
+header with the time of each stage (query_api.timing), also recorded in the metrics. Errors
+are raised, never answered here (query_api.errors maps them). A multipart POST to ``/search``
+or ``/embed`` is served by the ``/upload`` route beside it (see query_api.app), so the earlier
+API's ``curl -F file=@…`` forms keep working.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -27,6 +31,7 @@ from query_api.ingest import IngestGateway
 from query_api.metrics import ApiMetrics
 from query_api.security import CONSUMES, PUBLIC
 from query_api.service import SearchService
+from query_api.timing import SERVER_TIMING, StageTimings
 from schemas.api import (
     CollectionCreated,
     CollectionList,
@@ -63,6 +68,20 @@ def _also_multipart(form: str) -> type[Operation]:
                 )
 
     return WithUpload
+
+
+@contextmanager
+def _timed(metrics: ApiMetrics) -> Iterator[StageTimings]:
+    """The request's stage timings, recorded in the metrics whether or not it succeeds."""
+    timings = StageTimings()
+    try:
+        yield timings
+    finally:
+        metrics.observe_stages(timings)
+
+
+def _server_timing(timings: StageTimings) -> dict[str, str]:
+    return {SERVER_TIMING: timings.header()}
 
 
 # Health ---------------------------------------------------------------------------------------
@@ -190,14 +209,18 @@ def drop_collection(name: FromPath[str], service: NamedDependency[SearchService]
     responses=ERROR_RESPONSES,
 )
 def search(
-    data: JSONBody[SearchRequest], service: NamedDependency[SearchService]
-) -> list[SearchHit]:
+    data: JSONBody[SearchRequest],
+    service: NamedDependency[SearchService],
+    metrics: NamedDependency[ApiMetrics],
+) -> Response[list[SearchHit]]:
     """Search by ``query_input`` (path or URL), ``vector`` or ``id``; hits best first.
 
     A multipart form with the image in field ``file`` is accepted here too (see
-    ``POST /search/upload``).
+    ``POST /search/upload``). ``Server-Timing`` says how long each stage took.
     """
-    return service.query(data)
+    with _timed(metrics) as timings:
+        hits = service.query(data, timings)
+    return Response(hits, headers=_server_timing(timings))
 
 
 @dataclass
@@ -238,12 +261,17 @@ class SearchUpload:
 async def search_upload(
     data: MultipartBody[SearchUpload],
     service: NamedDependency[SearchService],
-) -> list[SearchHit]:
-    """Search by an uploaded image (multipart field ``file``); hits best first."""
+    metrics: NamedDependency[ApiMetrics],
+) -> Response[list[SearchHit]]:
+    """Search by an uploaded image (multipart field ``file``); hits best first.
+
+    ``Server-Timing`` says how long each stage took.
+    """
     options = data.options()
     image = await data.file.read()
-    vector = await anyio.to_thread.run_sync(service.embed_image, image)
-    return await anyio.to_thread.run_sync(service.search, vector, options)
+    with _timed(metrics) as timings:
+        hits = await anyio.to_thread.run_sync(service.search_image, image, options, timings)
+    return Response(hits, headers=_server_timing(timings))
 
 
 @post(
@@ -255,9 +283,15 @@ async def search_upload(
     sync_to_thread=True,
     responses=ERROR_RESPONSES,
 )
-def embed(data: JSONBody[EmbedRequest], service: NamedDependency[SearchService]) -> Embedding:
+def embed(
+    data: JSONBody[EmbedRequest],
+    service: NamedDependency[SearchService],
+    metrics: NamedDependency[ApiMetrics],
+) -> Response[Embedding]:
     """The embedding of the image at a path or URL (multipart uploads: ``/embed/upload``)."""
-    return service.embedding(service.embed_reference(data.query_input))
+    with _timed(metrics) as timings:
+        vector = service.embed_reference(data.query_input, timings)
+    return Response(service.embedding(vector), headers=_server_timing(timings))
 
 
 @dataclass
@@ -271,11 +305,13 @@ class EmbedUpload:
 async def embed_upload(
     data: MultipartBody[EmbedUpload],
     service: NamedDependency[SearchService],
-) -> Embedding:
+    metrics: NamedDependency[ApiMetrics],
+) -> Response[Embedding]:
     """The embedding of an uploaded image (multipart field ``file``)."""
     image = await data.file.read()
-    vector = await anyio.to_thread.run_sync(service.embed_image, image)
-    return service.embedding(vector)
+    with _timed(metrics) as timings:
+        vector = await anyio.to_thread.run_sync(service.embed_image, image, timings)
+    return Response(service.embedding(vector), headers=_server_timing(timings))
 
 
 # Ingest and items -----------------------------------------------------------------------------

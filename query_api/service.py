@@ -3,7 +3,9 @@
 :class:`SearchService` turns a query (image bytes, an image reference, a vector or a stored id)
 into a vector, searches Milvus with paging, filters and a score threshold, manages collections
 and renders thumbnails of stored items. It raises engine/errors.py's errors only; the HTTP layer
-maps them to statuses.
+maps them to statuses. Every query method takes the request's :class:`StageTimings` and times
+each stage it runs in it (query_api.timing). Its methods are called from worker threads, several
+at once: the clients it holds are thread-safe.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.preprocess_jax import BaseJAXPreprocessor, build_preprocessor
 from engine.settings import Settings
 from engine.store import Hit, VectorStore
 from query_api.filters import combined_filter
+from query_api.timing import StageTimings
 from schemas import PathImage, UrlImage, reference_from_string
 from schemas.api import (
     CollectionStats,
@@ -97,7 +100,7 @@ class SearchService:
 
     # Embeddings -----------------------------------------------------------------------------
 
-    def embed_image(self, data: bytes) -> npt.NDArray[np.float32]:
+    def embed_image(self, data: bytes, timings: StageTimings) -> npt.NDArray[np.float32]:
         """The embedding of one encoded image.
 
         Raises:
@@ -105,19 +108,24 @@ class SearchService:
                 ``fetch.max_pixels``).
             InferenceUnavailableError: Triton is unavailable.
         """
-        pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
-        batch = self._preprocessor.preprocess([pixels])
-        embedding: npt.NDArray[np.float32] = self.embedder.embed(batch)[0]
+        with timings.stage("decode"):
+            pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
+        with timings.stage("preprocess"):
+            batch = self._preprocessor.preprocess([pixels])
+        with timings.stage("embed"):
+            embedding: npt.NDArray[np.float32] = self.embedder.embed(batch)[0]
         return embedding
 
-    def embed_reference(self, reference: str) -> npt.NDArray[np.float32]:
+    def embed_reference(self, reference: str, timings: StageTimings) -> npt.NDArray[np.float32]:
         """The embedding of the image at a path (under the allowed roots) or http(s) URL.
 
         Raises:
             ImageReferenceError: forbidden, malformed or missing reference.
             ImageContentError, InferenceUnavailableError, FetchUnavailableError.
         """
-        return self.embed_image(self._fetcher.fetch(_reference(reference)))
+        with timings.stage("fetch"):
+            data = self._fetcher.fetch(_reference(reference))
+        return self.embed_image(data, timings)
 
     def embedding(self, vector: npt.NDArray[np.float32]) -> Embedding:
         """The wire form of an embedding, naming the model that made it."""
@@ -127,21 +135,24 @@ class SearchService:
             model=self._settings.triton.model_tag,
         )
 
-    def vector_of(self, item_id: str, collection: str | None) -> npt.NDArray[np.float32]:
+    def vector_of(
+        self, item_id: str, collection: str | None, timings: StageTimings
+    ) -> npt.NDArray[np.float32]:
         """The stored vector of ``item_id``.
 
         Raises:
             UnknownCollectionError: no such collection.
             InvalidQueryError: (``unknown_id``) no such id.
         """
-        rows = self.store.get([item_id], collection, with_vectors=True)
+        with timings.stage("lookup"):
+            rows = self.store.get([item_id], collection, with_vectors=True)
         if not rows:
             raise _unknown_id(item_id)
         return np.asarray(rows[0]["embedding"], dtype=np.float32)
 
     # Search ---------------------------------------------------------------------------------
 
-    def query(self, request: SearchRequest) -> list[SearchHit]:
+    def query(self, request: SearchRequest, timings: StageTimings) -> list[SearchHit]:
         """Answer a JSON search (by reference, vector or id), best first.
 
         Raises:
@@ -149,18 +160,31 @@ class SearchService:
             ImageReferenceError, ImageContentError, RetriableError (a service is down).
         """
         if request.query_input is not None:
-            return self.search(self.embed_reference(request.query_input), request)
+            vector = self.embed_reference(request.query_input, timings)
+            return self.search(vector, request, timings)
         if request.id is not None:
-            vector = self.vector_of(request.id, request.collection_name)
+            vector = self.vector_of(request.id, request.collection_name, timings)
             exclude = None if request.include_self else request.id
-            return self.search(vector, request, exclude_id=exclude)
+            return self.search(vector, request, timings, exclude_id=exclude)
         assert request.vector is not None  # SearchRequest holds exactly one query
-        return self.search(request.vector, request)
+        return self.search(request.vector, request, timings)
+
+    def search_image(
+        self, data: bytes, options: SearchOptions, timings: StageTimings
+    ) -> list[SearchHit]:
+        """The hits of an encoded image (embedded as the workers embed what they store).
+
+        Raises:
+            ImageContentError, InferenceUnavailableError, UnknownCollectionError,
+            InvalidQueryError, StoreUnavailableError.
+        """
+        return self.search(self.embed_image(data, timings), options, timings)
 
     def search(
         self,
         vector: npt.NDArray[np.float32] | Sequence[float],
         options: SearchOptions,
+        timings: StageTimings,
         *,
         exclude_id: str | None = None,
     ) -> list[SearchHit]:
@@ -169,6 +193,15 @@ class SearchService:
         Raises:
             UnknownCollectionError, InvalidQueryError, StoreUnavailableError.
         """
+        with timings.stage("search"):
+            return self._search(vector, options, exclude_id)
+
+    def _search(
+        self,
+        vector: npt.NDArray[np.float32] | Sequence[float],
+        options: SearchOptions,
+        exclude_id: str | None,
+    ) -> list[SearchHit]:
         collection = options.collection_name or self.store.default_collection
         expression = combined_filter(options.filter_expr, options.filter)
         if exclude_id is None:

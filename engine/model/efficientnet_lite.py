@@ -5,7 +5,9 @@ ReLU6 everywhere, no squeeze-excite, stem (32) and head (1280) not scaled, Batch
 and TensorFlow-"SAME" convolutions: the total padding ``max((ceil(i/s)-1)*s + k - i, 0)`` is split
 with the smaller half first, which is asymmetric for stride 2 (224 -> 112 pads 0 before, 1 after).
 BatchNorm is folded into the preceding convolution. The embedding is the global-average-pooled
-1280-channel head, L2-normalised; the ImageNet classifier is only added for testing.
+1280-channel head, L2-normalised; the ImageNet classifier is only added for testing. A spec with
+``input_format="uint8_nhwc"`` gets the same graph behind Transpose, Cast, Sub and Mul nodes, so
+the model takes raw pixels and normalises them itself.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ OPSET = 17
 IR_VERSION = 8
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+_INPUT_TYPES = {"float32_nchw": TensorProto.FLOAT, "uint8_nhwc": TensorProto.UINT8}
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,8 @@ def build_embedding_model(
             (before normalisation); for tests, never served.
 
     Returns:
-        A checked ONNX model: ``spec.input_name`` [N, 3, H, W] float32 to ``spec.output_name``
-        [N, 1280] float32 with unit L2 norm.
+        A checked ONNX model: ``spec.input_name`` (float32 [N, 3, H, W], or uint8 [N, H, W, 3]
+        normalised inside the graph) to ``spec.output_name`` [N, 1280] float32 with unit L2 norm.
 
     Raises:
         ConfigurationError: the weights do not match the Lite0 architecture or the spec's
@@ -162,9 +165,9 @@ def build_embedding_model(
         raise ConfigurationError(
             f"EfficientNet-Lite0 embeds in {HEAD_CHANNELS} dims, spec says {spec.output_dim}"
         )
-    channels, height, width = spec.input_dims
-    g = _Graph(weights, channels, height, width)
-    x = g.conv_bn(spec.input_name, "_conv_stem", "_bn0", stride=2)
+    side = spec.image_size
+    g = _Graph(weights, 3, side, side)
+    x = g.conv_bn(_normalised_input(g, spec), "_conv_stem", "_bn0", stride=2)
 
     index = 0
     for stage in _LITE0_STAGES:
@@ -234,7 +237,7 @@ def build_embedding_model(
         spec.name,
         [
             helper.make_tensor_value_info(
-                spec.input_name, TensorProto.FLOAT, ["batch", channels, height, width]
+                spec.input_name, _INPUT_TYPES[spec.input_format], ["batch", *spec.input_dims]
             )
         ],
         outputs,
@@ -253,6 +256,32 @@ def build_embedding_model(
     onnx.checker.check_model(model)
     logger.info("built %s: %d blocks, %d nodes", spec.name, index, len(g.nodes))
     return model
+
+
+def _normalised_input(g: _Graph, spec: ModelSpec) -> str:
+    """The name of the normalised float32 NCHW tensor the stem convolution reads.
+
+    A float32 input is that tensor already. A uint8 NHWC input is transposed while still one
+    byte per value, then cast and normalised: ``(x - mean) * (1 / std)``, which for the
+    model's std of 128 (a power of two) is bit-identical to the float32 path's division.
+    """
+    if spec.input_format == "float32_nchw":
+        return spec.input_name
+    shape = (1, 3, 1, 1)
+    mean = g.add_constant("input_mean", np.asarray(spec.input_mean, np.float32).reshape(shape))
+    scale = np.float32(1.0) / np.asarray(spec.input_std, np.float32).reshape(shape)
+    inverse_std = g.add_constant("input_inverse_std", scale)
+    g.nodes += [
+        helper.make_node(
+            "Transpose", [spec.input_name], ["input_nchw"], name="to_nchw", perm=[0, 3, 1, 2]
+        ),
+        helper.make_node(
+            "Cast", ["input_nchw"], ["input_float"], name="cast", to=TensorProto.FLOAT
+        ),
+        helper.make_node("Sub", ["input_float", mean], ["input_centred"], name="centre"),
+        helper.make_node("Mul", ["input_centred", inverse_std], ["input_normalised"], name="scale"),
+    ]
+    return "input_normalised"
 
 
 def load_packaged_weights() -> dict[str, np.ndarray]:

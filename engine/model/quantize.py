@@ -2,7 +2,8 @@
 
 Contract:
 
-- :data:`INT8_MODEL_SPEC` is the float32 spec with its own Triton model name and its own
+- :data:`INT8_MODEL_SPEC` (defined in :mod:`engine.model.spec`) is the float32 spec with its
+  own Triton model name and its own
   ``model_version_tag``: vectors of the int8 model are stored under another tag, so the two
   never mix in one collection (the tag is checked where collections are used).
 - :func:`quantize_embedding_model` turns the float32 ONNX model into a QDQ int8 model:
@@ -33,14 +34,11 @@ import numpy.typing as npt
 import onnx
 
 from engine.errors import ConfigurationError
-from engine.model.spec import DEFAULT_MODEL_SPEC, ModelSpec
 
-INT8_MODEL_SPEC = DEFAULT_MODEL_SPEC.model_copy(
-    update={
-        "name": f"{DEFAULT_MODEL_SPEC.name}_int8",
-        "model_version_tag": f"{DEFAULT_MODEL_SPEC.model_version_tag}-int8",
-    }
-)
+# The spec lives with the others (settings read it without onnx); re-exported here.
+from engine.model.spec import INT8_MODEL_SPEC, ModelSpec
+
+__all__ = ["INT8_MODEL_SPEC", "float_nodes", "quantize_embedding_model", "sample_calibration"]
 
 # scikit-image photos used for calibration: varied colour, texture and exposure.
 CALIBRATION_PHOTOS = (

@@ -1,4 +1,8 @@
-"""Write the Triton model repository for the embedding model from one :class:`ModelSpec`.
+"""Write the Triton model repository for the embedding models, each from one :class:`ModelSpec`.
+
+:func:`write_served_models` writes every model the services use, from one set of weights:
+the uint8-input model (the worker's and query API's default) and the float32-input one (the
+earlier pipeline's API, custom preprocessors), and on request the int8 one.
 
 Two backends serve the same model.onnx under the same name, tensors, shapes and batching:
 
@@ -26,7 +30,7 @@ from typing import Literal, get_args
 import onnx
 
 from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
-from engine.model.spec import DEFAULT_MODEL_SPEC, ModelSpec
+from engine.model.spec import DEFAULT_MODEL_SPEC, INT8_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +60,16 @@ OUTPUT_NAME = $output_name
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        threads = config.get("parameters", {}).get("intra_op_thread_count", {})
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+
+        def parameter(key, default):
+            return parameters.get(key, {}).get("string_value", default)
+
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads.get("string_value", "0"))
+        options.intra_op_num_threads = int(parameter("intra_op_thread_count", "0"))
+        spinning = parameter("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
@@ -71,7 +81,8 @@ class TritonPythonModel:
             inputs = [
                 pb_utils.get_input_tensor_by_name(r, INPUT_NAME).as_numpy() for r in requests
             ]
-            batch = np.concatenate(inputs).astype(np.float32, copy=False)
+            # Triton has checked dtype and shape against config.pbtxt: uint8 or float32.
+            batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
             outputs = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         except Exception as exc:  # every request must get an answer, an error one included
             error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
@@ -120,13 +131,25 @@ def render_config(spec: ModelSpec, backend: Backend) -> str:
         "}",
         f"instance_group [ {{ count: {spec.instance_count}, kind: {kind} }} ]",
     ]
-    if spec.intra_op_threads:
-        # Same key for both: the onnxruntime backend reads it natively, model.py reads it too.
-        lines.append(
-            'parameters { key: "intra_op_thread_count",'
-            f' value: {{ string_value: "{spec.intra_op_threads}" }} }}'
-        )
+    lines += [
+        f'parameters {{ key: "{key}", value: {{ string_value: "{value}" }} }}'
+        for key, value in _parameters(spec, backend).items()
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _parameters(spec: ModelSpec, backend: Backend) -> dict[str, str]:
+    """onnxruntime session options as config parameters (keys of Triton's onnxruntime backend).
+
+    0 threads is left out: onnxruntime then picks its default (one per physical core).
+    Spinning is read by model.py only; the onnxruntime backend has no parameter for it.
+    """
+    parameters = {}
+    if spec.intra_op_threads:
+        parameters["intra_op_thread_count"] = str(spec.intra_op_threads)
+    if backend == "python":
+        parameters["session.intra_op.allow_spinning"] = "1" if spec.allow_spinning else "0"
+    return parameters
 
 
 def render_python_model(spec: ModelSpec) -> str:
@@ -217,15 +240,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    model = build_embedding_model(load_packaged_weights(), DEFAULT_MODEL_SPEC)
-    print(write_model_repository(args.root, backend=args.backend, model=model))
-    if args.int8:
-        print(write_int8_model(args.root, backend=args.backend, model=model))
+    for folder in write_served_models(args.root, backend=args.backend, int8=args.int8):
+        print(folder)
     return 0
 
 
+def write_served_models(root: Path, *, backend: Backend, int8: bool = False) -> list[Path]:
+    """Write the uint8- and float32-input models (and the int8 one if asked) into ``root``.
+
+    One weights file, read once; idempotent like :func:`write_model_repository`.
+
+    Returns:
+        The models' folders.
+
+    Raises:
+        ConfigurationError, TorchPickleError, OSError: as :func:`write_model_repository`;
+            ImportError for ``int8`` without onnxruntime.
+    """
+    weights = load_packaged_weights()
+    folders = [
+        write_model_repository(
+            root, spec, backend=backend, model=build_embedding_model(weights, spec)
+        )
+        for spec in (UINT8_MODEL_SPEC, DEFAULT_MODEL_SPEC)
+    ]
+    if int8:
+        float32 = build_embedding_model(weights, DEFAULT_MODEL_SPEC)
+        folders.append(write_int8_model(root, backend=backend, model=float32))
+    return folders
+
+
 def write_int8_model(root: Path, *, backend: Backend, model: onnx.ModelProto | None = None) -> Path:
-    """Write the int8 model (:data:`~engine.model.quantize.INT8_MODEL_SPEC`) beside the float one.
+    """Write the int8 model (:data:`~engine.model.spec.INT8_MODEL_SPEC`) beside the float one.
 
     Args:
         root: the Triton model repository folder.
@@ -241,7 +287,6 @@ def write_int8_model(root: Path, *, backend: Backend, model: onnx.ModelProto | N
         OSError: the repository cannot be written.
     """
     from engine.model.quantize import (  # noqa: PLC0415 (needs onnxruntime)
-        INT8_MODEL_SPEC,
         quantize_embedding_model,
         sample_calibration,
     )

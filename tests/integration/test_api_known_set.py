@@ -1,5 +1,6 @@
-"""The query API on a known ingested set (real stack): every kind of search, paging, filters,
-thumbnails, collection stats, and the search page in a real headless browser.
+"""The query API on a known ingested set (real stack): every kind of search, simultaneous
+searches by image, stage timings, paging, filters, thumbnails, collection stats, and the search
+page in a real headless browser.
 
 The set is inserted through ``POST /insert`` and stored by a real worker into a FLAT
 (exact) collection made by ``POST /collections/create``. Expected ids and their order come from
@@ -11,8 +12,10 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +165,47 @@ def test_search_by_upload_ranks_like_brute_force(known: KnownSet) -> None:
         assert hits[0]["id"] == item and hits[0]["score"] > 0.99
         assert hits[0]["source"] == str(known.paths[item])
         assert hits[0]["metadata"]["category"] == known.metadata[item]["category"]
+
+
+def test_simultaneous_image_searches_each_get_their_own_answer(known: KnownSet) -> None:
+    # The client's requests run on one event loop, their blocking stages in worker threads:
+    # decode, JAX, Triton and Milvus calls of different requests overlap.
+    items = list(known.paths)[:8]
+    start = threading.Barrier(len(items))
+
+    def search(item: str) -> Any:
+        image = known.paths[item].read_bytes()
+        start.wait(timeout=60)
+        return known.client.post(
+            "/search",
+            files={"file": (item, image, "image/jpeg")},
+            data={"topk": "3", "collection_name": known.collection},
+        )
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        responses = list(pool.map(search, items))
+    for item, response in zip(items, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert ids_of(response.json()) == known.ranked(known.vectors[item])[:3]
+        stages = [part.split(";")[0] for part in response.headers["server-timing"].split(", ")]
+        assert stages == ["decode", "preprocess", "embed", "search"]
+
+
+def test_searches_and_embeds_time_their_stages(known: KnownSet) -> None:
+    item = list(known.paths)[3]
+    by_id = known.client.post("/search", json={"id": item, "collection_name": known.collection})
+    by_path = known.client.post("/embed", json={"query_input": str(known.paths[item])})
+    for response, expected in (
+        (by_id, ["lookup", "search"]),
+        (by_path, ["fetch", "decode", "preprocess", "embed"]),
+    ):
+        assert response.status_code == 200, response.text
+        timings = dict(
+            part.split(";dur=") for part in response.headers["server-timing"].split(", ")
+        )
+        assert list(timings) == expected and all(float(ms) >= 0 for ms in timings.values())
+    metrics = known.client.get("/metrics").text
+    assert 'trident_api_stage_seconds_count{stage="lookup"}' in metrics
 
 
 def test_search_by_reference_vector_and_id(known: KnownSet) -> None:

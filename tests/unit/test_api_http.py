@@ -1,7 +1,10 @@
-"""The HTTP layer alone, on fake services: error statuses, upload dispatch, content types."""
+"""The HTTP layer alone, on fake services: error statuses, upload dispatch, content types,
+stage timings (``Server-Timing`` and the stage histogram), the heap frozen on request."""
 
 from __future__ import annotations
 
+import gc
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +24,7 @@ from engine.errors import (
 from engine.settings import Settings
 from query_api import SearchService, create_app
 from query_api.ingest import IngestGateway
+from query_api.timing import StageTimings
 from schemas.api import ServiceState
 from schemas.search import SearchHit, SearchOptions, SearchRequest
 
@@ -30,6 +34,7 @@ class FakeService(SearchService):
     every JSON search."""
 
     def __init__(self) -> None:  # no clients: nothing here reaches a service
+        self._settings = Settings()  # embedding() names the model tag
         self.failure: Exception | None = None
         self.calls: list[tuple[str, Any]] = []
 
@@ -43,21 +48,30 @@ class FakeService(SearchService):
     def milvus_state(self) -> ServiceState:
         return ServiceState(state="up")
 
-    def query(self, request: SearchRequest) -> list[SearchHit]:
+    def query(self, request: SearchRequest, timings: StageTimings) -> list[SearchHit]:
         self.calls.append(("query", request))
-        if self.failure is not None:
-            raise self.failure
-        return [SearchHit(id="a", score=0.5)]
+        with timings.stage("lookup"):
+            if self.failure is not None:
+                raise self.failure
+        with timings.stage("search"):
+            return [SearchHit(id="a", score=0.5)]
 
-    def embed_image(self, data: bytes) -> np.ndarray[Any, Any]:
+    def embed_image(self, data: bytes, timings: StageTimings) -> np.ndarray[Any, Any]:
         self.calls.append(("embed_image", data))
-        return np.ones(4, dtype=np.float32)
+        with timings.stage("embed"):
+            return np.ones(4, dtype=np.float32)
 
     def search(
-        self, vector: Any, options: SearchOptions, *, exclude_id: str | None = None
+        self,
+        vector: Any,
+        options: SearchOptions,
+        timings: StageTimings,
+        *,
+        exclude_id: str | None = None,
     ) -> list[SearchHit]:
         self.calls.append(("search", options))
-        return [SearchHit(id="b", score=0.9)]
+        with timings.stage("search"):
+            return [SearchHit(id="b", score=0.9)]
 
 
 class FakeIngest(IngestGateway):
@@ -139,3 +153,55 @@ def test_routes_refuse_content_types_they_do_not_take(client: TestClient[Any]) -
     no_type = client.post("/collections/create", content=b"{}")
     assert no_type.status_code == 415
     assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+def stage_counts(client: TestClient[Any]) -> dict[str, float]:
+    """``trident_api_stage_seconds_count`` by stage, from ``/metrics``."""
+    text = client.get("/metrics").text
+    pattern = r'^trident_api_stage_seconds_count\{stage="(\w+)"\} (\S+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
+
+
+def test_searches_say_how_long_each_stage_took(client: TestClient[Any]) -> None:
+    upload = client.post("/search", files={"file": ("x.png", b"image", "image/png")})
+    assert upload.status_code == 200, upload.text
+    # The upload's stages ran in one worker thread: embed, then search.
+    assert re.fullmatch(r"embed;dur=\d+\.\d, search;dur=\d+\.\d", upload.headers["server-timing"])
+    by_vector = client.post("/search", json={"vector": [1.0]})
+    assert re.fullmatch(
+        r"lookup;dur=\d+\.\d, search;dur=\d+\.\d", by_vector.headers["server-timing"]
+    )
+    embedded = client.post("/embed", files={"file": ("x.png", b"image", "image/png")})
+    assert re.fullmatch(r"embed;dur=\d+\.\d", embedded.headers["server-timing"])
+    assert stage_counts(client) == {"embed": 2.0, "search": 2.0, "lookup": 1.0}
+
+
+def test_a_failed_search_still_records_the_stages_it_ran(
+    client: TestClient[Any], fake: FakeService
+) -> None:
+    fake.failure = StoreUnavailableError("down")
+    assert client.post("/search", json={"vector": [1.0]}).status_code == 503
+    assert stage_counts(client) == {"lookup": 1.0}
+
+
+def test_stage_timings_keep_order_and_time_a_block_that_raises() -> None:
+    timings = StageTimings()
+    with timings.stage("decode"):
+        pass
+    with pytest.raises(ValueError), timings.stage("embed"):
+        raise ValueError("Triton said no")
+    assert [name for name, _ in timings.stages] == ["decode", "embed"]
+    assert all(seconds >= 0 for _, seconds in timings.stages)
+    assert re.fullmatch(r"decode;dur=\d+\.\d, embed;dur=\d+\.\d", timings.header())
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_heap_is_frozen_once_started_only_when_asked(fake: FakeService, freeze: bool) -> None:
+    gc.unfreeze()
+    try:
+        app = create_app(Settings(), service=fake, ingest=FakeIngest(), freeze_heap=freeze)
+        with TestClient(app=app) as test_client:
+            assert test_client.get("/livez").status_code == 200
+            assert (gc.get_freeze_count() > 0) == freeze
+    finally:
+        gc.unfreeze()

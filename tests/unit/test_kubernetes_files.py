@@ -27,7 +27,7 @@ import yaml
 
 from devstack.config import StackConfig
 from engine.kafka import consumer_config
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.model.spec import UINT8_MODEL_SPEC
 from engine.settings import Settings
 from tests.unit.deployment_support import (
     REPO,
@@ -430,7 +430,7 @@ def test_triton_runs_the_image_and_arguments_of_its_dockerfile(
     instructions = dockerfile_instructions(REPO / "docker" / "triton.Dockerfile")
     (cmd,) = [arguments for kind, arguments in instructions if kind == "CMD"]
     assert container["args"] == json.loads(cmd)
-    assert deployed_settings.triton.model_name == DEFAULT_MODEL_SPEC.name
+    assert deployed_settings.triton.model_name == UINT8_MODEL_SPEC.name
     ready = container["readinessProbe"]["httpGet"]
     assert ready["path"] == "/v2/health/ready"
     assert _port(container, ready["port"]) == 8000

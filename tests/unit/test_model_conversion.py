@@ -30,7 +30,7 @@ from engine.model.efficientnet_lite import (
     build_embedding_model,
     load_packaged_weights,
 )
-from engine.model.spec import DEFAULT_MODEL_SPEC, ModelSpec
+from engine.model.spec import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
 from engine.model.torch_pickle import TorchPickleError, read_legacy_state_dict
 from engine.model.triton_repository import (
     main,
@@ -354,27 +354,42 @@ def test_rejects_weights_of_another_architecture(weights: dict[str, np.ndarray])
 
 
 def _without_backend_lines(config: str) -> list[str]:
+    # Spinning is a python-backend parameter only: the onnxruntime backend has none for it.
     return [
         line
         for line in config.splitlines()
         if not line.startswith(("backend:", "platform:", "instance_group"))
+        and "allow_spinning" not in line
     ]
 
 
-def test_configs_of_both_backends_agree() -> None:
+@pytest.mark.parametrize(
+    ("base", "dtype", "dims"),
+    [
+        (DEFAULT_MODEL_SPEC, "TYPE_FP32", [3, 224, 224]),
+        (UINT8_MODEL_SPEC, "TYPE_UINT8", [224, 224, 3]),
+    ],
+    ids=["float32", "uint8"],
+)
+def test_configs_of_both_backends_agree(base: ModelSpec, dtype: str, dims: list[int]) -> None:
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     text_format = pytest.importorskip("google.protobuf.text_format")
-    spec = ModelSpec(intra_op_threads=2)
+    spec = base.model_copy(update={"intra_op_threads": 2, "allow_spinning": False})
     python, onnxrt = render_config(spec, "python"), render_config(spec, "onnxruntime")
     assert _without_backend_lines(python) == _without_backend_lines(onnxrt)
     parsed = [text_format.Parse(c, model_config_pb2.ModelConfig()) for c in (python, onnxrt)]
     for config in parsed:
         assert config.name == spec.name and config.max_batch_size == spec.max_batch_size
-        assert [(i.name, list(i.dims)) for i in config.input] == [("images", [3, 224, 224])]
+        assert [(i.name, list(i.dims)) for i in config.input] == [("images", dims)]
+        assert [model_config_pb2.DataType.Name(i.data_type) for i in config.input] == [dtype]
         assert [(o.name, list(o.dims)) for o in config.output] == [("embedding", [1280])]
-        assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
+        assert list(config.dynamic_batching.preferred_batch_size) == list(
+            spec.preferred_batch_sizes
+        )
         assert config.parameters["intra_op_thread_count"].string_value == "2"
     assert parsed[0].backend == "python" and parsed[1].platform == "onnxruntime_onnx"
+    assert parsed[0].parameters["session.intra_op.allow_spinning"].string_value == "0"
+    assert "session.intra_op.allow_spinning" not in parsed[1].parameters
 
 
 def test_spec_rejects_inconsistent_batching() -> None:

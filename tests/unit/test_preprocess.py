@@ -114,6 +114,17 @@ def test_parity_with_pillow_reference_across_shapes(preprocessor: JaxPreprocesso
     )
 
 
+def test_uint8_output_is_the_float32_output_before_normalising() -> None:
+    images = [photo(480, 640), photo(1000, 300), photo(100, 150), sample("coffee")]
+    pixels = JaxPreprocessor(batch_sizes=(4,), device="cpu", output="uint8_nhwc").preprocess(images)
+    normalised = JaxPreprocessor(batch_sizes=(4,), device="cpu").preprocess(images)
+    assert pixels.dtype == np.uint8 and pixels.shape == (4, 224, 224, 3)
+    # (1000, 300) is resampled vertically first (a transposed placement): layout kept too.
+    np.testing.assert_array_equal(
+        (pixels.astype(np.float32).transpose(0, 3, 1, 2) - 127) / 128, normalised
+    )
+
+
 def test_prereduced_huge_image_stays_close(preprocessor: JaxPreprocessor) -> None:
     image = photo(2100, 2200)  # 8.2x the needed size: box-reduced by 2 on the host first
     assert_close_to_reference(

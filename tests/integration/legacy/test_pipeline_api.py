@@ -254,8 +254,10 @@ def test_a_user_preprocessor_in_the_pipeline_worker_and_query_api(
     assert max(cosine(a, b) for a, b in zip(embedded, built_in, strict=True)) < 0.99
 
     # A worker told the class by import path stores exactly those vectors ...
-    by_path = settings.model_copy(
-        update={"preprocess": settings.preprocess.model_copy(update={"class_": CUSTOM})}
+    # Validated like a settings file (model_copy would skip it): the float32 model follows.
+    custom_preprocess = {"class": CUSTOM, "batch_sizes": settings.preprocess.batch_sizes}
+    by_path = stack.settings(
+        **{**settings.model_dump(exclude={"triton", "preprocess"}), "preprocess": custom_preprocess}
     )
     with running_worker(by_path):
         with EventPublisher(by_path.kafka) as publisher:
