@@ -1,33 +1,37 @@
 """Upsert throughput and top-10 search latency of the running Milvus server, against numpy.
 
-Builds a collection shaped like the project's (VARCHAR primary key, 1280-d FLOAT_VECTOR, JSON
-``metadata``, COSINE, HNSW), upserts ``--count`` synthetic embeddings (clustered, unit-norm, so
-nearest neighbours mean something) in batches of 1,000, waits until every sealed segment is
-indexed and served, then times single-vector top-10 searches, plain and with a JSON filter. The
-baseline is exact brute-force cosine top-10 in numpy over the same vectors, which also gives
-the recall of the HNSW answers.
+Builds a collection of the store's schema (``engine.store.collection_schema``: VARCHAR primary
+key, 1280-d FLOAT_VECTOR, JSON ``metadata``, the version fields; COSINE, HNSW), upserts
+``--count`` synthetic embeddings (clustered, unit-norm, so nearest neighbours mean something),
+waits until every sealed segment is indexed and served, then times single-vector top-10
+searches, plain and with a JSON filter. The baseline is exact brute-force cosine top-10 in numpy
+over the same vectors, which also gives the recall of the HNSW answers.
 
-Upserts: a tenth through pymilvus's rows API one batch at a time, then half of the rest through
-the rows API with ``--inflight`` batches in flight (against 2.3.5 one upsert stream is bound by
-request latency), and the other half as pre-packed requests: pymilvus's own conversion of the
-vectors into protobuf costs more CPU than the server's work, which matters on a 2-core machine.
+Upserts, each phase on its own slice of the rows, in this order (a later phase writes into a
+larger collection, which can only slow it):
 
-Searches use the collection's default consistency (bounded staleness), as the query path must:
-``Strong`` costs a few hundred ms per query. Everything written is flushed and indexed before
-the timing starts, so no row is missed.
+- the **rows API** baseline, pymilvus's ``MilvusClient.upsert(data=[row, ...])`` as
+  ``VectorStore.upsert`` sent until issue 12: 1 call at a time, then ``--inflight`` threads;
+- ``VectorStore.upsert`` (the service's write path: packed by columns, a call of ``--batch``
+  rows sent in chunks with several in flight), one call at a time;
+- ``VectorStore.upsert`` with the worker's calls of ``--worker-batch`` rows from one thread;
+- the **server alone**: one pre-packed request resent ``--inflight`` at a time (no client
+  work), the bound the server sets on this machine; and the **packing alone** (no server).
+
+Each phase records the CPU that Milvus and this process used while it ran. Searches use the
+collection's default consistency (bounded staleness), as the query path must: ``Strong`` costs
+a few hundred ms per query. Everything written is flushed and indexed before the timing starts,
+so no row is missed.
 
 Needs a running server (``MilvusService.start()``); from the repository root::
 
     PYTHONPATH=. python benchmarks/bench_milvus.py --uri http://127.0.0.1:19530 --count 100000
-
-This is pymilvus directly (what the server can take); bench_search.py measures the service's own
-write path, ``VectorStore.upsert``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,14 +41,16 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pymilvus import DataType, MilvusClient, connections, utility
-from pymilvus.grpc_gen import milvus_pb2, schema_pb2
+from pymilvus import MilvusClient, connections, utility
 
 import benchlib
+from engine.settings import MilvusSettings
+from engine.store import VECTOR_FIELD, VectorRecord, VectorStore, collection_schema
+from engine.store_requests import pack_upsert
 
 Matrix = npt.NDArray[np.float32]
 
-UPSERT_TARGET = 5_000.0  # vectors/s
+UPSERT_TARGET = 10_000.0  # vectors/s (issue 12)
 SEARCH_TARGET_MS = 50.0  # top-10 at 100k vectors
 TOP_K = 10
 
@@ -62,84 +68,89 @@ def make_vectors(count: int, dim: int, seed: int) -> tuple[Matrix, npt.NDArray[n
 def create_collection(client: MilvusClient, name: str, dim: int) -> None:
     if client.has_collection(name):
         client.drop_collection(name)
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=256)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("metadata", DataType.JSON)
     index = client.prepare_index_params()
     # Nested "params": milvus-lite ignores the flat form; 2.3.5 takes this one.
     index.add_index(
-        field_name="vector",
+        field_name=VECTOR_FIELD,
         index_type="HNSW",
         metric_type="COSINE",
         params={"params": {"M": 16, "efConstruction": 128}},
     )
-    client.create_collection(name, schema=schema, index_params=index)  # also loads it
+    # Also loads it.
+    client.create_collection(name, schema=collection_schema(dim), index_params=index)
 
 
 class Upserter:
-    """Sends one batch of rows ``[start, stop)``: through the public rows API, or pre-packed."""
+    """Writes rows ``[start, stop)`` one way or another, and times a phase of such writes."""
 
     def __init__(
-        self, client: MilvusClient, name: str, vectors: Matrix, labels: npt.NDArray[np.int64]
+        self, client: MilvusClient, store: VectorStore, name: str, records: list[VectorRecord]
     ) -> None:
-        self.client, self.name, self.vectors, self.labels = client, name, vectors, labels
+        self.client, self.store, self.name, self.records = client, store, name, records
 
-    def rows(self, start: int, stop: int) -> None:
-        rows = [
-            {"id": row_id(i), "vector": self.vectors[i], "metadata": self.metadata(i)}
-            for i in range(start, stop)
-        ]
-        self.client.upsert(self.name, rows)
+    def rows_api(self, start: int, stop: int) -> None:
+        """The write path before issue 12: pymilvus's rows API."""
+        self.client.upsert(self.name, [r.to_row() for r in self.records[start:stop]])
 
-    def packed(self, start: int, stop: int) -> None:
-        # pymilvus copies vectors into protobuf one Python float at a time (~0.15-0.4 s per
-        # 1,000 x 1280-d, more than the server's own work); protobuf can instead parse the
-        # packed float32 bytes in one go. Same request on the wire; private stub, bench only.
-        raw = np.ascontiguousarray(self.vectors[start:stop], dtype="<f4").tobytes()
-        ids = schema_pb2.FieldData(field_name="id", type=DataType.VARCHAR)
-        ids.scalars.string_data.data.extend(row_id(i) for i in range(start, stop))
-        vec = schema_pb2.FieldData(field_name="vector", type=DataType.FLOAT_VECTOR)
-        vec.vectors.dim = self.vectors.shape[1]
-        vec.vectors.float_vector.MergeFromString(b"\x0a" + _varint(len(raw)) + raw)
-        meta = schema_pb2.FieldData(field_name="metadata", type=DataType.JSON)
-        meta.scalars.json_data.data.extend(
-            json.dumps(self.metadata(i)).encode() for i in range(start, stop)
-        )
-        request = milvus_pb2.UpsertRequest(
-            collection_name=self.name, num_rows=stop - start, fields_data=[ids, vec, meta]
-        )
-        status = self.client._get_connection()._stub.Upsert(request).status
-        if status.code != 0:
-            raise RuntimeError(f"upsert failed: {status.reason}")
-
-    def metadata(self, i: int) -> dict[str, str]:
-        return {"category": f"c{self.labels[i] % 10}"}
+    def store_upsert(self, start: int, stop: int) -> None:
+        self.store.upsert(self.records[start:stop], self.name)
 
     def run(
-        self, send: Callable[[int, int], None], starts: Sequence[int], batch: int, inflight: int
-    ) -> float:
-        """Send the batches beginning at ``starts``, ``inflight`` at a time; return vectors/s."""
-        total = len(self.vectors)
-        count = sum(min(batch, total - start) for start in starts)
-        began = time.perf_counter()
-        with ThreadPoolExecutor(inflight) as pool:
+        self, send: Callable[[int, int], None], rows: range, batch: int, inflight: int
+    ) -> dict[str, Any]:
+        """Send ``rows`` in calls of ``batch``, ``inflight`` calls at a time; vectors/s and the
+        CPU used meanwhile."""
+        starts = range(rows.start, rows.stop, batch)
+        with benchlib.LoadSampler(every=0.5) as load, ThreadPoolExecutor(inflight) as pool:
+            began = time.perf_counter()
             # list() re-raises any failure.
-            list(pool.map(lambda start: send(start, min(start + batch, total)), starts))
-        return count / (time.perf_counter() - began)
+            list(pool.map(lambda start: send(start, min(start + batch, rows.stop)), starts))
+            elapsed = time.perf_counter() - began
+        return phase(len(rows), elapsed, load)
+
+    def server_alone(self, rows: range, inflight: int, repeats: int) -> dict[str, Any]:
+        """One pre-packed request resent ``repeats`` times, ``inflight`` at a time: what the
+        server takes when the client does nothing but wait."""
+        request = self.pack(rows)
+        stub = self.client._get_connection()._stub
+        with benchlib.LoadSampler(every=0.5) as load, ThreadPoolExecutor(inflight) as pool:
+            began = time.perf_counter()
+            statuses = list(pool.map(lambda _: stub.Upsert(request).status, range(repeats)))
+            elapsed = time.perf_counter() - began
+        if any(status.code for status in statuses):
+            raise RuntimeError(f"upsert failed: {statuses[0].reason}")
+        return phase(len(rows) * repeats, elapsed, load)
+
+    def packing_alone(self, rows: range, repeats: int) -> float:
+        """Rows packed per second of this process's CPU (no server)."""
+        began = time.process_time()
+        for _ in range(repeats):
+            self.pack(rows)
+        return len(rows) * repeats / (time.process_time() - began)
+
+    def pack(self, rows: range) -> Any:
+        return pack_upsert(
+            self.name,
+            self.records[rows.start : rows.stop],
+            vector_field=VECTOR_FIELD,
+            dimension=len(self.records[0].vector),
+            dynamic_field=False,
+        )
+
+
+def phase(vectors: int, elapsed: float, load: benchlib.LoadSampler) -> dict[str, Any]:
+    summary = load.summary()
+    cores = summary["cpu_cores_by_role"]
+    return {
+        "vectors_per_s": round(vectors / elapsed),
+        "milvus_cores": cores.get("milvus", 0.0),
+        "client_cores": cores.get("benchmark", 0.0),
+        "load_avg_mean": summary["load_avg_mean"],
+    }
 
 
 def row_id(i: int) -> str:
     return f"img-{i:07d}"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def wait_indexed(
@@ -176,6 +187,35 @@ def pct(timings: list[float], q: float) -> float:
     return float(np.percentile(timings, q))
 
 
+def print_upserts(
+    upserts: dict[str, dict[str, Any]], packing: float, args: argparse.Namespace
+) -> None:
+    """The upsert figures, each against the rows API one call at a time."""
+    phases = {
+        "rows_api_serial": f"rows API (the old path), calls of {args.batch:,}, 1 at a time",
+        "rows_api_inflight": f"rows API, calls of {args.batch:,}, {args.inflight} at a time",
+        "store": f"VectorStore.upsert, calls of {args.batch:,}, 1 at a time",
+        "store_worker_calls": f"VectorStore.upsert, calls of {args.worker_batch}, 1 at a time",
+        "server_alone": f"server alone: a pre-packed request x{args.inflight} in flight",
+    }
+    print(f"Milvus upserts, {args.count:,} vectors x {args.dim}-d (CPU: cores used meanwhile)")
+    baseline = upserts["rows_api_serial"]["vectors_per_s"]
+    for key, label in phases.items():
+        f = upserts[key]
+        print(
+            f"  {label:<58} {f['vectors_per_s']:8,} vectors/s  x{f['vectors_per_s'] / baseline:.2f}"
+            f"  (Milvus {f['milvus_cores']:.2f}, client {f['client_cores']:.2f}; "
+            f"load {f['load_avg_mean']})"
+        )
+    best = upserts["store"]["vectors_per_s"]
+    verdict = "meets" if best >= UPSERT_TARGET else "MISSES"
+    print(
+        f"  VectorStore.upsert: {best / UPSERT_TARGET:.2f}x the {UPSERT_TARGET:,.0f}/s target "
+        f"({verdict} it); packing alone (no server) {packing:,.0f} rows per CPU-second",
+        flush=True,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--uri", default="http://127.0.0.1:19530")
@@ -187,20 +227,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1280)
-    parser.add_argument("--batch", type=int, default=1_000)
-    parser.add_argument("--inflight", type=int, default=4, help="upsert batches in flight")
+    parser.add_argument("--batch", type=int, default=2_000, help="rows per upsert call")
+    parser.add_argument("--worker-batch", type=int, default=64, help="rows per worker call")
+    parser.add_argument("--inflight", type=int, default=4, help="rows-API calls in flight")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ef", type=int, default=64, help="HNSW search breadth")
     parser.add_argument("--collection", default="bench_milvus")
     parser.add_argument("--keep", action="store_true", help="keep the collection afterwards")
+    parser.add_argument(
+        "--upserts-only", action="store_true", help="stop after the upserts (no index, no search)"
+    )
     parser.add_argument("--quick", action="store_true", help="10,000 vectors, 50 queries")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.queries = 10_000, 50
 
-    if args.count < 10 * args.batch:
-        parser.error("--count must be at least 10 batches")
+    if args.count < 5 * args.batch:
+        parser.error("--count must be at least 5 batches")
     load = os.getloadavg()  # the machine may be shared: the figures shrink under load
     sampler = benchlib.LoadSampler().__enter__()  # left in __exit__ below, after the last timing
     vectors, labels = make_vectors(args.count, args.dim, seed=0)
@@ -212,14 +256,45 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     token = f"root:{args.token_file.read_text().strip()}" if args.token_file.exists() else ""
     client = MilvusClient(uri=args.uri, token=token)
+    store = VectorStore(MilvusSettings(uri=args.uri, token=token, dimension=args.dim))
     create_collection(client, args.collection, args.dim)
-    # A tenth one batch at a time, then half of the rest each way with batches in flight.
-    starts = list(range(0, args.count, args.batch))
-    tenth, half = len(starts) // 10, (len(starts) + len(starts) // 10) // 2
-    upserter = Upserter(client, args.collection, vectors, labels)
-    serial = upserter.run(upserter.rows, starts[:tenth], args.batch, 1)
-    rate = upserter.run(upserter.rows, starts[tenth:half], args.batch, args.inflight)
-    packed = upserter.run(upserter.packed, starts[half:], args.batch, args.inflight)
+    records = [
+        VectorRecord(id=row_id(i), vector=vectors[i], metadata={"category": f"c{labels[i] % 10}"})
+        for i in range(args.count)
+    ]
+    upserter = Upserter(client, store, args.collection, records)
+    # Slices of the rows: 15 % and 15 % rows API (1, then --inflight at a time), 50 %
+    # VectorStore.upsert, 20 % VectorStore.upsert in the worker's calls.
+    cut = [round(args.count * f) for f in (0, 0.15, 0.30, 0.80, 1.0)]
+    rows = [range(a, b) for a, b in itertools.pairwise(cut)]
+    upserts = {
+        "rows_api_serial": upserter.run(upserter.rows_api, rows[0], args.batch, 1),
+        "rows_api_inflight": upserter.run(upserter.rows_api, rows[1], args.batch, args.inflight),
+        "store": upserter.run(upserter.store_upsert, rows[2], args.batch, 1),
+        "store_worker_calls": upserter.run(upserter.store_upsert, rows[3], args.worker_batch, 1),
+        # Rewrites rows already written (same values): the collection's size is unchanged.
+        "server_alone": upserter.server_alone(range(args.batch // 2), args.inflight, repeats=10),
+    }
+    packing = upserter.packing_alone(range(args.batch), repeats=5)
+    store.close()
+    print_upserts(upserts, packing, args)  # now: the index and searches take a while
+    if args.upserts_only:
+        client.drop_collection(args.collection)
+        client.close()
+        sampler.__exit__(None, None, None)
+        benchlib.record(
+            "milvus_upserts",
+            {
+                "count": args.count,
+                "upsert_batch": args.batch,
+                "upsert": upserts,
+                "upsert_packing_rows_per_cpu_s": round(packing),
+            },
+            sampler=sampler,
+            quick=args.quick,
+            path=args.results,
+        )
+        return
     settle = wait_indexed(client, args.uri, token, args.collection, args.count, timeout=1_800)
 
     params = {"metric_type": "COSINE", "params": {"ef": args.ef}}
@@ -227,7 +302,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def search(query: Matrix, flt: str = "") -> None:
         hits = client.search(
-            args.collection, data=[query], limit=TOP_K, filter=flt, search_params=params
+            args.collection,
+            data=[query],
+            limit=TOP_K,
+            filter=flt,
+            search_params=params,
+            anns_field=VECTOR_FIELD,
         )
         found.append([hit["id"] for hit in hits[0]])
 
@@ -262,13 +342,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p50, p95 = pct(milvus_ms, 50), pct(milvus_ms, 95)
     print(f"Milvus at {args.uri}: {args.count:,} vectors x {args.dim}-d, COSINE")
     print(f"  load average (1 min) at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}")
-    line(f"upsert rows API, batches of {args.batch:,}", f"{serial:8,.0f} vectors/s (1 at a time)")
-    for label, value in (("upsert rows API", rate), ("upsert pre-packed requests", packed)):
-        line(
-            f"{label}, {args.inflight} in flight",
-            f"{value:8,.0f} vectors/s  ({value / UPSERT_TARGET:.2f}x the "
-            f"{UPSERT_TARGET:,.0f}/s target: {verdict(value >= UPSERT_TARGET)})",
-        )
     line("flush + index build + handoff", f"{settle:8.1f} s")
     line(
         f"HNSW top-{TOP_K} (M=16, efC=128, ef={args.ef})",
@@ -289,9 +362,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "milvus_raw",
         {
             "count": args.count,
-            "upsert_rows_serial_per_s": round(serial),
-            "upsert_rows_inflight_per_s": round(rate),
-            "upsert_packed_inflight_per_s": round(packed),
+            "upsert_batch": args.batch,
+            "upsert_worker_batch": args.worker_batch,
+            "upsert": upserts,
+            "upsert_packing_rows_per_cpu_s": round(packing),
             "settle_s": round(settle, 1),
             "hnsw_p50_ms": round(p50, 2),
             "hnsw_p95_ms": round(p95, 2),

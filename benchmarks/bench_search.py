@@ -3,7 +3,8 @@
 For each of FLAT, IVF_FLAT and HNSW: a collection of ``--count`` synthetic unit-norm 1280-d
 vectors (clustered, see ``bench_milvus.make_vectors``) is created with ``VectorStore`` and
 filled through ``VectorStore.upsert`` in batches of ``--upsert-batch`` (the worker's write path,
-one batch at a time: ``milvus_upsert_vectors_per_s``), flushed and indexed. Then a
+one batch at a time: ``milvus_upsert_vectors_per_s``; its first tenth through pymilvus's rows
+API, the path before issue 12, as the baseline), flushed and indexed. Then a
 ``trident-api`` process started from this venv answers ``POST /search`` sequentially:
 
 - by vector (JSON ``vector``): near-duplicate queries, p50/p95/p99, QPS, and recall@10 against
@@ -55,7 +56,7 @@ from pymilvus import MilvusClient, connections, utility
 
 import benchlib
 from engine.indexes import IndexSpec, IndexType
-from engine.settings import Settings
+from engine.settings import MilvusSettings, Settings
 from engine.store import VectorRecord, VectorStore
 
 TOP_K = 10
@@ -116,16 +117,25 @@ def index_spec(index_type: IndexType, count: int) -> IndexSpec:
     return IndexSpec(index_type=index_type, metric="COSINE", params=params)
 
 
-def fill(store: VectorStore, name: str, vectors: np.ndarray, batch: int) -> float:
-    """Upsert every vector through ``VectorStore.upsert``; return vectors/s."""
+def fill(
+    store: VectorStore, milvus: MilvusSettings, name: str, vectors: np.ndarray, batch: int
+) -> tuple[float, float]:
+    """Upsert every vector, the first tenth through pymilvus's rows API (the write path before
+    issue 12), the rest through ``VectorStore.upsert``; return both in vectors/s."""
+    records = [
+        VectorRecord(id=f"v-{i:07d}", vector=v, metadata={"n": i}) for i, v in enumerate(vectors)
+    ]
+    tenth = len(records) // 10
+    rows_api = MilvusClient(uri=milvus.uri, token=milvus.token)
     began = time.perf_counter()
-    for start in range(0, len(vectors), batch):
-        records = [
-            VectorRecord(id=f"v-{i:07d}", vector=vectors[i], metadata={"n": i})
-            for i in range(start, min(start + batch, len(vectors)))
-        ]
-        store.upsert(records, name)
-    return len(vectors) / (time.perf_counter() - began)
+    for start in range(0, tenth, batch):
+        rows_api.upsert(name, data=[r.to_row() for r in records[start : min(start + batch, tenth)]])
+    baseline = tenth / (time.perf_counter() - began)
+    rows_api.close()
+    began = time.perf_counter()
+    for start in range(tenth, len(records), batch):
+        store.upsert(records[start : start + batch], name)
+    return (len(records) - tenth) / (time.perf_counter() - began), baseline
 
 
 def settle(uri: str, token: str, name: str, count: int, timeout: float) -> float:
@@ -274,11 +284,14 @@ def main() -> int:
                         index=index_spec(kind, args.count),
                         model_tag=settings.triton.model_tag,
                     )
-                    rate = fill(store, name, vectors, args.upsert_batch)
+                    rate, rows_api_rate = fill(
+                        store, settings.milvus, name, vectors, args.upsert_batch
+                    )
                     token = settings.milvus.token
                     seconds = settle(args.milvus, token, name, args.count, timeout=1_800)
                     figures[kind] = {
                         "upsert_vectors_per_s": round(rate),
+                        "upsert_rows_api_vectors_per_s": round(rows_api_rate),
                         "settle_s": round(seconds),
                     }
                 wait_http(f"http://127.0.0.1:{args.api_port}/health", api)
@@ -353,7 +366,11 @@ def main() -> int:
     print(f"search through the query API, {args.count:,} vectors x 1280-d, top-{TOP_K}, sequential")
     for kind, f in figures.items():
         rate, recall = f["upsert_vectors_per_s"], f["recall_at_10"]
-        print(f"  {kind}: upsert {rate:,} vectors/s, recall@10 {recall}")
+        base = f["upsert_rows_api_vectors_per_s"]
+        print(
+            f"  {kind}: upsert {rate:,} vectors/s (rows API {base:,}: x{rate / base:.2f}), "
+            f"recall@10 {recall}"
+        )
         for what in ("vector", "id", "image"):
             s = f[what]
             print(

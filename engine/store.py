@@ -5,14 +5,22 @@ Owns pymilvus's errors, classified by what was asked, never by who asked:
 - connection failures, timeouts, "not ready" and rate limiting: :class:`StoreUnavailableError`
   (retriable) for every operation;
 - a write refused for its values (code 1100 "exceeds max length", a type or dimension mismatch,
-  any other invalid parameter, pymilvus's own data checks): :class:`InvalidRowError` (permanent;
-  the caller isolates the rows by bisecting the batch, see ``worker.pipeline``), after
-  :meth:`VectorStore.validate` has already caught what can be checked before writing; any other
-  refusal of a write is retriable;
+  any other invalid parameter, a value that cannot be packed): :class:`InvalidRowError`
+  (permanent; the caller isolates the rows by bisecting the batch, see ``worker.pipeline``),
+  after :meth:`VectorStore.validate` has already caught what can be checked before writing; any
+  other refusal of a write is retriable;
 - a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`;
 - a collection that does not exist: :class:`UnknownCollectionError`;
 - credentials the server refuses: :class:`ConfigurationError` (fix ``milvus.token``);
 - any other refusal of a read or of collection management: retriable (nothing a record did).
+
+The write path (:meth:`VectorStore.upsert`) does not go through pymilvus's rows API, whose
+float-by-float packing of 1280-d vectors cost more CPU than the server's work: requests are
+packed by columns (``engine.store_requests``, the same request on the wire) and sent on the
+client's own gRPC stub, a large call in chunks with several in flight. That stub, its
+``check_status`` and its per-collection write timestamps (what ``Session`` consistency reads
+wait for) are pymilvus internals of the pinned 2.6 line; ``tests/integration/test_store_writes.py``
+holds them to what the rows API does.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -31,7 +40,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import orjson
-from pymilvus import DataType, MilvusClient
+from pymilvus import CollectionSchema, DataType, MilvusClient
+from pymilvus.client import ts_utils
+from pymilvus.client.utils import check_status
 from pymilvus.exceptions import (
     DataNotMatchException,
     DataTypeNotMatchException,
@@ -51,6 +62,7 @@ from engine.errors import (
 )
 from engine.indexes import IndexSpec
 from engine.settings import MilvusSettings
+from engine.store_requests import pack_upsert
 from schemas.events import ID_MAX_BYTES, SOURCE_MAX_BYTES
 from schemas.events import METADATA_MAX_BYTES as SCHEMA_METADATA_MAX_BYTES
 from schemas.search import COLLECTION_NAME_PATTERN
@@ -75,6 +87,11 @@ SOURCE_MAX_LENGTH = SOURCE_MAX_BYTES
 # Milvus's JSON field limit (common.JSONMaxLength), for the encoded metadata.
 METADATA_MAX_BYTES = SCHEMA_METADATA_MAX_BYTES
 MODEL_VERSION_MAX_BYTES = 128
+# Upserts: rows per request and requests in flight per call. Chosen on the 2-core machine
+# (docs/PERFORMANCE.md, "Write path"): past ~1,000 rows a request gains nothing, and a few in
+# flight overlap the server's stages (proxy, log, data and query nodes) and the client's packing.
+UPSERT_CHUNK_ROWS = 1_000
+UPSERT_IN_FLIGHT = 4
 
 _COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 
@@ -132,6 +149,7 @@ class VectorRecord:
     ingested_at_ms: int = 0
 
     def to_row(self) -> dict[str, Any]:
+        """The record as pymilvus's rows API takes it (``MilvusClient.upsert(data=[...])``)."""
         return {
             "id": self.id,
             VECTOR_FIELD: self.vector.astype(np.float32).tolist(),
@@ -170,6 +188,8 @@ class CollectionInfo:
     index: IndexSpec
     description: str = ""
     model_tag: str = ""
+    # A dynamic schema (made elsewhere: ours are not) takes undeclared keys in "$meta".
+    dynamic_field: bool = False
 
 
 def _description_of(text: str) -> dict[str, str]:
@@ -189,13 +209,27 @@ def _description_of(text: str) -> dict[str, str]:
 class VectorStore:
     """Vectors and metadata in Milvus, one collection per dataset.
 
-    Thread-safe for concurrent calls (pymilvus clients are); the connection is its own (never
-    shared with another store), opened lazily and replaced after a connection failure, so a store
-    outlives a Milvus restart. One thread's failure never closes a client another thread uses.
+    Thread-safe for concurrent calls (pymilvus clients and gRPC stubs are); the connection is its
+    own (never shared with another store), opened lazily and replaced after a connection failure,
+    so a store outlives a Milvus restart. One thread's failure never closes a client another
+    thread uses.
+
+    ``upsert_chunk_rows`` and ``upsert_in_flight`` shape :meth:`upsert`'s requests (the defaults
+    are the measured best on 2 cores; benchmarks vary them).
     """
 
-    def __init__(self, settings: MilvusSettings) -> None:
+    def __init__(
+        self,
+        settings: MilvusSettings,
+        *,
+        upsert_chunk_rows: int = UPSERT_CHUNK_ROWS,
+        upsert_in_flight: int = UPSERT_IN_FLIGHT,
+    ) -> None:
+        if upsert_chunk_rows < 1 or upsert_in_flight < 1:
+            raise ValueError("upsert_chunk_rows and upsert_in_flight must be at least 1")
         self._settings = settings
+        self._chunk_rows = upsert_chunk_rows
+        self._in_flight = upsert_in_flight
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._retired: list[tuple[MilvusClient, float]] = []
@@ -324,20 +358,7 @@ class VectorStore:
     def _create(
         self, name: str, dimension: int, spec: IndexSpec, description: str, model_tag: str
     ) -> None:
-        schema = MilvusClient.create_schema(
-            auto_id=False,
-            enable_dynamic_field=False,
-            # The model tag rides in the description so that stats can name it on any server.
-            description=orjson.dumps({"description": description, "model_tag": model_tag}).decode(),
-        )
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
-        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
-        schema.add_field("metadata", DataType.JSON)
-        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_LENGTH)
-        schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
-        schema.add_field("model_version", DataType.VARCHAR, max_length=MODEL_VERSION_MAX_BYTES)
-        schema.add_field("event_version", DataType.INT64)
-        schema.add_field("ingested_at_ms", DataType.INT64)
+        schema = collection_schema(dimension, description=description, model_tag=model_tag)
         index = MilvusClient.prepare_index_params()
         # Build parameters nested under "params": milvus-lite ignores the flat form.
         build = spec.build_params()
@@ -397,6 +418,7 @@ class VectorStore:
             name=name,
             dimension=dimension,
             index=spec,
+            dynamic_field=bool(described.get("enable_dynamic_field", False)),
             **_description_of(str(described.get("description", ""))),
         )
         self._collections[name] = info
@@ -470,23 +492,88 @@ class VectorStore:
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
         """Insert or replace records by id; return how many were written.
 
+        Safe to call from several threads at once. A call of more than ``upsert_chunk_rows``
+        records is sent as several requests, up to ``upsert_in_flight`` at a time; it returns or
+        raises once none of them is in flight any more. A refused call may have written some of
+        its chunks: upserts are idempotent, so retrying or bisecting it rewrites them unchanged.
+
         Raises:
-            InvalidRowError: the server refused the request for a row's value (the whole request
-                is refused: bisect to find the row; :meth:`validate` catches most beforehand).
+            InvalidRowError: the server refused a request for a row's value (it refuses the whole
+                request: bisect to find the row; :meth:`validate` catches most beforehand), or a
+                row cannot be packed (a vector of another dimension, metadata not JSON).
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable, throttling or timed out.
         """
         if not records:
             return 0
         name = self._existing(collection)
-        self._call(
-            _Operation.WRITE,
-            f"upsert {len(records)} rows into {name}",
-            "upsert",
-            name,
-            data=[record.to_row() for record in records],
-        )
+        info = self.describe_collection(name)
+        # Everything is packed before anything is sent: a row that cannot be packed fails the
+        # call without writing any of it.
+        requests = [
+            pack_upsert(
+                name,
+                records[start : start + self._chunk_rows],
+                vector_field=VECTOR_FIELD,
+                dimension=info.dimension,
+                dynamic_field=info.dynamic_field,
+            )
+            for start in range(0, len(records), self._chunk_rows)
+        ]
+        self._send_upserts(name, requests, f"upsert {len(records)} rows into {name}")
         return len(records)
+
+    def _send_upserts(self, name: str, requests: list[Any], what: str) -> None:
+        """Send the requests on this store's client; raise the first failure, translated."""
+        failures: list[BaseException] = []
+        client: MilvusClient | None = None
+        try:
+            client = self._connect()
+            self._pipeline(client, name, requests, failures)
+        except (MilvusException, grpc.RpcError, OSError, TimeoutError) as exc:
+            failures.append(exc)
+        if failures:
+            error = self._translate(failures[0], _Operation.WRITE, what)
+            if isinstance(error, StoreUnavailableError) and client is not None:
+                self._retire(client)
+            raise error from failures[0]
+
+    def _pipeline(
+        self, client: MilvusClient, name: str, requests: list[Any], failures: list[BaseException]
+    ) -> None:
+        """Keep ``upsert_in_flight`` requests in flight on the client's gRPC channel; return once
+        none is in flight any more (never while a request of this call may still be applied)."""
+        handler = client._get_connection()
+        # What pymilvus sends with each call (database name, request id).
+        context = client._generate_call_context()
+        metadata = context.to_grpc_metadata()
+        in_flight: deque[Any] = deque()
+
+        def finish() -> None:
+            try:
+                response = in_flight.popleft().result()
+                check_status(response.status)
+            except (MilvusException, grpc.RpcError) as exc:
+                failures.append(exc)
+                return
+            # A later Session-consistency read through this client then waits for this write,
+            # as after pymilvus's own upsert (the cache keeps the highest timestamp).
+            ts_utils.update_collection_ts(
+                name, response.timestamp, handler.server_address, context.get_db_name()
+            )
+
+        try:
+            for request in requests:
+                if len(in_flight) >= self._in_flight:
+                    finish()
+                in_flight.append(
+                    handler._stub.Upsert.future(
+                        request, timeout=self._settings.timeout_s, metadata=metadata
+                    )
+                )
+        finally:
+            while in_flight:
+                finish()
 
     def delete(self, ids: Sequence[str], collection: str | None = None) -> None:
         name = self._existing(collection)
@@ -602,6 +689,28 @@ class VectorStore:
                 )
             )
         return hits
+
+
+def collection_schema(
+    dimension: int, *, description: str = "", model_tag: str = ""
+) -> CollectionSchema:
+    """The schema of the store's collections: the fields of
+    :class:`VectorRecord`, no dynamic field."""
+    schema = MilvusClient.create_schema(
+        auto_id=False,
+        enable_dynamic_field=False,
+        # The model tag rides in the description so that stats can name it on any server.
+        description=orjson.dumps({"description": description, "model_tag": model_tag}).decode(),
+    )
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_LENGTH)
+    schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
+    schema.add_field("model_version", DataType.VARCHAR, max_length=MODEL_VERSION_MAX_BYTES)
+    schema.add_field("event_version", DataType.INT64)
+    schema.add_field("ingested_at_ms", DataType.INT64)
+    return schema
 
 
 def validate_id(record_id: str) -> None:

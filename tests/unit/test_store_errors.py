@@ -1,4 +1,5 @@
-"""The Milvus adapter's error classification, by what was asked: no server needed."""
+"""The Milvus adapter's error classification, by what was asked, and how its upserts are sent
+(chunks, requests in flight, the first failure raised once none is in flight): no server needed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from pymilvus.client.call_context import CallContext
 from pymilvus.exceptions import DataNotMatchException, MilvusException
+from pymilvus.grpc_gen import common_pb2, milvus_pb2
 
 from engine.errors import (
     ConfigurationError,
@@ -16,8 +19,9 @@ from engine.errors import (
     StoreUnavailableError,
     UnknownCollectionError,
 )
+from engine.indexes import IndexSpec
 from engine.settings import MilvusSettings
-from engine.store import VectorRecord, VectorStore, _Operation, validate_id
+from engine.store import CollectionInfo, VectorRecord, VectorStore, _Operation, validate_id
 
 
 class _Refusing:
@@ -90,3 +94,120 @@ def test_ids_are_measured_in_utf8_bytes() -> None:
         validate_id("猫" * 256)
     with pytest.raises(InvalidRowError):
         validate_id("")
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def __str__(self) -> str:
+        return "failed to connect to all addresses"
+
+
+class _Sent:
+    """A request in flight: its answer is given when the caller waits for it."""
+
+    def __init__(self, stub: _Stub, answer: object) -> None:
+        self.stub, self.answer = stub, answer
+
+    def result(self) -> object:
+        self.stub.in_flight -= 1
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+class _Stub:
+    """``Upsert.future`` of a gRPC stub whose answers are scripted, one per request."""
+
+    def __init__(self, answers: list[object]) -> None:
+        self.answers = answers
+        self.requests: list[Any] = []
+        self.in_flight = self.most_in_flight = 0
+        self.Upsert = self
+
+    def future(self, request: Any, **_: object) -> _Sent:
+        self.requests.append(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return _Sent(self, self.answers[len(self.requests) - 1])
+
+
+class _Client:
+    def __init__(self, stub: _Stub) -> None:
+        self._stub, self.server_address, self.closed = stub, "fake:19530", False
+
+    def _get_connection(self) -> _Client:
+        return self
+
+    def _generate_call_context(self) -> CallContext:
+        return CallContext()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _answer(code: int = 0, reason: str = "") -> milvus_pb2.MutationResult:
+    return milvus_pb2.MutationResult(
+        status=common_pb2.Status(code=code, reason=reason), timestamp=1 + code
+    )
+
+
+def _writing_store(
+    answers: list[object], *, chunk_rows: int = 3, in_flight: int = 2
+) -> tuple[VectorStore, _Client]:
+    store = VectorStore(MilvusSettings(), upsert_chunk_rows=chunk_rows, upsert_in_flight=in_flight)
+    client = _Client(_Stub(answers))
+    store._client = client  # type: ignore[assignment]
+    store._collections["c"] = CollectionInfo(name="c", dimension=4, index=IndexSpec())
+    return store, client
+
+
+def _rows(count: int) -> list[VectorRecord]:
+    return [VectorRecord(id=f"r{i}", vector=np.full(4, i, np.float32)) for i in range(count)]
+
+
+def test_a_large_upsert_is_sent_in_chunks_a_few_in_flight() -> None:
+    store, client = _writing_store([_answer()] * 4)
+    assert store.upsert(_rows(10), "c") == 10
+    stub = client._stub
+    assert [r.num_rows for r in stub.requests] == [3, 3, 3, 1]
+    assert [r.fields_data[0].scalars.string_data.data[0] for r in stub.requests] == [
+        "r0",
+        "r3",
+        "r6",
+        "r9",
+    ]
+    assert (stub.most_in_flight, stub.in_flight) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (_answer(1100, "the length (768) of 0th string exceeds max length (256)"), InvalidRowError),
+        (_answer(100, "collection not found[collection=c]"), UnknownCollectionError),
+        (_answer(65535, "segment allocation stalled"), StoreUnavailableError),
+        (_Unavailable(), StoreUnavailableError),
+        (_Unauthenticated(), ConfigurationError),
+    ],
+)
+def test_a_refused_chunk_fails_the_call_once_none_is_in_flight(
+    answer: object, expected: type[Exception]
+) -> None:
+    store, client = _writing_store([_answer(), answer, _answer(), _answer()])
+    with pytest.raises(expected):
+        store.upsert(_rows(10), "c")
+    assert len(client._stub.requests) == 4 and client._stub.in_flight == 0
+    # An outage replaces the client (the next call reconnects) without closing it under
+    # another thread's call.
+    assert (store._client is None) == (expected is StoreUnavailableError)
+    assert not client.closed
+
+
+def test_a_row_that_cannot_be_packed_fails_before_anything_is_sent() -> None:
+    store, client = _writing_store([_answer()] * 4)
+    rows = [*_rows(5), VectorRecord(id="odd", vector=np.ones(3, np.float32))]
+    with pytest.raises(InvalidRowError) as refused:
+        store.upsert(rows, "c")
+    assert refused.value.reason == "wrong_dimension"
+    assert client._stub.requests == []
