@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,25 +364,19 @@ class KafkaCluster:
                 future.result()
 
     def stop(self) -> None:
-        """Stop every node cleanly, all at once; never raises.
-
-        At once, because one after another the last nodes lose their quorum: a controlled
-        shutdown then waits for a controller that never answers, until the stop's timeout.
-        """
-        self._each(KafkaService.stop)
+        """Stop every node; never raises."""
+        for broker in self.brokers.values():
+            broker.stop()
 
     def reset(self) -> None:
-        """Kill every node and delete the cluster's data; never raises.
+        """Kill every node (all at once) and delete the cluster's data; never raises.
 
         A clean shutdown only preserves data that is deleted next: SIGKILL is as good, and
         takes no time.
         """
-        self._each(KafkaService.kill)
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def _each(self, action: Callable[[KafkaService], None]) -> None:
         with ThreadPoolExecutor(max_workers=len(self.brokers)) as pool:
-            list(pool.map(action, self.brokers.values()))
+            list(pool.map(KafkaService.kill, self.brokers.values()))
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def busiest_leader(self, topic: str) -> int:
         """The node id leading most partitions of ``topic``.
