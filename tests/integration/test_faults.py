@@ -30,6 +30,7 @@ from engine.store import VectorStore
 from producer import EventPublisher, event_for_reference
 from schemas import IngestEvent, InlineImage, PathImage, UrlImage, encode_event
 from schemas.dead_letter import HEADER_ATTEMPTS, HEADER_REASON, HEADER_STAGE
+from tests.conftest import PORT_OFFSET
 from tests.integration.conftest import (
     committed_everything,
     dead_letters,
@@ -531,7 +532,12 @@ def test_poison_rows_never_stall_the_stream(
 # Kafka itself ------------------------------------------------------------------------------
 
 
-CLUSTER_NODES = [KafkaNode(1, 29750, 29751), KafkaNode(2, 29752, 29753), KafkaNode(3, 29754, 29755)]
+# Moved by the test stack's port offset like its other ports: fault runs on two stacks at once
+# (two worktrees) would otherwise both start their cluster on the same ports.
+CLUSTER_NODES = [
+    KafkaNode(node, 29748 + 2 * node + PORT_OFFSET, 29749 + 2 * node + PORT_OFFSET)
+    for node in (1, 2, 3)
+]
 
 
 def test_kafka_cluster_failover_loses_and_duplicates_nothing(
