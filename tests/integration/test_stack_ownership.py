@@ -3,13 +3,12 @@ the same install cache (and so the same server binaries), never stops the quick 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from devstack.config import StackConfig
-from devstack.stack import LocalStack, Service
+from devstack.stack import LocalStack
 from tests.conftest import TEST_STACK_CONFIG
 
 pytestmark = pytest.mark.stack
@@ -31,13 +30,6 @@ def _stack(root: Path, base: int) -> LocalStack:
     )
 
 
-def _start_together(*services: Service) -> None:
-    """Start ``services`` in parallel, as ``LocalStack.up`` does; raise the first failure."""
-    with ThreadPoolExecutor(max_workers=len(services)) as pool:
-        for future in [pool.submit(service.start) for service in services]:
-            future.result()
-
-
 def test_a_quick_start_stays_healthy_while_a_test_stack_starts_and_stops(
     stack: LocalStack, tmp_path: Path
 ) -> None:
@@ -45,9 +37,11 @@ def test_a_quick_start_stays_healthy_while_a_test_stack_starts_and_stops(
     quick = _stack(tmp_path / "quick", 29700)
     tests = _stack(tmp_path / "tests", 29720)
     try:
-        _start_together(quick.kafka, quick.milvus)
+        for service in (quick.kafka, quick.milvus):
+            service.start()
         before = {"kafka": quick.kafka.process.pid(), "milvus": quick.milvus.process.pid()}
-        _start_together(tests.kafka, tests.milvus)
+        for service in (tests.kafka, tests.milvus):
+            service.start()
         # The test stack lost its Milvus pid file (e.g. a wiped folder): stop() still finds its
         # own server by working directory, and only its own.
         tests.milvus.process.pid_file.unlink()
