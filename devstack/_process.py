@@ -218,9 +218,12 @@ def wait_until(
     timeout: float,
     what: str,
     process: ManagedProcess | None = None,
-    interval: float = 0.5,
+    interval: float = 0.2,
 ) -> None:
-    """Poll ``check`` until it is true.
+    """Poll ``check`` every ``interval`` seconds until it is true.
+
+    The default is short because every restart in the fault tests waits here: a probe costs a
+    few milliseconds, a late look costs the whole interval.
 
     Raises:
         StackError: the timeout passed, or ``process`` died while waiting; the message names the

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 MILVUS_VERSION = "2.3.5"
 START_TIMEOUT = 120.0
-# Rounds of wait_until (0.5 s apart) in which a healthy server refuses both passwords.
-_REFUSALS_BEFORE_LOST = 40
+# Readiness probes this far apart (each opens a client: a few ms); restarts wait on them.
+_POLL_S = 0.25
+# Rounds of probes (20 s) in which a healthy server refuses both passwords.
+_REFUSALS_BEFORE_LOST = round(20 / _POLL_S)
 ROOT_USER = "root"
 _DEFAULT_ROOT_PASSWORD = "Milvus"  # what a fresh data directory starts with
 
@@ -224,7 +226,13 @@ class MilvusService:
                 [str(self.binary), "run", "standalone"], env=self._env(), cwd=self.folder
             )
         started = time.monotonic()
-        wait_until(self._secured, timeout=START_TIMEOUT, what="milvus", process=self.process)
+        wait_until(
+            self._secured,
+            timeout=START_TIMEOUT,
+            what="milvus",
+            process=self.process,
+            interval=_POLL_S,
+        )
         # Loaded collections come back asynchronously after a restart; queries fail with
         # "collection not loaded" until then, so ready means reloaded too.
         wait_until(
@@ -232,7 +240,7 @@ class MilvusService:
             timeout=START_TIMEOUT,
             what="milvus",
             process=self.process,
-            interval=1.0,
+            interval=_POLL_S,
         )
         logger.info("milvus ready at %s after %.1fs", self.uri, time.monotonic() - started)
 

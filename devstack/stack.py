@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,8 +140,17 @@ class LocalStack:
 
     # Application processes ------------------------------------------------------------------
 
-    def start_worker(self, settings_file: Path, *, name: str = "worker-1") -> ManagedProcess:
-        """Start a worker process (no-op if one of that name runs)."""
+    def start_worker(
+        self,
+        settings_file: Path,
+        *,
+        name: str = "worker-1",
+        env: Mapping[str, str] | None = None,
+    ) -> ManagedProcess:
+        """Start a worker process (no-op if one of that name runs).
+
+        ``env`` is the process's whole environment (default: this process's).
+        """
         process = ManagedProcess(name, self.apps_folder)
         if not process.is_running():
             process.start(
@@ -153,7 +162,8 @@ class LocalStack:
                     str(settings_file),
                     "--worker-id",
                     name,
-                ]
+                ],
+                env=env,
             )
         return process
 

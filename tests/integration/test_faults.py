@@ -30,6 +30,7 @@ from engine.store import VectorStore
 from producer import EventPublisher, event_for_reference
 from schemas import IngestEvent, InlineImage, PathImage, UrlImage, encode_event
 from schemas.dead_letter import HEADER_ATTEMPTS, HEADER_REASON, HEADER_STAGE
+from tests.conftest import PORT_OFFSET
 from tests.integration.conftest import (
     committed_everything,
     dead_letters,
@@ -39,12 +40,28 @@ from tests.integration.conftest import (
     stored_ids,
     wait_for,
     worker_alive,
+    worker_metric,
     worker_processes,
 )
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 
-STREAM = 500
+# Events per scenario: fifteen batches of 16, so a fault lands mid-stream with batches on
+# either side of it.
+STREAM = 240
+# Two workers sharing a stream: long enough that the second joins while the first is busy.
+SHARED_STREAM = 500
+# The scenarios' workers retry and pause on a shorter clock than the suite's other tests, so an
+# outage of a few seconds spans as many retry/pause/rewind cycles (each well under a second) as
+# the longer outages did on the slower clock. What is tested stays: calls retried, partitions
+# paused and rewound, nothing dead-lettered.
+FAST_RETRY = {"attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "pause_s": 0.5}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The integration settings with :data:`FAST_RETRY`."""
+    return settings.model_copy(update={"retry": settings.retry.model_copy(update=FAST_RETRY)})
 
 
 def publish_folder(settings: Settings, paths: list[Path]) -> list[str]:
@@ -75,21 +92,37 @@ def run_outage(
     tmp_path: Path,
     *,
     scenario: str,
-    fault: Callable[[], None],
+    fault: Callable[[Callable[[], None]], None],
     count: int = STREAM,
+    must_pause: bool = True,
 ) -> None:
-    """Stream ``count`` events, apply ``fault`` once ingest is under way, check nothing is lost."""
-    ids = publish_folder(settings, small_images(tmp_path, count))
+    """Stream ``count`` events, apply ``fault`` once ingest is under way, check nothing is lost.
+
+    Half the events are published first; ``fault(publish_rest)`` takes a service down and up
+    again and calls ``publish_rest`` once on the way, to publish the other half: published while
+    Triton or Milvus is down, they meet the outage whatever the worker's speed. With
+    ``must_pause``, the worker must have paused its partitions (the outage's handling).
+    """
+    paths = small_images(tmp_path, count)
+    ids = publish_folder(settings, paths[: count // 2])
+
+    def publish_rest() -> None:
+        ids.extend(publish_folder(settings, paths[count // 2 :]))
+
     with worker_processes(stack, settings, [f"{scenario}-worker"]) as (worker,):
         wait_for(lambda: safe_count(store) >= 30, timeout=240, what="ingest under way")
-        fault()
+        fault(publish_rest)
+        assert len(ids) == count, "the fault never published the rest of the stream"
         wait_for(
             lambda: worker_alive(worker) and safe_count(store) == count,
             timeout=400,
             what=f"all {count} stored",
         )
+        pauses = worker_metric(worker, "trident_partition_pauses_total")
     dead = assert_stream_complete(scenario, ids, settings, store)
     assert dead == [], "an outage must never produce dead letters"
+    if must_pause:
+        assert pauses >= 1, "the worker never paused: the outage missed the stream"
 
 
 def test_worker_killed_mid_stream_then_restarted(
@@ -109,8 +142,10 @@ def test_worker_killed_mid_stream_then_restarted(
 @pytest.mark.parametrize(
     ("service", "down_s", "scenario"),
     [
-        ("triton", 20, "triton_outage"),
-        ("milvus", 15, "milvus_outage"),
+        ("triton", 6, "triton_outage"),
+        ("milvus", 6, "milvus_outage"),
+        # Longer than the consumer's session timeout (6 s): the worker loses its partitions
+        # and must take them back.
         ("kafka", 10, "kafka_restart"),
     ],
 )
@@ -127,12 +162,26 @@ def test_service_outage_during_ingest(
     """Stop a service mid-stream, keep it down, start it again: all stored, no dead letters."""
     server = getattr(stack, service)
 
-    def fault() -> None:
+    def fault(publish_rest: Callable[[], None]) -> None:
         server.stop()
-        time.sleep(down_s)
+        down_until = time.monotonic() + down_s
+        if service != "kafka":
+            publish_rest()
+        time.sleep(max(0.0, down_until - time.monotonic()))
         server.start()
+        if service == "kafka":  # published once it is back: consuming resumed after a restart
+            publish_rest()
 
-    run_outage(stack, settings, store, tmp_path, scenario=scenario, fault=fault)
+    # A worker that had finished the first half when Kafka went down has nothing to pause for.
+    run_outage(
+        stack,
+        settings,
+        store,
+        tmp_path,
+        scenario=scenario,
+        fault=fault,
+        must_pause=service != "kafka",
+    )
 
 
 def test_milvus_killed_mid_ingest_keeps_every_acknowledged_upsert(
@@ -140,17 +189,17 @@ def test_milvus_killed_mid_ingest_keeps_every_acknowledged_upsert(
 ) -> None:
     """SIGKILL (no clean shutdown, no flush) Milvus mid-stream, then restart it."""
 
-    def fault() -> None:
+    def fault(publish_rest: Callable[[], None]) -> None:
         acknowledged = set(stored_ids(store, settings.milvus.collection))
         stack.milvus.kill()
-        time.sleep(5)
+        publish_rest()
         stack.milvus.start()  # returns once the collections are loaded again
         # Read before the worker could write anything again: what Milvus acknowledged survived.
         survived = set(stored_ids(store, settings.milvus.collection))
         missing = acknowledged - survived
         assert not missing, f"{len(missing)} acknowledged upserts lost by the kill"
 
-    run_outage(stack, settings, store, tmp_path, scenario="milvus_kill9", fault=fault, count=300)
+    run_outage(stack, settings, store, tmp_path, scenario="milvus_kill9", fault=fault)
 
 
 def test_graceful_stop_with_events_in_flight_loses_nothing(
@@ -172,9 +221,13 @@ def test_graceful_stop_with_events_in_flight_loses_nothing(
 def test_two_workers_share_four_partitions_and_store_each_event_once(
     stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
 ) -> None:
-    ids = publish_folder(settings, small_images(tmp_path, STREAM))
+    ids = publish_folder(settings, small_images(tmp_path, SHARED_STREAM))
     with worker_processes(stack, settings, ["scale-a", "scale-b"]) as workers:
-        wait_for(lambda: safe_count(store) == STREAM, timeout=600, what=f"all {STREAM} stored")
+        wait_for(
+            lambda: safe_count(store) == SHARED_STREAM,
+            timeout=600,
+            what=f"all {SHARED_STREAM} stored",
+        )
         # This run's part of each log (a log file collects every run of a worker of that name).
         logs = [(text := w.log_file.read_text())[text.rfind("starting:") :] for w in workers]
         # Each worker's health server: ready, and its metrics count what it upserted.
@@ -190,7 +243,7 @@ def test_two_workers_share_four_partitions_and_store_each_event_once(
             found = re.search(r"^trident_events_upserted_total (\S+)$", metrics, re.MULTILINE)
             assert found, metrics[:2000]
             upserted += float(found.group(1))
-        assert upserted >= STREAM
+        assert upserted >= SHARED_STREAM
     assert_stream_complete("two_workers", ids, settings, store)
     for log in logs:  # both took part: each was assigned partitions of the topic
         assert f"('{settings.kafka.topic}', " in log.split("assigned", 1)[-1], log[-2000:]
@@ -479,7 +532,12 @@ def test_poison_rows_never_stall_the_stream(
 # Kafka itself ------------------------------------------------------------------------------
 
 
-CLUSTER_NODES = [KafkaNode(1, 29750, 29751), KafkaNode(2, 29752, 29753), KafkaNode(3, 29754, 29755)]
+# Moved by the test stack's port offset like its other ports: fault runs on two stacks at once
+# (two worktrees) would otherwise both start their cluster on the same ports.
+CLUSTER_NODES = [
+    KafkaNode(node, 29748 + 2 * node + PORT_OFFSET, 29749 + 2 * node + PORT_OFFSET)
+    for node in (1, 2, 3)
+]
 
 
 def test_kafka_cluster_failover_loses_and_duplicates_nothing(
