@@ -161,6 +161,12 @@ class WorkerSettings(_Section):
         description="/livez fails when the consumer loop made no progress for this long; keep "
         "it above the longest batch with its retries (an outage pauses, which is progress).",
     )
+    version_cache_size: int = Field(
+        50_000,
+        ge=1,
+        description="Versions of ids this worker wrote, remembered (LRU) so that the stale-version "
+        "guard needs no Strong read for them; ~0.3 KB each.",
+    )
 
 
 class ApiSettings(_Section):

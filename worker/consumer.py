@@ -25,7 +25,8 @@ from worker.dead_letter import DeadLetter, Requeue
 from worker.health import Heartbeat
 from worker.metrics import Step, WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.pipeline import BatchResult, Item, Outcome
+from worker.ownership import Owner, Ownership
+from worker.pipeline import Batch, Item, Outcome
 from worker.retry import call_with_retries
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,14 @@ class RecordSink(Protocol):
 
 
 class Processor(Protocol):
-    def process(self, messages: Sequence[Message]) -> BatchResult: ...
+    """The stages of ``worker.pipeline.BatchProcessor`` (see there for what each raises)."""
+
+    def batch(self, records: Sequence[tuple[Message, Owner]]) -> Batch: ...
+    def prepare(self, batch: Batch) -> None: ...
+    def embed(self, batch: Batch) -> None: ...
+    def store(self, batch: Batch) -> None: ...
+    def release(self, batch: Batch) -> None: ...
+    def fence(self) -> None: ...
 
 
 class Worker:
@@ -105,6 +113,7 @@ class Worker:
         *,
         consumer: ConsumerClient,
         sink: RecordSink,
+        ownership: Ownership,
         metrics: WorkerMetrics,
         stop: threading.Event,
         heartbeat: Heartbeat,
@@ -114,6 +123,7 @@ class Worker:
         self._processor = processor
         self._consumer = consumer
         self._sink = sink
+        self._ownership = ownership
         self.metrics = metrics
         self._stop = stop
         self.heartbeat = heartbeat
@@ -122,7 +132,6 @@ class Worker:
         self._paused_until: float | None = None
         self._lag_updated = 0.0
         self._fresh_assignment = False
-        self._revoked: set[tuple[str, int]] = set()
         self.assigned: set[tuple[str, int]] = set()
         self.subscribed = False
         self._closed = False
@@ -179,13 +188,14 @@ class Worker:
 
     # 1. fetch -----------------------------------------------------------------------------
 
-    def _poll_batch(self) -> list[Message]:
-        """Records until the batch is full or ``max_wait_ms`` passed since its first record.
+    def _poll_batch(self) -> list[tuple[Message, Owner]]:
+        """Records until the batch is full or ``max_wait_ms`` passed since its first record,
+        each stamped with the assignment it was consumed in.
 
         Returns an empty list after an idle half second, so the loop can resume partitions
         and notice a stop request.
         """
-        batch: list[Message] = []
+        batch: list[tuple[Message, Owner]] = []
         max_size = self._settings.batch.max_size
         deadline: float | None = None
         while not self._stop.is_set():
@@ -196,16 +206,15 @@ class Worker:
                 num_messages=max_size - len(batch), timeout=timeout
             ):
                 error = message.error()
+                owner = self._ownership.current(_partition(message))
                 if error is not None:
                     self._on_consume_error(error)
-                elif self._paused_until is None:
+                elif self._paused_until is None and owner is not None:
                     # While paused, records fetched before the pause are dropped: the rewind
                     # already moved each partition back to its first unfinished record.
-                    batch.append(message)
-            if self._revoked:
-                # Records of partitions we just gave up belong to their new owner now.
-                batch = [m for m in batch if (m.topic(), m.partition()) not in self._revoked]
-                self._revoked.clear()
+                    batch.append((message, owner))
+            # Records of partitions given up meanwhile belong to their new owner now.
+            batch = [(m, owner) for m, owner in batch if self._ownership.owns(owner)]
             if not batch or len(batch) >= max_size:
                 break
             if deadline is None:
@@ -220,24 +229,28 @@ class Worker:
 
     # 2-7. process, dead-letter and re-queue, commit -----------------------------------------
 
-    def _handle(self, messages: list[Message]) -> None:
-        for message in messages:
+    def _handle(self, records: list[tuple[Message, Owner]]) -> None:
+        for message, _owner in records:
             self._offsets.track(*_position(message))
-        self.metrics.consumed.inc(len(messages))
-        self.metrics.batch_size.observe(len(messages))
-        self.metrics.batch_fill.observe(len(messages) / self._settings.batch.max_size)
-        self.metrics.in_flight.set(len(messages))
+        self.metrics.consumed.inc(len(records))
+        self.metrics.batch_size.observe(len(records))
+        self.metrics.batch_fill.observe(len(records) / self._settings.batch.max_size)
+        self.metrics.in_flight.set(len(records))
+        batch = self._processor.batch(records)
         try:
-            result = self._processor.process(messages)
-            self._publish(result)
+            self._processor.prepare(batch)
+            self._processor.embed(batch)
+            self._processor.store(batch)
+            self._publish(batch)
         except RetriableError as exc:
-            logger.warning("batch of %d abandoned: %s", len(messages), exc)
+            logger.warning("batch of %d abandoned: %s", len(records), exc)
             self._pause_and_rewind()
             return
         finally:
+            self._processor.release(batch)
             self.metrics.in_flight.set(0)
-        for item in result.items:
-            if item.outcome in _TERMINAL:
+        for item in batch.items:
+            if item.outcome in _TERMINAL and self._ownership.owns(item.owner):
                 self._offsets.finish(*_position(item.message))
             if item.outcome is Outcome.SKIPPED:
                 self.metrics.skipped.labels(item.skip_reason).inc()
@@ -247,13 +260,15 @@ class Worker:
             logger.warning("commit failed: %s", exc)
             self._pause_and_rewind()
             return
-        if result.with_outcome(Outcome.UNFINISHED):
+        if batch.with_outcome(Outcome.UNFINISHED):
             self._pause_and_rewind()
 
-    def _publish(self, result: BatchResult) -> None:
+    def _publish(self, batch: Batch) -> None:
         """Dead letters, then re-queued records, each acknowledged before anything commits."""
         letters = [
-            item.dead_letter for item in result.with_outcome(Outcome.DEAD) if item.dead_letter
+            item.dead_letter
+            for item in batch.with_outcome(Outcome.DEAD)
+            if item.dead_letter and self._ownership.owns(item.owner)
         ]
         if letters:
             self._with_retries(lambda: self._sink.publish(letters), Step.DEAD_LETTER)
@@ -269,7 +284,9 @@ class Worker:
                     letter.attempts,
                     letter.error,
                 )
-        requeued: list[Item] = result.with_outcome(Outcome.REQUEUE)
+        requeued: list[Item] = [
+            item for item in batch.with_outcome(Outcome.REQUEUE) if self._ownership.owns(item.owner)
+        ]
         if requeued:
             requeues = [Requeue(item.message, item.attempts) for item in requeued]
             self._with_retries(lambda: self._sink.requeue(requeues), Step.REQUEUE)
@@ -390,13 +407,15 @@ class Worker:
     # Rebalance callbacks (run inside consume()) ---------------------------------------------
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._ownership.assign(keys)
+        self.assigned.update(keys)
         self._fresh_assignment = True
         self.metrics.assigned.set(len(self.assigned))
         if self._paused_until is not None:
             # Newly assigned partitions join the pause too: the outage concerns them as well.
             self._consumer.pause(partitions)
-        logger.info("assigned %s", sorted((tp.topic, tp.partition) for tp in partitions))
+        logger.info("assigned %s", sorted(keys))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Everything finished so far is committed before the partitions move on.
@@ -404,20 +423,27 @@ class Worker:
             self._commit()
         except RetriableError as exc:
             logger.warning("commit on revoke failed; the new owner repeats some work: %s", exc)
-        self._drop(partitions)
+        self._let_go(partitions)
         logger.info("revoked %s", sorted((tp.topic, tp.partition) for tp in partitions))
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Lost partitions may already belong to another member: committing would be wrong.
-        self._drop(partitions)
+        self._let_go(partitions)
         logger.warning("lost %s", sorted((tp.topic, tp.partition) for tp in partitions))
 
-    def _drop(self, partitions: list[TopicPartition]) -> None:
+    def _let_go(self, partitions: list[TopicPartition]) -> None:
+        """Give the partitions up: nothing consumed from them counts any more, and no write of
+        theirs is in progress when this returns (so none lands after the new owner's)."""
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._ownership.release(keys)
+        self._processor.fence()
         self._offsets.forget(keys)
-        self._revoked.update(keys)
         self.assigned.difference_update(keys)
         self.metrics.assigned.set(len(self.assigned))
+
+
+def _partition(message: Message) -> tuple[str, int]:
+    return message.topic() or "", message.partition() or 0
 
 
 def _position(message: Message) -> tuple[str, int, int]:

@@ -17,6 +17,7 @@ class Step(StrEnum):
     DECODE_EVENT = "decode_event"
     FETCH = "fetch"
     VERSION_LOOKUP = "version_lookup"
+    VECTOR_LOOKUP = "vector_lookup"
     DECODE_IMAGE = "decode_image"
     PREPROCESS = "preprocess"
     EMBED = "embed"
@@ -96,6 +97,18 @@ class WorkerMetrics:
             registry=r,
         )
         self.assigned = Gauge("trident_assigned_partitions", "Partitions assigned.", registry=r)
+        self.version_reads = Counter(
+            "trident_version_reads_total",
+            "Stored-version reads of the stale-version guard, by consistency (Strong only "
+            "until the worker wrote after an assignment).",
+            ["consistency"],
+            registry=r,
+        )
+        self.versions_remembered = Gauge(
+            "trident_versions_remembered",
+            "Versions of ids this worker wrote that the stale-version guard remembers.",
+            registry=r,
+        )
         self.heartbeat_age = Gauge(
             "trident_loop_heartbeat_age_seconds",
             "Seconds since the consumer loop last reported progress.",

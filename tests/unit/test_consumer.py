@@ -4,6 +4,7 @@ per-record retry budget, all without a broker."""
 from __future__ import annotations
 
 import io
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +29,8 @@ from worker.consumer import Worker
 from worker.dead_letter import DeadLetter, Requeue
 from worker.health import Heartbeat
 from worker.metrics import WorkerMetrics
-from worker.pipeline import BatchProcessor, BatchResult, Item, Outcome
+from worker.ownership import Owner, Ownership
+from worker.pipeline import Batch, BatchProcessor, Item, Outcome
 
 TOPIC = "ingest"
 
@@ -198,19 +200,34 @@ class ScriptedProcessor:
     def __init__(self, outages: int = 0) -> None:
         self.outages = outages
         self.seen: list[tuple[int, int]] = []
+        self.fences = 0
+        self._numbers = itertools.count(1)
 
-    def process(self, messages: Sequence[Any]) -> BatchResult:
-        self.seen += [(m.partition(), m.offset()) for m in messages]
+    def batch(self, records: Sequence[tuple[Any, Owner]]) -> Batch:
+        return Batch(next(self._numbers), [Item(m, owner) for m, owner in records])
+
+    def prepare(self, batch: Batch) -> None:
+        self.seen += [(i.message.partition(), i.message.offset()) for i in batch.items]
         if self.outages:
             self.outages -= 1
             raise StoreUnavailableError("milvus down")
-        items = [Item(m) for m in messages]
-        for item in items:
+        for item in batch.items:
             if item.message.value() == b"bad":
                 item.fail(TridentError("bad", reason=Reason.MALFORMED_JSON), Stage.DECODE_EVENT)
-            else:
+
+    def embed(self, batch: Batch) -> None:
+        pass
+
+    def store(self, batch: Batch) -> None:
+        for item in batch.items:
+            if item.pending:
                 item.outcome = Outcome.STORED
-        return BatchResult(items)
+
+    def release(self, batch: Batch) -> None:
+        pass
+
+    def fence(self) -> None:
+        self.fences += 1
 
 
 SETTINGS = Settings(
@@ -232,6 +249,7 @@ def make_worker(
     *,
     sink_failures: int = 0,
     idle_rounds: int = 3,
+    ownership: Ownership | None = None,
 ) -> tuple[Worker, FakeConsumer, FakeSink, list[str]]:
     log: list[str] = []
     consumer = FakeConsumer(log, partitions)
@@ -241,6 +259,7 @@ def make_worker(
         processor,
         consumer=consumer,  # type: ignore[arg-type]
         sink=sink,
+        ownership=ownership or Ownership(),
         metrics=WorkerMetrics(),
         stop=threading.Event(),
         heartbeat=Heartbeat(),
@@ -368,18 +387,20 @@ def test_a_record_failing_transiently_forever_is_capped_and_stalls_nothing() -> 
     fetcher = FailingFetcher()
     store = FakeStore()
     metrics = WorkerMetrics()
+    ownership = Ownership()
     processor = BatchProcessor(
         fetcher=fetcher,
         preprocessor=FakePreprocessor(),
         embedder=FakeEmbedder(),
         store=store,
+        ownership=ownership,
         fetch_settings=SETTINGS.fetch,
         retry_settings=SETTINGS.retry,
         model_version="m",
         default_collection="images",
         metrics=metrics,
     )
-    worker, consumer, sink, log = make_worker(partitions, processor)
+    worker, consumer, sink, log = make_worker(partitions, processor, ownership=ownership)
     worker.run()
     assert consumer.pauses == 0  # never an outage: nothing paused
     assert set(store.rows) == {"good", "other"}
