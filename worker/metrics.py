@@ -90,6 +90,25 @@ class WorkerMetrics:
             registry=r,
         )
         self.in_flight = Gauge("trident_in_flight_items", "Records being processed.", registry=r)
+        self.batches_in_flight = Gauge(
+            "trident_batches_in_flight",
+            "Batches in the pipeline: being prepared, embedded or stored (worker.pipeline_depth).",
+            registry=r,
+        )
+        self.pipeline_input_wait = Counter(
+            "trident_pipeline_input_wait_seconds_total",
+            "Seconds a pipeline stage sat idle while its next batch was still upstream (for embed: "
+            "the model waiting for fetch, decode and preprocessing).",
+            ["stage"],
+            registry=r,
+        )
+        self.pipeline_output_wait = Counter(
+            "trident_pipeline_output_wait_seconds_total",
+            "Seconds a pipeline stage held a finished batch because the next stage was still busy "
+            "with earlier ones (for prepare: the model is the bottleneck, as it should be).",
+            ["stage"],
+            registry=r,
+        )
         self.lag = Gauge(
             "trident_consumer_lag",
             "High watermark minus committed position.",
