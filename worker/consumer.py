@@ -1,12 +1,12 @@
-"""The consumer-group worker: one loop, one micro-batch at a time.
+"""The consumer-group worker: one loop that owns Kafka, feeding a pipeline of batch stages.
 
 Delivery is at-least-once with idempotent effects: Milvus writes are upserts keyed by the event
 id, and a partition's offset is committed only past records whose effect is durable. A crash or
 restart therefore repeats work but never loses it.
 
 The Kafka consumer, the producer for dead letters and re-queued records, and the batch processor
-are injected behind the small Protocols below, so the loop is tested with fakes
-(``tests/unit/test_consumer.py``) as well as on the real stack.
+are injected behind the small Protocols below (the stages run in ``worker.stages``), so the
+loop is tested with fakes (``tests/unit/test_consumer.py``) as well as on the real stack.
 """
 
 from __future__ import annotations
