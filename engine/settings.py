@@ -171,7 +171,7 @@ class WorkerSettings(_Section):
         50_000,
         ge=1,
         description="Versions of ids this worker wrote, remembered (LRU) so that the stale-version "
-        "guard needs no Strong read for them; ~0.3 KB each.",
+        "guard needs no Strong read for them; ~0.5 KB each.",
     )
 
 

@@ -221,8 +221,8 @@ class Worker:
         waiting for the session timeout."""
         if not self._closed:
             self._closed = True
-            self._pipeline.close()
             self._consumer.close()
+            self._pipeline.close()
 
     # 1. fetch -----------------------------------------------------------------------------
 
