@@ -238,6 +238,18 @@ class WorkerSettings(_Section):
         description="/livez fails when the consumer loop made no progress for this long; keep "
         "it above the longest batch with its retries (an outage pauses, which is progress).",
     )
+    pipeline_depth: int = Field(
+        3,
+        ge=1,
+        description="Batches in the pipeline at once: one being prepared (fetch, decode, JAX), one "
+        "embedded, one stored; 1 runs the stages one batch after another.",
+    )
+    version_cache_size: int = Field(
+        50_000,
+        ge=1,
+        description="Versions of ids this worker wrote, remembered (LRU) so that the stale-version "
+        "guard needs no Strong read for them; ~0.5 KB each.",
+    )
 
 
 class ApiSettings(_Section):

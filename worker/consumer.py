@@ -1,12 +1,12 @@
-"""The consumer-group worker: one loop, one micro-batch at a time.
+"""The consumer-group worker: one loop that owns Kafka, feeding a pipeline of batch stages.
 
 Delivery is at-least-once with idempotent effects: Milvus writes are upserts keyed by the event
 id, and a partition's offset is committed only past records whose effect is durable. A crash or
 restart therefore repeats work but never loses it.
 
 The Kafka consumer, the producer for dead letters and re-queued records, and the batch processor
-are injected behind the small Protocols below, so the loop is tested with fakes
-(``tests/unit/test_consumer.py``) as well as on the real stack.
+are injected behind the small Protocols below (the stages run in ``worker.stages``), so the
+loop is tested with fakes (``tests/unit/test_consumer.py``) as well as on the real stack.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from worker.dead_letter import DeadLetter, Requeue
 from worker.health import Heartbeat
 from worker.metrics import Step, WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.pipeline import BatchResult, Item, Outcome
+from worker.ownership import Owner, Ownership
+from worker.pipeline import Batch, BatchAbandonedError, Item, Outcome
 from worker.retry import call_with_retries
+from worker.stages import Flight, StagedPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -73,29 +75,46 @@ class RecordSink(Protocol):
 
 
 class Processor(Protocol):
-    def process(self, messages: Sequence[Message]) -> BatchResult: ...
+    """The stages of ``worker.pipeline.BatchProcessor`` (see there for what each raises)."""
+
+    def batch(self, records: Sequence[tuple[Message, Owner]]) -> Batch: ...
+    def prepare(self, batch: Batch) -> None: ...
+    def embed(self, batch: Batch) -> None: ...
+    def store(self, batch: Batch) -> None: ...
+    def release(self, batch: Batch) -> None: ...
+    def fence(self) -> None: ...
 
 
 class Worker:
     """A consumer-group member that embeds and stores ingest events.
 
-    Each turn of :meth:`run` does, in this order:
+    A batch goes through these steps, in this order:
 
     1. **fetch** a micro-batch: up to ``batch.max_size`` records, or what arrived within
-       ``batch.max_wait_ms`` of the first one;
-    2. **decode** the events, then fetch and decode each image on its own (a bad one fails
-       alone);
-    3. **preprocess** the decoded images as one JAX batch;
-    4. **embed** it with Triton;
-    5. **upsert** the vectors and metadata into Milvus (rows Milvus refuses are isolated);
-    6. **dead-letter** the records that can never succeed and **re-queue** those whose image
-       host failed transiently, waiting for the acknowledgements;
-    7. **commit** each partition up to its last terminal record.
+       ``batch.max_wait_ms`` of the first one (the loop thread);
+    2. **prepare** it: decode the events, screen their versions (stale ones are skipped before
+       any download), fetch and decode each image on its own (a bad one fails alone),
+       preprocess the images as one JAX batch (the prepare thread);
+    3. **embed** it with Triton (the embed thread);
+    4. **upsert** the vectors and metadata into Milvus, rows Milvus refuses isolated (the store
+       thread);
+    5. **dead-letter** the records that can never succeed and **re-queue** those whose image
+       host failed transiently, waiting for the acknowledgements (the loop thread);
+    6. **commit** each partition up to its last terminal record (the loop thread).
+
+    What overlaps: up to ``worker.pipeline_depth`` batches are in steps 2-4 at once, each step
+    on its own thread, so batch k+1 is fetched and prepared while batch k is embedded, and k is
+    upserted while k+1 is embedded; the loop fetches the next batch as soon as there is room,
+    and settles (5, 6) each batch that comes back, in whatever order. Every Kafka call stays on
+    the loop thread.
 
     When a dependency (Triton, Milvus, Kafka) stays unavailable through the retries, the worker
-    pauses its partitions, rewinds them to the first unfinished record and resumes after
+    abandons every batch in flight (nothing of them is committed or dead-lettered), pauses its
+    partitions, rewinds them to the first unfinished record and resumes after
     ``retry.pause_s``: an outage delays records, it never dead-letters or drops them. One
-    record's own transient failure never pauses anything (see ``worker.pipeline``).
+    record's own transient failure never pauses anything (see ``worker.pipeline``). On a stop
+    request the loop takes no new batch, settles those in flight for up to half of
+    ``worker.shutdown_grace_s``, abandons the rest and commits what is safe.
     """
 
     def __init__(
@@ -105,6 +124,7 @@ class Worker:
         *,
         consumer: ConsumerClient,
         sink: RecordSink,
+        ownership: Ownership,
         metrics: WorkerMetrics,
         stop: threading.Event,
         heartbeat: Heartbeat,
@@ -112,8 +132,12 @@ class Worker:
     ) -> None:
         self._settings = settings
         self._processor = processor
+        self._pipeline = StagedPipeline(
+            processor, depth=settings.worker.pipeline_depth, metrics=metrics
+        )
         self._consumer = consumer
         self._sink = sink
+        self._ownership = ownership
         self.metrics = metrics
         self._stop = stop
         self.heartbeat = heartbeat
@@ -122,7 +146,6 @@ class Worker:
         self._paused_until: float | None = None
         self._lag_updated = 0.0
         self._fresh_assignment = False
-        self._revoked: set[tuple[str, int]] = set()
         self.assigned: set[tuple[str, int]] = set()
         self.subscribed = False
         self._closed = False
@@ -130,7 +153,7 @@ class Worker:
     # Lifecycle ----------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the loop to finish its batch, commit what is safe, and leave the group."""
+        """Ask the loop to settle its batches in flight, commit what is safe, and leave."""
         self._stop.set()
 
     def run(self) -> None:
@@ -147,19 +170,41 @@ class Worker:
             on_lost=self._on_lost,
         )
         self.subscribed = True
+        self._pipeline.start()
         logger.info("worker %s consuming %s", self.worker_id, self._settings.kafka.topic)
         try:
             while not self._stop.is_set():
-                self.heartbeat.beat()
-                self._resume_if_due()
-                self._update_lag()
-                messages = self._poll_batch()
-                if messages:
-                    self._handle(messages)
-                elif self._paused_until is None:
-                    self._commit_idle()
+                self._turn()
+            self._drain()
         finally:
+            self._pipeline.cancel_all()
             self._shutdown()
+
+    def _turn(self) -> None:
+        self.heartbeat.beat()
+        self._resume_if_due()
+        self._update_lag()
+        busy = self._pipeline.busy
+        self._settle(self._pipeline.finished(timeout=0))
+        if not self._pipeline.has_room():
+            # Full: wait for a batch to come back rather than hold more records.
+            self._settle(self._pipeline.finished(timeout=0.1))
+            return
+        records = self._poll_batch(idle_s=0.1 if busy else 0.5)
+        if records:
+            self._submit(records)
+        elif self._paused_until is None and not self._pipeline.busy:
+            self._commit_idle()
+
+    def _drain(self) -> None:
+        """After a stop request: settle the batches in flight, for half the grace period."""
+        deadline = time.monotonic() + self._settings.worker.shutdown_grace_s / 2
+        while self._pipeline.busy and time.monotonic() < deadline:
+            self.heartbeat.beat()
+            self._settle(self._pipeline.finished(timeout=0.1))
+        abandoned = self._pipeline.cancel_all()
+        if abandoned:
+            logger.info("stopping with %d batches unfinished; their records are redone", abandoned)
 
     def _shutdown(self) -> None:
         logger.info("worker %s stopping", self.worker_id)
@@ -171,41 +216,43 @@ class Worker:
         logger.info("worker %s stopped", self.worker_id)
 
     def close(self) -> None:
-        """Close the consumer (once): it commits nothing (auto-commit is off) and leaves the
-        group at once, so the partitions move on without waiting for the session timeout."""
+        """End the pipeline's threads and close the consumer (once): it commits nothing
+        (auto-commit is off) and leaves the group at once, so the partitions move on without
+        waiting for the session timeout."""
         if not self._closed:
             self._closed = True
             self._consumer.close()
+            self._pipeline.close()
 
     # 1. fetch -----------------------------------------------------------------------------
 
-    def _poll_batch(self) -> list[Message]:
-        """Records until the batch is full or ``max_wait_ms`` passed since its first record.
+    def _poll_batch(self, idle_s: float) -> list[tuple[Message, Owner]]:
+        """Records until the batch is full or ``max_wait_ms`` passed since its first record,
+        each stamped with the assignment it was consumed in.
 
-        Returns an empty list after an idle half second, so the loop can resume partitions
-        and notice a stop request.
+        Returns an empty list after ``idle_s`` without a record, so the loop can settle
+        batches, resume partitions and notice a stop request.
         """
-        batch: list[Message] = []
+        batch: list[tuple[Message, Owner]] = []
         max_size = self._settings.batch.max_size
         deadline: float | None = None
         while not self._stop.is_set():
-            timeout = 0.5 if deadline is None else deadline - time.monotonic()
+            timeout = idle_s if deadline is None else deadline - time.monotonic()
             if timeout <= 0:
                 break
             for message in self._consumer.consume(
                 num_messages=max_size - len(batch), timeout=timeout
             ):
                 error = message.error()
+                owner = self._ownership.current(_partition(message))
                 if error is not None:
                     self._on_consume_error(error)
-                elif self._paused_until is None:
+                elif self._paused_until is None and owner is not None:
                     # While paused, records fetched before the pause are dropped: the rewind
                     # already moved each partition back to its first unfinished record.
-                    batch.append(message)
-            if self._revoked:
-                # Records of partitions we just gave up belong to their new owner now.
-                batch = [m for m in batch if (m.topic(), m.partition()) not in self._revoked]
-                self._revoked.clear()
+                    batch.append((message, owner))
+            # Records of partitions given up meanwhile belong to their new owner now.
+            batch = [(m, owner) for m, owner in batch if self._ownership.owns(owner)]
             if not batch or len(batch) >= max_size:
                 break
             if deadline is None:
@@ -220,23 +267,36 @@ class Worker:
 
     # 2-7. process, dead-letter and re-queue, commit -----------------------------------------
 
-    def _handle(self, messages: list[Message]) -> None:
-        for message in messages:
+    def _submit(self, records: list[tuple[Message, Owner]]) -> None:
+        for message, _owner in records:
             self._offsets.track(*_position(message))
-        self.metrics.consumed.inc(len(messages))
-        self.metrics.batch_size.observe(len(messages))
-        self.metrics.batch_fill.observe(len(messages) / self._settings.batch.max_size)
-        self.metrics.in_flight.set(len(messages))
+        self.metrics.consumed.inc(len(records))
+        self.metrics.batch_size.observe(len(records))
+        self.metrics.batch_fill.observe(len(records) / self._settings.batch.max_size)
+        self._pipeline.submit(self._processor.batch(records))
+
+    def _settle(self, flights: list[Flight]) -> None:
+        """Dead-letter, re-queue, mark terminal and commit what came back, batch by batch."""
+        for flight in flights:
+            if flight.cancelled:
+                continue  # abandoned: its records are still open, redone after the rewind
+            if isinstance(flight.error, RetriableError | BatchAbandonedError):
+                self._abandon(f"batch of {len(flight.batch.items)} abandoned: {flight.error}")
+            elif flight.error is not None:
+                raise flight.error
+            else:
+                self._settle_one(flight.batch)
+
+    def _settle_one(self, batch: Batch) -> None:
+        # Outcomes count only for partitions still owned in the assignment they came from.
+        items = [item for item in batch.items if self._ownership.owns(item.owner)]
         try:
-            result = self._processor.process(messages)
-            self._publish(result)
+            self._publish(items)
         except RetriableError as exc:
-            logger.warning("batch of %d abandoned: %s", len(messages), exc)
-            self._pause_and_rewind()
+            self._abandon(f"dead letters or re-queued records not acknowledged: {exc}")
             return
-        finally:
-            self.metrics.in_flight.set(0)
-        for item in result.items:
+        for item in items:
+            # Unfinished records (a stop came mid-way) stay open: the commit stops before them.
             if item.outcome in _TERMINAL:
                 self._offsets.finish(*_position(item.message))
             if item.outcome is Outcome.SKIPPED:
@@ -244,16 +304,24 @@ class Worker:
         try:
             self._commit()
         except RetriableError as exc:
-            logger.warning("commit failed: %s", exc)
-            self._pause_and_rewind()
-            return
-        if result.with_outcome(Outcome.UNFINISHED):
-            self._pause_and_rewind()
+            self._abandon(f"commit failed: {exc}")
 
-    def _publish(self, result: BatchResult) -> None:
+    def _abandon(self, why: str) -> None:
+        """A dependency is down: abandon everything in flight; unless stopping, pause and
+        rewind (when stopping, the records are simply left uncommitted)."""
+        cancelled = self._pipeline.cancel_all()
+        if self._stop.is_set():
+            logger.info("%s (stopping; %d batches in flight abandoned)", why, cancelled)
+            return
+        logger.warning("%s; %d more batches in flight abandoned", why, cancelled)
+        self._pause_and_rewind()
+
+    def _publish(self, items: list[Item]) -> None:
         """Dead letters, then re-queued records, each acknowledged before anything commits."""
         letters = [
-            item.dead_letter for item in result.with_outcome(Outcome.DEAD) if item.dead_letter
+            item.dead_letter
+            for item in items
+            if item.outcome is Outcome.DEAD and item.dead_letter is not None
         ]
         if letters:
             self._with_retries(lambda: self._sink.publish(letters), Step.DEAD_LETTER)
@@ -269,7 +337,7 @@ class Worker:
                     letter.attempts,
                     letter.error,
                 )
-        requeued: list[Item] = result.with_outcome(Outcome.REQUEUE)
+        requeued = [item for item in items if item.outcome is Outcome.REQUEUE]
         if requeued:
             requeues = [Requeue(item.message, item.attempts) for item in requeued]
             self._with_retries(lambda: self._sink.requeue(requeues), Step.REQUEUE)
@@ -349,7 +417,10 @@ class Worker:
     # Backpressure --------------------------------------------------------------------------
 
     def _pause_and_rewind(self) -> None:
-        """Stop fetching, seek every partition back to its first unfinished record, wait."""
+        """Stop fetching, seek every partition back to its first unfinished record, wait.
+
+        Call only with nothing in flight that may still count (:meth:`_abandon` cancels it).
+        """
         assignment = self._consumer.assignment()
         if not assignment:
             return
@@ -390,13 +461,15 @@ class Worker:
     # Rebalance callbacks (run inside consume()) ---------------------------------------------
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._ownership.assign(keys)
+        self.assigned.update(keys)
         self._fresh_assignment = True
         self.metrics.assigned.set(len(self.assigned))
         if self._paused_until is not None:
             # Newly assigned partitions join the pause too: the outage concerns them as well.
             self._consumer.pause(partitions)
-        logger.info("assigned %s", sorted((tp.topic, tp.partition) for tp in partitions))
+        logger.info("assigned %s", sorted(keys))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Everything finished so far is committed before the partitions move on.
@@ -404,20 +477,27 @@ class Worker:
             self._commit()
         except RetriableError as exc:
             logger.warning("commit on revoke failed; the new owner repeats some work: %s", exc)
-        self._drop(partitions)
+        self._let_go(partitions)
         logger.info("revoked %s", sorted((tp.topic, tp.partition) for tp in partitions))
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Lost partitions may already belong to another member: committing would be wrong.
-        self._drop(partitions)
+        self._let_go(partitions)
         logger.warning("lost %s", sorted((tp.topic, tp.partition) for tp in partitions))
 
-    def _drop(self, partitions: list[TopicPartition]) -> None:
+    def _let_go(self, partitions: list[TopicPartition]) -> None:
+        """Give the partitions up: nothing consumed from them counts any more, and no write of
+        theirs is in progress when this returns (so none lands after the new owner's)."""
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._ownership.release(keys)
+        self._processor.fence()
         self._offsets.forget(keys)
-        self._revoked.update(keys)
         self.assigned.difference_update(keys)
         self.metrics.assigned.set(len(self.assigned))
+
+
+def _partition(message: Message) -> tuple[str, int]:
+    return message.topic() or "", message.partition() or 0
 
 
 def _position(message: Message) -> tuple[str, int, int]:

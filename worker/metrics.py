@@ -17,6 +17,7 @@ class Step(StrEnum):
     DECODE_EVENT = "decode_event"
     FETCH = "fetch"
     VERSION_LOOKUP = "version_lookup"
+    VECTOR_LOOKUP = "vector_lookup"
     DECODE_IMAGE = "decode_image"
     PREPROCESS = "preprocess"
     EMBED = "embed"
@@ -89,6 +90,25 @@ class WorkerMetrics:
             registry=r,
         )
         self.in_flight = Gauge("trident_in_flight_items", "Records being processed.", registry=r)
+        self.batches_in_flight = Gauge(
+            "trident_batches_in_flight",
+            "Batches in the pipeline: being prepared, embedded or stored (worker.pipeline_depth).",
+            registry=r,
+        )
+        self.pipeline_input_wait = Counter(
+            "trident_pipeline_input_wait_seconds_total",
+            "Seconds a pipeline stage sat idle while its next batch was still upstream (for embed: "
+            "the model waiting for fetch, decode and preprocessing).",
+            ["stage"],
+            registry=r,
+        )
+        self.pipeline_output_wait = Counter(
+            "trident_pipeline_output_wait_seconds_total",
+            "Seconds a pipeline stage held a finished batch because the next stage was still busy "
+            "with earlier ones (for prepare: the model is the bottleneck, as it should be).",
+            ["stage"],
+            registry=r,
+        )
         self.lag = Gauge(
             "trident_consumer_lag",
             "High watermark minus committed position.",
@@ -96,6 +116,18 @@ class WorkerMetrics:
             registry=r,
         )
         self.assigned = Gauge("trident_assigned_partitions", "Partitions assigned.", registry=r)
+        self.version_reads = Counter(
+            "trident_version_reads_total",
+            "Stored-version reads of the stale-version guard, by consistency (Strong only "
+            "until the worker wrote after an assignment).",
+            ["consistency"],
+            registry=r,
+        )
+        self.versions_remembered = Gauge(
+            "trident_versions_remembered",
+            "Versions of ids this worker wrote that the stale-version guard remembers.",
+            registry=r,
+        )
         self.heartbeat_age = Gauge(
             "trident_loop_heartbeat_age_seconds",
             "Seconds since the consumer loop last reported progress.",

@@ -1,25 +1,40 @@
-"""Process one micro-batch of consumed records: everything between fetching and committing.
+"""The work on one micro-batch of consumed records, as three stages: prepare, embed, store.
 
-:class:`BatchProcessor` turns records into durable effects and reports, for each record, one
-outcome:
+:class:`BatchProcessor` turns records into durable effects. Its stages run one after another
+for a batch, on any thread (``worker.stages`` runs each on its own, overlapping batches):
+
+- :meth:`~BatchProcessor.prepare`: decode the events, screen them against the stale-version
+  guard (before any download: ``worker.versions``), fetch the images, skip or reuse what is
+  already stored, decode the images, preprocess them into the model's input batch;
+- :meth:`~BatchProcessor.embed`: run the model on that batch (Triton);
+- :meth:`~BatchProcessor.store`: upsert the vectors and metadata (rows Milvus refuses are
+  isolated), remembering what was written.
+
+It reports, for each record, one outcome:
 
 - ``STORED`` (upserted) or ``SKIPPED`` (nothing to write: superseded, stale, unchanged);
 - ``DEAD`` (a permanent failure, or a per-record transient one past its retry budget): the
   caller dead-letters it with ``item.dead_letter``;
 - ``REQUEUE`` (its image host failed transiently and the budget is not used up): the caller
   re-publishes it to its topic with ``item.attempts`` in the ``trident.retry.attempts`` header;
-- ``UNFINISHED`` (a stop was requested mid-way): the record must be consumed again.
+- ``UNFINISHED`` (a stop was requested mid-way, or its partition is no longer this worker's):
+  the record must be consumed again.
 
 A dependency-wide outage (Triton or Milvus unavailable through the retries) raises instead: no
-record of the batch has an outcome worth keeping. The processor never commits and never talks to
-Kafka: the consumer loop owns offsets and the producer.
+record of the batch has an outcome worth keeping. A batch cancelled by the caller (``Batch.
+cancelled``) raises :class:`BatchAbandonedError` at its next stage or write; a write already sent
+completes. Rows are written only for partitions still owned (``worker.ownership``), checked
+under a lock that :meth:`BatchProcessor.fence` waits for. The processor never commits and never
+talks to Kafka: the consumer loop owns offsets and the producer.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,13 +59,15 @@ from engine.errors import (
 )
 from engine.images import ImageDecodeError, decode_image
 from engine.settings import FetchSettings, RetrySettings
-from engine.store import StoredVersion, VectorRecord
+from engine.store import Consistency, StoredVersion, VectorRecord
 from schemas import DEFAULT_EVENT_LIMITS, ContractError, EventLimits, IngestEvent, decode_event
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.dead_letter import DeadLetter
 from worker.metrics import Step, WorkerMetrics
+from worker.ownership import Owner, Ownership
 from worker.retry import call_with_retries
+from worker.versions import Candidate, Known, VersionGuard
 
 logger = logging.getLogger(__name__)
 
@@ -62,22 +79,32 @@ class Fetcher(Protocol):
 
 
 class Preprocessor(Protocol):
-    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]: ...
+    # The batch is the model's input, whatever its dtype (float32, or uint8 when the model
+    # normalises itself): the pipeline only hands it on.
+    def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[Any]: ...
 
 
 class Embedder(Protocol):
-    def embed(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    def embed(self, batch: npt.NDArray[Any]) -> npt.NDArray[np.float32]: ...
 
 
 class Store(Protocol):
     def stored_versions(
-        self, ids: Sequence[str], collection: str | None = None
+        self,
+        ids: Sequence[str],
+        collection: str | None = None,
+        *,
+        consistency: Consistency = "Strong",
     ) -> dict[str, StoredVersion]: ...
     def validate(self, record: VectorRecord, collection: str | None = None) -> None: ...
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int: ...
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, object]]: ...
+
+
+class BatchAbandonedError(Exception):
+    """The batch was cancelled (an outage rewind, a stop): nothing of it may be kept."""
 
 
 class Outcome(StrEnum):
@@ -94,7 +121,9 @@ class Item:
     """One consumed record on its way through the stages."""
 
     message: Message
+    owner: Owner
     event: IngestEvent | None = None
+    known: Known | None = None
     data: bytes | None = None
     content_sha256: str = ""
     pixels: npt.NDArray[np.uint8] | None = None
@@ -126,18 +155,28 @@ class Item:
         self.skip_reason = reason
 
 
-@dataclass
-class BatchResult:
-    items: list[Item] = field(default_factory=list)
+@dataclass(eq=False)
+class Batch:
+    """One micro-batch: its items (each with its outcome) and what the stages hand on."""
+
+    number: int
+    items: list[Item]
+    # Set by the caller to abandon the batch; read by the stages and their retries.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    to_embed: list[Item] = field(default_factory=list)
+    model_input: npt.NDArray[Any] | None = None
+    vectors: npt.NDArray[np.float32] | None = None
 
     def with_outcome(self, outcome: Outcome) -> list[Item]:
         return [item for item in self.items if item.outcome is outcome]
 
 
 class BatchProcessor:
-    """Decode, fetch, preprocess, embed and upsert one micro-batch (see the module docstring).
+    """Prepare, embed and store micro-batches (see the module docstring).
 
-    Owns its decoding thread pool: :meth:`close` it.
+    The stages of different batches may run at once on different threads, with one thread per
+    stage: batches are prepared, and written, in the order they were made (the version guard
+    relies on it). Owns its decoding thread pool: :meth:`close` it.
     """
 
     def __init__(
@@ -147,11 +186,13 @@ class BatchProcessor:
         preprocessor: Preprocessor,
         embedder: Embedder,
         store: Store,
+        ownership: Ownership,
         fetch_settings: FetchSettings,
         retry_settings: RetrySettings,
         model_version: str,
         default_collection: str,
         metrics: WorkerMetrics,
+        version_cache_size: int = 50_000,
         should_stop: Callable[[], bool] = lambda: False,
         event_limits: EventLimits = DEFAULT_EVENT_LIMITS,
     ) -> None:
@@ -159,14 +200,19 @@ class BatchProcessor:
         self._preprocessor = preprocessor
         self._embedder = embedder
         self._store = store
+        self._ownership = ownership
+        self._versions = VersionGuard(ownership, cache_size=version_cache_size)
         self._fetch_settings = fetch_settings
         self._retry = retry_settings
         self._model_version = model_version
         self._default_collection = default_collection
         self._metrics = metrics
+        metrics.versions_remembered.set_function(self._versions.remembered_count)
         self._should_stop = should_stop
         # The producer's limits: what it accepted, the worker accepts too.
         self._event_limits = event_limits
+        self._numbers = itertools.count(1)
+        self._write_lock = threading.Lock()
         self._decoders = ThreadPoolExecutor(
             max_workers=max(1, fetch_settings.concurrency), thread_name_prefix="decode"
         )
@@ -174,31 +220,102 @@ class BatchProcessor:
     def close(self) -> None:
         self._decoders.shutdown(wait=True, cancel_futures=True)
 
-    def process(self, messages: Sequence[Message]) -> BatchResult:
-        """Run every stage; return each record's outcome.
+    def batch(self, records: Sequence[tuple[Message, Owner]]) -> Batch:
+        """A new batch of consumed records, each with the assignment it was consumed in."""
+        items = [Item(m, owner, attempts=_attempts_so_far(m)) for m, owner in records]
+        return Batch(next(self._numbers), items)
+
+    def process(self, messages: Sequence[Message]) -> Batch:
+        """Every stage of one batch on the calling thread, stamped with the current assignment
+        (records of partitions not owned are left ``UNFINISHED``).
 
         Raises:
-            RetriableError: Triton or Milvus stayed unavailable through the retries. Nothing of
-                this batch may be committed; the caller rewinds and pauses.
+            as :meth:`prepare`, :meth:`embed` and :meth:`store` do.
+        """
+        records = []
+        for message in messages:
+            key = (message.topic() or "", message.partition() or 0)
+            records.append((message, self._ownership.current(key) or Owner(key, 0)))
+        batch = self.batch(records)
+        try:
+            self.prepare(batch)
+            self.embed(batch)
+            self.store(batch)
+        finally:
+            self.release(batch)
+        return batch
+
+    # The three stages -----------------------------------------------------------------------
+
+    def prepare(self, batch: Batch) -> None:
+        """Decode, screen, fetch, skip or reuse, decode images, preprocess.
+
+        Raises:
+            StoreUnavailableError: Milvus stayed unavailable through the version lookup's
+                retries. Nothing of this batch may be committed; the caller rewinds and pauses.
+            BatchAbandonedError: the batch was cancelled.
+        """
+        self._check(batch)
+        items = batch.items
+        with self._timed(Step.DECODE_EVENT):
+            self._decode_events(items)
+        self._drop_revoked(items)
+        with self._timed(Step.VERSION_LOOKUP):
+            self._screen(batch)
+        with self._timed(Step.FETCH):
+            self._fetch(batch)
+        self._skip_unchanged(batch)
+        with self._timed(Step.DECODE_IMAGE):
+            self._decode_images(items)
+        batch.to_embed = [item for item in items if item.pending and item.reuse_vector is None]
+        if batch.to_embed:
+            with self._timed(Step.PREPROCESS):
+                batch.model_input = self._preprocessor.preprocess(
+                    [item.pixels for item in batch.to_embed if item.pixels is not None]
+                )
+            for item in batch.to_embed:
+                item.pixels = None  # the model input holds them now
+
+    def embed(self, batch: Batch) -> None:
+        """Run the model on the prepared batch (nothing to do if everything was skipped).
+
+        Raises:
+            InferenceUnavailableError: Triton stayed unavailable through the retries.
             ConfigurationError: Triton refused the request as invalid for its model (the
                 deployment does not match the settings; no record is to blame).
+            BatchAbandonedError: the batch was cancelled.
         """
-        result = BatchResult(
-            [Item(message, attempts=_attempts_so_far(message)) for message in messages]
-        )
-        with self._timed(Step.DECODE_EVENT):
-            self._decode_events(result.items)
-        with self._timed(Step.FETCH):
-            self._fetch(result.items)
-        with self._timed(Step.VERSION_LOOKUP):
-            self._skip_unchanged(result.items)
-        with self._timed(Step.DECODE_IMAGE):
-            self._decode_images(result.items)
-        to_embed = [item for item in result.items if item.pending and item.reuse_vector is None]
-        vectors = self._embed(to_embed)
+        self._check(batch)
+        model_input = batch.model_input
+        if model_input is None:
+            return
+        with self._timed(Step.EMBED):
+            batch.vectors = self._with_retries(
+                lambda: self._embedder.embed(model_input), Step.EMBED, "inference", batch
+            )
+        batch.model_input = None
+
+    def store(self, batch: Batch) -> None:
+        """Validate and upsert the rows; rows the store refuses are dead-lettered alone.
+
+        Raises:
+            StoreUnavailableError: Milvus stayed unavailable through the retries.
+            BatchAbandonedError: the batch was cancelled.
+        """
+        self._check(batch)
         with self._timed(Step.UPSERT):
-            self._upsert(result.items, dict(zip(to_embed, vectors, strict=True)))
-        return result
+            self._upsert(batch)
+
+    def release(self, batch: Batch) -> None:
+        """The batch left the pipeline, whatever became of it: its claimed versions lapse."""
+        self._versions.release(batch.number)
+
+    def fence(self) -> None:
+        """Return once no write is in progress. Every later write checks, under the same lock,
+        that its partitions are still owned: after a revoke, call this before letting go, so no
+        write for those partitions can land after the new owner's."""
+        with self._write_lock:
+            pass
 
     # Stages -------------------------------------------------------------------------------
 
@@ -228,14 +345,63 @@ class BatchProcessor:
             else:
                 item.skip("superseded")
 
-    def _fetch(self, items: list[Item]) -> None:
+    def _drop_revoked(self, items: list[Item]) -> None:
+        # Records of a partition given up since they were consumed belong to its new owner.
+        for item in items:
+            if item.pending and not self._ownership.owns(item.owner):
+                item.outcome = Outcome.UNFINISHED
+
+    def _screen(self, batch: Batch) -> None:
+        """The stale-version guard, before any download: an older event than what is stored or
+        in flight is skipped (``stale_version``) and never fetched.
+
+        Collections are created on purpose: the items of one that does not exist are
+        dead-lettered (``unknown_collection``), never written.
+        """
+        for collection, group in self._by_collection(batch.items).items():
+            candidates = [
+                Candidate(item.event.id, item.event.version, item.owner)
+                for item in group
+                if item.event
+            ]
+            try:
+                known = self._versions.screen(
+                    batch.number, collection, candidates, self._version_reader(collection, batch)
+                )
+            except UnknownCollectionError as exc:
+                for item in group:
+                    item.fail(exc, Stage.UPSERT)
+                continue
+            for item in group:
+                assert item.event is not None
+                item.known = known[item.event.id]
+                if item.known.stale(item.event.version):
+                    item.skip("stale_version")
+
+    def _version_reader(
+        self, collection: str, batch: Batch
+    ) -> Callable[[list[str], Consistency], dict[str, StoredVersion]]:
+        def read(ids: list[str], consistency: Consistency) -> dict[str, StoredVersion]:
+            self._metrics.version_reads.labels(consistency).inc()
+            return self._with_retries(
+                functools.partial(
+                    self._store.stored_versions, ids, collection, consistency=consistency
+                ),
+                Step.VERSION_LOOKUP,
+                "version lookup",
+                batch,
+            )
+
+        return read
+
+    def _fetch(self, batch: Batch) -> None:
         """Fetch every pending item's bytes; retry the transient failures, item by item.
 
         An image host failing is this record's problem, not an outage: after the attempts this
         pass allows, the record is re-queued, or dead-lettered once ``retry.record_attempts``
         (counted across deliveries) are used up. Either way its partition moves on.
         """
-        waiting = [item for item in items if item.pending]
+        waiting = [item for item in batch.items if item.pending]
         # This pass may spend ``retry.attempts`` of each record's ``retry.record_attempts``.
         pass_ends = {
             item: min(item.attempts + self._retry.attempts, self._retry.record_attempts)
@@ -256,17 +422,20 @@ class BatchProcessor:
                     self._metrics.retries.labels(Step.FETCH, fetched.reason).inc()
                 else:
                     raise fetched
-            waiting = self._fetch_again(transient, pass_ends)
+            waiting = self._fetch_again(transient, pass_ends, batch)
 
     def _fetch_again(
-        self, transient: list[tuple[Item, FetchUnavailableError]], pass_ends: dict[Item, int]
+        self,
+        transient: list[tuple[Item, FetchUnavailableError]],
+        pass_ends: dict[Item, int],
+        batch: Batch,
     ) -> list[Item]:
         """Which transiently failed items to fetch again now (after a backoff); settle the rest."""
         if not transient:
             return []
         again: list[Item] = []
         for item, error in transient:
-            if self._should_stop():
+            if self._stopping(batch):
                 item.outcome = Outcome.UNFINISHED
             elif item.attempts >= self._retry.record_attempts:
                 item.fail(error, Stage.FETCH, reason=Reason.RETRIES_EXHAUSTED)
@@ -283,62 +452,57 @@ class BatchProcessor:
             )
         return again
 
-    def _skip_unchanged(self, items: list[Item]) -> None:
-        """Stale-version guard and inference skip, against what is already stored.
-
-        Collections are created on purpose: the items of one that does not exist are
-        dead-lettered (``unknown_collection``), never written.
-        """
-        for collection, group in self._by_collection(items).items():
-            ids = [item.event.id for item in group if item.event]
-            try:
-                stored = self._with_retries(
-                    functools.partial(self._store.stored_versions, ids, collection),
-                    Step.VERSION_LOOKUP,
-                    "version lookup",
-                )
-            except UnknownCollectionError as exc:
-                for item in group:
-                    item.fail(exc, Stage.UPSERT)
-                continue
+    def _skip_unchanged(self, batch: Batch) -> None:
+        """Inference skip, against the versions the guard found: the same image and model as
+        stored, at the same version, needs nothing; at a newer version, its stored vector."""
+        for collection, group in self._by_collection(batch.items).items():
             reusable: list[Item] = []
             for item in group:
-                assert item.event is not None
-                known = stored.get(item.event.id)
-                if known is None:
+                stored = item.known.stored if item.known else None
+                if stored is None or item.event is None:
                     continue
-                if known.event_version > item.event.version:
-                    item.skip("stale_version")
-                elif (
-                    known.content_sha256 == item.content_sha256
-                    and known.model_version == self._model_version
+                if (
+                    stored.content_sha256 == item.content_sha256
+                    and stored.model_version == self._model_version
                 ):
-                    if known.event_version == item.event.version:
+                    if stored.event_version == item.event.version:
                         item.skip("unchanged")
                     else:
                         reusable.append(item)
             if reusable:
-                self._reuse_stored_vectors(collection, reusable)
+                with self._timed(Step.VECTOR_LOOKUP):
+                    self._reuse_stored_vectors(collection, reusable, batch)
 
-    def _reuse_stored_vectors(self, collection: str, items: list[Item]) -> None:
+    def _reuse_stored_vectors(self, collection: str, items: list[Item], batch: Batch) -> None:
         # Same image, same model, newer event: keep the vector, write the new metadata/version.
         rows = self._with_retries(
             lambda: self._store.get(
                 [i.event.id for i in items if i.event], collection, with_vectors=True
             ),
-            Step.VERSION_LOOKUP,
+            Step.VECTOR_LOOKUP,
             "vector lookup",
+            batch,
         )
-        vectors = {str(row["id"]): row["embedding"] for row in rows}
+        # This read is not strongly consistent: a row of an older image may still be served
+        # for a moment after a newer one was written. Only the very image's vector is reused;
+        # otherwise the item is simply embedded.
+        vectors = {
+            str(row["id"]): row["embedding"]
+            for row in rows
+            if row.get("model_version") == self._model_version
+        }
+        hashes = {str(row["id"]): row.get("content_sha256") for row in rows}
         for item in items:
             assert item.event is not None
-            if item.event.id in vectors:
+            if item.event.id in vectors and hashes[item.event.id] == item.content_sha256:
                 item.reuse_vector = np.asarray(vectors[item.event.id], dtype=np.float32)
 
     def _decode_images(self, items: list[Item]) -> None:
         # Pillow releases the GIL while decoding, so threads use every core.
         todo = [i for i in items if i.pending and i.reuse_vector is None and i.data is not None]
         list(self._decoders.map(self._decode_one, todo))
+        for item in items:
+            item.data = None  # the bytes are no longer needed; free them early
 
     def _decode_one(self, item: Item) -> None:
         assert item.data is not None
@@ -346,23 +510,14 @@ class BatchProcessor:
             item.pixels = decode_image(item.data, max_pixels=self._fetch_settings.max_pixels).pixels
         except ImageDecodeError as exc:
             item.fail(exc, Stage.DECODE_IMAGE)
-        finally:
-            item.data = None  # the bytes are no longer needed; free them early
 
-    def _embed(self, items: list[Item]) -> npt.NDArray[np.float32]:
-        if not items:
-            return np.zeros((0, 0), dtype=np.float32)
-        with self._timed(Step.PREPROCESS):
-            batch = self._preprocessor.preprocess(
-                [item.pixels for item in items if item.pixels is not None]
-            )
-        with self._timed(Step.EMBED):
-            return self._with_retries(lambda: self._embedder.embed(batch), Step.EMBED, "inference")
-
-    def _upsert(self, items: list[Item], vectors: dict[Item, npt.NDArray[np.float32]]) -> None:
+    def _upsert(self, batch: Batch) -> None:
+        vectors: dict[Item, npt.NDArray[np.float32]] = {}
+        if batch.vectors is not None:
+            vectors = dict(zip(batch.to_embed, batch.vectors, strict=True))
         now_ms = int(time.time() * 1000)
         by_collection: dict[str, list[tuple[Item, VectorRecord]]] = {}
-        for collection, group in self._by_collection(items).items():
+        for collection, group in self._by_collection(batch.items).items():
             for item in group:
                 vector = item.reuse_vector if item.reuse_vector is not None else vectors.get(item)
                 if vector is None or item.event is None:
@@ -377,31 +532,33 @@ class BatchProcessor:
                     event_version=item.event.version,
                     ingested_at_ms=now_ms,
                 )
-                if self._valid(item, record, collection):
+                if self._valid(item, record, collection, batch):
                     by_collection.setdefault(collection, []).append((item, record))
         for collection, pairs in by_collection.items():
-            self._write(collection, pairs)
+            self._write(collection, pairs, batch)
 
-    def _valid(self, item: Item, record: VectorRecord, collection: str) -> bool:
+    def _valid(self, item: Item, record: VectorRecord, collection: str, batch: Batch) -> bool:
         try:
             self._with_retries(
                 functools.partial(self._store.validate, record, collection),
                 Step.UPSERT,
                 "row validation",
+                batch,
             )
         except (InvalidRowError, UnknownCollectionError) as exc:
             item.fail(exc, Stage.UPSERT)
             return False
         return True
 
-    def _write(self, collection: str, pairs: list[tuple[Item, VectorRecord]]) -> None:
+    def _write(self, collection: str, pairs: list[tuple[Item, VectorRecord]], batch: Batch) -> None:
         """Upsert the rows; when the server refuses the request for a row's value, bisect the
         batch until the refused rows stand alone, dead-letter them and store the rest."""
         try:
-            self._with_retries(
-                functools.partial(self._store.upsert, [record for _, record in pairs], collection),
+            written = self._with_retries(
+                functools.partial(self._write_owned, collection, pairs, batch),
                 Step.UPSERT,
                 "upsert",
+                batch,
             )
         except (InvalidRowError, UnknownCollectionError) as exc:
             if len(pairs) == 1 or isinstance(exc, UnknownCollectionError):
@@ -409,14 +566,54 @@ class BatchProcessor:
                     item.fail(exc, Stage.UPSERT)
                 return
             middle = len(pairs) // 2
-            self._write(collection, pairs[:middle])
-            self._write(collection, pairs[middle:])
+            self._write(collection, pairs[:middle], batch)
+            self._write(collection, pairs[middle:], batch)
             return
-        for item, _ in pairs:
+        for item, _ in written:
             item.outcome = Outcome.STORED
-        self._metrics.upserted.inc(len(pairs))
+        self._metrics.upserted.inc(len(written))
+
+    def _write_owned(
+        self, collection: str, pairs: list[tuple[Item, VectorRecord]], batch: Batch
+    ) -> list[tuple[Item, VectorRecord]]:
+        """One attempt: write the rows whose partitions are still owned, under the write lock
+        (see :meth:`fence`), and remember them; the others are left ``UNFINISHED``."""
+        with self._write_lock:
+            self._check(batch)
+            owned = []
+            for item, record in pairs:
+                if self._ownership.owns(item.owner):
+                    owned.append((item, record))
+                else:
+                    item.outcome = Outcome.UNFINISHED
+            if not owned:
+                return owned
+            began = time.monotonic()
+            self._store.upsert([record for _, record in owned], collection)
+            self._versions.wrote(
+                collection,
+                began,
+                [
+                    (
+                        record.id,
+                        StoredVersion(
+                            record.event_version, record.content_sha256, record.model_version
+                        ),
+                        item.owner,
+                    )
+                    for item, record in owned
+                ],
+            )
+            return owned
 
     # Helpers ------------------------------------------------------------------------------
+
+    def _check(self, batch: Batch) -> None:
+        if batch.cancelled.is_set():
+            raise BatchAbandonedError(f"batch {batch.number} was cancelled")
+
+    def _stopping(self, batch: Batch) -> bool:
+        return self._should_stop() or batch.cancelled.is_set()
 
     def _collection(self, item: Item) -> str:
         return (item.event.collection if item.event else None) or self._default_collection
@@ -428,12 +625,12 @@ class BatchProcessor:
                 groups.setdefault(self._collection(item), []).append(item)
         return groups
 
-    def _with_retries(self, fn: Callable[[], T], step: Step, what: str) -> T:
+    def _with_retries(self, fn: Callable[[], T], step: Step, what: str, batch: Batch) -> T:
         return call_with_retries(
             fn,
             self._retry,
             what=what,
-            should_stop=self._should_stop,
+            should_stop=lambda: self._stopping(batch),
             on_retry=lambda exc: self._metrics.retries.labels(step, exc.reason).inc(),
         )
 

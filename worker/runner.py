@@ -24,6 +24,7 @@ from worker.consumer import Worker
 from worker.dead_letter import RecordPublisher
 from worker.health import HealthServer, Heartbeat
 from worker.metrics import WorkerMetrics
+from worker.ownership import Ownership
 from worker.pipeline import BatchProcessor
 from worker.retry import call_with_retries
 
@@ -68,17 +69,20 @@ class WorkerRuntime:
             "close",
         )
         preprocessor = build_preprocessor(settings.preprocess)
+        ownership = Ownership()
         processor = self._owned(
             BatchProcessor(
                 fetcher=fetcher,
                 preprocessor=preprocessor,
                 embedder=embedder,
                 store=store,
+                ownership=ownership,
                 fetch_settings=settings.fetch,
                 retry_settings=settings.retry,
                 model_version=settings.triton.model_tag,
                 default_collection=settings.milvus.collection,
                 metrics=self.metrics,
+                version_cache_size=settings.worker.version_cache_size,
                 should_stop=stop.is_set,
                 event_limits=settings.kafka.event_limits,
             ),
@@ -103,6 +107,7 @@ class WorkerRuntime:
             processor,
             consumer=consumer,
             sink=sink,
+            ownership=ownership,
             metrics=self.metrics,
             stop=stop,
             heartbeat=self.heartbeat,

@@ -4,7 +4,9 @@ per-record retry budget, all without a broker."""
 from __future__ import annotations
 
 import io
+import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +30,8 @@ from worker.consumer import Worker
 from worker.dead_letter import DeadLetter, Requeue
 from worker.health import Heartbeat
 from worker.metrics import WorkerMetrics
-from worker.pipeline import BatchProcessor, BatchResult, Item, Outcome
+from worker.ownership import Owner, Ownership
+from worker.pipeline import Batch, BatchProcessor, Item, Outcome
 
 TOPIC = "ingest"
 
@@ -159,9 +162,13 @@ class FakeConsumer:
             self.assigned.update(partitions)
             for p in partitions:  # a new owner starts at the committed position
                 self.seek(TopicPartition(TOPIC, p, self.committed.get(p, 0)))
-        else:
+            self._callbacks[kind](self, tps)
+        elif kind == "on_revoke":  # still owned during the callback: it may commit them
+            self._callbacks[kind](self, tps)
             self.assigned.difference_update(partitions)
-        self._callbacks[kind](self, tps)
+        else:  # lost: already gone
+            self.assigned.difference_update(partitions)
+            self._callbacks[kind](self, tps)
 
     def append(self, partition: int, payload: bytes, headers: list[tuple[str, bytes]]) -> None:
         records = self.partitions[partition]
@@ -198,19 +205,34 @@ class ScriptedProcessor:
     def __init__(self, outages: int = 0) -> None:
         self.outages = outages
         self.seen: list[tuple[int, int]] = []
+        self.fences = 0
+        self._numbers = itertools.count(1)
 
-    def process(self, messages: Sequence[Any]) -> BatchResult:
-        self.seen += [(m.partition(), m.offset()) for m in messages]
+    def batch(self, records: Sequence[tuple[Any, Owner]]) -> Batch:
+        return Batch(next(self._numbers), [Item(m, owner) for m, owner in records])
+
+    def prepare(self, batch: Batch) -> None:
+        self.seen += [(i.message.partition(), i.message.offset()) for i in batch.items]
         if self.outages:
             self.outages -= 1
             raise StoreUnavailableError("milvus down")
-        items = [Item(m) for m in messages]
-        for item in items:
+        for item in batch.items:
             if item.message.value() == b"bad":
                 item.fail(TridentError("bad", reason=Reason.MALFORMED_JSON), Stage.DECODE_EVENT)
-            else:
+
+    def embed(self, batch: Batch) -> None:
+        pass
+
+    def store(self, batch: Batch) -> None:
+        for item in batch.items:
+            if item.pending:
                 item.outcome = Outcome.STORED
-        return BatchResult(items)
+
+    def release(self, batch: Batch) -> None:
+        pass
+
+    def fence(self) -> None:
+        self.fences += 1
 
 
 SETTINGS = Settings(
@@ -232,15 +254,18 @@ def make_worker(
     *,
     sink_failures: int = 0,
     idle_rounds: int = 3,
+    ownership: Ownership | None = None,
+    settings: Settings = SETTINGS,
 ) -> tuple[Worker, FakeConsumer, FakeSink, list[str]]:
     log: list[str] = []
     consumer = FakeConsumer(log, partitions)
     sink = FakeSink(log, consumer, failures=sink_failures)
     worker = Worker(
-        SETTINGS,
+        settings,
         processor,
         consumer=consumer,  # type: ignore[arg-type]
         sink=sink,
+        ownership=ownership or Ownership(),
         metrics=WorkerMetrics(),
         stop=threading.Event(),
         heartbeat=Heartbeat(),
@@ -268,7 +293,8 @@ def test_commits_reach_the_end_of_each_partition_over_gaps_and_markers() -> None
     worker, consumer, _sink, log = make_worker(partitions, ScriptedProcessor())
     worker.run()
     commits = [line for line in log if line.startswith("commit")]
-    assert commits[0] == "commit [(0, 5)]"  # the first batch: last finished + 1
+    # The first batch: last finished + 1 (partition 1, open in the next batch, may stay put).
+    assert commits[0] in ("commit [(0, 5)]", "commit [(0, 5), (1, 10)]")
     # Idle, the consumer's position lies past the trailing marker: lag 0.
     assert consumer.committed == {0: 9, 1: 14}
     assert consumer.closed
@@ -301,10 +327,12 @@ def test_an_outage_pauses_rewinds_and_redelivers_everything() -> None:
     processor = ScriptedProcessor(outages=2)
     worker, consumer, _sink, log = make_worker(partitions, processor)
     worker.run()
-    assert consumer.pauses == 2
+    # Two failed batches: two pauses, or one if the second failed batch was already in flight
+    # behind the first (abandoned with it).
+    assert consumer.pauses in (1, 2)
     assert "seek 0@5" in log and "seek 1@0" in log
     assert consumer.committed == {0: 11, 1: 3}
-    assert processor.seen.count((0, 5)) == 3  # twice abandoned, then stored
+    assert processor.seen.count((0, 5)) >= 2  # abandoned, then stored
 
 
 def test_records_of_a_revoked_partition_are_dropped_and_never_committed_again() -> None:
@@ -368,18 +396,20 @@ def test_a_record_failing_transiently_forever_is_capped_and_stalls_nothing() -> 
     fetcher = FailingFetcher()
     store = FakeStore()
     metrics = WorkerMetrics()
+    ownership = Ownership()
     processor = BatchProcessor(
         fetcher=fetcher,
         preprocessor=FakePreprocessor(),
         embedder=FakeEmbedder(),
         store=store,
+        ownership=ownership,
         fetch_settings=SETTINGS.fetch,
         retry_settings=SETTINGS.retry,
         model_version="m",
         default_collection="images",
         metrics=metrics,
     )
-    worker, consumer, sink, log = make_worker(partitions, processor)
+    worker, consumer, sink, log = make_worker(partitions, processor, ownership=ownership)
     worker.run()
     assert consumer.pauses == 0  # never an outage: nothing paused
     assert set(store.rows) == {"good", "other"}
@@ -401,3 +431,123 @@ def test_heartbeat_goes_stale_when_the_loop_stops_beating() -> None:
     assert not heartbeat.fresh(5.0)
     heartbeat.beat()
     assert heartbeat.fresh(5.0)
+
+
+# The pipelined loop: overlap, out-of-order endings, rebalances and stops with batches in flight.
+
+
+class GatedProcessor(ScriptedProcessor):
+    """Embedding batch 1 waits (up to 5 s) until ``gate`` is set; the stages log what they do."""
+
+    def __init__(self, log: list[str], outages: int = 0) -> None:
+        super().__init__(outages)
+        self.log = log
+        self.gate = threading.Event()
+
+    def prepare(self, batch: Batch) -> None:
+        self.log.append(f"prepare {batch.number}")
+        if batch.number == 2:
+            self.gate.set()  # the next batch is being prepared while batch 1 embeds
+        super().prepare(batch)
+
+    def embed(self, batch: Batch) -> None:
+        if batch.number == 1:
+            self.log.append(f"overlapped {self.gate.wait(5)}")
+        self.log.append(f"embedded {batch.number}")
+
+
+def test_the_next_batch_is_prepared_while_the_previous_one_embeds() -> None:
+    partitions = {0: records(0, list(range(8)))}  # two full batches of 4
+    log: list[str] = []
+    processor = GatedProcessor(log)
+    worker, consumer, _sink, _log = make_worker(partitions, processor)
+    worker.run()
+    assert "overlapped True" in log
+    assert log.index("prepare 2") < log.index("embedded 1")
+    assert consumer.committed == {0: 9}
+
+
+class LaterBatchOutage(GatedProcessor):
+    """Batch 2 fails at once (an outage) while batch 1 is still embedding."""
+
+    def prepare(self, batch: Batch) -> None:
+        if batch.number == 2:
+            self.gate.set()
+            raise StoreUnavailableError("milvus down")
+        super().prepare(batch)
+
+
+def test_an_outage_in_a_later_batch_abandons_the_earlier_one_still_in_flight() -> None:
+    partitions = {0: records(0, list(range(8)))}
+    log: list[str] = []
+    processor = LaterBatchOutage(log)
+    worker, consumer, _sink, wlog = make_worker(partitions, processor)
+    commits_before_pause: list[str] = []
+
+    def first_pause(partitions_: list[TopicPartition]) -> None:
+        commits_before_pause.extend(line for line in wlog if line.startswith("commit"))
+        consumer.pause = original_pause  # type: ignore[method-assign]
+        original_pause(partitions_)
+
+    original_pause = consumer.pause
+    consumer.pause = first_pause  # type: ignore[method-assign]
+    worker.run()
+    # Batch 2 came back first, failed: batch 1 was abandoned with it, nothing committed, and
+    # the partition was rewound to the first record of batch 1.
+    assert commits_before_pause == []
+    assert "seek 0@0" in wlog
+    assert consumer.committed == {0: 9}  # all stored after the pause
+
+
+class RevokingProcessor(GatedProcessor):
+    """Embedding batch 1 waits until partition 1 was revoked (the revoke fences the writes)."""
+
+    def embed(self, batch: Batch) -> None:
+        if batch.number == 1:
+            self.log.append(f"revoked {self.gate.wait(5)}")
+
+    def fence(self) -> None:
+        super().fence()
+        self.gate.set()
+
+
+def test_a_revoke_with_batches_in_flight_commits_nothing_of_the_revoked_partition() -> None:
+    partitions = {0: records(0, [0, 1]), 1: records(1, [0, 1])}
+    log: list[str] = []
+    processor = RevokingProcessor(log)
+    worker, consumer, _sink, wlog = make_worker(partitions, processor)
+    consumer.script[3] = ("on_revoke", [1])  # while the first batch (all four) embeds
+    worker.run()
+    assert "revoked True" in log
+    assert processor.fences >= 1  # writes in progress were waited for before letting go
+    # Partition 1's records were in flight: the revoke committed no further than the first.
+    assert consumer.committed == {0: 3, 1: 0}
+    assert all("(1, 0)" in line or "(1," not in line for line in wlog if "commit" in line)
+
+
+class StuckEmbedder(ScriptedProcessor):
+    """Embedding batch 2 never ends by itself (only when it is cancelled); it asks for a stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_stuck: Callable[[], None] = lambda: None
+
+    def embed(self, batch: Batch) -> None:
+        if batch.number == 2:
+            self.on_stuck()
+            batch.cancelled.wait(10)
+
+
+def test_a_stop_settles_what_finishes_within_the_grace_period_and_abandons_the_rest() -> None:
+    partitions = {0: records(0, list(range(8)))}
+    processor = StuckEmbedder()
+    grace = SETTINGS.model_copy(
+        update={"worker": SETTINGS.worker.model_copy(update={"shutdown_grace_s": 0.5})}
+    )
+    worker, consumer, _sink, _log = make_worker(partitions, processor, settings=grace)
+    processor.on_stuck = worker.stop
+    started = time.monotonic()
+    worker.run()
+    assert time.monotonic() - started < 5  # not the 10 s the stuck batch would take
+    assert consumer.committed == {0: 4}  # batch 1 settled; nothing of batch 2
+    assert consumer.closed

@@ -30,9 +30,11 @@ from schemas import IngestEvent, InlineImage, PathImage, encode_event
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.metrics import WorkerMetrics
-from worker.pipeline import BatchProcessor, Outcome
+from worker.ownership import Ownership
+from worker.pipeline import Batch, BatchAbandonedError, BatchProcessor, Outcome
 
 DIM = 8
+PARTITION = ("ingest", 0)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class FakeMessage:
     offset_: int
     key_: bytes | None = None
     headers_: list[tuple[str, bytes]] | None = None
+    partition_: int = 0
 
     def value(self) -> bytes | None:
         return self.payload
@@ -52,7 +55,7 @@ class FakeMessage:
         return "ingest"
 
     def partition(self) -> int:
-        return 0
+        return self.partition_
 
     def offset(self) -> int:
         return self.offset_
@@ -67,6 +70,7 @@ class FakeFetcher:
     def __init__(self, scripted: dict[str, list[bytes | TridentError]] | None = None) -> None:
         self.scripted = scripted or {}
         self.calls = 0
+        self.paths: list[str] = []  # every path fetched, in order
 
     def fetch_many(self, refs: Sequence[ImageRef]) -> list[bytes | TridentError]:
         self.calls += 1
@@ -76,6 +80,7 @@ class FakeFetcher:
                 results.append(ref.data)
             else:
                 assert isinstance(ref, PathImage)
+                self.paths.append(ref.path)
                 script = self.scripted[ref.path]
                 results.append(script.pop(0) if len(script) > 1 else script[0])
         return results
@@ -103,16 +108,40 @@ class FakeEmbedder:
 
 
 @dataclass
-class FakeStore:
-    """Rows in a dict. ``refused`` ids make the whole upsert request fail, as Milvus does (code
-    1100); ``invalid`` ids fail validation; ``collections`` are the ones that exist."""
+class FakeMilvus:
+    """What every client of one fake Milvus shares: each write, in order, with its timestamp."""
 
-    rows: dict[str, VectorRecord] = field(default_factory=dict)
+    history: list[tuple[int, VectorRecord]] = field(default_factory=list)
+    clock: int = 0
+
+    def rows_as_of(self, timestamp: int) -> dict[str, VectorRecord]:
+        rows: dict[str, VectorRecord] = {}
+        for at, record in self.history:
+            if at <= timestamp:
+                rows[record.id] = record
+        return rows
+
+
+@dataclass
+class FakeStore:
+    """One client of a fake Milvus. ``refused`` ids make the whole upsert request fail, as
+    Milvus does (code 1100); ``invalid`` ids fail validation; ``collections`` are the ones that
+    exist. Reads are as consistent as asked and no more: ``Strong`` sees every write, ``Session``
+    only those up to this client's last write (the worst Milvus allows); ``reads`` records the
+    consistency of each version read."""
+
+    backend: FakeMilvus = field(default_factory=FakeMilvus)
     upserts: int = 0
     refused: set[str] = field(default_factory=set)
     invalid: set[str] = field(default_factory=set)
     collections: set[str] = field(default_factory=lambda: {"images"})
     outage: bool = False
+    last_write: int = 0
+    reads: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> dict[str, VectorRecord]:
+        return self.backend.rows_as_of(self.backend.clock)
 
     def _check(self, collection: str | None) -> None:
         if self.outage:
@@ -126,15 +155,16 @@ class FakeStore:
             raise InvalidRowError("too big", reason=Reason.METADATA_TOO_LARGE)
 
     def stored_versions(
-        self, ids: Sequence[str], collection: str | None = None
+        self, ids: Sequence[str], collection: str | None = None, *, consistency: str = "Strong"
     ) -> dict[str, StoredVersion]:
         self._check(collection)
+        self.reads.append(consistency)
+        horizon = self.backend.clock if consistency == "Strong" else self.last_write
+        rows = self.backend.rows_as_of(horizon)
         return {
-            i: StoredVersion(
-                self.rows[i].event_version, self.rows[i].content_sha256, self.rows[i].model_version
-            )
+            i: StoredVersion(rows[i].event_version, rows[i].content_sha256, rows[i].model_version)
             for i in ids
-            if i in self.rows
+            if i in rows
         }
 
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
@@ -142,14 +172,25 @@ class FakeStore:
         self.upserts += 1
         if any(record.id in self.refused for record in records):
             raise InvalidRowError("exceeds max length (code 1100)")
-        for record in records:
-            self.rows[record.id] = record
+        self.backend.clock += 1
+        self.last_write = self.backend.clock
+        self.backend.history += [(self.backend.clock, record) for record in records]
         return len(records)
 
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
-        return [{"id": i, "embedding": self.rows[i].vector.tolist()} for i in ids if i in self.rows]
+        rows = self.rows
+        return [
+            {
+                "id": i,
+                "embedding": rows[i].vector.tolist(),
+                "content_sha256": rows[i].content_sha256,
+                "model_version": rows[i].model_version,
+            }
+            for i in ids
+            if i in rows
+        ]
 
 
 def png(shade: int) -> bytes:
@@ -165,13 +206,23 @@ def event(event_id: str, image: ImageRef, version: int = 1, collection: str | No
 
 
 def make_processor(
-    fetcher: FakeFetcher, embedder: FakeEmbedder, store: FakeStore, *, record_attempts: int = 7
+    fetcher: FakeFetcher,
+    embedder: FakeEmbedder,
+    store: FakeStore,
+    *,
+    record_attempts: int = 7,
+    ownership: Ownership | None = None,
 ) -> BatchProcessor:
+    """A processor whose worker owns partition 0 of topic ``ingest`` (unless told otherwise)."""
+    if ownership is None:
+        ownership = Ownership()
+        ownership.assign([PARTITION])
     return BatchProcessor(
         fetcher=fetcher,
         preprocessor=FakePreprocessor(),
         embedder=embedder,
         store=store,
+        ownership=ownership,
         fetch_settings=FetchSettings(max_pixels=10_000),
         retry_settings=RetrySettings(
             attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0, record_attempts=record_attempts
@@ -385,3 +436,174 @@ def test_only_the_newest_version_in_a_batch_is_processed() -> None:
     )
     assert [item.outcome for item in result.items] == [Outcome.STORED, Outcome.SKIPPED]
     assert store.rows["a"].event_version == 3
+
+
+# The stale-version guard: own writes, versions in flight, Strong reads only after an assignment.
+
+
+def _at(offset: int, event_id: str, version: int, image: ImageRef, partition: int = 0) -> Any:
+    return FakeMessage(event(event_id, image, version=version), offset, partition_=partition)
+
+
+def test_a_stale_replay_is_skipped_without_a_download_or_a_strong_read() -> None:
+    store = FakeStore()
+    fetcher = FakeFetcher({"/new.png": [png(100)], "/old.png": [png(30)]})
+    processor = make_processor(fetcher, FakeEmbedder(), store)
+    processor.process([_at(0, "a", 5, PathImage(path="/new.png"))])
+    assert store.reads == ["Strong"]  # the first lookup after the assignment
+    replay = FakeMessage(
+        event("a", PathImage(path="/old.png"), version=4),
+        1,
+        headers_=[(HEADER_RETRY_ATTEMPTS, b"2"), ("trident.dlq.reason", b"timeout")],
+    )
+    result = processor.process([replay])
+    assert result.items[0].outcome is Outcome.SKIPPED
+    assert result.items[0].skip_reason == "stale_version"
+    assert fetcher.paths == ["/new.png"]  # the stale image was never downloaded
+    assert store.reads == ["Strong"]  # known from the worker's own write: no read at all
+    assert store.rows["a"].event_version == 5
+
+
+def test_reordered_versions_within_and_across_batches_keep_the_newest() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    first = processor.process(
+        [
+            _at(0, "a", 3, InlineImage(data=png(10))),
+            _at(1, "a", 1, InlineImage(data=png(20))),  # older, after newer, same batch
+            _at(2, "b", 1, InlineImage(data=png(30))),
+        ]
+    )
+    assert [i.outcome for i in first.items] == [Outcome.STORED, Outcome.SKIPPED, Outcome.STORED]
+    second = processor.process(
+        [
+            _at(3, "a", 2, InlineImage(data=png(40))),  # older, a later batch
+            _at(4, "c", 1, InlineImage(data=png(50))),
+        ]
+    )
+    assert second.items[0].skip_reason == "stale_version"
+    assert second.items[1].outcome is Outcome.STORED
+    assert store.rows["a"].event_version == 3
+    # Only "c" needed reading, and this worker wrote since the assignment: Session suffices.
+    assert store.reads == ["Strong", "Session"]
+
+
+def test_the_same_record_again_is_unchanged_and_never_embedded_twice() -> None:
+    store = FakeStore()
+    embedder = FakeEmbedder()
+    processor = make_processor(FakeFetcher(), embedder, store)
+    record = _at(0, "a", 7, InlineImage(data=png(60)))
+    processor.process([record])
+    again = processor.process([record])
+    assert again.items[0].skip_reason == "unchanged"
+    assert embedder.batches == [1]
+
+
+def test_an_older_version_in_a_later_batch_loses_to_a_newer_one_still_in_flight() -> None:
+    store = FakeStore()
+    ownership = Ownership()
+    ownership.assign([PARTITION])
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store, ownership=ownership)
+    k = _batch(processor, ownership, [_at(0, "a", 5, InlineImage(data=png(90)))])
+    older = _batch(
+        processor,
+        ownership,
+        [_at(1, "a", 3, InlineImage(data=png(10))), _at(2, "b", 1, InlineImage(data=png(11)))],
+    )
+    newer = _batch(processor, ownership, [_at(3, "a", 8, InlineImage(data=png(12)))])
+    # The later batches are screened before batch k is written, as in the pipelined worker.
+    for batch in (k, older, newer):
+        processor.prepare(batch)
+    assert older.items[0].skip_reason == "stale_version"  # k's version 5 is in flight
+    assert newer.items[0].pending  # 8 is newer than anything stored or in flight
+    for batch in (k, older, newer):
+        processor.embed(batch)
+        processor.store(batch)
+        processor.release(batch)
+    assert [r.event_version for _, r in store.backend.history if r.id == "a"] == [5, 8]
+
+
+def test_a_new_owner_never_writes_an_older_version_over_the_previous_owners() -> None:
+    """Partition 0 moves from worker A to worker B, which has written (to partition 1) before
+    it got partition 0: its Session horizon predates A's last write, so B must read Strong."""
+    milvus = FakeMilvus()
+    a_store, b_store = FakeStore(backend=milvus), FakeStore(backend=milvus)
+    a_owns, b_owns = Ownership(), Ownership()
+    a_owns.assign([PARTITION])
+    b_owns.assign([("ingest", 1)])
+    a = make_processor(FakeFetcher(), FakeEmbedder(), a_store, ownership=a_owns)
+    b = make_processor(FakeFetcher(), FakeEmbedder(), b_store, ownership=b_owns)
+    b.process([_at(0, "y", 1, InlineImage(data=png(5)), partition=1)])
+    a.process([_at(7, "x", 5, InlineImage(data=png(6)))])
+    a_owns.release([PARTITION])  # the rebalance: A lets go, then B is assigned partition 0
+    a.fence()
+    b_owns.assign([PARTITION])
+    result = b.process([_at(6, "x", 3, InlineImage(data=png(7)))])  # an older replay
+    assert result.items[0].skip_reason == "stale_version"
+    assert b_store.reads[-1] == "Strong"
+    assert milvus.rows_as_of(milvus.clock)["x"].event_version == 5
+
+
+def test_a_partition_given_back_forgets_what_was_written_before_it_left() -> None:
+    milvus = FakeMilvus()
+    a_store, b_store = FakeStore(backend=milvus), FakeStore(backend=milvus)
+    a_owns, b_owns = Ownership(), Ownership()
+    a_owns.assign([PARTITION])
+    a = make_processor(FakeFetcher(), FakeEmbedder(), a_store, ownership=a_owns)
+    b = make_processor(FakeFetcher(), FakeEmbedder(), b_store, ownership=b_owns)
+    a.process([_at(0, "x", 5, InlineImage(data=png(6)))])
+    a_owns.release([PARTITION])
+    b_owns.assign([PARTITION])
+    b.process([_at(1, "x", 7, InlineImage(data=png(8)))])  # B writes a newer version
+    b_owns.release([PARTITION])
+    a_owns.assign([PARTITION])  # ... and the partition comes back to A
+    result = a.process([_at(2, "x", 6, InlineImage(data=png(9)))])
+    assert result.items[0].skip_reason == "stale_version"  # A's memory of 5 is void
+    assert milvus.rows_as_of(milvus.clock)["x"].event_version == 7
+
+
+def test_rows_of_a_partition_revoked_mid_batch_are_not_written() -> None:
+    store = FakeStore()
+    ownership = Ownership()
+    ownership.assign([PARTITION, ("ingest", 1)])
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store, ownership=ownership)
+    batch = _batch(
+        processor,
+        ownership,
+        [
+            _at(0, "kept", 1, InlineImage(data=png(1))),
+            _at(0, "moved", 1, InlineImage(data=png(2)), partition=1),
+        ],
+    )
+    processor.prepare(batch)
+    processor.embed(batch)
+    ownership.release([("ingest", 1)])  # revoked while the batch was being embedded
+    processor.fence()
+    processor.store(batch)
+    assert [i.outcome for i in batch.items] == [Outcome.STORED, Outcome.UNFINISHED]
+    assert set(store.rows) == {"kept"}
+
+
+def test_a_cancelled_batch_writes_nothing() -> None:
+    store = FakeStore()
+    ownership = Ownership()
+    ownership.assign([PARTITION])
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store, ownership=ownership)
+    batch = _batch(processor, ownership, [_at(0, "a", 1, InlineImage(data=png(1)))])
+    processor.prepare(batch)
+    processor.embed(batch)
+    batch.cancelled.set()
+    with pytest.raises(BatchAbandonedError):
+        processor.store(batch)
+    processor.release(batch)
+    assert store.rows == {}
+
+
+def _batch(processor: BatchProcessor, ownership: Ownership, messages: list[Any]) -> Batch:
+    """A batch stamped as the consumer loop stamps it: each record with its assignment."""
+    records = []
+    for message in messages:
+        owner = ownership.current((message.topic(), message.partition()))
+        assert owner is not None
+        records.append((message, owner))
+    return processor.batch(records)
