@@ -11,6 +11,7 @@ loop is tested with fakes (``tests/unit/test_consumer.py``) as well as on the re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -494,6 +495,11 @@ class Worker:
         self._offsets.forget(keys)
         self.assigned.difference_update(keys)
         self.metrics.assigned.set(len(self.assigned))
+        for topic, partition in keys:
+            # The new owner reports this partition's lag now; a stale series here would make
+            # the group's summed lag wrong.
+            with contextlib.suppress(KeyError):  # KeyError: never reported by this member
+                self.metrics.lag.remove(topic, str(partition))
 
 
 def _partition(message: Message) -> tuple[str, int]:

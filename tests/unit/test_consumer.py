@@ -348,6 +348,23 @@ def test_records_of_a_revoked_partition_are_dropped_and_never_committed_again() 
     assert not any("(1," in line for line in log if line.startswith("commit"))
 
 
+def test_a_revoked_partition_no_longer_reports_lag() -> None:
+    partitions = {0: records(0, [0]), 1: records(1, [0, 1])}
+    worker, consumer, _sink, _log = make_worker(partitions, ScriptedProcessor())
+    for partition in (0, 1):
+        worker.metrics.lag.labels(TOPIC, str(partition)).set(7)  # as a lag update would
+    consumer.script[2] = ("on_revoke", [1])
+    worker.run()
+
+    def lag(partition: int) -> float | None:
+        return worker.metrics.registry.get_sample_value(
+            "trident_consumer_lag", {"topic": TOPIC, "partition": str(partition)}
+        )
+
+    assert lag(1) is None
+    assert lag(0) is not None
+
+
 def test_partitions_lost_during_a_pause_are_resumed_when_given_back() -> None:
     partitions = {0: records(0, [0, 1])}
     processor = ScriptedProcessor(outages=1)
