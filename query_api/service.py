@@ -45,7 +45,11 @@ logger = logging.getLogger(__name__)
 
 
 class SearchService:
-    """Similarity search by image bytes, image reference, vector or stored id."""
+    """Similarity search by image bytes, image reference, vector or stored id.
+
+    Each query method takes an optional ``timings`` (:class:`~query_api.timing.StageTimings`)
+    in which it records the stages it ran; the HTTP handlers pass one per request.
+    """
 
     def __init__(
         self,
@@ -100,7 +104,9 @@ class SearchService:
 
     # Embeddings -----------------------------------------------------------------------------
 
-    def embed_image(self, data: bytes, timings: StageTimings) -> npt.NDArray[np.float32]:
+    def embed_image(
+        self, data: bytes, timings: StageTimings | None = None
+    ) -> npt.NDArray[np.float32]:
         """The embedding of one encoded image.
 
         Raises:
@@ -108,6 +114,7 @@ class SearchService:
                 ``fetch.max_pixels``).
             InferenceUnavailableError: Triton is unavailable.
         """
+        timings = _untimed_if_none(timings)
         with timings.stage("decode"):
             pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
         with timings.stage("preprocess"):
@@ -116,13 +123,16 @@ class SearchService:
             embedding: npt.NDArray[np.float32] = self.embedder.embed(batch)[0]
         return embedding
 
-    def embed_reference(self, reference: str, timings: StageTimings) -> npt.NDArray[np.float32]:
+    def embed_reference(
+        self, reference: str, timings: StageTimings | None = None
+    ) -> npt.NDArray[np.float32]:
         """The embedding of the image at a path (under the allowed roots) or http(s) URL.
 
         Raises:
             ImageReferenceError: forbidden, malformed or missing reference.
             ImageContentError, InferenceUnavailableError, FetchUnavailableError.
         """
+        timings = _untimed_if_none(timings)
         with timings.stage("fetch"):
             data = self._fetcher.fetch(_reference(reference))
         return self.embed_image(data, timings)
@@ -136,7 +146,7 @@ class SearchService:
         )
 
     def vector_of(
-        self, item_id: str, collection: str | None, timings: StageTimings
+        self, item_id: str, collection: str | None, timings: StageTimings | None = None
     ) -> npt.NDArray[np.float32]:
         """The stored vector of ``item_id``.
 
@@ -144,6 +154,7 @@ class SearchService:
             UnknownCollectionError: no such collection.
             InvalidQueryError: (``unknown_id``) no such id.
         """
+        timings = _untimed_if_none(timings)
         with timings.stage("lookup"):
             rows = self.store.get([item_id], collection, with_vectors=True)
         if not rows:
@@ -152,7 +163,7 @@ class SearchService:
 
     # Search ---------------------------------------------------------------------------------
 
-    def query(self, request: SearchRequest, timings: StageTimings) -> list[SearchHit]:
+    def query(self, request: SearchRequest, timings: StageTimings | None = None) -> list[SearchHit]:
         """Answer a JSON search (by reference, vector or id), best first.
 
         Raises:
@@ -170,7 +181,7 @@ class SearchService:
         return self.search(request.vector, request, timings)
 
     def search_image(
-        self, data: bytes, options: SearchOptions, timings: StageTimings
+        self, data: bytes, options: SearchOptions, timings: StageTimings | None = None
     ) -> list[SearchHit]:
         """The hits of an encoded image (embedded as the workers embed what they store).
 
@@ -184,7 +195,7 @@ class SearchService:
         self,
         vector: npt.NDArray[np.float32] | Sequence[float],
         options: SearchOptions,
-        timings: StageTimings,
+        timings: StageTimings | None = None,
         *,
         exclude_id: str | None = None,
     ) -> list[SearchHit]:
@@ -193,6 +204,7 @@ class SearchService:
         Raises:
             UnknownCollectionError, InvalidQueryError, StoreUnavailableError.
         """
+        timings = _untimed_if_none(timings)
         with timings.stage("search"):
             return self._search(vector, options, exclude_id)
 
@@ -364,3 +376,8 @@ def _hit(hit: Hit, output_fields: Sequence[str]) -> SearchHit:
 
 def _unknown_id(item_id: str) -> InvalidQueryError:
     return InvalidQueryError(f"no item with id {item_id!r}", reason="unknown_id")
+
+
+def _untimed_if_none(timings: StageTimings | None) -> StageTimings:
+    # Callers outside a request (the earlier pipeline, scripts) need not time the stages.
+    return timings if timings is not None else StageTimings()
