@@ -510,8 +510,8 @@ class VectorStore:
         """
         if not records:
             return 0
-        name = self._existing(collection)
-        info = self.describe_collection(name)
+        info = self.describe_collection(collection or self._settings.collection)
+        name = info.name
         # Everything is packed before anything is sent: a row that cannot be packed fails the
         # call without writing any of it.
         requests = [
