@@ -101,7 +101,9 @@ def bench_settings(
     }
     if quick:
         values["preprocess"] = {"batch_sizes": [batch]}
-    values.update(sections)
+    for name, section in sections.items():
+        # Merged into the section above, so that e.g. the API's port keeps its rate limit off.
+        values[name] = {**values.get(name, {}), **section}
     return Settings(**values)
 
 

@@ -2,8 +2,10 @@
 
 All in one run, on the stack at the given addresses:
 
-1. **ceiling**: the embedding model alone, onnxruntime in-process on ready tensors, at the
-   workers' batch size: no decode, no transfer, no store. End to end cannot beat it.
+1. **ceiling**: the workers' embedding model alone, onnxruntime in-process on ready uint8
+   tensors, at the workers' batch size, on every core (the faster of one session with a thread
+   per core and one single-threaded session per core): no decode, no transfer, no store. End
+   to end cannot beat it.
 2. **naive**: one image at a time: read the file, decode, Pillow+numpy preprocess
    (``reference_pixels``), Triton batch 1 (``TritonEmbedder``), ``VectorStore.upsert`` of
    one row.
@@ -14,8 +16,10 @@ All in one run, on the stack at the given addresses:
    total (``VectorStore.count``, strong).
 4. **memory + search during ingest**: one worker ingests ``--memory-images`` images while the
    query API (``trident-api``) answers top-10 searches by vector in a loop; the worker's and
-   the API's RSS are sampled throughout. ``worker_rss_growth_ratio`` = RSS at the end / RSS
-   after the warm-up.
+   the API's RSS are sampled throughout. The warm-up is one batch (compiles, connections),
+   then ``WARM_FILL_BATCHES`` batches published at once, which run the pipeline at its full
+   depth. ``worker_rss_growth_ratio`` = RSS at the end / RSS after the warm-up; the RSS after
+   the first batch alone, and at each quarter of the run, are recorded beside it.
 
 From the repository root (the test stack's addresses shown)::
 
@@ -57,10 +61,13 @@ import benchlib
 from engine.images import decode_image
 from engine.inference import TritonEmbedder
 from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.model.spec import UINT8_MODEL_SPEC
 from engine.preprocess import reference_pixels
 from engine.settings import Settings
 from engine.store import VectorRecord
+
+# The memory run's warm-up after its first batch: this many batches published at once.
+WARM_FILL_BATCHES = 10
 
 
 def write_jpegs(folder: Path, count: int, seed: int) -> list[Path]:
@@ -73,26 +80,47 @@ def write_jpegs(folder: Path, count: int, seed: int) -> list[Path]:
 
 
 def ceiling(batch: int, rounds: int) -> float:
-    """Images/s of the model alone in-process on ready tensors (median of ``rounds``).
+    """Images/s of the workers' model alone in-process on ready tensors, the better of two ways
+    to run it on every core (median of ``rounds`` each).
 
-    One intra-op thread per CPU, set explicitly so that the ceiling does not depend on
-    onnxruntime's default (one per physical core; here the same, 2).
+    The model is the one the workers are served (the uint8-pixel graph, ``UINT8_MODEL_SPEC``)
+    on ready uint8 batches. It runs once as one session with an intra-op thread per CPU, and
+    once as one single-threaded session per CPU, each on its own batch at the same time (how
+    Triton runs it: ``ModelSpec.instance_count`` instances of ``intra_op_threads`` 1). The
+    higher figure is the ceiling: the conservative choice for the ratio.
     """
-    model = build_embedding_model(load_packaged_weights())
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    cpus = os.cpu_count() or 1
+    model = build_embedding_model(load_packaged_weights(), UINT8_MODEL_SPEC).SerializeToString()
     rng = np.random.default_rng(0)
-    tensors = rng.standard_normal((batch, *DEFAULT_MODEL_SPEC.input_dims), dtype=np.float32)
-    session.run(None, {DEFAULT_MODEL_SPEC.input_name: tensors})
-    times = []
-    for _ in range(rounds):
+    tensors = rng.integers(0, 256, (batch, *UINT8_MODEL_SPEC.input_dims), dtype=np.uint8)
+    feed = {UINT8_MODEL_SPEC.input_name: tensors}
+
+    def session(threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        made = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        made.run(None, feed)
+        return made
+
+    def timed_round(sessions: list[ort.InferenceSession]) -> float:
+        runs = [threading.Thread(target=s.run, args=(None, feed)) for s in sessions]
         began = time.perf_counter()
-        session.run(None, {DEFAULT_MODEL_SPEC.input_name: tensors})
-        times.append(time.perf_counter() - began)
-    return batch / statistics.median(times)
+        for run in runs:  # onnxruntime releases the GIL: the sessions run in parallel
+            run.start()
+        for run in runs:
+            run.join()
+        return len(sessions) * batch / (time.perf_counter() - began)
+
+    layouts = {
+        f"1 session x {cpus} threads": [session(cpus)],
+        f"{cpus} sessions x 1 thread": [session(1) for _ in range(cpus)],
+    }
+    rates = {
+        name: statistics.median(timed_round(sessions) for _ in range(rounds))
+        for name, sessions in layouts.items()
+    }
+    print("ceiling layouts: " + ", ".join(f"{n} {r:.1f} images/s" for n, r in rates.items()))
+    return max(rates.values())
 
 
 def wait_ready(embedder: TritonEmbedder, timeout: float = 120.0) -> None:
@@ -156,6 +184,18 @@ def ingest(
     return rates
 
 
+def rss_by_quarter(progress: list[tuple[int, int]], images: int) -> list[float]:
+    """Worker RSS (MiB) when a quarter, half, three quarters and all of ``images`` were stored
+    (the first sample at or past each mark): a leak climbs through them, a pool levels off."""
+    marks = []
+    for quarter in (1, 2, 3, 4):
+        at = next((rss for done, rss in progress if done >= images * quarter // 4), None)
+        if at is None and progress:
+            at = progress[-1][1]
+        marks.append(round((at or 0) / 2**20, 1))
+    return marks
+
+
 def memory_and_search(
     settings: Settings,
     folder: Path,
@@ -172,6 +212,7 @@ def memory_and_search(
     api = AppProcess.api(config, port, folder)
     headers = {"X-API-Key": api_key} if api_key else {}
     rss: dict[str, list[int]] = {"worker": [], "api": []}
+    progress: list[tuple[int, int]] = []  # (images stored since the warm-up, worker RSS)
     latencies: list[float] = []
     stop = threading.Event()
     rng = np.random.default_rng(3)
@@ -192,6 +233,14 @@ def memory_and_search(
             wait_http(f"http://127.0.0.1:{port}/health", api)
             publish_paths(settings, warmup, "warm")
             wait_stored(store, settings.milvus.collection, len(warmup), [worker], timeout=600)
+            rss_first_batch = worker.rss_bytes()
+            # One batch never has a second in flight: the pipeline's steady state (up to
+            # worker.pipeline_depth batches, and the allocator's pools sized for them) is
+            # reached only by a stream. Published at once, the fill keeps the pipeline full.
+            fill = [paths[n % len(paths)] for n in range(WARM_FILL_BATCHES * len(warmup))]
+            publish_paths(settings, fill, "fill")
+            warmed = len(warmup) + len(fill)
+            wait_stored(store, settings.milvus.collection, warmed, [worker], timeout=600)
             rss_after_warmup = worker.rss_bytes()
             searcher = threading.Thread(target=search_loop, daemon=True)
             publisher = threading.Thread(
@@ -199,16 +248,18 @@ def memory_and_search(
             )
             searcher.start()
             publisher.start()
-            target = len(warmup) + len(paths)
-            while store.count(settings.milvus.collection) < target:
+            target = warmed + len(paths)
+            while (stored := store.count(settings.milvus.collection)) < target:
                 worker.check_running()
                 rss["worker"].append(worker.rss_bytes())
+                progress.append((stored - warmed, rss["worker"][-1]))
                 rss["api"].append(api.rss_bytes())
                 time.sleep(1.0)
             stop.set()
             searcher.join(60)
             publisher.join(60)
             rss_end = worker.rss_bytes()
+            progress.append((len(paths), rss_end))
     finally:
         stop.set()
         store.drop_collection(settings.milvus.collection)
@@ -216,12 +267,16 @@ def memory_and_search(
     mib = 2**20
     return {
         "images": len(paths),
+        "warmup_images": warmed,
+        "worker_rss_first_batch_mib": round(rss_first_batch / mib, 1),
         "worker_rss_after_warmup_mib": round(rss_after_warmup / mib, 1),
+        "worker_rss_by_quarter_mib": rss_by_quarter(progress, len(paths)),
         "worker_rss_end_mib": round(rss_end / mib, 1),
         "worker_rss_max_mib": round(max(rss["worker"], default=0) / mib, 1),
         "api_rss_start_mib": round(rss["api"][0] / mib, 1) if rss["api"] else None,
         "api_rss_max_mib": round(max(rss["api"], default=0) / mib, 1),
         "worker_rss_growth_ratio": round(rss_end / max(rss_after_warmup, 1), 3),
+        "worker_rss_growth_from_first_batch": round(rss_end / max(rss_first_batch, 1), 3),
         "search_during_ingest_queries": len(latencies),
         "search_vector_p50_ms_during_ingest": round(benchlib.percentile(latencies, 50), 2),
         "search_vector_p99_ms_during_ingest": round(benchlib.percentile(latencies, 99), 2),
@@ -292,8 +347,11 @@ def main() -> int:
             api_key=args.api_key,
         )
         print(
-            f"memory over {mem['images']} images: worker RSS {mem['worker_rss_after_warmup_mib']}"
-            f" -> {mem['worker_rss_end_mib']} MiB (x{mem['worker_rss_growth_ratio']}), API max "
+            f"memory over {mem['images']} images: worker RSS {mem['worker_rss_first_batch_mib']}"
+            f" MiB after the first batch, {mem['worker_rss_after_warmup_mib']} after the warm-up"
+            f" ({mem['warmup_images']} images), by quarter {mem['worker_rss_by_quarter_mib']}"
+            f" -> {mem['worker_rss_end_mib']} MiB (x{mem['worker_rss_growth_ratio']}; "
+            f"x{mem['worker_rss_growth_from_first_batch']} from the first batch), API max "
             f"{mem['api_rss_max_mib']} MiB; search by vector during ingest p50 "
             f"{mem['search_vector_p50_ms_during_ingest']} ms, p99 "
             f"{mem['search_vector_p99_ms_during_ingest']} ms "

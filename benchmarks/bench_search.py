@@ -219,6 +219,51 @@ def timed(calls: list[Callable[[], Answer]]) -> tuple[list[float], list[Answer]]
     return latencies, answers
 
 
+class Workload(NamedTuple):
+    """The queries every index answers: vectors with their exact top-10, ids, JPEGs."""
+
+    queries: np.ndarray
+    exact: list[set[int]]
+    picked: np.ndarray
+    jpegs: list[bytes]
+
+
+def query_all(
+    post: Callable[..., Answer],
+    upload: Callable[[bytes, str], Answer],
+    name: str,
+    *,
+    work: Workload,
+    triton_url: str,
+    model: str,
+) -> dict[str, Any]:
+    """By vector (with recall@10), by id and by image on collection ``name``, sequentially."""
+    queries, exact, picked, jpegs = work
+    by_vector, answers = timed(
+        [partial(post, vector=q.tolist(), topk=TOP_K, collection_name=name) for q in queries]
+    )
+    found = [{int(h["id"][2:]) for h in a.hits} for a in answers]
+    recall = float(np.mean([len(f & e) / TOP_K for f, e in zip(found, exact, strict=True)]))
+    by_id, id_answers = timed(
+        [partial(post, id=f"v-{i:07d}", topk=TOP_K, collection_name=name) for i in picked]
+    )
+    triton_before = triton_totals(triton_url, model)
+    by_image, image_answers = timed([partial(upload, j, name) for j in jpegs])
+    triton = triton_per_request(triton_before, triton_totals(triton_url, model))
+    return {
+        "vector": summary(by_vector),
+        "id": summary(by_id),
+        "image": summary(by_image),
+        "recall_at_10": round(recall, 3),
+        "stages": {
+            "vector": stage_summary(by_vector, answers),
+            "id": stage_summary(by_id, id_answers),
+            "image": stage_summary(by_image, image_answers),
+        },
+        "triton_during_image": triton,
+    }
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": round(benchlib.percentile(values, q), 2) for q in (50, 95, 99)}
 
@@ -257,7 +302,7 @@ def main() -> int:
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     scores = queries @ vectors.T
     exact = [set(np.argsort(-row)[:TOP_K].tolist()) for row in scores]
-    jpegs = make_jpegs(args.image_queries, seed=5)
+    work = Workload(queries, exact, picked, make_jpegs(args.image_queries, seed=5))
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     figures: dict[str, dict[str, Any]] = {}
     main_index = "HNSW" if "HNSW" in args.indexes else args.indexes[0]
@@ -278,22 +323,6 @@ def main() -> int:
         api = AppProcess.api(write_settings(settings, folder / "api.yaml"), args.api_port, folder)
         try:
             with running([api]):
-                for kind, name in names.items():
-                    store.create_collection(
-                        name,
-                        index=index_spec(kind, args.count),
-                        model_tag=settings.triton.model_tag,
-                    )
-                    rate, rows_api_rate = fill(
-                        store, settings.milvus, name, vectors, args.upsert_batch
-                    )
-                    token = settings.milvus.token
-                    seconds = settle(args.milvus, token, name, args.count, timeout=1_800)
-                    figures[kind] = {
-                        "upsert_vectors_per_s": round(rate),
-                        "upsert_rows_api_vectors_per_s": round(rows_api_rate),
-                        "settle_s": round(seconds),
-                    }
                 wait_http(f"http://127.0.0.1:{args.api_port}/health", api)
                 base = f"http://127.0.0.1:{args.api_port}"
                 with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
@@ -312,51 +341,49 @@ def main() -> int:
                         response.raise_for_status()
                         return Answer(response.json(), stages_of(response))
 
+                    # One index at a time, each queried alone once Milvus is idle: with all
+                    # three loaded, the later ones' builds and compactions ran during the
+                    # earlier ones' queries and were what those measured.
                     for kind, name in names.items():
-                        by_vector, answers = timed(
-                            [
-                                partial(post, vector=q.tolist(), topk=TOP_K, collection_name=name)
-                                for q in queries
-                            ]
+                        store.create_collection(
+                            name,
+                            index=index_spec(kind, args.count),
+                            model_tag=settings.triton.model_tag,
                         )
-                        found = [{int(h["id"][2:]) for h in a.hits} for a in answers]
-                        recall = float(
-                            np.mean([len(f & e) / TOP_K for f, e in zip(found, exact, strict=True)])
+                        rate, rows_api_rate = fill(
+                            store, settings.milvus, name, vectors, args.upsert_batch
                         )
-                        by_id, id_answers = timed(
-                            [
-                                partial(post, id=f"v-{i:07d}", topk=TOP_K, collection_name=name)
-                                for i in picked
-                            ]
-                        )
-                        model = settings.triton.model_name
-                        triton_before = triton_totals(args.triton_grpc, model)
-                        by_image, image_answers = timed([partial(upload, j, name) for j in jpegs])
-                        triton = triton_per_request(
-                            triton_before, triton_totals(args.triton_grpc, model)
-                        )
-                        figures[kind].update(
-                            {
-                                "vector": summary(by_vector),
-                                "id": summary(by_id),
-                                "image": summary(by_image),
-                                "recall_at_10": round(recall, 3),
-                                "stages": {
-                                    "vector": stage_summary(by_vector, answers),
-                                    "id": stage_summary(by_id, id_answers),
-                                    "image": stage_summary(by_image, image_answers),
-                                },
-                                "triton_during_image": triton,
-                            }
-                        )
-                    if args.ingest_images:
-                        during = during_ingest(
-                            settings,
-                            folder,
-                            args.ingest_images,
-                            search=partial(post, topk=TOP_K, collection_name=names[main_index]),
-                            queries=queries,
-                        )
+                        token = settings.milvus.token
+                        seconds = settle(args.milvus, token, name, args.count, timeout=1_800)
+                        idle_after, idle_cores = benchlib.wait_idle("milvus")
+                        figures[kind] = {
+                            "upsert_vectors_per_s": round(rate),
+                            "upsert_rows_api_vectors_per_s": round(rows_api_rate),
+                            "settle_s": round(seconds),
+                            "milvus_idle_after_s": round(idle_after),
+                            "milvus_cores_when_idle": round(idle_cores, 3),
+                        }
+                        with benchlib.LoadSampler() as queried:
+                            figures[kind].update(
+                                query_all(
+                                    post,
+                                    upload,
+                                    name,
+                                    work=work,
+                                    triton_url=args.triton_grpc,
+                                    model=settings.triton.model_name,
+                                )
+                            )
+                        figures[kind]["load_while_queried"] = queried.summary()
+                        if kind == main_index and args.ingest_images:
+                            during = during_ingest(
+                                settings,
+                                folder,
+                                args.ingest_images,
+                                search=partial(post, topk=TOP_K, collection_name=name),
+                                queries=queries,
+                            )
+                        store.drop_collection(name)
         finally:
             for name in names.values():
                 if store.collection_exists(name):
@@ -370,6 +397,13 @@ def main() -> int:
         print(
             f"  {kind}: upsert {rate:,} vectors/s (rows API {base:,}: x{rate / base:.2f}), "
             f"recall@10 {recall}"
+        )
+        cores = f["load_while_queried"]["cpu_cores_by_role"]
+        print(
+            f"    indexed and served in {f['settle_s']} s, Milvus idle "
+            f"{f['milvus_idle_after_s']} s later; cores while queried: "
+            f"Milvus {cores.get('milvus', 0):.2f}, "
+            f"Triton {cores.get('triton', 0):.2f}, API {cores.get('query-api', 0):.2f}"
         )
         for what in ("vector", "id", "image"):
             s = f[what]

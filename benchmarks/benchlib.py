@@ -155,6 +155,38 @@ class LoadSampler:
         )
 
 
+def role_cores(role: str, seconds: float) -> float:
+    """Cores (1.0 = one core) that the processes of ``role`` used over the next ``seconds``."""
+
+    def used() -> float:
+        return sum(cpu for r, cpu in _safe_cpu().values() if r == role)
+
+    before = used()
+    time.sleep(seconds)
+    return (used() - before) / seconds
+
+
+def wait_idle(
+    role: str, *, below: float = 0.15, window: float = 5.0, timeout: float = 900.0
+) -> tuple[float, float]:
+    """Wait until ``role`` uses under ``below`` cores over a ``window``; return the seconds
+    waited and the last window's cores.
+
+    Milvus keeps building indexes and compacting segments for minutes after a bulk write:
+    queries timed during that background work measure it, not the search.
+
+    Raises:
+        TimeoutError: still busy after ``timeout`` seconds.
+    """
+    began = time.monotonic()
+    while True:
+        cores = role_cores(role, window)
+        if cores < below:
+            return time.monotonic() - began, cores
+        if time.monotonic() - began > timeout:
+            raise TimeoutError(f"{role} still used {cores:.2f} cores after {timeout:.0f} s")
+
+
 def _safe_cpu() -> dict[int, tuple[str, float]]:
     try:
         return _cpu_seconds()

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,9 +47,11 @@ class InferenceConfigurationError(ConfigurationError):
 class TritonEmbedder:
     """Embeds preprocessed image batches with a model served by Triton.
 
-    Batches larger than the model's ``max_batch_size`` are split; the result always has one
-    row per input row. Meant for one thread (the loop); a health probe uses an instance of its
-    own, so its failures never close the loop's client. Connecting is locked all the same.
+    A batch goes out in ``parallel_requests`` equal parts sent at once (none over the model's
+    ``max_batch_size``), so that each model instance runs one; the result always has one row
+    per input row, in order. Meant for one thread (the loop); a health probe uses an instance
+    of its own, so its failures never close the loop's client. Connecting is locked all the
+    same.
     """
 
     def __init__(self, settings: TritonSettings) -> None:
@@ -62,6 +67,7 @@ class TritonEmbedder:
                 else:
                     self._client = httpclient.InferenceServerClient(
                         url=self._settings.url,
+                        concurrency=self._settings.parallel_requests,
                         connection_timeout=self._settings.request_timeout_s,
                         network_timeout=self._settings.request_timeout_s,
                     )
@@ -111,13 +117,17 @@ class TritonEmbedder:
         if batch.shape[0] == 0:
             return np.zeros((0, 0), dtype=np.float32)
         batch = self._as_model_input(batch)
-        step = self._settings.max_batch_size
         names = (input_name or self._settings.input_name, output_name or self._settings.output_name)
-        parts = [
-            self._infer(batch[start : start + step], *names)
-            for start in range(0, batch.shape[0], step)
-        ]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts = [batch[rows] for rows in self._parts(batch.shape[0])]
+        if len(parts) == 1:
+            return self._infer(parts[0], *names)
+        return np.concatenate(self._infer_at_once(parts, *names))
+
+    def _parts(self, rows: int) -> list[slice]:
+        """Equal parts, one per parallel request, none over the model's ``max_batch_size``."""
+        s = self._settings
+        size = min(s.max_batch_size, -(-rows // s.parallel_requests))  # ceiling division
+        return [slice(start, start + size) for start in range(0, rows, size)]
 
     def _as_model_input(self, batch: ModelBatch) -> ModelBatch:
         fmt = self._settings.input_format
@@ -133,16 +143,19 @@ class TritonEmbedder:
             )
         return np.ascontiguousarray(batch, dtype=np.uint8 if fmt == "uint8_nhwc" else np.float32)
 
+    def _inputs(self, data: ModelBatch, input_name: str, output_name: str) -> tuple[Any, Any]:
+        module: Any = grpcclient if self._settings.protocol == "grpc" else httpclient
+        datatype = "UINT8" if data.dtype == np.uint8 else "FP32"
+        tensor = module.InferInput(input_name, list(data.shape), datatype)
+        tensor.set_data_from_numpy(data)
+        return tensor, module.InferRequestedOutput(output_name)
+
     def _infer(
         self, data: ModelBatch, input_name: str, output_name: str
     ) -> npt.NDArray[np.float32]:
         s = self._settings
-        module: Any = grpcclient if s.protocol == "grpc" else httpclient
-        datatype = "UINT8" if data.dtype == np.uint8 else "FP32"
-        tensor = module.InferInput(input_name, list(data.shape), datatype)
-        tensor.set_data_from_numpy(data)
-        output = module.InferRequestedOutput(output_name)
-        try:
+        tensor, output = self._inputs(data, input_name, output_name)
+        with self._unavailable_on_socket_errors():
             client = self._connect()
             if s.protocol == "grpc":
                 result = client.infer(
@@ -156,20 +169,63 @@ class TritonEmbedder:
                 result = client.infer(
                     s.model_name, [tensor], model_version=s.model_version, outputs=[output]
                 )
+        return self._embeddings(result, output_name, data.shape[0])
+
+    def _infer_at_once(
+        self, parts: list[ModelBatch], input_name: str, output_name: str
+    ) -> list[npt.NDArray[np.float32]]:
+        """Send every part before waiting for any: each of the model's instances runs one."""
+        s = self._settings
+        requests = [self._inputs(part, input_name, output_name) for part in parts]
+        with self._unavailable_on_socket_errors():
+            client = self._connect()
+            if s.protocol == "grpc":
+                results = _GrpcAnswers(len(parts), s.request_timeout_s)
+                for n, (tensor, output) in enumerate(requests):
+                    client.async_infer(
+                        s.model_name,
+                        [tensor],
+                        partial(results.answer, n),
+                        model_version=s.model_version,
+                        outputs=[output],
+                        client_timeout=s.request_timeout_s,
+                    )
+                answers = results.wait()
+            else:
+                pending = [
+                    client.async_infer(
+                        s.model_name, [tensor], model_version=s.model_version, outputs=[output]
+                    )
+                    for tensor, output in requests
+                ]
+                answers = [request.get_result(timeout=s.request_timeout_s) for request in pending]
+        return [
+            self._embeddings(answer, output_name, part.shape[0])
+            for answer, part in zip(answers, parts, strict=True)
+        ]
+
+    @contextmanager
+    def _unavailable_on_socket_errors(self) -> Iterator[None]:
+        """Translate what a request raises (see :meth:`_translate`)."""
+        try:
+            yield
         except InferenceServerException as exc:
             raise self._translate(exc) from exc
         except (OSError, TimeoutError) as exc:  # the HTTP client's socket errors
             self._drop_client()
             raise InferenceUnavailableError(
-                f"Triton at {s.url} unreachable: {exc!r}", stage=Stage.EMBED
+                f"Triton at {self._settings.url} unreachable: {exc!r}", stage=Stage.EMBED
             ) from exc
+
+    @staticmethod
+    def _embeddings(result: Any, output_name: str, rows: int) -> npt.NDArray[np.float32]:
         embeddings = result.as_numpy(output_name)
-        if embeddings is None or embeddings.shape[0] != data.shape[0]:
+        if embeddings is None or embeddings.shape[0] != rows:
             # Seen when the server's python backend runs with an incompatible numpy: a
             # server-side fault, so retry rather than store garbage.
             raise InferenceUnavailableError(
                 f"Triton returned {None if embeddings is None else embeddings.shape} "
-                f"for a batch of {data.shape[0]}",
+                f"for a batch of {rows}",
                 stage=Stage.EMBED,
             )
         return np.asarray(embeddings, dtype=np.float32)
@@ -190,3 +246,39 @@ class TritonEmbedder:
             self.close()
         except Exception as exc:
             logger.debug("closing Triton client failed: %s", exc)
+
+
+class _GrpcAnswers:
+    """Collects the callbacks of ``count`` gRPC ``async_infer`` calls (on gRPC's threads)."""
+
+    def __init__(self, count: int, timeout_s: float) -> None:
+        self._results: list[Any] = [None] * count
+        self._error: InferenceServerException | None = None
+        self._left = count
+        self._timeout_s = timeout_s
+        self._done = threading.Condition()
+
+    def answer(self, n: int, result: Any, error: InferenceServerException | None) -> None:
+        with self._done:
+            self._results[n] = result
+            self._error = self._error or error
+            self._left -= 1
+            self._done.notify_all()
+
+    def wait(self) -> list[Any]:
+        """Every answer, in order of the requests.
+
+        Raises:
+            InferenceServerException: a request failed (the first failure), or some answer
+                did not come within the timeout (each request has that timeout too).
+        """
+        with self._done:
+            # Each call times out on its own after timeout_s; the margin covers its callback.
+            if not self._done.wait_for(lambda: self._left == 0, self._timeout_s + 5.0):
+                raise InferenceServerException(
+                    f"no answer within {self._timeout_s:.0f}s",
+                    status="StatusCode.DEADLINE_EXCEEDED",
+                )
+            if self._error is not None:
+                raise self._error
+            return self._results

@@ -76,6 +76,14 @@ class TritonSettings(_Section):
     model_tag: str = Field(DEFAULT_MODEL_SPEC.model_version_tag, description="Stored with vectors.")
     request_timeout_s: float = 30.0
     ready_timeout_s: float = 120.0
+    # A batch goes out as up to this many requests at once, so that each of the model's
+    # instances (ModelSpec.instance_count) runs a part: docs/PERFORMANCE.md, "Triton tuning".
+    parallel_requests: int = Field(
+        DEFAULT_MODEL_SPEC.instance_count,
+        ge=1,
+        le=64,
+        description="Requests one batch is split into, sent at once (one per model instance).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -78,6 +78,8 @@ class VersionGuard:
         self._lock = threading.Lock()
         self._written: OrderedDict[_Key, tuple[StoredVersion, Owner]] = OrderedDict()
         self._claims: dict[_Key, dict[int, tuple[int, Owner]]] = {}
+        # The keys each batch claimed, so that releasing a batch touches only its own claims.
+        self._claimed_by: dict[int, list[_Key]] = {}
         # Per collection: when the latest successful write of this worker began (clock time).
         self._write_began: dict[str, float] = {}
 
@@ -119,8 +121,9 @@ class VersionGuard:
                     stored=None if in_flight else newest_stored,
                 )
                 if not known[candidate.id].stale(candidate.version):
-                    claims = self._claims.setdefault((collection, candidate.id), {})
-                    claims[batch] = (candidate.version, candidate.owner)
+                    key = (collection, candidate.id)
+                    self._claims.setdefault(key, {})[batch] = (candidate.version, candidate.owner)
+                    self._claimed_by.setdefault(batch, []).append(key)
             return known
 
     def wrote(
@@ -140,9 +143,11 @@ class VersionGuard:
     def release(self, batch: int) -> None:
         """The batch left the pipeline (written, failed or abandoned): drop its claims."""
         with self._lock:
-            for key in [k for k, claims in self._claims.items() if batch in claims]:
-                claims = self._claims[key]
-                del claims[batch]
+            for key in self._claimed_by.pop(batch, ()):
+                claims = self._claims.get(key)
+                if claims is None:  # listed twice: the batch screened the id again
+                    continue
+                claims.pop(batch, None)
                 if not claims:
                     del self._claims[key]
 

@@ -65,12 +65,12 @@ class ModelSpec(BaseModel):
     max_batch_size: int = Field(64, ge=1)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     max_queue_delay_microseconds: int = Field(2000, ge=0)
-    instance_count: int = Field(1, ge=1)
+    instance_count: int = Field(2, ge=1)
     # Only the native onnxruntime backend can use a GPU; the python backend always runs on CPU.
     onnxruntime_instance_kind: InstanceKind = "KIND_AUTO"
     # 0 lets onnxruntime choose (one thread per physical core). No inter-op threads: the
     # graph is one chain, run sequentially (onnxruntime's default), which ignores them.
-    intra_op_threads: int = Field(0, ge=0)
+    intra_op_threads: int = Field(1, ge=0)
     # onnxruntime's pool threads spin-wait for work after each run; on 2 shared cores that
     # holds the CPU everything else needs (batch 1 took 3-4x longer with it on). Python backend
     # only: Triton's onnxruntime backend has no model parameter for it.

@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from PIL import Image
 
 from devstack.samples import skimage_images
 from devstack.stack import LocalStack
+from engine.errors import InferenceUnavailableError
 from engine.inference import InferenceConfigurationError, TritonEmbedder
 from engine.model.spec import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC
 from engine.preprocess import JaxPreprocessor
@@ -47,3 +50,55 @@ def test_the_uint8_model_matches_the_float32_path(
     assert got.shape == (len(photos), DEFAULT_MODEL_SPEC.output_dim)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
     assert np.sum(got * expected, axis=1).min() >= 0.999
+
+
+def _requests_served(url: str, protocol: str, model: str) -> int:
+    """Requests Triton has answered for ``model`` (each part of a split batch is one)."""
+    module = grpcclient if protocol == "grpc" else httpclient
+    client = module.InferenceServerClient(url=url)
+    try:
+        stats = client.get_inference_statistics(model)
+        if protocol == "grpc":
+            return int(stats.model_stats[0].inference_stats.success.count)
+        return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_batch_split_into_parallel_requests_comes_back_whole_and_in_order(
+    stack: LocalStack, photos: list[npt.NDArray[np.uint8]], protocol: str
+) -> None:
+    url = stack.config.triton_grpc_url if protocol == "grpc" else stack.config.triton_url
+    pixels = JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
+    whole = TritonSettings(url=url, protocol=protocol, parallel_requests=1)
+    with TritonEmbedder(whole) as embedder:
+        expected = embedder.embed(pixels)
+    for parallel in (2, 3, 5):
+        settings = TritonSettings(url=url, protocol=protocol, parallel_requests=parallel)
+        before = _requests_served(url, protocol, settings.model_name)
+        with TritonEmbedder(settings) as embedder:
+            got = embedder.embed(pixels)
+        # One request per part of ceil(rows / parallel) rows: 12 rows go as 2, 3 and 4 requests.
+        sent = _requests_served(url, protocol, settings.model_name) - before
+        assert sent == -(-len(photos) // -(-len(photos) // parallel)), parallel
+        assert got.shape == expected.shape
+        # Row i is still image i's vector: a mix-up of parts would pair it with another image.
+        assert np.sum(got * expected, axis=1).min() >= 0.9999, parallel
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_parallel_requests_to_a_model_not_served_fail_as_unavailable(
+    stack: LocalStack, photos: list[npt.NDArray[np.uint8]], protocol: str
+) -> None:
+    url = stack.config.triton_grpc_url if protocol == "grpc" else stack.config.triton_url
+    pixels = JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
+    settings = TritonSettings(
+        url=url,
+        protocol=protocol,
+        model_name="not_served_here",
+        input_format="uint8_nhwc",
+        parallel_requests=2,
+    )
+    with TritonEmbedder(settings) as embedder, pytest.raises(InferenceUnavailableError):
+        embedder.embed(pixels)
