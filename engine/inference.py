@@ -47,11 +47,11 @@ class InferenceConfigurationError(ConfigurationError):
 class TritonEmbedder:
     """Embeds preprocessed image batches with a model served by Triton.
 
-    A batch goes out in ``parallel_requests`` equal parts sent at once (none over the model's
-    ``max_batch_size``), so that each model instance runs one; the result always has one row
-    per input row, in order. Meant for one thread (the loop); a health probe uses an instance
-    of its own, so its failures never close the loop's client. Connecting is locked all the
-    same.
+    A batch goes out in ``parallel_requests`` equal parts sent at once (more parts when one
+    would exceed the model's ``max_batch_size``), so that each model instance runs one; the
+    result always has one row per input row, in order. Meant for one thread (the loop); a
+    health probe uses an instance of its own, so its failures never close the loop's client.
+    Connecting is locked all the same.
     """
 
     def __init__(self, settings: TritonSettings) -> None:

@@ -76,8 +76,9 @@ class TritonSettings(_Section):
     model_tag: str = Field(DEFAULT_MODEL_SPEC.model_version_tag, description="Stored with vectors.")
     request_timeout_s: float = 30.0
     ready_timeout_s: float = 120.0
-    # A batch goes out as up to this many requests at once, so that each of the model's
-    # instances (ModelSpec.instance_count) runs a part: docs/PERFORMANCE.md, "Triton tuning".
+    # A batch goes out as this many equal requests at once (more if a part would exceed
+    # max_batch_size), so that each of the model's instances (ModelSpec.instance_count) runs
+    # a part: docs/PERFORMANCE.md, "Triton tuning".
     parallel_requests: int = Field(
         DEFAULT_MODEL_SPEC.instance_count,
         ge=1,

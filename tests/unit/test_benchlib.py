@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import benchlib  # after the path insert: the scripts' folder is not a package
+import bench_e2e  # after the path insert: the scripts' folder is not a package
+
+import benchlib
 
 
 def test_record_merges_sections_and_headlines(tmp_path: Path) -> None:
@@ -57,3 +60,32 @@ def test_sampler_counts_this_process_cpu() -> None:
     summary = sampler.summary()
     assert summary["cpu_cores_by_role"]["benchmark"] > 0
     assert summary["load_avg_mean"] is not None
+
+
+def test_wait_idle_returns_once_a_role_is_quiet_and_times_out_while_it_is_busy() -> None:
+    # No process of this made-up role: idle at the first window.
+    waited, cores = benchlib.wait_idle("no-such-role", window=0.1, timeout=5)
+    assert cores == 0 and waited < 1
+
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            pass
+
+    burner = threading.Thread(target=burn)
+    burner.start()
+    try:  # this process is the "benchmark" role, and it is busy
+        with pytest.raises(TimeoutError):
+            benchlib.wait_idle("benchmark", below=0.05, window=0.2, timeout=0.5)
+    finally:
+        stop.set()
+        burner.join()
+
+
+def test_rss_is_read_at_each_quarter_of_the_run() -> None:
+    mib = 2**20
+    progress = [(0, 100 * mib), (30, 110 * mib), (55, 120 * mib), (80, 130 * mib), (100, 140 * mib)]
+    assert bench_e2e.rss_by_quarter(progress, 100) == [110.0, 120.0, 130.0, 140.0]
+    # A run cut short reads its last sample for the quarters it never reached.
+    assert bench_e2e.rss_by_quarter(progress[:3], 100) == [110.0, 120.0, 120.0, 120.0]
