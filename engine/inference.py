@@ -155,7 +155,7 @@ class TritonEmbedder:
     ) -> npt.NDArray[np.float32]:
         s = self._settings
         tensor, output = self._inputs(data, input_name, output_name)
-        with self._unavailable_on_socket_errors():
+        with self._translated_errors():
             client = self._connect()
             if s.protocol == "grpc":
                 result = client.infer(
@@ -177,7 +177,7 @@ class TritonEmbedder:
         """Send every part before waiting for any: each of the model's instances runs one."""
         s = self._settings
         requests = [self._inputs(part, input_name, output_name) for part in parts]
-        with self._unavailable_on_socket_errors():
+        with self._translated_errors():
             client = self._connect()
             if s.protocol == "grpc":
                 results = _GrpcAnswers(len(parts), s.request_timeout_s)
@@ -205,8 +205,8 @@ class TritonEmbedder:
         ]
 
     @contextmanager
-    def _unavailable_on_socket_errors(self) -> Iterator[None]:
-        """Translate what a request raises (see :meth:`_translate`)."""
+    def _translated_errors(self) -> Iterator[None]:
+        """Triton's errors and the HTTP client's socket errors as ours (see :meth:`_translate`)."""
         try:
             yield
         except InferenceServerException as exc:
