@@ -58,10 +58,11 @@ class ModelSpec(BaseModel):
     output_name: str = Field("embedding", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     output_dim: int = Field(1280, ge=1)
     output_dtype: Literal["FP32"] = "FP32"
-    # Runtime settings below: docs/PERFORMANCE.md, "Triton tuning" (bench_triton.py on the
-    # project's 2-core machine). Measured there: spinning off; threads and instances as they
-    # were (0 = one per core measured like an explicit 2, and stays right on bigger hosts).
-    # Batching was not re-measured (the benchmark has one client at a time).
+    # Runtime settings below: docs/PERFORMANCE.md, "Triton tuning" (measured on the project's
+    # 2-core machine): spinning off; one single-threaded instance per core, which keeps its
+    # speed when other work takes part of a core (one instance with 2 threads does not). The
+    # workers' triton.parallel_requests splits each batch over the instances. A 16-row half
+    # batch is a preferred size, so the two halves are not merged back into one execution.
     max_batch_size: int = Field(64, ge=1)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     max_queue_delay_microseconds: int = Field(2000, ge=0)
@@ -70,6 +71,7 @@ class ModelSpec(BaseModel):
     onnxruntime_instance_kind: InstanceKind = "KIND_AUTO"
     # 0 lets onnxruntime choose (one thread per physical core). No inter-op threads: the
     # graph is one chain, run sequentially (onnxruntime's default), which ignores them.
+    # Hosts with more cores: one instance per core (instance_count), each with 1 thread.
     intra_op_threads: int = Field(1, ge=0)
     # onnxruntime's pool threads spin-wait for work after each run; on 2 shared cores that
     # holds the CPU everything else needs (batch 1 took 3-4x longer with it on). Python backend

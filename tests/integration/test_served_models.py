@@ -30,12 +30,24 @@ def photos() -> list[npt.NDArray[np.uint8]]:
     return images
 
 
+@pytest.fixture(scope="module")
+def pixels(photos: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
+    """The photos as the uint8 model takes them."""
+    return JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
+
+
+def _url(stack: LocalStack, protocol: str) -> str:
+    return stack.config.triton_grpc_url if protocol == "grpc" else stack.config.triton_url
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_the_uint8_model_matches_the_float32_path(
-    stack: LocalStack, photos: list[npt.NDArray[np.uint8]], protocol: str
+    stack: LocalStack,
+    photos: list[npt.NDArray[np.uint8]],
+    pixels: npt.NDArray[np.uint8],
+    protocol: str,
 ) -> None:
-    url = stack.config.triton_grpc_url if protocol == "grpc" else stack.config.triton_url
-    pixels = JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
+    url = _url(stack, protocol)
     normalised = JaxPreprocessor(batch_sizes=(16,)).preprocess(photos)
     uint8 = TritonSettings(url=url, protocol=protocol)
     float32 = TritonSettings(url=url, protocol=protocol, model_name=DEFAULT_MODEL_SPEC.name)
@@ -67,10 +79,12 @@ def _requests_served(url: str, protocol: str, model: str) -> int:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_batch_split_into_parallel_requests_comes_back_whole_and_in_order(
-    stack: LocalStack, photos: list[npt.NDArray[np.uint8]], protocol: str
+    stack: LocalStack,
+    photos: list[npt.NDArray[np.uint8]],
+    pixels: npt.NDArray[np.uint8],
+    protocol: str,
 ) -> None:
-    url = stack.config.triton_grpc_url if protocol == "grpc" else stack.config.triton_url
-    pixels = JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
+    url = _url(stack, protocol)
     whole = TritonSettings(url=url, protocol=protocol, parallel_requests=1)
     with TritonEmbedder(whole) as embedder:
         expected = embedder.embed(pixels)
@@ -89,12 +103,10 @@ def test_a_batch_split_into_parallel_requests_comes_back_whole_and_in_order(
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_parallel_requests_to_a_model_not_served_fail_as_unavailable(
-    stack: LocalStack, photos: list[npt.NDArray[np.uint8]], protocol: str
+    stack: LocalStack, pixels: npt.NDArray[np.uint8], protocol: str
 ) -> None:
-    url = stack.config.triton_grpc_url if protocol == "grpc" else stack.config.triton_url
-    pixels = JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
     settings = TritonSettings(
-        url=url,
+        url=_url(stack, protocol),
         protocol=protocol,
         model_name="not_served_here",
         input_format="uint8_nhwc",
