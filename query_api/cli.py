@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=api.port,
         log_config=None,
         access_log=False,
+        # "auto" takes httptools and uvloop, which the distribution installs where they exist.
+        http="auto",
+        loop="auto",
     )
     return 0
 

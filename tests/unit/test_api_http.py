@@ -1,5 +1,6 @@
 """The HTTP layer alone, on fake services: error statuses, upload dispatch, content types,
-stage timings (``Server-Timing`` and the stage histogram), the heap frozen on request."""
+stage timings (``Server-Timing`` and the stage histogram), the heap frozen on request, the
+server's HTTP parser and event loop."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import uvicorn
 from litestar.testing import TestClient
 
+import query_api.cli
 from engine.errors import (
     ConfigurationError,
     ImageContentError,
@@ -205,3 +208,21 @@ def test_the_heap_is_frozen_once_started_only_when_asked(fake: FakeService, free
             assert (gc.get_freeze_count() > 0) == freeze
     finally:
         gc.unfreeze()
+
+
+def test_trident_api_serves_with_the_c_http_parser_and_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    assert query_api.cli.main(["--port", "18999"]) == 0
+    config = uvicorn.Config(**served)
+    config.load()
+    loop_factory = config.get_loop_factory()
+    assert loop_factory is not None
+    loop = loop_factory()
+    try:
+        assert type(loop).__module__.startswith("uvloop")
+    finally:
+        loop.close()
+    assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.httptools_impl"
