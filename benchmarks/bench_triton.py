@@ -202,11 +202,12 @@ def batches_for(rows: int, rng: np.random.Generator) -> dict[str, Batch]:
 
 
 def in_process(onnx_path: Path, spec: ModelSpec) -> Infer:
-    """onnxruntime on the served model file, one thread per CPU (not one per physical core)."""
+    """onnxruntime on the served model file with the threads of one served instance (the
+    spec's ``intra_op_threads``; 0 is one per CPU): each request runs on one instance."""
     import onnxruntime as ort  # noqa: PLC0415 (optional baseline only)
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = spec.intra_op_threads or os.cpu_count() or 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def infer(batch: Batch) -> Batch:

@@ -120,6 +120,7 @@ class TritonEmbedder:
         names = (input_name or self._settings.input_name, output_name or self._settings.output_name)
         parts = [batch[rows] for rows in self._parts(batch.shape[0])]
         if len(parts) == 1:
+            # A blocking call: no hand-off to gRPC's callback thread on the API's batch-1 path.
             return self._infer(parts[0], *names)
         return np.concatenate(self._infer_at_once(parts, *names))
 
