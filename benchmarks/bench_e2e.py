@@ -42,14 +42,13 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
-import orjson
 from apps import (
-    JSON,
     AppProcess,
     add_stack_arguments,
     bench_settings,
     make_large_jpegs,
     milvus_token,
+    post_json,
     prepare,
     publish_paths,
     running,
@@ -225,9 +224,7 @@ def memory_and_search(
                 vector = rng.standard_normal(settings.milvus.dimension).astype(np.float32)
                 body = {"vector": (vector / np.linalg.norm(vector)).tolist(), "topk": 10}
                 began = time.perf_counter()
-                response = client.post(
-                    "/search", content=orjson.dumps(body), headers=JSON, timeout=30
-                )
+                response = post_json(client, "/search", body, timeout=30)
                 latencies.append((time.perf_counter() - began) * 1000)
                 response.raise_for_status()
                 time.sleep(0.05)  # a steady trickle of queries, not a load test

@@ -39,14 +39,13 @@ from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
-import orjson
 import tritonclient.grpc as grpcclient
 from apps import (
-    JSON,
     AppProcess,
     add_stack_arguments,
     bench_settings,
     milvus_token,
+    post_json,
     prepare,
     publish_paths,
     running,
@@ -341,7 +340,7 @@ def main() -> int:
                 with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
 
                     def post(**body: Any) -> Answer:
-                        response = http.post("/search", content=orjson.dumps(body), headers=JSON)
+                        response = post_json(http, "/search", body)
                         response.raise_for_status()
                         return Answer(response.json(), stages_of(response))
 
