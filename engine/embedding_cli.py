@@ -18,17 +18,19 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.cli_support import configure_logging
-from engine.config import ServiceConfig
 from engine.errors import ConfigurationError, PermanentError, RetriableError, TridentError
 from engine.kafka import broker_reachable
-from engine.pipeline import ImageEmbeddingPipeline
+
+if TYPE_CHECKING:
+    from engine.config import ServiceConfig
+    from engine.pipeline import ImageEmbeddingPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    # Imported for a command only: the config and the pipeline load JAX, pymilvus and
+    # tritonclient (~3 s here), which --help and usage errors do not need.
+    from engine.config import ServiceConfig  # noqa: PLC0415
+
     try:
         # Either side of the command may carry these; unset ones are absent (SUPPRESS).
         path, level = getattr(args, "config", None), getattr(args, "log_level", None)
@@ -68,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _embed(args: argparse.Namespace, config: ServiceConfig) -> int:
     with (
-        ImageEmbeddingPipeline(config) as pipeline,
+        _pipeline(config) as pipeline,
         _progress(args, config, "embedding") as advance,
     ):
         embeddings = pipeline.embed_images(args.files, args.batch_size, progress=advance)
@@ -83,7 +89,7 @@ def _embed(args: argparse.Namespace, config: ServiceConfig) -> int:
 
 def _insert(args: argparse.Namespace, config: ServiceConfig) -> int:
     metadata = _metadata(args.metadata)
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         collection = args.collection or config.milvus.collection_name
         if args.create_collection and pipeline.create_collection(collection):
             print(f"created collection {collection}")
@@ -96,7 +102,7 @@ def _insert(args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 def _search(args: argparse.Namespace, config: ServiceConfig) -> int:
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         results = pipeline.search_images(args.file, args.topk, args.collection, args.filter)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -109,27 +115,27 @@ def _search(args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 def _collection_list(_args: argparse.Namespace, config: ServiceConfig) -> int:
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         for name in pipeline.list_collections():
             print(name)
     return EXIT_OK
 
 
 def _collection_create(args: argparse.Namespace, config: ServiceConfig) -> int:
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         created = pipeline.create_collection(args.name, args.dim, args.description)
     print(f"{'created' if created else 'already exists:'} collection {args.name}")
     return EXIT_OK
 
 
 def _collection_stats(args: argparse.Namespace, config: ServiceConfig) -> int:
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         print(json.dumps(pipeline.get_collection_stats(args.name), indent=2))
     return EXIT_OK
 
 
 def _collection_delete(args: argparse.Namespace, config: ServiceConfig) -> int:
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         pipeline.delete_collection(args.name)
     print(f"deleted collection {args.name}")
     return EXIT_OK
@@ -139,7 +145,7 @@ def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
     config = config.model_copy(deep=True)
     # A service that is down should say so in seconds, not after a whole request timeout.
     config.triton.timeout = config.milvus.timeout = PROBE_TIMEOUT_S
-    with ImageEmbeddingPipeline(config) as pipeline:
+    with _pipeline(config) as pipeline:
         kafka_up = broker_reachable(pipeline.settings.kafka, timeout_s=PROBE_TIMEOUT_S)
         states = {"kafka": kafka_up, **pipeline.health_check()}
     addresses = {
@@ -154,6 +160,12 @@ def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 # Helpers ----------------------------------------------------------------------------------------
+
+
+def _pipeline(config: ServiceConfig) -> ImageEmbeddingPipeline:
+    from engine.pipeline import ImageEmbeddingPipeline  # noqa: PLC0415 (see main)
+
+    return ImageEmbeddingPipeline(config)
 
 
 def _metadata(text: str | None) -> list[dict[str, Any]] | dict[str, Any] | None:

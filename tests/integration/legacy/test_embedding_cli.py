@@ -191,6 +191,24 @@ def test_the_console_script_is_installed_with_help_everywhere() -> None:
         assert "--config" in done.stdout
 
 
+def test_help_and_usage_errors_answer_without_loading_the_engine() -> None:
+    # --help is asked often; JAX, pymilvus and tritonclient take seconds to import.
+    probe = (
+        "import sys\n"
+        "from engine.embedding_cli import main\n"
+        "for argv in (['search', '--help'], ['insert']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('jax', 'pymilvus', 'tritonclient') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
 def test_python_m_query_api_serves_the_api(settings: Settings, stack: LocalStack) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
