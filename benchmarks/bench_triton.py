@@ -202,12 +202,13 @@ def batches_for(rows: int, rng: np.random.Generator) -> dict[str, Batch]:
 
 
 def in_process(onnx_path: Path, spec: ModelSpec) -> Infer:
-    """onnxruntime on the served model file with the threads of one served instance (the
-    spec's ``intra_op_threads``; 0 is one per CPU): each request runs on one instance."""
+    """onnxruntime on the served model file with the threads of one served instance: each
+    request runs on one instance. The spec's ``intra_op_threads`` is passed as the served
+    ``model.py`` passes it (0: onnxruntime's default, one per physical core)."""
     import onnxruntime as ort  # noqa: PLC0415 (optional baseline only)
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = spec.intra_op_threads or os.cpu_count() or 1
+    options.intra_op_num_threads = spec.intra_op_threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def infer(batch: Batch) -> Batch:
