@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any
 
+import gevent
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
@@ -199,7 +200,10 @@ class TritonEmbedder:
                     )
                     for tensor, output in requests
                 ]
-                answers = [request.get_result(timeout=s.request_timeout_s) for request in pending]
+                try:
+                    answers = [req.get_result(timeout=s.request_timeout_s) for req in pending]
+                finally:
+                    _settle_http_requests(pending, s.request_timeout_s)
         return [
             self._embeddings(answer, output_name, part.shape[0])
             for answer, part in zip(answers, parts, strict=True)
@@ -247,6 +251,20 @@ class TritonEmbedder:
             self.close()
         except Exception as exc:
             logger.debug("closing Triton client failed: %s", exc)
+
+
+def _settle_http_requests(pending: list[Any], timeout_s: float) -> None:
+    """Wait until every HTTP request has finished and left the client's greenlet pool.
+
+    tritonclient's HTTP client runs ``async_infer`` requests as greenlets on the calling
+    thread's gevent hub, and its ``close()`` joins that pool. A request still running (another
+    part failed first) or finished but not yet released (its hub has not run since) would make
+    a ``close()`` from another thread, e.g. a shutdown, fail with gevent's ``LoopExit``.
+    """
+    for request in pending:
+        with suppress(Exception):  # the caller already has the first failure
+            request.get_result(timeout=timeout_s)
+    gevent.sleep(0)  # one turn of this thread's hub runs the pool's release callbacks
 
 
 class _GrpcAnswers:

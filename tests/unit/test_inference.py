@@ -1,5 +1,6 @@
-"""TritonEmbedder's parallel parts against a fake gRPC client: every part is sent before any
-answer, rows come back in order, and a failed part fails the batch as Triton's error would."""
+"""TritonEmbedder's parallel parts against fake clients: every part is sent before any answer,
+rows come back in order, a failed part fails the batch as Triton's error would, and an HTTP
+client used on one thread can be closed from another (as the worker's shutdown does)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import gevent
+import gevent.pool
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -107,3 +110,60 @@ def test_one_failed_part_fails_the_batch_as_retriable() -> None:
     client = FakeGrpcClient(fail_part=1)
     with pytest.raises(InferenceUnavailableError, match="overloaded"):
         embedder_with(client, 2).embed(numbered(32))
+
+
+class _HttpRequest:
+    def __init__(self, greenlet: Any) -> None:
+        self._greenlet = greenlet
+
+    def get_result(self, timeout: float | None = None) -> Any:
+        try:
+            return self._greenlet.get(timeout=timeout)
+        except gevent.Timeout as exc:
+            raise InferenceServerException("timed out") from exc
+
+
+class FakeHttpClient:
+    """tritonclient.http's shape: ``async_infer`` runs each request as a greenlet in a pool on
+    the calling thread's gevent hub, and ``close`` joins that pool. Part 0 is refused at once,
+    the others answer 0.2 s later."""
+
+    def __init__(self) -> None:
+        self._pool = gevent.pool.Pool(4)
+        self._parts = 0
+
+    def async_infer(self, model: str, inputs: list[Any], **kwargs: Any) -> _HttpRequest:
+        part, self._parts = self._parts, self._parts + 1
+
+        def answer() -> _Answer:
+            if part == 0:
+                raise InferenceServerException("bad input", status="400")
+            gevent.sleep(0.2)
+            return _Answer(np.zeros((1, 1), np.float32))
+
+        return _HttpRequest(self._pool.apply_async(answer))
+
+    def close(self) -> None:
+        self._pool.join()
+
+
+def test_an_http_client_used_on_one_thread_closes_from_another() -> None:
+    embedder = TritonEmbedder(TritonSettings(protocol="http", parallel_requests=2))
+    client = FakeHttpClient()
+    embedder._client = client
+    errors: list[Exception] = []
+
+    def embed() -> None:
+        try:
+            embedder.embed(numbered(2))
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=embed)
+    thread.start()
+    thread.join()
+    assert [type(e).__name__ for e in errors] == ["InferenceConfigurationError"]
+    # The slow part was waited for and released on its own thread's hub: without that, this
+    # close would wait on this thread's hub for a greenlet that only the other one can run.
+    assert len(client._pool) == 0
+    embedder.close()
