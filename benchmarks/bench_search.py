@@ -185,9 +185,9 @@ def during_ingest(
     folder: Path,
     images: int,
     *,
-    search: Callable[..., Any],
+    search: Callable[..., Answer],
     queries: np.ndarray,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Search by vector in a loop while one worker ingests ``images`` JPEGs elsewhere.
 
     The worker writes its own collection on the same Milvus: the contention measured is for
@@ -200,6 +200,7 @@ def during_ingest(
     store = prepare(settings)
     worker = AppProcess.worker(write_settings(settings, folder / "ingest.yaml"), "bench-i", folder)
     latencies: list[float] = []
+    answers: list[Answer] = []
     try:
         with running([worker]):
             publisher = threading.Thread(target=publish_paths, args=(settings, paths, "i"))
@@ -209,14 +210,15 @@ def during_ingest(
                 worker.check_running()
                 for query in queries[n % len(queries) :][:20]:
                     began = time.perf_counter()
-                    search(vector=query.tolist())
+                    answers.append(search(vector=query.tolist()))
                     latencies.append((time.perf_counter() - began) * 1000)
                 n += 20
             publisher.join(60)
     finally:
         store.drop_collection(settings.milvus.collection)
         store.close()
-    return {"images": images, **summary(latencies)}
+    # The stages say whether a slow answer waited in Milvus or in the API's process.
+    return {"images": images, **summary(latencies), "stages": stage_summary(latencies, answers)}
 
 
 def timed(calls: list[Callable[[], Answer]]) -> tuple[list[float], list[Answer]]:
@@ -288,6 +290,14 @@ def summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
+def print_stages(stages: dict[str, dict[str, float]]) -> None:
+    for stage, t in stages.items():
+        print(
+            f"      {stage:<10} p50 {t['p50_ms']:7.1f}  p95 {t['p95_ms']:7.1f}  "
+            f"p99 {t['p99_ms']:7.1f} ms"
+        )
+
+
 def main() -> int:
     """Run, print, record; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -318,7 +328,7 @@ def main() -> int:
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     figures: dict[str, dict[str, Any]] = {}
     main_index = "HNSW" if "HNSW" in args.indexes else args.indexes[0]
-    during: dict[str, float] = {}
+    during: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp, benchlib.LoadSampler() as load:
         folder = Path(tmp)
@@ -423,11 +433,7 @@ def main() -> int:
                 f"    by {what:<6} p50 {s['p50_ms']:7.1f}  p95 {s['p95_ms']:7.1f}  "
                 f"p99 {s['p99_ms']:7.1f} ms  {s['qps']:6.1f} q/s"
             )
-            for stage, t in f["stages"][what].items():
-                print(
-                    f"      {stage:<10} p50 {t['p50_ms']:7.1f}  p95 {t['p95_ms']:7.1f}  "
-                    f"p99 {t['p99_ms']:7.1f} ms"
-                )
+            print_stages(f["stages"][what])
         t = f["triton_during_image"]
         print(
             f"    Triton per request while searching by image ({t['requests']:.0f} requests, "
@@ -440,6 +446,7 @@ def main() -> int:
             f"p50 {during['p50_ms']:.1f}  p99 {during['p99_ms']:.1f} ms "
             f"({during['queries']:.0f} queries)"
         )
+        print_stages(during["stages"])
     print(load.describe())
     benchlib.record(
         "search",
