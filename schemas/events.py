@@ -58,6 +58,14 @@ class PathImage(_Frozen):
     kind: Literal["path"] = "path"
     path: str = Field(min_length=1)
 
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # No filesystem path holds a NUL byte, and os functions raise ValueError on one.
+        if "\x00" in value:
+            raise ValueError("a path cannot contain a NUL byte")
+        return value
+
 
 class UrlImage(_Frozen):
     """An image fetched over http(s)."""

@@ -167,6 +167,9 @@ def test_insert_publishes_events_and_answers_202(
 
     assert_error(client.post("/insert", json={**body, "ids": ["a", "b"]}), 422, "invalid_request")
     assert_error(client.post("/insert", json={"inputs": ["http://"]}), 400, "invalid_reference")
+    # A NUL byte once reached the filesystem and came back as a 500 (found by schemathesis).
+    nul = client.post("/insert", json={"inputs": ["/data/a\u0000.jpg"]})
+    assert_error(nul, 400, "invalid_reference")
     unknown = client.post("/insert", json={**body, "collection_name": "never_made_x2"})
     assert_error(unknown, 404, "unknown_collection")
 

@@ -60,6 +60,7 @@ def test_versions_default_to_increasing_timestamps() -> None:
         (b'{"id": "a", "image": {"kind": "ftp", "path": "/x"}}', "unknown_image_kind"),
         (b'{"id": "a", "image": {"kind": "url", "url": "file:///etc/passwd"}}', "schema_invalid"),
         (b'{"id": "a", "image": {"kind": "inline", "data": "***"}}', "schema_invalid"),
+        (b'{"id": "a", "image": {"kind": "path", "path": "/x\\u0000.jpg"}}', "schema_invalid"),
         (b'{"id": "a", "image": {"kind": "path", "path": "/x"}, "surprise": 1}', "schema_invalid"),
         (
             b'{"schema_version": 99, "id": "a", "image": {"kind": "path", "path": "/x"}}',
