@@ -283,7 +283,8 @@ def test_bad_files_inside_the_root(root: Path, make_fetcher: Callable[..., Image
         ("big.png", ImageContentError, "too_many_bytes"),
     ]
     for name, error, reason in cases:
-        _expect(fetcher, PathImage(path=str(root / name)), error, reason)
+        # Unvalidated: PathImage refuses a NUL byte itself, and the fetcher must not rely on it.
+        _expect(fetcher, PathImage.model_construct(path=str(root / name)), error, reason)
 
 
 @pytest.mark.parametrize(
