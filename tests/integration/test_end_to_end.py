@@ -90,10 +90,12 @@ def test_stale_versions_never_overwrite_and_newer_metadata_is_applied(
         wait_for(lambda: committed_everything(settings), timeout=120, what="events consumed")
         skipped = worker.metrics.skipped.labels("stale_version")._value.get()
     # Committed means stored; reads (bounded staleness) see the last upsert a moment later.
-    wait_for(
-        lambda: store.get(["photo"])[0]["event_version"] == 30, timeout=30, what="version 30 read"
+    record = wait_for(
+        lambda: next((r for r in store.get(["photo"]) if r["event_version"] == 30), None),
+        timeout=30,
+        what="version 30 readable",
     )
-    record = store.get(["photo"])[0]
+    assert record["event_version"] == 30
     assert record["metadata"] == {"rev": "renamed"}
     assert record["source"] == str(second)  # the older event's image never replaced it
     assert record["content_sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()
