@@ -61,11 +61,11 @@ from bench_preprocess import make_jpegs
 import benchlib
 from engine.images import decode_image
 from engine.inference import TritonEmbedder
-from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
-from engine.model.spec import UINT8_MODEL_SPEC
-from engine.preprocess import reference_pixels
+from engine.models import UINT8_MODEL_SPEC
+from engine.records import VectorRecord
+from engine.resampling import reference_pixels
 from engine.settings import Settings
-from engine.store import VectorRecord
+from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
 
 # The memory run's warm-up after its first batch: this many batches published at once.
 WARM_FILL_BATCHES = 10

@@ -1,7 +1,7 @@
 """The int8 model against float32: speed in-process and what it costs in retrieval quality.
 
 Both models are built in this run (float32 from the packaged weights, int8 by
-:func:`engine.model.quantize.quantize_embedding_model`) and run in onnxruntime in-process on the
+:func:`model_build.quantize.quantize_embedding_model`) and run in onnxruntime in-process on the
 same ready tensors, rounds interleaved, at batch 1 and 32.
 
 Quality, on a labelled set: the photo-like PNG stamps of Debian's ``tuxpaint-stamps-default``
@@ -36,10 +36,10 @@ import onnxruntime as ort
 from PIL import Image
 
 import benchlib
-from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
-from engine.model.quantize import INT8_MODEL_SPEC, quantize_embedding_model, sample_calibration
-from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.preprocess import reference_preprocess
+from engine.models import DEFAULT_MODEL_SPEC
+from engine.resampling import reference_preprocess
+from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
+from model_build.quantize import INT8_MODEL_SPEC, quantize_embedding_model, sample_calibration
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 Matrix = npt.NDArray[np.float32]

@@ -44,8 +44,9 @@ import numpy.typing as npt
 from pymilvus import MilvusClient, connections, utility
 
 import benchlib
+from engine.records import VECTOR_FIELD, VectorRecord
 from engine.settings import MilvusSettings
-from engine.store import VECTOR_FIELD, VectorRecord, VectorStore, collection_schema
+from engine.store import VectorStore, collection_schema
 from engine.store_requests import pack_upsert
 
 Matrix = npt.NDArray[np.float32]

@@ -4,10 +4,10 @@ Inputs are distinct 640x480 JPEGs (quality 90) made from scikit-image's sample p
 each over the same batches of ``--batch`` images:
 
 - ``decode``: :func:`engine.images.decode_image` alone;
-- ``jax``: :class:`engine.preprocess.JaxPreprocessor` (banded bicubic, bucketed canvases);
+- ``jax``: :class:`engine.resampling.JaxPreprocessor` (banded bicubic, bucketed canvases);
 - ``jax uint8``: the same with ``output="uint8_nhwc"`` (what the worker runs: the served model
   normalises), timed without decode only;
-- ``reference``: :func:`engine.preprocess.reference_preprocess` (Pillow + numpy), image by image;
+- ``reference``: :func:`engine.resampling.reference_preprocess` (Pillow + numpy), image by image;
 - ``jax.image.resize``: ``jax.jit(jax.vmap(...))`` around ``jax.image.resize(..., "bicubic")``;
 - ``decode + X``: end to end, bytes in, NCHW batch out.
 
@@ -46,7 +46,7 @@ from skimage import data as skdata
 
 import benchlib
 from engine.images import decode_image
-from engine.preprocess import MEAN, STD, JaxPreprocessor, reference_preprocess, resized_size
+from engine.resampling import MEAN, STD, JaxPreprocessor, reference_preprocess, resized_size
 
 logger = logging.getLogger(__name__)
 

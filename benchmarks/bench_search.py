@@ -58,8 +58,9 @@ from pymilvus import MilvusClient, connections, utility
 
 import benchlib
 from engine.indexes import IndexSpec, IndexType
+from engine.records import VectorRecord
 from engine.settings import MilvusSettings, Settings
-from engine.store import VectorRecord, VectorStore
+from engine.store import VectorStore
 
 TOP_K = 10
 INDEXES: tuple[IndexType, ...] = ("FLAT", "IVF_FLAT", "HNSW")

@@ -42,7 +42,7 @@ from tritonclient.utils import InferenceServerException
 
 import benchlib
 from devstack.config import StackConfig
-from engine.model.spec import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
+from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
 
 logger = logging.getLogger(__name__)
 

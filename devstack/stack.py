@@ -80,7 +80,7 @@ class LocalStack:
         :meth:`TritonService.start`).
         """
         # onnx (the model extra) is needed only here, not by the other stack commands.
-        from engine.model.triton_repository import write_served_models  # noqa: PLC0415
+        from model_build.triton_repository import write_served_models  # noqa: PLC0415
 
         write_served_models(self.model_repository, backend="python")
         return self.model_repository

@@ -17,11 +17,14 @@ WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY schemas/ schemas/
 COPY engine/ engine/
+COPY jax_embedding/ jax_embedding/
+COPY model_build/ model_build/
 COPY producer/ producer/
 COPY worker/ worker/
 COPY query_api/ query_api/
 # Runtime dependencies only: no [dev], no [model] (the model is built into the Triton image).
-RUN /opt/venv/bin/pip install . && rm /opt/venv/bin/trident-stack
+RUN /opt/venv/bin/pip install . \
+    && rm /opt/venv/bin/trident-stack /opt/venv/bin/trident-model-repository
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

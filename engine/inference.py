@@ -29,7 +29,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from engine.errors import ConfigurationError, InferenceUnavailableError, Reason, Stage
-from engine.model.spec import ModelBatch
+from engine.models import ModelBatch
 from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 from engine.errors import ConfigurationError
 from engine.indexes import IndexSpec, IndexType, Metric
-from engine.model.spec import (
+from engine.models import (
     DEFAULT_MODEL_SPEC,
     SERVED_MODEL_SPECS,
     UINT8_MODEL_SPEC,
@@ -62,7 +62,7 @@ class TritonSettings(_Section):
     ``model_name`` defaults to the uint8-pixel model; in a :class:`Settings` it follows the
     preprocessing when not given (see :class:`Settings`). ``input_format`` is what the model
     takes; when not given it is known for the project's own models
-    (:data:`~engine.model.spec.SERVED_MODEL_SPECS`) and ``float32_nchw`` for any other.
+    (:data:`~engine.models.SERVED_MODEL_SPECS`) and ``float32_nchw`` for any other.
     """
 
     url: str = "127.0.0.1:18001"
@@ -152,9 +152,9 @@ class FetchSettings(_Section):
 
 
 class PreprocessSettings(_Section):
-    """How decoded images become model input (see engine/preprocess.py, engine/preprocess_jax.py).
+    """How decoded images become model input (see engine/resampling.py, engine/preprocess.py).
 
-    ``class_`` (key ``class``) names a :class:`engine.preprocess_jax.BaseJAXPreprocessor`
+    ``class_`` (key ``class``) names a :class:`engine.preprocess.BaseJAXPreprocessor`
     subclass as ``"package.module:Class"``, built with ``image_size``, ``use_gpu`` and
     ``options``; empty means the built-in preprocessing (``image_size``, ``resize_short_side``,
     ``mean``, ``std``). Worker and query API use the same one, so queries are embedded exactly

@@ -32,9 +32,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import numpy as np
@@ -61,6 +60,15 @@ from engine.errors import (
     UnknownCollectionError,
 )
 from engine.indexes import IndexSpec
+from engine.records import (
+    RECORD_FIELDS,
+    VECTOR_FIELD,
+    CollectionInfo,
+    Consistency,
+    Hit,
+    StoredVersion,
+    VectorRecord,
+)
 from engine.settings import MilvusSettings
 from engine.store_requests import pack_upsert
 from schemas.events import ID_MAX_BYTES, SOURCE_MAX_BYTES
@@ -69,17 +77,6 @@ from schemas.search import COLLECTION_NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
-VECTOR_FIELD = "embedding"
-# Scalar fields stored beside each vector (see VectorRecord).
-RECORD_FIELDS = (
-    "id",
-    "metadata",
-    "source",
-    "content_sha256",
-    "model_version",
-    "event_version",
-    "ingested_at_ms",
-)
 # Milvus counts VARCHAR max_length in UTF-8 bytes, not characters: both limits are in bytes. The
 # event contract's ceilings are these sizes, so what a valid event holds always fits.
 ID_MAX_LENGTH = ID_MAX_BYTES
@@ -133,67 +130,6 @@ class _Operation(Enum):
     WRITE = "write"
     SEARCH = "search"
     ADMIN = "admin"
-
-
-@dataclass(frozen=True, slots=True)
-class VectorRecord:
-    """One stored embedding with what it was made from."""
-
-    id: str
-    vector: npt.NDArray[np.float32]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
-    content_sha256: str = ""
-    model_version: str = ""
-    event_version: int = 0
-    ingested_at_ms: int = 0
-
-    def to_row(self) -> dict[str, Any]:
-        """The record as pymilvus's rows API takes it (``MilvusClient.upsert(data=[...])``)."""
-        return {
-            "id": self.id,
-            VECTOR_FIELD: self.vector.astype(np.float32).tolist(),
-            "metadata": self.metadata,
-            "source": self.source,
-            "content_sha256": self.content_sha256,
-            "model_version": self.model_version,
-            "event_version": self.event_version,
-            "ingested_at_ms": self.ingested_at_ms,
-        }
-
-
-# Read consistency of :meth:`VectorStore.stored_versions` (Milvus's levels of that name).
-Consistency = Literal["Strong", "Session"]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredVersion:
-    """What the stale-version guard and the inference skip need to know of a stored record."""
-
-    event_version: int
-    content_sha256: str
-    model_version: str
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    id: str
-    score: float
-    metadata: dict[str, Any]
-    fields: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class CollectionInfo:
-    """What a collection was created with."""
-
-    name: str
-    dimension: int
-    index: IndexSpec
-    description: str = ""
-    model_tag: str = ""
-    # A dynamic schema (made elsewhere: ours are not) takes undeclared keys in "$meta".
-    dynamic_field: bool = False
 
 
 def _description_of(text: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ not JSON) raises :class:`InvalidRowError`, as pymilvus's own data checks do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
@@ -22,9 +22,7 @@ from pymilvus import DataType
 from pymilvus.grpc_gen import milvus_pb2, schema_pb2
 
 from engine.errors import InvalidRowError, Reason, Stage
-
-if TYPE_CHECKING:
-    from engine.store import VectorRecord
+from engine.records import VectorRecord
 
 # pymilvus's name for the JSON field that holds a dynamic schema's undeclared keys.
 DYNAMIC_FIELD = "$meta"

@@ -26,9 +26,10 @@ from engine.fetch import ImageFetcher
 from engine.images import decode_image
 from engine.indexes import IndexSpec
 from engine.inference import TritonEmbedder
-from engine.preprocess_jax import BaseJAXPreprocessor, build_preprocessor
+from engine.preprocess import BaseJAXPreprocessor, build_preprocessor
+from engine.records import Hit
 from engine.settings import Settings
-from engine.store import Hit, VectorStore
+from engine.store import VectorStore
 from query_api.filters import combined_filter
 from query_api.timing import StageTimings
 from schemas import PathImage, UrlImage, reference_from_string

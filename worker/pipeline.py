@@ -58,8 +58,8 @@ from engine.errors import (
     UnknownCollectionError,
 )
 from engine.images import ImageDecodeError, decode_image
+from engine.records import Consistency, StoredVersion, VectorRecord
 from engine.settings import FetchSettings, RetrySettings
-from engine.store import Consistency, StoredVersion, VectorRecord
 from schemas import DEFAULT_EVENT_LIMITS, ContractError, EventLimits, IngestEvent, decode_event
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef

@@ -17,7 +17,7 @@ from engine.errors import RetriableError
 from engine.fetch import ImageFetcher
 from engine.inference import TritonEmbedder
 from engine.kafka import consumer_config, ensure_topics
-from engine.preprocess_jax import build_preprocessor
+from engine.preprocess import build_preprocessor
 from engine.settings import Settings
 from engine.store import VectorStore
 from worker.consumer import Worker

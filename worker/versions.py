@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.store import Consistency, StoredVersion
+from engine.records import Consistency, StoredVersion
 from worker.ownership import Owner, Ownership
 
 # Reads the stored versions of ids of one collection at the consistency asked for.

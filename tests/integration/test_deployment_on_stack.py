@@ -31,7 +31,7 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from devstack.stack import LocalStack
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.models import DEFAULT_MODEL_SPEC
 from tests.integration.conftest import wait_for
 from tests.unit.deployment_support import REPO, read_env_file
 from tests.unit.test_dashboard import DASHBOARD, TRITON_PREFIX, series_in

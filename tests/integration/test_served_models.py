@@ -16,8 +16,8 @@ from devstack.samples import skimage_images
 from devstack.stack import LocalStack
 from engine.errors import InferenceUnavailableError
 from engine.inference import InferenceConfigurationError, TritonEmbedder
-from engine.model.spec import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC
-from engine.preprocess import JaxPreprocessor
+from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC
+from engine.resampling import JaxPreprocessor
 from engine.settings import TritonSettings
 
 pytestmark = pytest.mark.stack

@@ -11,7 +11,8 @@ import yaml
 from devstack.stack import LocalStack
 from engine.errors import InvalidRowError, UnknownCollectionError
 from engine.indexes import IndexSpec
-from engine.store import VectorRecord, VectorStore
+from engine.records import VectorRecord
+from engine.store import VectorStore
 
 pytestmark = pytest.mark.stack
 

@@ -16,7 +16,8 @@ from pymilvus.client import ts_utils
 
 from devstack.stack import LocalStack
 from engine.errors import InvalidRowError
-from engine.store import RECORD_FIELDS, VECTOR_FIELD, VectorRecord, VectorStore, collection_schema
+from engine.records import RECORD_FIELDS, VECTOR_FIELD, VectorRecord
+from engine.store import VectorStore, collection_schema
 
 pytestmark = pytest.mark.stack
 

@@ -17,8 +17,9 @@ import pytest
 from confluent_kafka import Producer
 
 from engine.kafka import producer_config
+from engine.records import VectorRecord
 from engine.settings import Settings
-from engine.store import VectorRecord, VectorStore
+from engine.store import VectorStore
 from schemas import IngestEvent, PathImage, UrlImage, encode_event
 from tests.integration.conftest import (
     committed_everything,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.models import DEFAULT_MODEL_SPEC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 

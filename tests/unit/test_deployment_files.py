@@ -25,8 +25,8 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.model.triton_repository import render_config
+from engine.models import DEFAULT_MODEL_SPEC
+from model_build.triton_repository import render_config
 from tests.unit.deployment_support import (
     ENV_PREFIX,
     REPO,
@@ -378,7 +378,7 @@ def test_app_dockerfile() -> None:
 def test_triton_dockerfile_builds_the_onnxruntime_repository() -> None:
     instructions = dockerfile_instructions(TRITON_DOCKERFILE)
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "engine.model.triton_repository /models --backend onnxruntime" in runs
+    assert "model_build.triton_repository /models --backend onnxruntime" in runs
     assert re.search(r"nvcr\.io/nvidia/tritonserver:2[56]\.\d\d-py3", TRITON_DOCKERFILE.read_text())
     command = json.loads(next(a for k, a in instructions if k == "CMD"))
     assert command[0] == "tritonserver"

@@ -9,7 +9,7 @@ from pathlib import Path
 import engine.fetch
 import engine.images
 import engine.inference
-import engine.model.torch_pickle
+import model_build.torch_pickle
 from engine.errors import Reason, TridentError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def test_every_reason_in_the_code_is_enumerated() -> None:
 
 
 def test_every_error_class_default_reason_is_enumerated() -> None:
-    assert engine.fetch and engine.images and engine.inference and engine.model.torch_pickle
+    assert engine.fetch and engine.images and engine.inference and model_build.torch_pickle
 
     def subclasses(cls: type[TridentError]) -> list[type[TridentError]]:
         return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]

@@ -27,7 +27,7 @@ import yaml
 
 from devstack.config import StackConfig
 from engine.kafka import consumer_config
-from engine.model.spec import UINT8_MODEL_SPEC
+from engine.models import UINT8_MODEL_SPEC
 from engine.settings import Settings
 from tests.unit.deployment_support import (
     REPO,

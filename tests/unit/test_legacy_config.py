@@ -1,4 +1,4 @@
-"""ServiceConfig (engine.config): the earlier YAML and environment, mapped onto Settings."""
+"""ServiceConfig (jax_embedding.config): the earlier YAML and environment, mapped onto Settings."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import ServiceConfig
-from engine.config import ENVIRONMENT
+from jax_embedding import ServiceConfig
 from engine.errors import ConfigurationError
+from jax_embedding.config import ENVIRONMENT
 
 # The earlier README's "Using YAML File" section, verbatim.
 EARLIER_README_YAML = """\

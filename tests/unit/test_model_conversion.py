@@ -22,7 +22,8 @@ from PIL import Image
 from skimage import data
 
 from engine.errors import ConfigurationError
-from engine.model.efficientnet_lite import (
+from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
+from model_build.efficientnet_lite import (
     BN_EPS,
     LOGITS_NAME,
     WEIGHTS_FILE,
@@ -30,9 +31,8 @@ from engine.model.efficientnet_lite import (
     build_embedding_model,
     load_packaged_weights,
 )
-from engine.model.spec import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
-from engine.model.torch_pickle import TorchPickleError, read_legacy_state_dict
-from engine.model.triton_repository import (
+from model_build.torch_pickle import TorchPickleError, read_legacy_state_dict
+from model_build.triton_repository import (
     main,
     render_config,
     render_python_model,

@@ -24,8 +24,8 @@ from engine.errors import (
     TridentError,
     UnknownCollectionError,
 )
+from engine.records import StoredVersion, VectorRecord
 from engine.settings import FetchSettings, RetrySettings
-from engine.store import StoredVersion, VectorRecord
 from schemas import IngestEvent, InlineImage, PathImage, encode_event
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef

@@ -1,4 +1,4 @@
-"""Image decoding (engine.images) and JAX preprocessing (engine.preprocess).
+"""Image decoding (engine.images) and JAX preprocessing (engine.resampling).
 
 Parity tolerance, JAX vs the Pillow + numpy reference, after normalisation: every value within
 1/128 (one uint8 level: Pillow rounds with 22-bit fixed-point weights, the JAX path with float32
@@ -31,7 +31,7 @@ from engine.images import (
     UnsupportedModeError,
     decode_image,
 )
-from engine.preprocess import STD, JaxPreprocessor, reference_preprocess
+from engine.resampling import STD, JaxPreprocessor, reference_preprocess
 
 Pixels = npt.NDArray[np.uint8]
 LEVEL = 1 / STD  # one uint8 step after normalisation

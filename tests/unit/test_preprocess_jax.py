@@ -1,4 +1,4 @@
-"""The earlier preprocessing API (engine.preprocess_jax): user subclasses, the built-in one,
+"""The earlier preprocessing API (engine.preprocess): user subclasses, the built-in one,
 building from settings, and the GPU / CPU-fallback choice."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from engine import BaseJAXPreprocessor, JAXImagePreprocessor
+from jax_embedding import BaseJAXPreprocessor, JAXImagePreprocessor
 from engine.errors import ConfigurationError, ImageContentError, ImageReferenceError
-from engine.preprocess import reference_preprocess
-from engine.preprocess_jax import build_preprocessor
+from engine.preprocess import build_preprocessor
+from engine.resampling import reference_preprocess
 from engine.settings import FetchSettings, PreprocessSettings
 from tests.support.custom_preprocessing import LUMA, GreyscalePreprocessor
 
@@ -146,7 +146,7 @@ def test_a_wrong_class_path_is_a_configuration_error(path: str, message: str) ->
 
 def test_gpu_when_present_else_one_logged_cpu_fallback(caplog: pytest.LogCaptureFixture) -> None:
     images = [picture(120, 160, seed) for seed in range(3)]
-    caplog.set_level(logging.INFO, logger="engine.preprocess")
+    caplog.set_level(logging.INFO, logger="engine.resampling")
     preprocessor = JAXImagePreprocessor(use_gpu=True, cache_compiled=False, batch_sizes=(1, 4))
     batch = preprocessor.preprocess(images)
     preprocessor.preprocess(images[:1])

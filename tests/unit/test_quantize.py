@@ -11,17 +11,17 @@ import pytest
 from skimage import data
 
 from engine.errors import ConfigurationError
-from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
-from engine.model.quantize import (
+from engine.models import DEFAULT_MODEL_SPEC
+from engine.resampling import reference_preprocess
+from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
+from model_build.quantize import (
     CALIBRATION_PHOTOS,
     INT8_MODEL_SPEC,
     float_nodes,
     quantize_embedding_model,
     sample_calibration,
 )
-from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.model.triton_repository import main
-from engine.preprocess import reference_preprocess
+from model_build.triton_repository import main
 
 # Photos the calibration never saw: the bound below is for unseen inputs.
 HELD_OUT = ("retina", "colorwheel", "logo", "brick", "grass", "gravel", "moon", "text")

@@ -20,8 +20,9 @@ from engine.errors import (
     UnknownCollectionError,
 )
 from engine.indexes import IndexSpec
+from engine.records import CollectionInfo, VectorRecord
 from engine.settings import MilvusSettings
-from engine.store import CollectionInfo, VectorRecord, VectorStore, _Operation, validate_id
+from engine.store import VectorStore, _Operation, validate_id
 
 
 class _Refusing:

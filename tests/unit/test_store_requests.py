@@ -8,7 +8,8 @@ import pytest
 from pymilvus.client.prepare import Prepare
 
 from engine.errors import InvalidRowError
-from engine.store import VECTOR_FIELD, VectorRecord, collection_schema
+from engine.records import VECTOR_FIELD, VectorRecord
+from engine.store import collection_schema
 from engine.store_requests import pack_upsert
 
 

@@ -18,16 +18,16 @@ from devstack.samples import skimage_images
 from devstack.triton import TritonService
 from engine.errors import ConfigurationError
 from engine.inference import InferenceConfigurationError, TritonEmbedder
-from engine.model.efficientnet_lite import build_embedding_model, load_packaged_weights
-from engine.model.spec import (
+from engine.models import (
     DEFAULT_MODEL_SPEC,
     INT8_MODEL_SPEC,
     UINT8_MODEL_SPEC,
     ModelSpec,
 )
-from engine.preprocess import JaxPreprocessor, reference_pixels, reference_preprocess
-from engine.preprocess_jax import JAXImagePreprocessor, build_preprocessor
+from engine.preprocess import JAXImagePreprocessor, build_preprocessor
+from engine.resampling import JaxPreprocessor, reference_pixels, reference_preprocess
 from engine.settings import PreprocessSettings, Settings, TritonSettings, load_settings
+from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
 
 CUSTOM = "tests.support.custom_preprocessing:GreyscalePreprocessor"
 Vectors = npt.NDArray[np.float32]

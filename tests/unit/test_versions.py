@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.store import Consistency, StoredVersion
+from engine.records import Consistency, StoredVersion
 from worker.ownership import Ownership
 from worker.versions import Candidate, VersionGuard
 

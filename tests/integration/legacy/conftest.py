@@ -9,8 +9,8 @@ import pytest
 
 from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
-from engine.config import ENVIRONMENT
 from engine.store import VectorStore
+from jax_embedding.config import ENVIRONMENT
 
 N_IMAGES = 8
 

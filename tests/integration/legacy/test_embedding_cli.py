@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from devstack.stack import LocalStack
-from engine.embedding_cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from engine.settings import Settings
+from jax_embedding.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from tests.integration.legacy.conftest import N_IMAGES
 
 pytestmark = pytest.mark.stack
@@ -195,7 +195,7 @@ def test_help_and_usage_errors_answer_without_loading_the_engine() -> None:
     # --help is asked often; JAX, pymilvus and tritonclient take seconds to import.
     probe = (
         "import sys\n"
-        "from engine.embedding_cli import main\n"
+        "from jax_embedding.cli import main\n"
         "for argv in (['search', '--help'], ['insert']):\n"
         "    try:\n"
         "        main(argv)\n"

@@ -17,10 +17,10 @@ import pytest
 
 from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
-from engine import ImageEmbeddingPipeline, ServiceConfig, TritonClient
+from jax_embedding import ImageEmbeddingPipeline, ServiceConfig, TritonClient
 from engine.errors import ImageReferenceError, UnknownCollectionError
 from engine.inference import InferenceConfigurationError
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.models import DEFAULT_MODEL_SPEC
 from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder

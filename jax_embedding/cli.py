@@ -29,8 +29,8 @@ from engine.errors import ConfigurationError, PermanentError, RetriableError, Tr
 from engine.kafka import broker_reachable
 
 if TYPE_CHECKING:
-    from engine.config import ServiceConfig
-    from engine.pipeline import ImageEmbeddingPipeline
+    from jax_embedding.config import ServiceConfig
+    from jax_embedding.pipeline import ImageEmbeddingPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # Imported for a command only: the config and the pipeline load JAX, pymilvus and
     # tritonclient (~3 s here), which --help and usage errors do not need.
-    from engine.config import ServiceConfig  # noqa: PLC0415
+    from jax_embedding.config import ServiceConfig  # noqa: PLC0415
 
     try:
         # Either side of the command may carry these; unset ones are absent (SUPPRESS).
@@ -163,7 +163,7 @@ def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 def _pipeline(config: ServiceConfig) -> ImageEmbeddingPipeline:
-    from engine.pipeline import ImageEmbeddingPipeline  # noqa: PLC0415 (see main)
+    from jax_embedding.pipeline import ImageEmbeddingPipeline  # noqa: PLC0415 (see main)
 
     return ImageEmbeddingPipeline(config)
 

@@ -22,7 +22,6 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from engine.config import ServiceConfig
 from engine.errors import (
     ConfigurationError,
     InvalidQueryError,
@@ -32,8 +31,10 @@ from engine.errors import (
 )
 from engine.fetch import ImageFetcher
 from engine.inference import TritonEmbedder
-from engine.preprocess_jax import BaseJAXPreprocessor, LoadedImage, build_preprocessor, load_images
-from engine.store import ID_MAX_LENGTH, CollectionInfo, VectorRecord, VectorStore
+from engine.preprocess import BaseJAXPreprocessor, LoadedImage, build_preprocessor, load_images
+from engine.records import CollectionInfo, VectorRecord
+from engine.store import ID_MAX_LENGTH, VectorStore
+from jax_embedding.config import ServiceConfig
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.errors import ConfigurationError
-from engine.model.spec import DEFAULT_MODEL_SPEC, ModelSpec
-from engine.model.torch_pickle import read_legacy_state_dict
+from engine.models import DEFAULT_MODEL_SPEC, ModelSpec
+from model_build.torch_pickle import read_legacy_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Contract:
 
-- :data:`INT8_MODEL_SPEC` (defined in :mod:`engine.model.spec`) is the float32 spec with its
+- :data:`INT8_MODEL_SPEC` (defined in :mod:`engine.models`) is the float32 spec with its
   own Triton model name and its own
   ``model_version_tag``: vectors of the int8 model are stored under another tag, so the two
   never mix in one collection (the tag is checked where collections are used).
@@ -36,7 +36,7 @@ import onnx
 from engine.errors import ConfigurationError
 
 # The spec lives with the others (settings read it without onnx); re-exported here.
-from engine.model.spec import INT8_MODEL_SPEC, ModelSpec
+from engine.models import INT8_MODEL_SPEC, ModelSpec
 
 __all__ = ["INT8_MODEL_SPEC", "float_nodes", "quantize_embedding_model", "sample_calibration"]
 
@@ -81,7 +81,7 @@ def sample_calibration() -> list[Batch]:
         from skimage import data  # noqa: PLC0415 (dev dependency, only for calibration)
     except ImportError as exc:
         raise ConfigurationError("calibration needs scikit-image (pip install -e .[dev])") from exc
-    from engine.preprocess import reference_preprocess  # noqa: PLC0415 (pulls in JAX)
+    from engine.resampling import reference_preprocess  # noqa: PLC0415 (pulls in JAX)
 
     batches = []
     for name in CALIBRATION_PHOTOS:

@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigurationError
 from engine.indexes import IndexType, Metric
-from engine.model.spec import DEFAULT_MODEL_SPEC
-from engine.preprocess_jax import DEFAULT_BATCH_SIZES, MODEL_MEAN, MODEL_STD
+from engine.models import DEFAULT_MODEL_SPEC
+from engine.preprocess import DEFAULT_BATCH_SIZES, MODEL_MEAN, MODEL_STD
+from engine.records import VECTOR_FIELD
 from engine.settings import Settings, read_yaml_mapping
-from engine.store import VECTOR_FIELD
-from engine.triton_client import TRITON_PORTS
+from jax_embedding.triton_client import TRITON_PORTS
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from engine.errors import ConfigurationError
 from engine.inference import TritonEmbedder
-from engine.model.spec import DEFAULT_MODEL_SPEC
+from engine.models import DEFAULT_MODEL_SPEC
 from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)

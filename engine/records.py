@@ -1,0 +1,88 @@
+"""The records the Milvus adapter stores and answers, and the names of their fields.
+
+Kept apart from :mod:`engine.store` so that :mod:`engine.store_requests` (which packs them) and the
+store (which sends them) both depend on this module, never on each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from engine.indexes import IndexSpec
+
+VECTOR_FIELD = "embedding"
+# Scalar fields stored beside each vector (see VectorRecord).
+RECORD_FIELDS = (
+    "id",
+    "metadata",
+    "source",
+    "content_sha256",
+    "model_version",
+    "event_version",
+    "ingested_at_ms",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VectorRecord:
+    """One stored embedding with what it was made from."""
+
+    id: str
+    vector: npt.NDArray[np.float32]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    content_sha256: str = ""
+    model_version: str = ""
+    event_version: int = 0
+    ingested_at_ms: int = 0
+
+    def to_row(self) -> dict[str, Any]:
+        """The record as pymilvus's rows API takes it (``MilvusClient.upsert(data=[...])``)."""
+        return {
+            "id": self.id,
+            VECTOR_FIELD: self.vector.astype(np.float32).tolist(),
+            "metadata": self.metadata,
+            "source": self.source,
+            "content_sha256": self.content_sha256,
+            "model_version": self.model_version,
+            "event_version": self.event_version,
+            "ingested_at_ms": self.ingested_at_ms,
+        }
+
+
+# Read consistency of :meth:`VectorStore.stored_versions` (Milvus's levels of that name).
+Consistency = Literal["Strong", "Session"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """What the stale-version guard and the inference skip need to know of a stored record."""
+
+    event_version: int
+    content_sha256: str
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    score: float
+    metadata: dict[str, Any]
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    """What a collection was created with."""
+
+    name: str
+    dimension: int
+    index: IndexSpec
+    description: str = ""
+    model_tag: str = ""
+    # A dynamic schema (made elsewhere: ours are not) takes undeclared keys in "$meta".
+    dynamic_field: bool = False
