@@ -221,3 +221,76 @@ class BrokerUnavailableError(RetriableError):
     """Kafka did not acknowledge a write or a commit in time."""
 
     reason: str = Reason.KAFKA_UNAVAILABLE
+
+
+# Configuration, by what is misconfigured.
+class InferenceConfigurationError(ConfigurationError):
+    """Triton rejected the request itself: wrong model name, tensor name, shape or dtype."""
+
+    reason = Reason.TRITON_CONFIGURATION
+
+
+class TorchPickleError(ConfigurationError):
+    """The file is not a readable legacy torch state dict (wrong format, corrupt, unsafe)."""
+
+    reason = Reason.MODEL_WEIGHTS
+
+
+class SourceError(ConfigurationError, ValueError):
+    """A source that cannot be read at all (missing list file or manifest, no header row)."""
+
+
+# Permanent: the image bytes (engine.images), one class per dead-letter reason.
+class ImageDecodeError(ImageContentError, ValueError):
+    """The bytes cannot become an image; ``reason`` is the dead-letter code. Permanent."""
+
+    reason = Reason.UNDECODABLE_IMAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, stage=Stage.DECODE_IMAGE)
+
+
+class NotAnImageError(ImageDecodeError):
+    """Not an image in any supported format (``not_an_image``)."""
+
+    reason = Reason.NOT_AN_IMAGE
+
+
+class TruncatedImageError(ImageDecodeError):
+    """A supported image whose data ends early (``truncated_image``)."""
+
+    reason = Reason.TRUNCATED_IMAGE
+
+
+class CorruptImageError(ImageDecodeError):
+    """A supported image whose data the decoder rejects (``corrupt_image``)."""
+
+    reason = Reason.CORRUPT_IMAGE
+
+
+class TooManyPixelsError(ImageDecodeError):
+    """Width x height over the limit: a decompression bomb or just too big (``too_many_pixels``)."""
+
+    reason = Reason.TOO_MANY_PIXELS
+
+
+class UnsupportedModeError(ImageDecodeError):
+    """A pixel format with no sensible RGB rendering, e.g. float images (``unsupported_mode``)."""
+
+    reason = Reason.UNSUPPORTED_MODE
+
+
+# Permanent: the producer's input.
+class EntryError(InvalidEventError, ValueError):
+    """One entry that cannot become an event; the message names its origin and the problem."""
+
+
+class EventTooLargeError(PermanentError):
+    """The message is larger than the broker (or the producer's ``message.max.bytes``) accepts."""
+
+    reason: str = Reason.MESSAGE_TOO_LARGE
+
+
+# Not an error of a record or a service: the worker's signal that a batch was cancelled.
+class BatchAbandonedError(Exception):
+    """The batch was cancelled (an outage rewind, a stop): nothing of it may be kept."""

@@ -20,7 +20,14 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import ImageContentError, Reason, Stage
+from engine.errors import (
+    CorruptImageError,
+    ImageDecodeError,
+    NotAnImageError,
+    TooManyPixelsError,
+    TruncatedImageError,
+    UnsupportedModeError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,45 +64,6 @@ _WHITE = (255, 255, 255)
 # warnings.catch_warnings() swaps a process-wide filter list (not thread-safe before Python
 # 3.14); serialise our own use of it. It only guards the header parse, which is microseconds.
 _WARNINGS_LOCK = threading.Lock()
-
-
-class ImageDecodeError(ImageContentError, ValueError):
-    """The bytes cannot become an image; ``reason`` is the dead-letter code. Permanent."""
-
-    reason = Reason.UNDECODABLE_IMAGE
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, stage=Stage.DECODE_IMAGE)
-
-
-class NotAnImageError(ImageDecodeError):
-    """Not an image in any supported format (``not_an_image``)."""
-
-    reason = Reason.NOT_AN_IMAGE
-
-
-class TruncatedImageError(ImageDecodeError):
-    """A supported image whose data ends early (``truncated_image``)."""
-
-    reason = Reason.TRUNCATED_IMAGE
-
-
-class CorruptImageError(ImageDecodeError):
-    """A supported image whose data the decoder rejects (``corrupt_image``)."""
-
-    reason = Reason.CORRUPT_IMAGE
-
-
-class TooManyPixelsError(ImageDecodeError):
-    """Width x height over the limit: a decompression bomb or just too big (``too_many_pixels``)."""
-
-    reason = Reason.TOO_MANY_PIXELS
-
-
-class UnsupportedModeError(ImageDecodeError):
-    """A pixel format with no sensible RGB rendering, e.g. float images (``unsupported_mode``)."""
-
-    reason = Reason.UNSUPPORTED_MODE
 
 
 @dataclass(frozen=True, slots=True)

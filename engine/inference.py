@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from engine.errors import ConfigurationError, InferenceUnavailableError, Reason, Stage
+from engine.errors import InferenceConfigurationError, InferenceUnavailableError, Reason, Stage
 from engine.models import ModelBatch
 from engine.settings import TritonSettings
 
@@ -37,12 +37,6 @@ logger = logging.getLogger(__name__)
 # Statuses that describe a request the server understood and refused for good. NOT_FOUND is
 # not one of them: a server that is shutting down or still loading reports its model as unknown.
 _CONFIGURATION_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
-
-
-class InferenceConfigurationError(ConfigurationError):
-    """Triton rejected the request itself: wrong model name, tensor name, shape or dtype."""
-
-    reason = Reason.TRITON_CONFIGURATION
 
 
 class TritonEmbedder:

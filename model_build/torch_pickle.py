@@ -22,7 +22,7 @@ from typing import IO, Any, NoReturn
 
 import numpy as np
 
-from engine.errors import ConfigurationError, Reason
+from engine.errors import TorchPickleError
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,6 @@ _STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
     "ByteStorage": np.dtype("u1"),
     "BoolStorage": np.dtype("?"),
 }
-
-
-class TorchPickleError(ConfigurationError):
-    """The file is not a readable legacy torch state dict (wrong format, corrupt, unsafe)."""
-
-    reason = Reason.MODEL_WEIGHTS
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ builders for paths, URLs and folders; dead-letter reading and replay in
 (``producer.dlq_cli``).
 """
 
+from engine.errors import EventTooLargeError
 from producer.publisher import (
     AsyncEventPublisher,
     Delivery,
     DeliveryReport,
     EventPublisher,
-    EventTooLargeError,
     event_for_reference,
     events_from_folder,
 )

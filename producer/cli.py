@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.cli_support import add_common_arguments, settings_from_arguments
-from engine.errors import BrokerUnavailableError, ConfigurationError
+from engine.errors import BrokerUnavailableError, ConfigurationError, EntryError, SourceError
 from engine.settings import Settings
 from producer.progress import progress_bar
 from producer.publisher import Delivery, EventPublisher
-from producer.sources import Entry, EntryError, EventOptions, SourceError, build_event, gather
+from producer.sources import Entry, EventOptions, build_event, gather
 
 logger = logging.getLogger(__name__)
 

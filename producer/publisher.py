@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from engine.errors import BrokerUnavailableError, PermanentError, TridentError
+from engine.errors import BrokerUnavailableError, EventTooLargeError, PermanentError, TridentError
 from engine.kafka import producer_config
 from engine.settings import KafkaSettings
 from schemas import (
@@ -56,12 +56,6 @@ _TRANSIENT_CODES = frozenset(
         KafkaError.REQUEST_TIMED_OUT,
     }
 )
-
-
-class EventTooLargeError(PermanentError):
-    """The message is larger than the broker (or the producer's ``message.max.bytes``) accepts."""
-
-    reason = "message_too_large"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,19 +26,12 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from engine.errors import EntryError, SourceError
 from producer.publisher import event_for_reference, folder_metadata, image_files, stable_id
 from schemas import DEFAULT_EVENT_LIMITS, EventLimitError, EventLimits, IngestEvent
 
 MANIFEST_COLUMNS = ("id", "source", "collection", "metadata")
 _JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})
-
-
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing list file or manifest, no header row)."""
-
-
-class EntryError(ValueError):
-    """One entry that cannot become an event; the message names its origin and the problem."""
 
 
 @dataclass(frozen=True)

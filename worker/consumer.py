@@ -20,14 +20,14 @@ from typing import Any, Literal, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from engine.errors import BrokerUnavailableError, RetriableError
+from engine.errors import BatchAbandonedError, BrokerUnavailableError, RetriableError
 from engine.settings import Settings
 from worker.dead_letter import DeadLetter, Requeue
 from worker.health import Heartbeat
 from worker.metrics import Step, WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.ownership import Owner, Ownership
-from worker.pipeline import Batch, BatchAbandonedError, Item, Outcome
+from worker.pipeline import Batch, Item, Outcome
 from worker.retry import call_with_retries
 from worker.stages import Flight, StagedPipeline
 

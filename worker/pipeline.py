@@ -48,7 +48,9 @@ import numpy.typing as npt
 from confluent_kafka import Message
 
 from engine.errors import (
+    BatchAbandonedError,
     FetchUnavailableError,
+    ImageDecodeError,
     InvalidEventError,
     InvalidRowError,
     PermanentError,
@@ -57,7 +59,7 @@ from engine.errors import (
     TridentError,
     UnknownCollectionError,
 )
-from engine.images import ImageDecodeError, decode_image
+from engine.images import decode_image
 from engine.records import Consistency, StoredVersion, VectorRecord
 from engine.settings import FetchSettings, RetrySettings
 from schemas import DEFAULT_EVENT_LIMITS, ContractError, EventLimits, IngestEvent, decode_event
@@ -101,10 +103,6 @@ class Store(Protocol):
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, object]]: ...
-
-
-class BatchAbandonedError(Exception):
-    """The batch was cancelled (an outage rewind, a stop): nothing of it may be kept."""
 
 
 class Outcome(StrEnum):

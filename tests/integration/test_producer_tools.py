@@ -12,8 +12,9 @@ import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from engine.errors import EventTooLargeError
 from engine.settings import Settings
-from producer import AsyncEventPublisher, Delivery, EventPublisher, EventTooLargeError
+from producer import AsyncEventPublisher, Delivery, EventPublisher
 from producer.cli import main as produce
 from schemas import EventLimitError, EventLimits, IngestEvent, InlineImage, PathImage, decode_event
 from tests.integration.conftest import small_images

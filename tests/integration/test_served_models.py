@@ -14,8 +14,8 @@ from PIL import Image
 
 from devstack.samples import skimage_images
 from devstack.stack import LocalStack
-from engine.errors import InferenceUnavailableError
-from engine.inference import InferenceConfigurationError, TritonEmbedder
+from engine.errors import InferenceConfigurationError, InferenceUnavailableError
+from engine.inference import TritonEmbedder
 from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC
 from engine.resampling import JaxPreprocessor
 from engine.settings import TritonSettings

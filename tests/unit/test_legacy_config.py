@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jax_embedding import ServiceConfig
 from engine.errors import ConfigurationError
+from jax_embedding import ServiceConfig
 from jax_embedding.config import ENVIRONMENT
 
 # The earlier README's "Using YAML File" section, verbatim.

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, TorchPickleError
 from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
 from model_build.efficientnet_lite import (
     BN_EPS,
@@ -31,7 +31,7 @@ from model_build.efficientnet_lite import (
     build_embedding_model,
     load_packaged_weights,
 )
-from model_build.torch_pickle import TorchPickleError, read_legacy_state_dict
+from model_build.torch_pickle import read_legacy_state_dict
 from model_build.triton_repository import (
     main,
     render_config,

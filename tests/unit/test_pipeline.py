@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import (
+    BatchAbandonedError,
     FetchUnavailableError,
     ImageReferenceError,
     InferenceUnavailableError,
@@ -31,7 +32,7 @@ from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.metrics import WorkerMetrics
 from worker.ownership import Ownership
-from worker.pipeline import Batch, BatchAbandonedError, BatchProcessor, Outcome
+from worker.pipeline import Batch, BatchProcessor, Outcome
 
 DIM = 8
 PARTITION = ("ingest", 0)

@@ -21,16 +21,15 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from engine.images import (
+from engine.errors import (
     CorruptImageError,
-    DecodedImage,
     ImageDecodeError,
     NotAnImageError,
     TooManyPixelsError,
     TruncatedImageError,
     UnsupportedModeError,
-    decode_image,
 )
+from engine.images import DecodedImage, decode_image
 from engine.resampling import STD, JaxPreprocessor, reference_preprocess
 
 Pixels = npt.NDArray[np.uint8]

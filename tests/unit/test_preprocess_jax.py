@@ -12,11 +12,11 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from jax_embedding import BaseJAXPreprocessor, JAXImagePreprocessor
 from engine.errors import ConfigurationError, ImageContentError, ImageReferenceError
 from engine.preprocess import build_preprocessor
 from engine.resampling import reference_preprocess
 from engine.settings import FetchSettings, PreprocessSettings
+from jax_embedding import BaseJAXPreprocessor, JAXImagePreprocessor
 from tests.support.custom_preprocessing import LUMA, GreyscalePreprocessor
 
 CUSTOM = "tests.support.custom_preprocessing:GreyscalePreprocessor"

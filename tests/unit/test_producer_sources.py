@@ -12,10 +12,16 @@ import pytest
 from confluent_kafka import KafkaError
 from PIL import Image
 
-from engine.errors import BrokerUnavailableError, PermanentError
+from engine.errors import (
+    BrokerUnavailableError,
+    EntryError,
+    EventTooLargeError,
+    PermanentError,
+    SourceError,
+)
 from producer.cli import main as produce
-from producer.publisher import EventTooLargeError, delivery_error, stable_id
-from producer.sources import EntryError, EventOptions, SourceError, build_event, gather
+from producer.publisher import delivery_error, stable_id
+from producer.sources import EventOptions, build_event, gather
 from schemas import EventLimits
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 from devstack.config import StackConfig
 from devstack.samples import skimage_images
 from devstack.triton import TritonService
-from engine.errors import ConfigurationError
-from engine.inference import InferenceConfigurationError, TritonEmbedder
+from engine.errors import ConfigurationError, InferenceConfigurationError
+from engine.inference import TritonEmbedder
 from engine.models import (
     DEFAULT_MODEL_SPEC,
     INT8_MODEL_SPEC,

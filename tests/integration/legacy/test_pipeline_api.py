@@ -17,12 +17,11 @@ import pytest
 
 from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
-from jax_embedding import ImageEmbeddingPipeline, ServiceConfig, TritonClient
-from engine.errors import ImageReferenceError, UnknownCollectionError
-from engine.inference import InferenceConfigurationError
+from engine.errors import ImageReferenceError, InferenceConfigurationError, UnknownCollectionError
 from engine.models import DEFAULT_MODEL_SPEC
 from engine.settings import Settings
 from engine.store import VectorStore
+from jax_embedding import ImageEmbeddingPipeline, ServiceConfig, TritonClient
 from producer import EventPublisher, events_from_folder
 from query_api import SearchService
 from schemas.search import SearchOptions
