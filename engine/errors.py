@@ -10,8 +10,51 @@ Two families, because the worker treats them in opposite ways:
   fault it is: an image host failing for one record is that record's problem and is capped
   (``retries_exhausted``); Triton, Milvus or Kafka failing is an outage and never dead-letters.
 
+A third, :class:`ConfigurationError`, is neither the input's fault nor a passing outage: the
+settings or the deployment are wrong (a wrong Milvus token, a model that does not match).
+
 Each error carries a ``reason`` from :class:`Reason` (dead-letter header and metric label, one
 vocabulary for the whole project) and the :class:`Stage` of the pipeline where the record failed.
+
+Every exception class of the project (indentation is inheritance). Three modules define them
+all: this one, ``schemas.errors`` (the contracts import nothing of the engine, so their errors
+are their own) and ``devstack.errors``; ``tests/unit/test_errors.py`` holds this drawing to the
+code::
+
+    Exception
+    ├── TridentError                        the project's own errors: reason, stage
+    │   ├── PermanentError                  bad input: dead-letter at once
+    │   │   ├── InvalidEventError           not a valid ingest event
+    │   │   │   └── EntryError              (also ValueError) a producer entry
+    │   │   ├── EventTooLargeError          over the broker's message size
+    │   │   ├── ImageReferenceError         the reference cannot be followed
+    │   │   ├── ImageContentError           the bytes are not a usable image
+    │   │   │   └── ImageDecodeError        (also ValueError) one class per reason:
+    │   │   │       ├── NotAnImageError
+    │   │   │       ├── TruncatedImageError
+    │   │   │       ├── CorruptImageError
+    │   │   │       ├── TooManyPixelsError
+    │   │   │       └── UnsupportedModeError
+    │   │   ├── InvalidRowError             a row the store cannot hold
+    │   │   ├── InvalidQueryError           a search or an index the store refuses
+    │   │   ├── UnknownCollectionError      no such collection
+    │   │   └── CollectionConflictError     a collection that exists, but not as asked
+    │   ├── RetriableError                  a service is unavailable: retry with backoff
+    │   │   ├── FetchUnavailableError       an image host (capped per record)
+    │   │   ├── InferenceUnavailableError   Triton
+    │   │   ├── StoreUnavailableError       Milvus
+    │   │   └── BrokerUnavailableError      Kafka
+    │   └── ConfigurationError              the settings or deployment: fix and restart
+    │       ├── InferenceConfigurationError Triton refused the request itself
+    │       ├── StoreAuthenticationError    Milvus refused the credentials
+    │       ├── TorchPickleError            unreadable model weights
+    │       └── SourceError                 (also ValueError) an unreadable producer source
+    └── BatchAbandonedError                 the worker's cancel signal, never a record's error
+    ValueError
+    └── schemas.errors.ContractError        a payload breaks a wire contract (callers translate)
+        └── schemas.errors.EventLimitError  an event over one of its size limits
+    RuntimeError
+    └── devstack.errors.StackError          the local stack failed to install, start or stop
 """
 
 from __future__ import annotations
@@ -32,6 +75,7 @@ class Stage(StrEnum):
     PREPROCESS = "preprocess"
     EMBED = "embed"
     UPSERT = "upsert"
+    DELETE = "delete"
     DEAD_LETTER = "dead_letter"
     SEARCH = "search"
 
@@ -89,6 +133,9 @@ class Reason(StrEnum):
     WRONG_DIMENSION = "wrong_dimension"
     NOT_FINITE = "not_finite"
     UNKNOWN_COLLECTION = "unknown_collection"
+    # A collection that exists, but not as asked: another dimension, or no vector index.
+    COLLECTION_CONFLICT = "collection_conflict"
+    NO_VECTOR_INDEX = "no_vector_index"
     # Searches and the query API.
     INVALID_QUERY = "invalid_query"
     INVALID_FILTER = "invalid_filter"
@@ -97,6 +144,12 @@ class Reason(StrEnum):
     UNKNOWN_ID = "unknown_id"
     NO_SOURCE = "no_source"
     BAD_REQUEST = "bad_request"
+    # Kafka refused a write for good, by librdkafka error family (producer.publisher).
+    KAFKA_UNKNOWN_TOPIC = "kafka_unknown_topic"
+    KAFKA_NOT_AUTHORIZED = "kafka_not_authorized"
+    KAFKA_INVALID_RECORD = "kafka_invalid_record"
+    KAFKA_FATAL = "kafka_fatal"
+    KAFKA_REFUSED = "kafka_refused"
     # A record whose own transient failures outlasted its retry budget.
     RETRIES_EXHAUSTED = "retries_exhausted"
     # Transient, per service.
@@ -114,6 +167,7 @@ class Reason(StrEnum):
     KAFKA_UNAVAILABLE = "kafka_unavailable"
     # Deployment.
     MODEL_WEIGHTS = "model_weights"
+    MILVUS_AUTHENTICATION = "milvus_authentication"
 
 
 class TridentError(Exception):
@@ -195,6 +249,13 @@ class UnknownCollectionError(PermanentError):
     reason: str = Reason.UNKNOWN_COLLECTION
 
 
+class CollectionConflictError(PermanentError):
+    """A collection of that name exists, but not as asked: created with another dimension, or
+    without a vector index (made elsewhere). Drop it, or use another name."""
+
+    reason: str = Reason.COLLECTION_CONFLICT
+
+
 # Retriable, by which service failed.
 class FetchUnavailableError(RetriableError):
     """An image host timed out, refused the connection, answered 5xx or 429.
@@ -228,6 +289,12 @@ class InferenceConfigurationError(ConfigurationError):
     """Triton rejected the request itself: wrong model name, tensor name, shape or dtype."""
 
     reason = Reason.TRITON_CONFIGURATION
+
+
+class StoreAuthenticationError(ConfigurationError):
+    """Milvus refused the credentials: a wrong or missing token (``milvus.token``)."""
+
+    reason = Reason.MILVUS_AUTHENTICATION
 
 
 class TorchPickleError(ConfigurationError):

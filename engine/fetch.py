@@ -170,6 +170,12 @@ class ImageFetcher:
     # Local paths ------------------------------------------------------------------------------
 
     def _read_path(self, raw: str) -> bytes:
+        if (scheme := _url_scheme(raw)) is not None:
+            # A URL of a scheme never fetched, not a path: say that, not "outside the roots".
+            raise ImageReferenceError(
+                f"scheme {scheme!r} is not supported: give an http(s) URL or a file path",
+                reason=Reason.UNSUPPORTED_SCHEME,
+            )
         path = Path(raw)
         try:
             resolved = path.resolve(strict=True)
@@ -426,6 +432,14 @@ def _path_error(exc: BaseException) -> TridentError:
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return ImageReferenceError(exc.strerror or str(exc), reason=_PERMANENT_ERRNOS[exc.errno])
     return FetchUnavailableError(f"I/O error: {exc}", reason=Reason.IO_ERROR)
+
+
+def _url_scheme(raw: str) -> str | None:
+    """The scheme of a reference written as a URL (``ftp://host/a.jpg``), None for a path."""
+    scheme, separator, _ = raw.partition("://")
+    if separator and scheme[:1].isalpha() and all(c.isalnum() or c in "+-." for c in scheme):
+        return scheme
+    return None
 
 
 def _not_allowed() -> ImageReferenceError:

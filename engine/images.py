@@ -28,6 +28,7 @@ from engine.errors import (
     TruncatedImageError,
     UnsupportedModeError,
 )
+from engine.models import DEFAULT_MODEL_SPEC
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,14 @@ class DecodedImage:
     format: str
 
 
-def decode_image(data: bytes, *, max_pixels: int, target_short_side: int = 256) -> DecodedImage:
+def decode_image(
+    data: bytes, *, max_pixels: int, target_short_side: int = DEFAULT_MODEL_SPEC.resize_short_side
+) -> DecodedImage:
     """Decode ``data`` (JPEG, PNG, WebP, GIF, BMP, TIFF) to upright RGB uint8 pixels.
 
-    The pixel count in the header is checked against ``max_pixels`` before any pixel is decoded.
+    The pixel count in the header is checked against ``max_pixels`` (``fetch.max_pixels``)
+    before any pixel is decoded, and before Pillow's own decompression-bomb limit, so that the
+    error names ours.
     JPEGs are decoded in draft mode (DCT-domain downscaling by 2, 4 or 8) to the smallest size
     whose shorter side is still at least ``target_short_side``. Transparent images are composited
     on white; 16-bit images keep their 8 most significant bits; only the first frame of animations
@@ -94,21 +99,29 @@ def decode_image(data: bytes, *, max_pixels: int, target_short_side: int = 256) 
         NotAnImageError: not an image in a supported format.
         TruncatedImageError: the data ends before the image does.
         CorruptImageError: the decoder rejects the data.
-        TooManyPixelsError: more than ``max_pixels`` pixels (or Pillow's own bomb limit).
+        TooManyPixelsError: more than ``max_pixels`` pixels, or more than Pillow's
+            decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), whatever ``max_pixels`` is.
         UnsupportedModeError: a pixel format with no RGB rendering (e.g. 32-bit float).
     """
-    image = _open(data)
+    image = _open(data, max_pixels)
     width, height = image.size
     if width <= 0 or height <= 0:
         raise CorruptImageError(f"image has an empty size {width}x{height}")
     if width * height > max_pixels:
         raise TooManyPixelsError(
-            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            f"{width}x{height} = {width * height} pixels exceeds fetch.max_pixels={max_pixels}"
+        )
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        # Pillow's decompression-bomb limit caps what any setting allows (its warning, silenced
+        # in _open for the check above to come first, is an error here).
+        raise TooManyPixelsError(
+            f"{width}x{height} = {width * height} pixels exceeds the decoder's limit of "
+            f"{Image.MAX_IMAGE_PIXELS} (fetch.max_pixels={max_pixels} is set above it)"
         )
     if image.format in ("JPEG", "MPO") and min(width, height) > target_short_side:
         scale = target_short_side / min(width, height)
         image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    _load(image, data)
+    _load(image, data, max_pixels)
     file_format = str(image.format)  # transposed copies lose .format
     try:
         orientation = int(image.getexif().get(0x0112, 1))  # ExifTags.Base.Orientation
@@ -124,17 +137,18 @@ def decode_image(data: bytes, *, max_pixels: int, target_short_side: int = 256) 
     return DecodedImage(pixels=pixels, original_size=original_size, format=file_format)
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Parse the header only (Pillow decodes lazily)."""
     if not data:
         raise NotAnImageError("empty image data")
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
-            # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; make it fail here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that: the caller checks the
+            # size against max_pixels first (so the error names our limit), then against that.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooManyPixelsError(str(exc)) from exc
+    except Image.DecompressionBombError as exc:
+        raise _over_pillows_ceiling(max_pixels) from exc
     except UnidentifiedImageError as exc:
         # A known signature whose header Pillow cannot parse: usually a download cut short.
         cut_short = _header_cut_short(data)
@@ -145,14 +159,29 @@ def _open(data: bytes) -> Image.Image:
         raise _classify(exc, data) from exc
 
 
-def _load(image: Image.Image, data: bytes) -> None:
+def _load(image: Image.Image, data: bytes, max_pixels: int) -> None:
     """Decode every pixel now, so broken data fails here rather than in preprocessing."""
     try:
         image.load()
-    except Image.DecompressionBombError as exc:
-        raise TooManyPixelsError(str(exc)) from exc
+    except Image.DecompressionBombError as exc:  # a GIF frame larger than its screen
+        raise _over_pillows_ceiling(max_pixels) from exc
     except _DATA_ERRORS as exc:
         raise _classify(exc, data) from exc
+
+
+def _over_pillows_ceiling(max_pixels: int) -> TooManyPixelsError:
+    # Pillow refuses this size outright, before saying what it is: more than twice its
+    # MAX_IMAGE_PIXELS, which no setting of ours raises (a process-wide value, left as it is).
+    # Below our limit or not, the message names it: it is the one an operator sets.
+    ceiling = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    if max_pixels < ceiling:
+        return TooManyPixelsError(
+            f"image has more than {ceiling} pixels, exceeding fetch.max_pixels={max_pixels}"
+        )
+    return TooManyPixelsError(
+        f"image has more than {ceiling} pixels, the most the decoder takes at all (whatever "
+        f"fetch.max_pixels={max_pixels} allows)"
+    )
 
 
 def _classify(exc: Exception, data: bytes) -> ImageDecodeError:

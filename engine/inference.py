@@ -9,13 +9,19 @@ model agree at startup, so this only happens when code hands over something else
 Owns tritonclient's errors: everything that means "Triton is down, starting, overloaded or slow"
 becomes :class:`InferenceUnavailableError` (retriable); a request Triton rejects as malformed or a
 model it does not serve becomes :class:`InferenceConfigurationError`, because no retry and no
-dead letter can fix a deployment that does not match the settings.
+dead letter can fix a deployment that does not match the settings. "Not served" is decided by the
+server's repository index, never by a "not found" alone, which a loading server answers too.
+
+Readiness (:meth:`TritonEmbedder.check_ready`) asks with a deadline on a client of its own;
+:meth:`TritonEmbedder.wait_until_ready` is what the worker and the query API do at start-up
+(``triton.ready_timeout_s``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -37,6 +43,10 @@ logger = logging.getLogger(__name__)
 # Statuses that describe a request the server understood and refused for good. NOT_FOUND is
 # not one of them: a server that is shutting down or still loading reports its model as unknown.
 _CONFIGURATION_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "400"})
+# "Unknown model": a configuration error only if the server's repository index agrees.
+_NOT_FOUND_STATUSES = frozenset({"StatusCode.NOT_FOUND", "404"})
+# Each readiness question's own deadline while waiting for the model at start-up.
+_READY_PROBE_TIMEOUT_S = 5.0
 
 
 class TritonEmbedder:
@@ -44,35 +54,55 @@ class TritonEmbedder:
 
     A batch goes out in ``parallel_requests`` equal parts sent at once (more parts when one
     would exceed the model's ``max_batch_size``), so that each model instance runs one; the
-    result always has one row per input row, in order. Meant for one thread (the loop); a
-    health probe uses an instance of its own, so its failures never close the loop's client.
-    Connecting is locked all the same.
+    result always has one row per input row, in order.
+
+    Thread-safe: every thread gets a client of its own, opened on its first call (the query API
+    embeds from many request threads, the worker from its loop and its probes). tritonclient's
+    HTTP client must stay on one thread: it runs its requests as greenlets on the calling
+    thread's gevent hub. A client per thread also means that one thread's failure drops only its
+    own connection, never one another thread is in the middle of using. The clients of threads
+    that have ended are closed when the next thread connects; :meth:`close` (from any thread)
+    closes them all. Readiness probes (:meth:`check_ready`) use a short-lived client of their own.
     """
 
     def __init__(self, settings: TritonSettings) -> None:
         self._settings = settings
-        self._client: Any = None
+        self._clients: dict[threading.Thread, Any] = {}
         self._lock = threading.Lock()
 
     def _connect(self) -> Any:
+        """This thread's client, opened on first use."""
+        thread = threading.current_thread()
         with self._lock:
-            if self._client is None:
-                if self._settings.protocol == "grpc":
-                    self._client = grpcclient.InferenceServerClient(url=self._settings.url)
-                else:
-                    self._client = httpclient.InferenceServerClient(
-                        url=self._settings.url,
-                        concurrency=self._settings.parallel_requests,
-                        connection_timeout=self._settings.request_timeout_s,
-                        network_timeout=self._settings.request_timeout_s,
-                    )
-            return self._client
+            client = self._clients.get(thread)
+            if client is not None:
+                return client
+            ended = [self._clients.pop(t) for t in list(self._clients) if not t.is_alive()]
+        for old in ended:
+            _close_quietly(old)
+        client = self._new_client(self._settings.request_timeout_s)
+        with self._lock:
+            self._clients[thread] = client
+        return client
+
+    def _new_client(self, timeout_s: float) -> Any:
+        s = self._settings
+        if s.protocol == "grpc":
+            # gRPC calls take their deadline per call (client_timeout).
+            return grpcclient.InferenceServerClient(url=s.url)
+        return httpclient.InferenceServerClient(
+            url=s.url,
+            concurrency=s.parallel_requests,
+            connection_timeout=timeout_s,
+            network_timeout=timeout_s,
+        )
 
     def close(self) -> None:
+        """Close every thread's client; the next call reconnects. Never raises."""
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            _close_quietly(client)
 
     def __enter__(self) -> TritonEmbedder:
         return self
@@ -80,18 +110,125 @@ class TritonEmbedder:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def is_ready(self) -> bool:
-        """True when the server is up and the model is loaded; never raises."""
+    # Readiness ------------------------------------------------------------------------------
+
+    def check_ready(self, timeout_s: float | None = None) -> None:
+        """Return when the server is up and the model loaded; otherwise raise, saying why.
+
+        Asks on a client of its own, closed after, each call bounded by ``timeout_s`` (default
+        ``request_timeout_s``), so a probe never touches the clients embedding.
+
+        Raises:
+            InferenceUnavailableError: the server is unreachable, starting or stopping, did not
+                answer in time, or has the model but not ready (loading, unloading, failed).
+            InferenceConfigurationError: the server is ready and does not know the model; the
+                message names the models it serves.
+        """
+        timeout = timeout_s if timeout_s is not None else self._settings.request_timeout_s
+        client = self._new_client(timeout)
         try:
-            client = self._connect()
-            return bool(
-                client.is_server_ready()
-                and client.is_model_ready(self._settings.model_name, self._settings.model_version)
+            self._check_ready(client, timeout)
+        finally:
+            _close_quietly(client)
+
+    def _check_ready(self, client: Any, timeout_s: float) -> None:
+        s = self._settings
+        where = f"Triton at {s.url} ({s.protocol})"
+        # The HTTP client's deadline is its network_timeout; gRPC's is given per call.
+        deadline = {"client_timeout": timeout_s} if s.protocol == "grpc" else {}
+        try:
+            if not client.is_server_ready(**deadline):
+                raise InferenceUnavailableError(f"{where} is not ready (starting or stopping)")
+            if client.is_model_ready(s.model_name, s.model_version, **deadline):
+                return
+            served = self._served_models(client, deadline)
+        except InferenceUnavailableError:
+            raise
+        except Exception as exc:  # any failure to answer means "unavailable"
+            why = str(exc) or type(exc).__name__
+            raise InferenceUnavailableError(f"{where} did not answer: {why}") from exc
+        if s.model_name not in served:
+            listed = ", ".join(sorted(served)) or "none"
+            raise InferenceConfigurationError(
+                f"{where} does not serve model {s.model_name!r} (it serves: {listed}): "
+                "fix triton.model_name or add the model to Triton's repository"
             )
-        except Exception as exc:  # any failure to answer means "not ready"
-            logger.debug("Triton readiness probe failed: %s", exc)
-            self._drop_client()
+        raise InferenceUnavailableError(
+            f"model {s.model_name!r} on {where} is not ready ({served[s.model_name]})"
+        )
+
+    def _served_models(self, client: Any, deadline: dict[str, float]) -> dict[str, str]:
+        """The repository index: every model the server knows (loaded or not) and its state."""
+        if self._settings.protocol == "grpc":
+            entries = client.get_model_repository_index(as_json=True, **deadline).get("models", [])
+        else:
+            entries = client.get_model_repository_index()
+        return {
+            str(entry["name"]): " ".join(
+                str(entry[key]) for key in ("state", "reason") if entry.get(key)
+            )
+            or "not loaded"
+            for entry in entries
+        }
+
+    def is_ready(self, timeout_s: float | None = None) -> bool:
+        """True when the server is up and the model is loaded (:meth:`check_ready`); never
+        raises."""
+        try:
+            self.check_ready(timeout_s)
+        except (InferenceUnavailableError, InferenceConfigurationError) as exc:
+            logger.debug("Triton readiness probe: %s", exc)
             return False
+        return True
+
+    def wait_until_ready(self, timeout_s: float, *, poll_s: float = 1.0) -> None:
+        """Block until the model is ready, for at most ``timeout_s`` (``triton.ready_timeout_s``;
+        0 does not wait, nor ask). Logs once when it has to wait, and when the wait is over.
+
+        Raises:
+            InferenceConfigurationError: the server is up and does not know the model (at once:
+                waiting cannot help).
+            InferenceUnavailableError: not ready within ``timeout_s``; the message names the
+                model, the URL and the last reason.
+        """
+        if timeout_s <= 0:
+            return
+        s = self._settings
+        began = time.monotonic()
+        deadline = began + timeout_s
+        waited = False
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.check_ready(min(_READY_PROBE_TIMEOUT_S, max(left, 0.1)))
+            except InferenceUnavailableError as exc:
+                if time.monotonic() + poll_s >= deadline:
+                    raise InferenceUnavailableError(
+                        f"Triton model {s.model_name!r} at {s.url} was not ready within "
+                        f"{timeout_s:g} s (triton.ready_timeout_s): {exc}; start Triton, or "
+                        "check triton.url and triton.protocol"
+                    ) from exc
+                if not waited:
+                    logger.info(
+                        "waiting up to %g s for Triton model %r at %s: %s",
+                        timeout_s,
+                        s.model_name,
+                        s.url,
+                        exc,
+                    )
+                    waited = True
+                time.sleep(poll_s)
+                continue
+            if waited:
+                logger.info(
+                    "Triton model %r at %s ready after %.1f s",
+                    s.model_name,
+                    s.url,
+                    time.monotonic() - began,
+                )
+            return
+
+    # Embedding ------------------------------------------------------------------------------
 
     def embed(
         self,
@@ -234,17 +371,40 @@ class TritonEmbedder:
         text = f"Triton {self._settings.url} model {self._settings.model_name!r}: {exc}"
         if status in _CONFIGURATION_STATUSES:
             return InferenceConfigurationError(text, stage=Stage.EMBED)
+        if status in _NOT_FOUND_STATUSES and (unknown := self._unknown_model()) is not None:
+            return unknown
         self._drop_client()
         overloaded = "queue" in str(exc).lower()
         reason = Reason.TRITON_OVERLOADED if overloaded else Reason.TRITON_UNAVAILABLE
         return InferenceUnavailableError(text, reason=reason, stage=Stage.EMBED)
 
-    def _drop_client(self) -> None:
-        # A broken channel can stay broken; the next call reconnects from scratch.
+    def _unknown_model(self) -> InferenceConfigurationError | None:
+        """The configuration error when a ready server does not know the model, else None.
+
+        "Model not found" alone cannot tell: a server still loading, or shutting down, says it
+        too. Its repository index can: a model it has never heard of will not appear by waiting.
+        """
         try:
-            self.close()
-        except Exception as exc:
-            logger.debug("closing Triton client failed: %s", exc)
+            self.check_ready(min(_READY_PROBE_TIMEOUT_S, self._settings.request_timeout_s))
+        except InferenceConfigurationError as exc:
+            return InferenceConfigurationError(str(exc), stage=Stage.EMBED)
+        except InferenceUnavailableError:
+            return None
+        return None  # ready by now: the request raced a load
+
+    def _drop_client(self) -> None:
+        # A broken channel can stay broken; this thread's next call reconnects from scratch.
+        with self._lock:
+            client = self._clients.pop(threading.current_thread(), None)
+        if client is not None:
+            _close_quietly(client)
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception as exc:  # closing a broken connection may fail; nothing is lost
+        logger.debug("closing Triton client failed: %s", exc)
 
 
 def _settle_http_requests(pending: list[Any], timeout_s: float) -> None:

@@ -2,15 +2,21 @@
 
 The settings section is turned into librdkafka configuration here, in one place: every client
 of the project (the producer, the worker's consumer, its dead-letter and re-queue producer) gets
-its delivery guarantees from these two functions.
+its delivery guarantees from these two functions, and its log lines go through a
+:class:`ClientLog`. :func:`require_broker` is the commands' first step: one clear line when the
+cluster does not answer, instead of librdkafka's reconnect attempts.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -21,21 +27,105 @@ logger = logging.getLogger(__name__)
 # librdkafka's own log lines (connection refused during a broker restart, ...) go through Python
 # logging instead of straight to stderr, so entry points decide where they end up.
 _client_logger = logging.getLogger("librdkafka")
+# What differs between two reports of one failure: durations, counts (and the reporting thread,
+# which a log line names and the error event does not).
+_VARYING = re.compile(r"\d+(?:\.\d+)?\s*(?:ms|s)\b|\d+ identical")
+_THREAD = re.compile(r"^\[thrd:[^\]]*\]: ")
+# A connection failure's broker prefix and attempt detail: "host:1/bootstrap: ... (after 0ms in
+# state CONNECT)"; the message they go in names the brokers already.
+_ATTEMPT_DETAIL = re.compile(r"^\S+/(?:bootstrap|\d+): |\s*\(after \d+ms in state \w+[^)]*\)")
+# Kinds a ClientLog remembers before it forgets those whose window is over.
+_MAX_KINDS = 1024
+
+
+class ClientLog:
+    """Where one client's librdkafka log lines and error events go: Python logging, each kind
+    once per ``window_s``.
+
+    While a broker is down librdkafka reports the same failure at every reconnect attempt,
+    several a second: the first report of a kind is logged, the repeats within ``window_s`` are
+    only counted, and the first one after the window is logged with that count. librdkafka's
+    error lines are logged as warnings: it retries them itself, and whoever waits on the client
+    (a delivery, a commit, a deadline) reports the failure that matters. Debug lines (librdkafka's
+    ``debug`` setting) pass unchanged. Pass it as ``logger`` and its :meth:`error` as
+    ``error_cb``; thread-safe.
+    """
+
+    def __init__(
+        self,
+        target: logging.Logger = _client_logger,
+        *,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._target = target
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # kind -> (when last logged, repeats since)
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        """What librdkafka calls (through confluent-kafka) for each log line."""
+        text = message % args if args else message
+        if level < logging.INFO:
+            self._target.log(level, "%s", text)
+            return
+        # confluent-kafka passes (facility, client name, line): the line alone says what happened.
+        self._emit(min(level, logging.WARNING), text, str(args[-1]) if args else text)
+
+    def error(self, error: KafkaError) -> None:
+        """librdkafka's error events (``error_cb``): fatal ones at error level, once each."""
+        level = logging.ERROR if error.fatal() else logging.WARNING
+        # Same kind as the log line librdkafka writes for most errors: one of the two is logged.
+        self._emit(level, f"{error.name()}: {error.str()}", error.str())
+
+    def _emit(self, level: int, text: str, what: str) -> None:
+        kind = _VARYING.sub("#", _THREAD.sub("", what))
+        now = self._clock()
+        with self._lock:
+            logged_at, repeats = self._seen.get(kind, (None, 0))
+            if logged_at is not None and now - logged_at < self._window_s:
+                self._seen[kind] = (logged_at, repeats + 1)
+                return
+            if len(self._seen) >= _MAX_KINDS:  # lines naming offsets and the like never repeat
+                self._seen = {
+                    k: seen for k, seen in self._seen.items() if now - seen[0] < self._window_s
+                }
+            self._seen[kind] = (now, 0)
+        if logged_at is not None and repeats:
+            self._target.log(
+                level, "%s (and %d more like it in %.0fs)", text, repeats, now - logged_at
+            )
+        else:
+            self._target.log(level, "%s", text)
+
+
+def _client_settings(settings: KafkaSettings) -> dict[str, Any]:
+    """What every client gets: the brokers, logging through a :class:`ClientLog`, the extras."""
+    log = ClientLog()
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "logger": log,
+        "error_cb": log.error,
+        # A broker closing an idle connection is routine, not worth a line.
+        "log.connection.close": False,
+    }
+    config.update(settings.extra)
+    return config
 
 
 def producer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     """A producer that never loses or duplicates an acknowledged write on broker failover."""
     config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
         # Keep retrying through a broker restart; delivery reports tell us if it gave up.
         "message.timeout.ms": 120_000,
-        "logger": _client_logger,
     }
-    config.update(settings.extra)
+    config.update(_client_settings(settings))
     config.update(overrides)
     return config
 
@@ -43,7 +133,6 @@ def producer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
 def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     """A consumer-group member whose offsets move only when the application commits them."""
     config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
         "group.id": settings.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -54,9 +143,8 @@ def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         # Cooperative rebalancing: adding a worker moves only the partitions it takes over.
         "partition.assignment.strategy": "cooperative-sticky",
-        "logger": _client_logger,
     }
-    config.update(settings.extra)
+    config.update(_client_settings(settings))
     config.update(overrides)
     return config
 
@@ -67,7 +155,7 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> None:
     Raises:
         BrokerUnavailableError: the cluster did not answer in time.
     """
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **settings.extra})
+    admin = AdminClient(_client_settings(settings))
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:
@@ -88,14 +176,48 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> None:
                 raise BrokerUnavailableError(f"creating topic {topic}: {exc}") from exc
 
 
-def broker_reachable(settings: KafkaSettings, *, timeout_s: float = 5.0) -> bool:
-    """Whether the cluster answers a metadata request within ``timeout_s``; never raises."""
-    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers, **settings.extra}
-    config["logger"] = _client_logger
+def broker_problem(settings: KafkaSettings, *, timeout_s: float = 5.0) -> str | None:
+    """Why the cluster did not answer a metadata request within ``timeout_s`` (librdkafka's first
+    reason, e.g. ``Connect to ipv4#127.0.0.1:1 failed: Connection refused``), or None when it
+    answered; never raises. The probe's own log lines are kept out of the log."""
+    causes: list[str] = []
+    config = _client_settings(settings)
+    config["logger"] = _Discard()
+    config["error_cb"] = lambda error: causes.append(error.str())
     admin = AdminClient(config)
     try:
         admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
-        logger.debug("Kafka %s did not answer: %s", settings.bootstrap_servers, exc)
-        return False
-    return True
+        admin.poll(0)  # serves the error events that say why
+        problem = causes[0] if causes else exc.args[0].str()
+        logger.debug("Kafka %s did not answer: %s", settings.bootstrap_servers, problem)
+        return _ATTEMPT_DETAIL.sub("", problem)
+    return None
+
+
+def broker_reachable(settings: KafkaSettings, *, timeout_s: float = 5.0) -> bool:
+    """Whether the cluster answers a metadata request within ``timeout_s``; never raises."""
+    return broker_problem(settings, timeout_s=timeout_s) is None
+
+
+def require_broker(settings: KafkaSettings, *, timeout_s: float) -> None:
+    """Return once the cluster answered a metadata request; fail in one line otherwise.
+
+    Raises:
+        BrokerUnavailableError: no answer within ``timeout_s``; the message names the bootstrap
+            servers, librdkafka's reason and what to do.
+    """
+    problem = broker_problem(settings, timeout_s=timeout_s)
+    if problem is not None:
+        raise BrokerUnavailableError(
+            f"Kafka at {settings.bootstrap_servers} did not answer within {timeout_s:g}s "
+            f"({problem}): start it, or point kafka.bootstrap_servers "
+            "(TRIDENT_KAFKA__BOOTSTRAP_SERVERS) at a running broker"
+        )
+
+
+class _Discard:
+    """A librdkafka logger that drops every line (the probe reports its one reason itself)."""
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        pass

@@ -41,6 +41,11 @@ float32 NCHW. Preprocessors return it, the Triton adapter sends it as it is."""
 
 _DTYPES: dict[InputFormat, str] = {"uint8_nhwc": "UINT8", "float32_nchw": "FP32"}
 
+PREPROCESS_BATCH_SIZES: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+"""The batch sizes the preprocessing pads a batch to unless told otherwise (each one is a shape
+compiled per scale bucket, see engine/resampling.py); the largest is the models' max_batch_size.
+``PreprocessSettings.batch_sizes``, the preprocessors and the earlier API's config default to it."""
+
 
 class ModelSpec(BaseModel):
     """Name, tensors, batching, runtime tuning and version tag of one served embedding model."""
@@ -52,6 +57,10 @@ class ModelSpec(BaseModel):
     input_name: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     input_format: InputFormat = "float32_nchw"
     image_size: int = Field(224, ge=1)
+    # The built-in preprocessing resizes the shorter side to this, then crops the centre
+    # image_size square (the usual 224/256 crop); resize_short_side_for keeps the ratio for
+    # another crop size.
+    resize_short_side: int = Field(256, ge=1)
     # Folded into the uint8 graph (per RGB channel, 0-255 scale); float32 callers normalise.
     input_mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     input_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
@@ -86,6 +95,11 @@ class ModelSpec(BaseModel):
         side = self.image_size
         return (side, side, 3) if self.input_format == "uint8_nhwc" else (3, side, side)
 
+    def resize_short_side_for(self, image_size: int) -> int:
+        """The shorter side an image is resized to before its centre ``image_size`` crop: the
+        model's own ratio, ``resize_short_side / self.image_size``, rounded to a pixel."""
+        return round(image_size * self.resize_short_side / self.image_size)
+
     @property
     def input_dtype(self) -> str:
         """The input's Triton data type name (``UINT8`` or ``FP32``)."""
@@ -98,6 +112,11 @@ class ModelSpec(BaseModel):
             raise ValueError(f"preferred_batch_sizes {bad} outside 1..{self.max_batch_size}")
         if self.input_name == self.output_name:
             raise ValueError("input_name and output_name must differ")
+        if self.resize_short_side < self.image_size:
+            raise ValueError(
+                f"resize_short_side {self.resize_short_side} is smaller than the crop, "
+                f"image_size {self.image_size}"
+            )
         if min(self.input_std) <= 0:
             raise ValueError(f"input_std must be positive, got {self.input_std}")
         return self

@@ -6,9 +6,10 @@
   shape, pads batches to one of ``batch_sizes``, jit-compiles the ``vmap`` of the function once
   per batch size (cached), and returns NCHW float32 (an HWC result is transposed).
 - :class:`JAXImagePreprocessor`: the built-in one, the project's banded resampling
-  (:class:`engine.resampling.JaxPreprocessor`: shorter side to 256/224 of ``image_size``,
-  centre crop, ``(x / 255 - mean) / std``); with ``output="uint8_nhwc"`` it stops before
-  normalising and returns the cropped uint8 pixels NHWC, for the model that normalises itself.
+  (:class:`engine.resampling.JaxPreprocessor`: shorter side resized by the model's ratio,
+  :meth:`engine.models.ModelSpec.resize_short_side_for`, centre crop,
+  ``(x / 255 - mean) / std``); with ``output="uint8_nhwc"`` it stops before normalising and
+  returns the cropped uint8 pixels NHWC, for the model that normalises itself.
 - :func:`build_preprocessor`: the one preprocessor the settings describe (``preprocess.class``
   names a subclass by import path), used by the worker, the query API and the pipeline so that
   what is searched is embedded exactly as what was stored. Its output is ``preprocess.output``
@@ -25,7 +26,7 @@ import hashlib
 import importlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from pydantic import ValidationError
 from engine.errors import ConfigurationError, ImageContentError, ImageReferenceError, TridentError
 from engine.fetch import ImageFetcher
 from engine.images import decode_image
-from engine.models import InputFormat, ModelBatch
+from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES, InputFormat, ModelBatch
 from engine.resampling import Device, JaxPreprocessor, select_device
 from engine.settings import FetchSettings, PreprocessSettings
 from schemas.events import reference_from_string
@@ -47,14 +48,18 @@ from schemas.events import reference_from_string
 logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | npt.NDArray[np.uint8]
-DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+FenceHints = Mapping[str, str]
+"""What a user can do about a reference the fetch fence refused (by error reason), in the
+terms of the API they called: the pipeline takes a config, a preprocessor its ``fetch``."""
+_SPEC = DEFAULT_MODEL_SPEC
 # The model's own normalisation, (x - 127) / 128, written on the earlier API's 0-1 scale.
-MODEL_MEAN = (127 / 255, 127 / 255, 127 / 255)
-MODEL_STD = (128 / 255, 128 / 255, 128 / 255)
-# What a notebook user can do about a reference the fetch fence refused.
-_FENCE_HINTS = {
-    "path_not_allowed": "add its folder to config.fetch.allowed_roots (fetch.allowed_roots)",
-    "forbidden_address": "if the host is trusted, list it in config.fetch.allowed_hosts",
+MODEL_MEAN = (_SPEC.input_mean[0] / 255, _SPEC.input_mean[1] / 255, _SPEC.input_mean[2] / 255)
+MODEL_STD = (_SPEC.input_std[0] / 255, _SPEC.input_std[1] / 255, _SPEC.input_std[2] / 255)
+PREPROCESSOR_FENCE_HINTS: FenceHints = {
+    "path_not_allowed": "pass the preprocessor fetch=FetchSettings(allowed_roots=[<its folder>]) "
+    "(engine.settings; the default allows the current directory only)",
+    "forbidden_address": "if the host is trusted, pass the preprocessor "
+    "fetch=FetchSettings(allowed_hosts=[<the host>]) (engine.settings)",
 }
 
 
@@ -68,13 +73,21 @@ class LoadedImage:
 
 
 def load_images(
-    fetcher: ImageFetcher, inputs: Sequence[str | Path], *, max_pixels: int, short_side: int
+    fetcher: ImageFetcher,
+    inputs: Sequence[str | Path],
+    *,
+    max_pixels: int,
+    short_side: int,
+    fence_hints: FenceHints,
 ) -> list[LoadedImage]:
     """Fetch (concurrently) and decode paths or http(s) URLs, in input order.
 
+    ``fence_hints`` say, by error reason, how the caller's user lets the fence pass a reference.
+
     Raises:
         ImageReferenceError: an input cannot be followed (missing, outside the allowed roots,
-            forbidden address); the message names it and, for a path outside the roots, the fix.
+            forbidden address); the message names it and, for a fenced-off one, the fix
+            (``fence_hints``).
         ImageContentError: an input is not a usable image.
         FetchUnavailableError: an image host or the filesystem failed; try again.
     """
@@ -86,7 +99,7 @@ def load_images(
     loaded = []
     for reference, result in zip(references, fetcher.fetch_many(refs), strict=True):
         if isinstance(result, TridentError):
-            hint = _FENCE_HINTS.get(result.reason)
+            hint = fence_hints.get(result.reason)
             if hint:
                 raise ImageReferenceError(f"{result}; {hint}", reason=result.reason) from result
             raise result
@@ -108,12 +121,12 @@ class BaseJAXPreprocessor:
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = (224, 224),
+        image_size: int | Sequence[int] = (_SPEC.image_size, _SPEC.image_size),
         use_gpu: bool = False,
         *,
         jax_platform: str | None = None,
         device: Device | None = None,
-        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+        batch_sizes: Sequence[int] = PREPROCESS_BATCH_SIZES,
         fetch: FetchSettings | None = None,
         data_format: str = "NCHW",
     ) -> None:
@@ -235,6 +248,7 @@ class BaseJAXPreprocessor:
                     references,
                     max_pixels=self._fetch.max_pixels,
                     short_side=self.decode_short_side,
+                    fence_hints=PREPROCESSOR_FENCE_HINTS,
                 )
             fetched = [item.pixels for item in loaded]
         remaining = iter(fetched)
@@ -268,7 +282,7 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = (224, 224),
+        image_size: int | Sequence[int] = (_SPEC.image_size, _SPEC.image_size),
         mean: Sequence[float] = MODEL_MEAN,
         std: Sequence[float] = MODEL_STD,
         cache_compiled: bool = True,
@@ -278,10 +292,11 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
         **kwargs: Any,
     ) -> None:
         """``image_size`` must be square; the shorter side is resized to ``resize_short_side``
-        (default ``image_size * 256 / 224``, the model's ratio). ``cache_compiled`` compiles
-        every batch shape now (seconds) instead of on first use. ``output="uint8_nhwc"``
-        returns the cropped pixels for the model that normalises itself (``mean`` and ``std``
-        must then be the model's). Other keywords as :class:`BaseJAXPreprocessor`.
+        (default: the model's ratio, :meth:`ModelSpec.resize_short_side_for`, 256 for 224).
+        ``cache_compiled`` compiles every batch shape now (seconds) instead of on first use.
+        ``output="uint8_nhwc"`` returns the cropped pixels for the model that normalises itself
+        (``mean`` and ``std`` must then be the model's). Other keywords as
+        :class:`BaseJAXPreprocessor`.
 
         Raises:
             ConfigurationError: a non-square size, or sizes, normalisation, output or device
@@ -293,7 +308,7 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
             raise ConfigurationError(
                 f"image_size must be square for the built-in preprocessing, got {self.image_size}"
             )
-        short = resize_short_side or round(side * 256 / 224)
+        short = resize_short_side or _SPEC.resize_short_side_for(side)
         if output == "uint8_nhwc" and not _is_model_normalisation(mean, std):
             raise ConfigurationError(
                 f"output 'uint8_nhwc' leaves normalisation to the model; mean {tuple(mean)} and "

@@ -60,11 +60,33 @@ Consistency = Literal["Strong", "Session"]
 
 @dataclass(frozen=True, slots=True)
 class StoredVersion:
-    """What the stale-version guard and the inference skip need to know of a stored record."""
+    """What the stale-version guard and the inference skip need to know of a stored record.
+
+    ``deleted``: the fact is a tombstone (a delete at ``event_version`` is what is kept; no row,
+    so ``content_sha256`` and ``model_version`` are empty and nothing can be reused from it).
+    """
 
     event_version: int
     content_sha256: str
     model_version: str
+    deleted: bool = False
+
+    @classmethod
+    def tombstone(cls, event_version: int) -> StoredVersion:
+        return cls(event_version, "", "", deleted=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One stored record as the store answers it (no vector): what an item's page shows."""
+
+    id: str
+    metadata: dict[str, Any]
+    source: str
+    event_version: int
+    model_version: str
+    content_sha256: str
+    ingested_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)

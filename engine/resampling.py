@@ -11,13 +11,15 @@ Per image: shorter side resized to ``resize_short_side`` with Pillow's bicubic f
   resampling rounds to uint8 after each pass, as Pillow does.
 
 :func:`reference_pixels` / :func:`reference_preprocess` do the same with Pillow and numpy and
-are the definition the JAX path is tested against.
+are the definition the JAX path is tested against. Both take the two passes in the order
+:func:`vertical_first` fixes, whatever the installed Pillow's own ``resize`` does.
 
 How the JAX path stays fast and compiles once:
 
-- Only the crop is computed, as two banded passes (horizontal then vertical, as Pillow does,
-  with Pillow's uint8 rounding in between). Each output pixel gathers the few input taps it
-  needs; the weights are computed inside ``jit`` from each image's true scale.
+- Only the crop is computed, as two banded passes with Pillow's uint8 rounding in between, in a
+  fixed order (:func:`vertical_first`: Pillow 13's; the installed Pillow never changes it, so
+  neither does a rebuild). Each output pixel gathers the few input taps it needs; the weights
+  are computed inside ``jit`` from each image's true scale.
 - ``vmap`` needs one input shape per batch, so each image's source region (the input pixels the
   crop depends on) is copied to a square canvas of a fixed size per scale bucket: a region is
   about ``image_size * scale`` pixels wide, so bucket ``b`` (scale <= b) has canvas side
@@ -43,28 +45,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
-import PIL
 from PIL import Image
 
-from engine.models import InputFormat, ModelBatch
+from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES, InputFormat, ModelBatch
 
 logger = logging.getLogger(__name__)
 
-MEAN = 127.0
-STD = 128.0
 # Per-channel (R, G, B) normalisation on the 0-255 scale; the model's own by default.
 Channels = tuple[float, float, float]
-MODEL_MEAN: Channels = (MEAN, MEAN, MEAN)
-MODEL_STD: Channels = (STD, STD, STD)
+MODEL_MEAN: Channels = DEFAULT_MODEL_SPEC.input_mean
+MODEL_STD: Channels = DEFAULT_MODEL_SPEC.input_std
+# The model's normalisation is the same for every channel: these are its one mean and std.
+MEAN = MODEL_MEAN[0]
+STD = MODEL_STD[0]
+# The model's input size and the shorter side it is cropped from.
+_SIZE = DEFAULT_MODEL_SPEC.image_size
+_SHORT_SIDE = DEFAULT_MODEL_SPEC.resize_short_side
 DEFAULT_SCALE_BUCKETS = (1.0, 2.0, 4.0, 8.0)
 # Larger buckets get only the batch sizes whose canvases (RGB + packed words) fit in this.
 _CANVAS_BUDGET_BYTES = 128 << 20
 _BICUBIC_A = -0.5  # Pillow's cubic kernel parameter
 _BICUBIC_SUPPORT = 2.0
-# Pillow resamples horizontally, then vertically, rounding to uint8 in between. Since Pillow 13
-# it goes vertical-first when the height shrinks by more than twice as many pixels as the width
-# (found by matching its output; python-pillow/Pillow#9549). The order changes the rounding.
-_PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 
 Device = Literal["auto", "cpu", "gpu"]
 
@@ -79,8 +80,25 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return (2 * height * short_side + width) // (2 * width), short_side
 
 
+def vertical_first(height: int, width: int, short_side: int) -> bool:
+    """Whether an image is resampled vertically first: when resizing its shorter side to
+    ``short_side`` shrinks the height by more than twice as many pixels as the width.
+
+    The order of the two passes changes the uint8 rounding in between, so it is part of what an
+    embedding is: it is fixed here, whatever Pillow is installed, so that a rebuild cannot change
+    the vectors stored under one model tag. It is the order of Pillow 13 (found by matching its
+    output; python-pillow/Pillow#9549), the Pillow the kernel was built against; Pillow before
+    13 always goes horizontal first. The JAX kernel and :func:`reference_pixels` both follow it.
+    """
+    out_h, out_w = resized_size(height, width, short_side)
+    return out_h < height and height - out_h > 2 * (width - out_w)
+
+
 def reference_pixels(
-    image: npt.NDArray[np.uint8], *, image_size: int = 224, resize_short_side: int = 256
+    image: npt.NDArray[np.uint8],
+    *,
+    image_size: int = _SIZE,
+    resize_short_side: int = _SHORT_SIDE,
 ) -> npt.NDArray[np.uint8]:
     """Pillow resize + centre crop of one RGB uint8 ``[h, w, 3]`` image to uint8 ``[s, s, 3]``.
 
@@ -89,7 +107,15 @@ def reference_pixels(
     """
     height, width = _check_image(image)
     out_h, out_w = resized_size(height, width, resize_short_side)
-    resized = Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BICUBIC)
+    # Pillow skips the pass of an axis whose size stays, so two one-axis resizes are its two
+    # passes in our order, whatever order its own two-axis resize takes in this version.
+    if vertical_first(height, width, resize_short_side):
+        steps = ((width, out_h), (out_w, out_h))
+    else:
+        steps = ((out_w, height), (out_w, out_h))
+    resized = Image.fromarray(image)
+    for size in steps:
+        resized = resized.resize(size, Image.Resampling.BICUBIC)
     top, left = (out_h - image_size) // 2, (out_w - image_size) // 2
     return np.ascontiguousarray(
         np.asarray(resized)[top : top + image_size, left : left + image_size]
@@ -99,8 +125,8 @@ def reference_pixels(
 def reference_preprocess(
     image: npt.NDArray[np.uint8],
     *,
-    image_size: int = 224,
-    resize_short_side: int = 256,
+    image_size: int = _SIZE,
+    resize_short_side: int = _SHORT_SIDE,
     mean: Channels = MODEL_MEAN,
     std: Channels = MODEL_STD,
 ) -> npt.NDArray[np.float32]:
@@ -144,9 +170,9 @@ class JaxPreprocessor:
     def __init__(
         self,
         *,
-        image_size: int = 224,
-        resize_short_side: int = 256,
-        batch_sizes: Sequence[int] = (1, 4, 8, 16, 32, 64),
+        image_size: int = _SIZE,
+        resize_short_side: int = _SHORT_SIDE,
+        batch_sizes: Sequence[int] = PREPROCESS_BATCH_SIZES,
         device: Device = "auto",
         scale_buckets: Sequence[float] = DEFAULT_SCALE_BUCKETS,
         mean: Channels = MODEL_MEAN,
@@ -283,7 +309,7 @@ class JaxPreprocessor:
         if y1 - y0 > canvas or x1 - x0 > canvas:  # _make_bucket's bound guarantees otherwise
             raise AssertionError(f"region {y1 - y0}x{x1 - x0} exceeds canvas {canvas}")
         region = image[y0:y1, x0:x1]
-        if _PILLOW_VERTICAL_FIRST and out_h < height and height - out_h > 2 * (width - out_w):
+        if vertical_first(height, width, self.resize_short_side):
             return _Placement(bucket, region.transpose(1, 0, 2), x_params + y_params, True)
         return _Placement(bucket, region, y_params + x_params, False)
 

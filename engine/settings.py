@@ -1,10 +1,11 @@
 """Typed settings, read once at an entry point and passed down.
 
-:func:`load_settings` (the entry points' loader, and the only reader of the environment) merges,
-later ones winning: defaults, a YAML file, environment variables prefixed ``TRIDENT_`` with
-``__`` between nesting levels (``TRIDENT_KAFKA__BOOTSTRAP_SERVERS=host:9092``). ``Settings(...)``
-built in code means exactly what it says: the environment is not consulted. An unknown key in any
-section is an error naming it. Core classes receive the section they need.
+:func:`load_settings` (the entry points' loader, and the only reader of ``TRIDENT_*``
+variables) merges, later ones winning: defaults, a YAML file, environment variables prefixed
+``TRIDENT_`` with ``__`` between nesting levels (``TRIDENT_KAFKA__BOOTSTRAP_SERVERS=host:9092``).
+``Settings(...)`` built in code means exactly what it says: the environment is not consulted.
+(The earlier API's ``jax_embedding.config`` reads the earlier pipeline's own variables.) An
+unknown key in any section is an error naming it. Core classes receive the section they need.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from engine.errors import ConfigurationError
 from engine.indexes import IndexSpec, IndexType, Metric
 from engine.models import (
     DEFAULT_MODEL_SPEC,
+    PREPROCESS_BATCH_SIZES,
     SERVED_MODEL_SPECS,
     UINT8_MODEL_SPEC,
     InputFormat,
@@ -50,6 +52,12 @@ class KafkaSettings(_Section):
     # partitions: the worker pauses and rewinds long before this.
     max_poll_interval_ms: int = 300_000
     topic_partitions: int = Field(4, description="Partitions when the worker creates the topic.")
+    connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long trident-produce and trident-dlq wait for the cluster's first answer "
+        "before they report it unreachable.",
+    )
     extra: dict[str, str] = Field(default_factory=dict, description="Raw librdkafka settings.")
     event_limits: EventLimits = Field(
         default_factory=EventLimits, description="What one ingest event may hold (bytes)."
@@ -169,11 +177,15 @@ class PreprocessSettings(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+    batch_sizes: tuple[int, ...] = PREPROCESS_BATCH_SIZES
     image_size: int = Field(DEFAULT_MODEL_SPEC.image_size, ge=1)
-    resize_short_side: int = Field(256, ge=1)
-    mean: tuple[float, float, float] = Field((127.0, 127.0, 127.0), description="0-255 scale.")
-    std: tuple[float, float, float] = Field((128.0, 128.0, 128.0), description="0-255 scale.")
+    resize_short_side: int = Field(DEFAULT_MODEL_SPEC.resize_short_side, ge=1)
+    mean: tuple[float, float, float] = Field(
+        DEFAULT_MODEL_SPEC.input_mean, description="0-255 scale."
+    )
+    std: tuple[float, float, float] = Field(
+        DEFAULT_MODEL_SPEC.input_std, description="0-255 scale."
+    )
     class_: str = Field("", alias="class", pattern=r"^$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the custom class."
@@ -239,8 +251,17 @@ class RetrySettings(_Section):
 
 class WorkerSettings(_Section):
     health_host: str = "127.0.0.1"
-    health_port: int = 9400
+    health_port: int = Field(
+        9400, ge=0, le=65535, description="0: any free port, logged at start (several workers)."
+    )
     shutdown_grace_s: float = 30.0
+    revoke_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="The one deadline for giving partitions up in a rebalance (commit, wait for "
+        "the upsert in flight); what is left then is redone by the new owner. Below "
+        "kafka.max_poll_interval_ms.",
+    )
     liveness_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -338,6 +359,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _revoke_fits_the_poll_interval(self) -> Self:
+        # The revoke runs inside the consumer's poll: past max.poll.interval.ms the member is
+        # thrown out of the group, and the bounded revoke would be for nothing.
+        if self.worker.revoke_timeout_s * 1000 >= self.kafka.max_poll_interval_ms:
+            raise ValueError(
+                f"worker.revoke_timeout_s ({self.worker.revoke_timeout_s:g}) must be below "
+                f"kafka.max_poll_interval_ms ({self.kafka.max_poll_interval_ms} ms)"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -376,19 +408,21 @@ def load_settings(path: Path | str | None = None) -> Settings:
     values = read_yaml_mapping(path, "settings file") if path is not None else {}
     try:
         environment = EnvSettingsSource(Settings)()
-        settings = Settings(**_merged(values, environment))
+        settings = Settings(**merged_sections(values, environment))
     except ValueError as exc:
         raise ConfigurationError(f"invalid settings: {exc}") from exc
     return settings
 
 
-def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``, section by section (an env var replaces one key)."""
+def merged_sections(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, section by section: a mapping in both is merged key by
+    key (so an environment variable replaces one key, not its section), anything else in
+    ``override`` replaces the value. Neither argument is modified."""
     merged = dict(base)
     for key, value in override.items():
         current = merged.get(key)
         if isinstance(current, dict) and isinstance(value, dict):
-            merged[key] = _merged(current, value)
+            merged[key] = merged_sections(current, value)
         else:
             merged[key] = value
     return merged

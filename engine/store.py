@@ -1,18 +1,35 @@
 """Milvus adapter: collections, upserts, lookups and similarity search.
 
-Owns pymilvus's errors, classified by what was asked, never by who asked:
+Owns pymilvus's errors, classified by their codes (the server's, which pymilvus passes on, or
+the gRPC status under pymilvus's own error) and by what was asked, never by who asked:
 
-- connection failures, timeouts, "not ready" and rate limiting: :class:`StoreUnavailableError`
-  (retriable) for every operation;
-- a write refused for its values (code 1100 "exceeds max length", a type or dimension mismatch,
-  any other invalid parameter, a value that cannot be packed): :class:`InvalidRowError`
-  (permanent; the caller isolates the rows by bisecting the batch, see ``worker.pipeline``),
-  after :meth:`VectorStore.validate` has already caught what can be checked before writing; any
-  other refusal of a write is retriable;
-- a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`;
-- a collection that does not exist: :class:`UnknownCollectionError`;
-- credentials the server refuses: :class:`ConfigurationError` (fix ``milvus.token``);
+- connection failures, timeouts, "not ready", quotas and rate limiting:
+  :class:`StoreUnavailableError` (retriable) for every operation;
+- credentials the server refuses: :class:`StoreAuthenticationError` (a
+  :class:`ConfigurationError`: fix ``milvus.token``), never an outage;
+- a write refused for its values (code 1100 "exceeds max length", a value that cannot be packed):
+  :class:`InvalidRowError` (permanent; the caller isolates the rows by bisecting the batch, see
+  ``worker.pipeline``), after :meth:`VectorStore.validate` has already caught what can be checked
+  before writing; any other refusal of a write is retriable;
+- a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`, and so
+  is an index it refuses (``invalid_index``; the collection made for it is dropped again);
+- a collection that does not exist: :class:`UnknownCollectionError`; one that exists, but with
+  another dimension or without a vector index: :class:`CollectionConflictError`;
 - any other refusal of a read or of collection management: retriable (nothing a record did).
+
+The message is read only where the server gives no code at all (see ``_kind_of``).
+
+Deletes keep a **tombstone** per deleted id, so that a delete's version outlives the row it
+removed (an upsert older than a delete must never bring the id back, whenever it arrives):
+Milvus has no "deleted" marker, so the tombstones of collection ``c`` live in a companion
+collection, :func:`tombstone_collection` (``c__tombstones``), made on the first delete: the id,
+the delete's version and when it was written, plus the 2-d constant vector Milvus requires of
+every collection. The companion lives and dies with its collection (:meth:`VectorStore.
+drop_collection` drops both), is never listed, and its name is reserved. :meth:`VectorStore.
+stored_versions` answers the newer of the row and the tombstone of each id.
+
+Ids are written into expressions JSON-quoted (``_ids_expr``), which Milvus's parser reads with
+the same escapes: an id holding quotes or backslashes names itself and nothing else.
 
 The write path (:meth:`VectorStore.upsert`) does not go through pymilvus's rows API, whose
 float-by-float packing of 1280-d vectors cost more CPU than the server's work: requests are
@@ -25,13 +42,14 @@ holds them to what the rows API does.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -50,11 +68,13 @@ from pymilvus.exceptions import (
 )
 
 from engine.errors import (
+    CollectionConflictError,
     ConfigurationError,
     InvalidQueryError,
     InvalidRowError,
     Reason,
     Stage,
+    StoreAuthenticationError,
     StoreUnavailableError,
     TridentError,
     UnknownCollectionError,
@@ -66,12 +86,13 @@ from engine.records import (
     CollectionInfo,
     Consistency,
     Hit,
+    StoredRecord,
     StoredVersion,
     VectorRecord,
 )
 from engine.settings import MilvusSettings
 from engine.store_requests import pack_upsert
-from schemas.events import ID_MAX_BYTES, SOURCE_MAX_BYTES
+from schemas.events import ID_MAX_BYTES, SOURCE_MAX_BYTES, VERSION_MAX
 from schemas.events import METADATA_MAX_BYTES as SCHEMA_METADATA_MAX_BYTES
 from schemas.search import COLLECTION_NAME_PATTERN
 
@@ -89,38 +110,81 @@ MODEL_VERSION_MAX_BYTES = 128
 # flight overlap the server's stages (proxy, log, data and query nodes) and the client's packing.
 UPSERT_CHUNK_ROWS = 1_000
 UPSERT_IN_FLIGHT = 4
+# How long create_collection waits for a creator beside it (workers starting at once) to index
+# the collection it has just made, before calling it a collection without an index.
+INDEX_WAIT_S = 5.0
 
 _COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
+_COLLECTION_NAME_MAX = 255
 
-# Fragments of pymilvus/server messages that mean "try again later", not "you are wrong".
-_TRANSIENT_MARKERS = (
-    "unavailable",
+# The companion collection of tombstones (module docstring): its name's suffix, reserved, and
+# its fields. Milvus 2.3 cannot hold a collection without a vector field, nor load one without
+# an index: a constant 2-d vector under a FLAT index costs 8 bytes a row and no index build.
+TOMBSTONE_SUFFIX = "__tombstones"
+TOMBSTONE_FIELDS = ("id", "event_version", "deleted_at_ms")
+_TOMBSTONE_VECTOR = "_tombstone"
+_TOMBSTONE_DIM = 2
+# Ids per read or delete request: bounds the expression, and stays under Milvus's query window.
+IDS_PER_REQUEST = 1_000
+# Milvus refuses a query window (offset + limit) above this.
+QUERY_LIMIT_MAX = 16_384
+
+# Milvus's error codes (its ``merr`` package: ``status.code`` from 2.3 on, MilvusException.code),
+# which pymilvus also uses for what it finds itself (2: it could not connect, with the gRPC error
+# chained). Servers before 2.3 give only the legacy ``error_code`` (``compatible_code``).
+_COLLECTION_NOT_FOUND = 100
+_INVALID_PARAMETER_CODES = frozenset({1100, 1101, 1102})  # invalid, missing, too large
+_AUTHENTICATION_CODES = frozenset({1400, 1800})  # not authenticated, needs authentication
+_NOT_PERMITTED = 1401
+# "Try again later": not ready or unavailable (1, 2), over a memory, request, disk, rate or
+# resource quota (3, 4, 7, 8, 9, 12, 1807), time tick lag (11), a collection or partition still
+# loading (101, 103, 106, 201, 202), replicas, channels, segments or nodes coming and going
+# (400-906), I/O and the message queue (1001, 1002, 1302, 1303), the server's own cancel and
+# timeout (10000, 10001).
+_UNAVAILABLE_CODES = frozenset(
+    {1, 2, 3, 4, 7, 8, 9, 11, 12, 101, 103, 106, 201, 202, 400, 401, 500, 501, 503, 504}
+    | {600, 601, 602, 604, 901, 902, 903, 904, 905, 906, 1001, 1002, 1302, 1303, 1807}
+    | {10000, 10001}
+)
+# No code: 0 (a server before 2.3) and 65535 (merr's "unexpected error": an error the server
+# passed on without one). Then the legacy code decides, if it says anything:
+_LEGACY_NOT_FOUND = frozenset({4, 28})  # CollectionNotExists, CollectionNameNotFound
+_LEGACY_INVALID = frozenset({5})  # IllegalArgument
+# NotShardLeader, NoReplicaAvailable, ForceDeny, RateLimit, InsufficientMemoryToLoad, memory and
+# disk quotas, TimeTickLongDelay, NotReadyServe, NotReadyCoordActivating, DataCoordNA.
+_LEGACY_UNAVAILABLE = frozenset({45, 46, 48, 49, 52, 53, 54, 55, 56, 57, 100})
+_NO_CODE = frozenset({0, 65535})
+# ... and, as a last resort where neither code says anything, the message: Milvus 2.3 passes
+# some errors of its query nodes (a node gone, a channel not ready) and of the data (a vector
+# of another size) on without a code.
+_TRANSIENT_WORDS = (
     "not ready",
-    "connect",
+    "unavailable",
     "timeout",
     "timed out",
     "deadline",
     "rate limit",
-    "ratelimit",
     "too many requests",
-    "service not available",
-    "server is closed",
     "node not found",
     "no available",
-    "channel not ready",
-    "collection not loaded",
+    "not loaded",
     "not healthy",
     "abnormal",
 )
-# What says "this request's values are wrong", not "I am unwell": pymilvus's own checks of the
-# data, the server's ErrParameterInvalid (code 1100: a VARCHAR over max_length, a wrong type or
-# dimension...). Any other refusal of a write is taken as transient: misreading an outage as bad
-# rows would dead-letter good records.
+_REFUSED_ROW_WORDS = ("invalid parameter", "exceeds max length", "mismatch")
+# pymilvus's own checks of the data before sending it.
 _INVALID_DATA_ERRORS = (ParamError, DataNotMatchException, DataTypeNotMatchException)
-_INVALID_PARAMETER_CODE = 1100
-_INVALID_ROW_MARKERS = ("invalid parameter", "exceeds max length", "mismatch")
-# ... and ones that mean the collection is gone (dropped after our cache looked it up).
-_MISSING_COLLECTION_MARKERS = ("collection not found", "can't find collection")
+
+
+class _Kind(Enum):
+    """What a failure says, before what was asked decides what it means (``_translate``)."""
+
+    UNAVAILABLE = "unavailable"
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_PERMITTED = "not_permitted"
+    NO_COLLECTION = "no_collection"
+    BAD_VALUES = "bad_values"  # the request's values, for certain
+    REFUSED = "refused"  # refused, for no reason given
 
 
 class _Operation(Enum):
@@ -130,6 +194,11 @@ class _Operation(Enum):
     WRITE = "write"
     SEARCH = "search"
     ADMIN = "admin"
+    INDEX = "index"  # building an index: a refusal is of its parameters
+    DELETE = "delete"  # a write, for a delete: a refusal of its values is the delete's
+
+
+_WRITES = frozenset({_Operation.WRITE, _Operation.DELETE})
 
 
 def _description_of(text: str) -> dict[str, str]:
@@ -174,6 +243,8 @@ class VectorStore:
         self._lock = threading.Lock()
         self._retired: list[tuple[MilvusClient, float]] = []
         self._collections: dict[str, CollectionInfo] = {}
+        # Companion collections of tombstones this store found (or made) and loaded.
+        self._tombstones: set[str] = set()
 
     @property
     def default_collection(self) -> str:
@@ -187,6 +258,7 @@ class VectorStore:
                 clients.append(self._client)
             self._client, self._retired = None, []
             self._collections.clear()
+            self._tombstones.clear()
         for client in clients:
             _close_quietly(client)
 
@@ -224,11 +296,15 @@ class VectorStore:
         self, operation: _Operation, what: str, method: str, *args: Any, **kwargs: Any
     ) -> Any:
         """Run one client call, translating pymilvus and gRPC errors into ours."""
+        kwargs.setdefault("timeout", self._settings.timeout_s)
+        return self._run(operation, what, lambda client: getattr(client, method)(*args, **kwargs))
+
+    def _run(self, operation: _Operation, what: str, calls: Callable[[MilvusClient], Any]) -> Any:
+        """Run ``calls`` on this store's client, translating pymilvus and gRPC errors into ours."""
         client: MilvusClient | None = None
         try:
             client = self._connect()
-            kwargs.setdefault("timeout", self._settings.timeout_s)
-            return getattr(client, method)(*args, **kwargs)
+            return calls(client)
         except (MilvusException, grpc.RpcError, OSError, TimeoutError) as exc:
             error = self._translate(exc, operation, what)
             if isinstance(error, StoreUnavailableError) and client is not None:
@@ -236,22 +312,35 @@ class VectorStore:
             raise error from exc
 
     def _translate(self, exc: BaseException, operation: _Operation, what: str) -> TridentError:
-        text = f"Milvus {self._settings.uri}: {what} failed: {exc}"
-        code = getattr(exc, "code", None)  # grpc.Call errors carry their status
-        if callable(code) and code() is grpc.StatusCode.UNAUTHENTICATED:
-            return ConfigurationError(f"{text} (check milvus.token)")
-        lowered = str(exc).lower()
-        if not isinstance(exc, MilvusException) or any(m in lowered for m in _TRANSIENT_MARKERS):
-            return StoreUnavailableError(text)
-        if any(marker in lowered for marker in _MISSING_COLLECTION_MARKERS):
+        kind = _kind_of(exc, operation)
+        uri = self._settings.uri
+        text = f"Milvus {uri}: {what} failed: {_detail(exc)}"
+        if kind is _Kind.UNAUTHENTICATED:
+            given = "the token was refused" if self._settings.token else "no token is set"
+            return StoreAuthenticationError(
+                f"Milvus {uri}: authentication failed ({given}: {_auth_detail(exc)}). Pass a valid "
+                'token ("user:password" or an API key) as the milvus.token setting (environment '
+                "TRIDENT_MILVUS__TOKEN); for jax-embedding, milvus.token (environment "
+                "MILVUS_TOKEN), or milvus.user and milvus.password, in its configuration"
+            )
+        if kind is _Kind.NOT_PERMITTED:
+            return ConfigurationError(
+                f"{text} (the user of milvus.token lacks the privilege: grant it, or use another)"
+            )
+        if kind is _Kind.NO_COLLECTION:
             self._collections.clear()
+            self._tombstones.clear()
             return UnknownCollectionError(text)
-        if operation is _Operation.WRITE:
-            if _refuses_the_data(exc):
-                return InvalidRowError(text, stage=Stage.UPSERT)
-            return StoreUnavailableError(text)
-        if operation is _Operation.SEARCH:
+        refused = kind is _Kind.REFUSED or kind is _Kind.BAD_VALUES
+        if refused and operation is _Operation.SEARCH:
             return InvalidQueryError(text, stage=Stage.SEARCH)
+        if refused and operation is _Operation.INDEX:
+            return InvalidQueryError(text, reason=Reason.INVALID_INDEX)
+        if kind is _Kind.BAD_VALUES and operation in _WRITES:
+            stage = Stage.DELETE if operation is _Operation.DELETE else Stage.UPSERT
+            return InvalidRowError(text, stage=stage)
+        # An outage, or a refusal nothing says is the request's: misreading an outage as bad
+        # rows would dead-letter good records.
         return StoreUnavailableError(text)
 
     # Collections ---------------------------------------------------------------------------
@@ -259,13 +348,17 @@ class VectorStore:
     def collection_exists(self, name: str) -> bool:
         """Whether the collection exists (a read: it never creates one).
 
-        A name Milvus cannot hold (it refuses to even look it up) names no collection.
+        A name Milvus cannot hold (it refuses to even look it up) names no collection, and
+        neither does a companion collection of tombstones (its name is reserved).
 
         Raises:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        if not _COLLECTION_NAME.fullmatch(name):
+        if not _COLLECTION_NAME.fullmatch(name) or is_tombstone_collection(name):
             return False
+        return self._has(name)
+
+    def _has(self, name: str) -> bool:
         return bool(self._call(_Operation.READ, f"has_collection {name}", "has_collection", name))
 
     def create_collection(
@@ -279,35 +372,60 @@ class VectorStore:
     ) -> bool:
         """Create and load a collection unless it exists; return True if it was created.
 
-        ``dimension`` and ``index`` default to the settings'. An existing collection is left as
-        it is (its dimension and index are not compared): creation is idempotent, so several
-        workers may start at once.
+        ``dimension`` and ``index`` default to the settings'. An existing collection of that
+        dimension is left as it is (its index is not compared): creation is idempotent, so several
+        workers may start at once. A creation Milvus refuses leaves no collection behind.
 
         Raises:
+            CollectionConflictError: the collection exists with another dimension
+                (``collection_conflict``), or without a vector index (``no_vector_index``), or
+                the name ends in ``TOMBSTONE_SUFFIX`` (reserved; ``collection_conflict``).
+            InvalidQueryError: (``invalid_index``) Milvus refused the index parameters.
+            StoreAuthenticationError: Milvus refused ``milvus.token``.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        created = False
-        if not self.collection_exists(name):
-            spec = index or self._settings.index_spec()
-            self._create(name, dimension or self._settings.dimension, spec, description, model_tag)
-            created = True
+        if is_tombstone_collection(name):
+            raise CollectionConflictError(
+                f"collection {name!r}: names ending in {TOMBSTONE_SUFFIX!r} are reserved for the "
+                "tombstones of deletes; use another name"
+            )
+        wanted = dimension or self._settings.dimension
+        created = not self.collection_exists(name) and self._create(
+            name, wanted, index or self._settings.index_spec(), description, model_tag
+        )
+        if not created:
+            existing = self._described_once_indexed(name).dimension
+            if existing != wanted:
+                raise CollectionConflictError(
+                    f"collection {name!r} already exists with dimension {existing}, not "
+                    f"{wanted}: use another name, or drop it first"
+                )
         self._call(_Operation.ADMIN, f"load {name}", "load_collection", name)
         self._collections.pop(name, None)
         return created
 
+    def _described_once_indexed(self, name: str) -> CollectionInfo:
+        """The collection's description, afresh (it may have been made elsewhere), waiting up to
+        ``INDEX_WAIT_S`` for the index of a collection another creator has just made."""
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while True:
+            self._collections.pop(name, None)
+            try:
+                return self.describe_collection(name)
+            except CollectionConflictError as exc:
+                if exc.reason != Reason.NO_VECTOR_INDEX or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.2)
+
     def _create(
         self, name: str, dimension: int, spec: IndexSpec, description: str, model_tag: str
-    ) -> None:
+    ) -> bool:
+        """Create the collection, then its index; False if another client created it first.
+
+        The two are separate calls so that a collection whose index Milvus refuses is dropped
+        again: without an index it can be neither loaded nor searched.
+        """
         schema = collection_schema(dimension, description=description, model_tag=model_tag)
-        index = MilvusClient.prepare_index_params()
-        # Build parameters nested under "params": milvus-lite ignores the flat form.
-        build = spec.build_params()
-        index.add_index(
-            field_name=VECTOR_FIELD,
-            index_type=spec.index_type,
-            metric_type=spec.metric,
-            params={"params": build} if build else {},
-        )
         try:
             self._call(
                 _Operation.ADMIN,
@@ -315,41 +433,97 @@ class VectorStore:
                 "create_collection",
                 name,
                 schema=schema,
-                index_params=index,
             )
         except StoreUnavailableError:
             # Another worker may have created it first; that is fine.
             if not self.collection_exists(name):
                 raise
+            return False
+        try:
+            self._call(
+                _Operation.INDEX,
+                f"create the {spec.index_type} index of {name}",
+                "create_index",
+                name,
+                _index_params(spec),
+            )
+        except TridentError:
+            self._drop_unindexed(name)
+            raise
         logger.info(
             "created collection %s (%s, %s, dim %d)", name, spec.index_type, spec.metric, dimension
         )
+        return True
+
+    def _drop_unindexed(self, name: str) -> None:
+        """Drop a collection just created whose index failed, unless it has one after all (a
+        creator beside this one indexed it first)."""
+        try:
+            if self._vector_index(name) is None:
+                self._call(_Operation.ADMIN, f"drop {name}", "drop_collection", name)
+                logger.warning("dropped collection %s again: its index was not created", name)
+        except TridentError as exc:
+            logger.warning(
+                "collection %s is left without an index (drop it): %s", name, exc.message
+            )
+
+    def _vector_index(self, name: str) -> dict[str, Any] | None:
+        """Milvus's description of the vector field's index, or None when it has none."""
+        what = f"describe index of {name}"
+        described = self._call(
+            _Operation.READ, what, "describe_index", name, index_name=VECTOR_FIELD
+        )
+        if not described:
+            # An index made elsewhere may have another name.
+            names = self._call(
+                _Operation.READ,
+                f"list indexes of {name}",
+                "list_indexes",
+                name,
+                field_name=VECTOR_FIELD,
+            )
+            if names:
+                described = self._call(
+                    _Operation.READ, what, "describe_index", name, index_name=names[0]
+                )
+        return dict(described) if described else None
 
     def describe_collection(self, name: str) -> CollectionInfo:
         """Dimension, index, search parameters and model tag of a collection (cached).
 
         Raises:
             UnknownCollectionError: no such collection.
+            CollectionConflictError: the collection has no vector field of that name
+                (``collection_conflict``) or no index on it (``no_vector_index``): made elsewhere.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         cached = self._collections.get(name)
         if cached is not None:
             return cached
-        if not self.collection_exists(name):
+        if not self.collection_exists(name):  # a companion of tombstones is no collection
             raise UnknownCollectionError(f"no collection named {name!r}")
         described = self._call(_Operation.READ, f"describe {name}", "describe_collection", name)
         dimension = next(
-            int(f.get("params", {}).get("dim", 0))
-            for f in described.get("fields", [])
-            if f.get("name") == VECTOR_FIELD
+            (
+                int(f.get("params", {}).get("dim", 0))
+                for f in described.get("fields", [])
+                if f.get("name") == VECTOR_FIELD
+            ),
+            None,
         )
-        index = self._call(
-            _Operation.READ,
-            f"describe index of {name}",
-            "describe_index",
-            name,
-            index_name=VECTOR_FIELD,
-        )
+        if dimension is None:
+            raise CollectionConflictError(
+                f"collection {name!r} has no vector field {VECTOR_FIELD!r}: it was made "
+                "elsewhere, for something else; use another collection"
+            )
+        index = self._vector_index(name)
+        if index is None:
+            raise CollectionConflictError(
+                f"collection {name!r} has no index on its vector field, so it can be neither "
+                "loaded nor searched (it was made elsewhere, or left by a creation that failed): "
+                "drop it and create it again",
+                reason=Reason.NO_VECTOR_INDEX,
+            )
         spec = IndexSpec.from_description(index)
         if spec.index_type == self._settings.index_type:
             # The configured search parameters apply to every collection with that index type.
@@ -365,10 +539,27 @@ class VectorStore:
         return info
 
     def list_collections(self) -> list[str]:
-        return sorted(self._call(_Operation.READ, "list collections", "list_collections"))
+        """The collections' names, sorted; companion collections of tombstones are left out.
+
+        Raises:
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        names = self._call(_Operation.READ, "list collections", "list_collections")
+        return sorted(name for name in names if not is_tombstone_collection(name))
+
+    def ping(self, timeout_s: float) -> None:
+        """Return when Milvus answers a request within ``timeout_s`` (the health probe).
+
+        Raises:
+            StoreUnavailableError: no answer in time, or not serving.
+            ConfigurationError: Milvus refused ``milvus.token``.
+        """
+        self._call(_Operation.READ, "health probe", "list_collections", timeout=timeout_s)
 
     def drop_collection(self, name: str) -> None:
-        """Drop a collection and its data.
+        """Drop a collection and its data, its tombstones first: a collection made again under
+        that name must not inherit them (were the call to fail between the two, the collection
+        is still there to drop again).
 
         Raises:
             UnknownCollectionError: no such collection.
@@ -376,6 +567,10 @@ class VectorStore:
         """
         if not self.collection_exists(name):
             raise UnknownCollectionError(f"no collection named {name!r}")
+        companion = tombstone_collection(name)
+        self._tombstones.discard(companion)
+        if self._has(companion):
+            self._call(_Operation.ADMIN, f"drop {companion}", "drop_collection", companion)
         self._call(_Operation.ADMIN, f"drop {name}", "drop_collection", name)
         self._collections.pop(name, None)
 
@@ -515,9 +710,78 @@ class VectorStore:
             while in_flight:
                 finish()
 
-    def delete(self, ids: Sequence[str], collection: str | None = None) -> None:
+    def delete(
+        self, ids_with_versions: Sequence[tuple[str, int]], collection: str | None = None
+    ) -> None:
+        """Delete ids as of their versions: write their tombstones, then delete their rows.
+
+        Unconditional: the caller decides which deletes are not stale (``worker.versions``).
+        An id that is not stored is no error (its tombstone is written all the same). The
+        tombstones are written first: a failure between the two leaves the tombstone and the
+        row, and the delete, done again, completes (both steps are idempotent). Of an id given
+        twice, the highest version counts. The companion collection is made on the first delete.
+
+        Raises:
+            InvalidRowError: (stage ``delete``) an id empty or over ``ID_MAX_LENGTH`` UTF-8 bytes
+                (``empty_id``, ``id_too_long``), a version outside 0 to 2**63 - 1
+                (``row_rejected``), or a request the server refused for its values.
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: the collection was made elsewhere, not for vectors.
+            StoreUnavailableError: Milvus is unreachable, throttling or timed out.
+        """
+        versions: dict[str, int] = {}
+        for record_id, version in ids_with_versions:
+            validate_id(record_id, stage=Stage.DELETE)
+            if not 0 <= version <= VERSION_MAX:
+                raise InvalidRowError(
+                    f"delete of {record_id[:80]!r}: version {version} is outside 0 to 2**63 - 1",
+                    reason=Reason.ROW_REJECTED,
+                    stage=Stage.DELETE,
+                )
+            versions[record_id] = max(version, versions.get(record_id, version))
+        if not versions:
+            return
         name = self._existing(collection)
-        self._call(_Operation.WRITE, f"delete from {name}", "delete", name, ids=list(ids))
+        deleted_at_ms = int(time.time() * 1000)
+        rows = [
+            {
+                "id": record_id,
+                "event_version": version,
+                "deleted_at_ms": deleted_at_ms,
+                _TOMBSTONE_VECTOR: [0.0] * _TOMBSTONE_DIM,
+            }
+            for record_id, version in versions.items()
+        ]
+        try:
+            self._write_tombstones(name, rows)
+        except UnknownCollectionError:
+            # The companion found earlier was dropped since (its collection dropped and made
+            # again elsewhere): once the collection is known to exist, make it again.
+            self._existing(name)
+            self._write_tombstones(name, rows)
+        ids = list(versions)
+        for start in range(0, len(ids), IDS_PER_REQUEST):
+            chunk = ids[start : start + IDS_PER_REQUEST]
+            self._call(
+                _Operation.DELETE,
+                f"delete {len(chunk)} rows from {name}",
+                "delete",
+                name,
+                filter=_ids_expr(chunk),
+            )
+
+    def _write_tombstones(self, name: str, rows: list[dict[str, Any]]) -> None:
+        companion = self._companion(name, create=True)
+        assert companion is not None  # made when missing
+        for start in range(0, len(rows), IDS_PER_REQUEST):
+            chunk = rows[start : start + IDS_PER_REQUEST]
+            self._call(
+                _Operation.DELETE,
+                f"write {len(chunk)} tombstones into {companion}",
+                "upsert",
+                companion,
+                data=chunk,
+            )
 
     # Reads ---------------------------------------------------------------------------------
 
@@ -528,12 +792,15 @@ class VectorStore:
         *,
         consistency: Consistency = "Strong",
     ) -> dict[str, StoredVersion]:
-        """The version facts of those ids that are stored.
+        """The version facts of those ids that are stored or deleted: of each, the newer of its
+        row and its tombstone (``deleted=True``). Equal versions: the one written last (the
+        tombstone when it was written at or after the row's ``ingested_at_ms``).
 
         ``Strong`` sees every write acknowledged before the call, whoever made it (and waits up
-        to a time tick for it: ~0.2-0.45 s on Milvus 2.3). ``Session`` sees at least every write
-        this process made to the collection (pymilvus sends the last one's timestamp as the
-        guarantee), at a fraction of the cost; other processes' recent writes may be missing.
+        to a time tick for it: ~0.2-0.45 s on Milvus 2.3; twice where the collection has
+        tombstones, one read each). ``Session`` sees at least every write this process made to
+        the collection or its tombstones (the latest of them is sent as the guarantee), at a
+        fraction of the cost; other processes' recent writes may be missing.
 
         Raises:
             UnknownCollectionError: no such collection.
@@ -542,40 +809,26 @@ class VectorStore:
         if not ids:
             return {}
         name = self._existing(collection)
-        rows = self._call(
-            _Operation.READ,
-            f"get versions from {name}",
-            "get",
-            name,
-            ids=list(ids),
-            output_fields=["id", "event_version", "content_sha256", "model_version"],
-            consistency_level=consistency,
-        )
-        return {
-            row["id"]: StoredVersion(
-                int(row["event_version"]), str(row["content_sha256"]), str(row["model_version"])
-            )
-            for row in rows
-        }
-
-    def ids(self, collection: str | None = None, *, limit: int = 16_384) -> list[str]:
-        """Up to ``limit`` stored ids, duplicates included if there were any (strongly
-        consistent; for checks and operators, not for the hot path).
-
-        Raises:
-            UnknownCollectionError: no such collection.
-            StoreUnavailableError: Milvus is unreachable or not ready.
-        """
-        name = self._existing(collection)
-        rows = self._strong_query(
-            name, f"list ids of {name}", filter='id != ""', output_fields=["id"], limit=limit
-        )
-        return [str(row["id"]) for row in rows]
+        fields = ["id", "event_version", "content_sha256", "model_version", "ingested_at_ms"]
+        rows = self._query_ids(name, ids, fields, consistency, f"get versions from {name}")
+        tombstones = self._read_tombstones(name, ids, consistency)
+        found: dict[str, StoredVersion] = {}
+        for row in rows:
+            tombstone = tombstones.get(row["id"])
+            version = int(row["event_version"])
+            if tombstone is None or _row_wins(version, int(row["ingested_at_ms"]), tombstone):
+                found[row["id"]] = StoredVersion(
+                    version, str(row["content_sha256"]), str(row["model_version"])
+                )
+        for record_id, (version, _deleted_at_ms) in tombstones.items():
+            found.setdefault(record_id, StoredVersion.tombstone(version))
+        return found
 
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
-        """Stored records by id (missing ids are left out).
+        """Stored records by id (missing ids are left out), at the collection's default
+        consistency (Bounded: a write of the last few seconds may be missing).
 
         Raises:
             UnknownCollectionError: no such collection.
@@ -583,10 +836,170 @@ class VectorStore:
         """
         name = self._existing(collection)
         fields = [*RECORD_FIELDS, VECTOR_FIELD] if with_vectors else list(RECORD_FIELDS)
-        rows = self._call(
-            _Operation.READ, f"get from {name}", "get", name, ids=list(ids), output_fields=fields
-        )
+        rows = self._query_ids(name, ids, fields, None, f"get from {name}")
         return [dict(row) for row in rows]
+
+    def get_record(self, record_id: str, collection: str | None = None) -> StoredRecord | None:
+        """The stored record of ``record_id`` (no vector), or None when none is stored, at the
+        collection's default consistency (Bounded, as :meth:`get`).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        rows = self.get([record_id], collection)
+        if not rows:
+            return None
+        row = rows[0]
+        return StoredRecord(
+            id=str(row["id"]),
+            metadata=dict(row.get("metadata") or {}),
+            source=str(row["source"]),
+            event_version=int(row["event_version"]),
+            model_version=str(row["model_version"]),
+            content_sha256=str(row["content_sha256"]),
+            ingested_at_ms=int(row["ingested_at_ms"]),
+        )
+
+    def tombstone(self, record_id: str, collection: str | None = None) -> StoredVersion | None:
+        """The tombstone kept for ``record_id`` (``deleted=True``, the delete's version), or None
+        when it was never deleted; Bounded consistency, as :meth:`get`. A row stored after the
+        delete (by a newer upsert) does not remove it: :meth:`get_record` says what is stored.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        name = self._existing(collection)
+        found = self._read_tombstones(name, [record_id], None).get(record_id)
+        return StoredVersion.tombstone(found[0]) if found else None
+
+    def ids_matching(
+        self, filter_expr: str, collection: str | None = None, *, limit: int
+    ) -> list[str]:
+        """The ids of up to ``limit`` stored records that match ``filter_expr`` (a Milvus
+        expression, as :meth:`search` takes it), in no particular order; Strong consistency, so
+        every acknowledged write counts.
+
+        Raises:
+            InvalidQueryError: the expression is blank, or Milvus refused it; ``limit`` outside
+                1 to ``QUERY_LIMIT_MAX``.
+            UnknownCollectionError: no such collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        if not filter_expr.strip():
+            raise InvalidQueryError("a filter expression is required", reason=Reason.INVALID_FILTER)
+        if not 1 <= limit <= QUERY_LIMIT_MAX:
+            raise InvalidQueryError(f"limit {limit} is outside 1 to {QUERY_LIMIT_MAX}")
+        name = self._existing(collection)
+        rows = self._call(
+            _Operation.SEARCH,
+            f"ids matching a filter in {name}",
+            "query",
+            name,
+            filter=filter_expr,
+            output_fields=["id"],
+            limit=limit,
+            consistency_level="Strong",
+        )
+        return [str(row["id"]) for row in rows]
+
+    def _query_ids(
+        self,
+        name: str,
+        ids: Sequence[str],
+        fields: list[str],
+        consistency: Consistency | None,
+        what: str,
+        *,
+        guarantee_from: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        """The rows of ``ids`` in ``name``, ``IDS_PER_REQUEST`` at a time. ``consistency`` None:
+        the collection's default. A ``Session`` read waits for this process's last write to
+        ``name`` or to any of ``guarantee_from``."""
+
+        def query(client: MilvusClient) -> list[dict[str, Any]]:
+            level: dict[str, Any] = {}
+            if consistency is not None:
+                level = {"consistency_level": consistency}
+            if consistency == "Session" and guarantee_from:
+                written = _last_write(client, [name, *guarantee_from])
+                if written:
+                    level = {"consistency_level": "Customized", "guarantee_timestamp": written}
+            rows: list[dict[str, Any]] = []
+            for start in range(0, len(ids), IDS_PER_REQUEST):
+                rows += client.query(
+                    name,
+                    filter=_ids_expr(ids[start : start + IDS_PER_REQUEST]),
+                    output_fields=fields,
+                    timeout=self._settings.timeout_s,
+                    **level,
+                )
+            return rows
+
+        return list(self._run(_Operation.READ, what, query)) if ids else []
+
+    def _read_tombstones(
+        self, name: str, ids: Sequence[str], consistency: Consistency | None
+    ) -> dict[str, tuple[int, int]]:
+        """``id -> (delete's version, deleted_at_ms)`` of the tombstones of ``ids`` in ``name``.
+
+        A Session read of the companion also waits for this process's last write to ``name``
+        itself: that write may be the one the caller relies on (``worker.versions``).
+        """
+        companion = self._companion(name, create=False)
+        if companion is None:
+            return {}
+        what = f"get tombstones from {companion}"
+        try:
+            rows = self._query_ids(
+                companion, ids, list(TOMBSTONE_FIELDS), consistency, what, guarantee_from=[name]
+            )
+        except UnknownCollectionError:
+            # Dropped with its collection by another process since it was found: look again.
+            companion = self._companion(name, create=False)
+            if companion is None:
+                return {}
+            rows = self._query_ids(
+                companion, ids, list(TOMBSTONE_FIELDS), consistency, what, guarantee_from=[name]
+            )
+        return {
+            str(row["id"]): (int(row["event_version"]), int(row["deleted_at_ms"])) for row in rows
+        }
+
+    def _companion(self, name: str, *, create: bool) -> str | None:
+        """The companion collection of ``name``'s tombstones, loaded; None when it does not
+        exist, unless ``create`` (then it is made, idempotently beside other creators)."""
+        companion = tombstone_collection(name)
+        if companion in self._tombstones:
+            return companion
+        if not self._has(companion):
+            if not create:
+                return None
+            self._create_tombstones(companion)
+        # Loading a loaded collection returns at once; one made elsewhere may not be loaded yet.
+        self._call(_Operation.ADMIN, f"load {companion}", "load_collection", companion)
+        self._tombstones.add(companion)
+        return companion
+
+    def _create_tombstones(self, companion: str) -> None:
+        try:
+            self._call(
+                _Operation.ADMIN,
+                f"create collection {companion}",
+                "create_collection",
+                companion,
+                schema=tombstone_schema(),
+            )
+        except StoreUnavailableError:
+            if not self._has(companion):  # else another worker made it first
+                raise
+        index = MilvusClient.prepare_index_params()
+        index.add_index(field_name=_TOMBSTONE_VECTOR, index_type="FLAT", metric_type="L2")
+        # Idempotent: the same index again is no error. Any refusal of this constant index is
+        # the server's state, never a record's: ADMIN makes it retriable.
+        self._call(_Operation.ADMIN, f"index {companion}", "create_index", companion, index)
+        logger.info("created collection %s (the tombstones of deletes)", companion)
 
     def search(
         self,
@@ -624,7 +1037,10 @@ class VectorStore:
             offset=offset,
             filter=filter_expr or "",
             output_fields=list(RECORD_FIELDS),
-            search_params={"metric_type": info.index.metric, "params": info.index.query_params()},
+            search_params={
+                "metric_type": info.index.metric,
+                "params": info.index.query_params(window=top_k + offset),
+            },
         )
         hits = []
         for found in results[0] if results else []:
@@ -662,22 +1078,77 @@ def collection_schema(
     return schema
 
 
-def validate_id(record_id: str) -> None:
+def tombstone_schema() -> CollectionSchema:
+    """The schema of a companion collection of tombstones (see the module docstring)."""
+    schema = MilvusClient.create_schema(
+        auto_id=False,
+        enable_dynamic_field=False,
+        description="trident: the tombstones of deletes from the collection of that name",
+    )
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field("event_version", DataType.INT64)
+    schema.add_field("deleted_at_ms", DataType.INT64)
+    schema.add_field(_TOMBSTONE_VECTOR, DataType.FLOAT_VECTOR, dim=_TOMBSTONE_DIM)
+    return schema
+
+
+def tombstone_collection(name: str) -> str:
+    """The name of the companion collection that keeps the tombstones of collection ``name``:
+    ``name + TOMBSTONE_SUFFIX``, or, where that would exceed Milvus's 255 characters, a prefix
+    of ``name`` and a digest of all of it before the suffix."""
+    companion = name + TOMBSTONE_SUFFIX
+    if len(companion) <= _COLLECTION_NAME_MAX:
+        return companion
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    keep = _COLLECTION_NAME_MAX - len(TOMBSTONE_SUFFIX) - len(digest) - 1
+    return f"{name[:keep]}_{digest}{TOMBSTONE_SUFFIX}"
+
+
+def is_tombstone_collection(name: str) -> bool:
+    """Whether ``name`` is (reserved for) a companion collection of tombstones."""
+    return name.endswith(TOMBSTONE_SUFFIX)
+
+
+def validate_id(record_id: str, *, stage: Stage = Stage.UPSERT) -> None:
     """Check that an id fits the primary key (before it is even looked up).
 
     Raises:
         InvalidRowError: empty (``empty_id``), or over ``ID_MAX_LENGTH`` UTF-8 bytes
-            (``id_too_long``).
+            (``id_too_long``), charged to ``stage``.
     """
     size = len(record_id.encode("utf-8", errors="surrogatepass"))
     if size == 0:
-        raise InvalidRowError("empty id", reason=Reason.EMPTY_ID, stage=Stage.UPSERT)
+        raise InvalidRowError("empty id", reason=Reason.EMPTY_ID, stage=stage)
     if size > ID_MAX_LENGTH:
         raise InvalidRowError(
             f"id {record_id[:40]!r}... is {size} UTF-8 bytes; the store holds {ID_MAX_LENGTH}",
             reason=Reason.ID_TOO_LONG,
-            stage=Stage.UPSERT,
+            stage=stage,
         )
+
+
+def _ids_expr(ids: Sequence[str]) -> str:
+    """``id in [...]`` with each id JSON-quoted (module docstring): never pymilvus's own
+    ``ids=``, which quotes without escaping (an id ``a','b`` would name ``a`` and ``b``)."""
+    return "id in [" + ", ".join(orjson.dumps(record_id).decode() for record_id in ids) + "]"
+
+
+def _row_wins(row_version: int, ingested_at_ms: int, tombstone: tuple[int, int]) -> bool:
+    """Whether a row outranks the tombstone of its id: a newer version, or the same version
+    written after the delete (an upsert equal to a delete and later than it is not stale)."""
+    version, deleted_at_ms = tombstone
+    return row_version > version or (row_version == version and ingested_at_ms > deleted_at_ms)
+
+
+def _last_write(client: MilvusClient, names: Sequence[str]) -> int:
+    """The timestamp of this process's last write to any of ``names`` (0: none), as pymilvus
+    keeps it for its Session reads (the same internals as ``_pipeline``)."""
+    handler = client._get_connection()
+    database = client._generate_call_context().get_db_name()
+    return max(
+        (ts_utils.get_collection_ts(name, handler.server_address, database) or 0 for name in names),
+        default=0,
+    )
 
 
 def _row_problem(record: VectorRecord) -> tuple[Reason, str] | None:
@@ -703,13 +1174,101 @@ def _row_problem(record: VectorRecord) -> tuple[Reason, str] | None:
     return None
 
 
-def _refuses_the_data(exc: MilvusException) -> bool:
-    lowered = str(exc).lower()
-    return (
-        isinstance(exc, _INVALID_DATA_ERRORS)
-        or getattr(exc, "code", None) == _INVALID_PARAMETER_CODE
-        or any(marker in lowered for marker in _INVALID_ROW_MARKERS)
+def _index_params(spec: IndexSpec) -> Any:
+    """pymilvus's index parameters for the vector field."""
+    index = MilvusClient.prepare_index_params()
+    # Build parameters nested under "params": milvus-lite ignores the flat form.
+    build = spec.build_params()
+    index.add_index(
+        field_name=VECTOR_FIELD,
+        index_type=spec.index_type,
+        metric_type=spec.metric,
+        params={"params": build} if build else {},
     )
+    return index
+
+
+def _kind_of(exc: BaseException, operation: _Operation) -> _Kind:
+    """What a failure of a call says, by its codes (see the constants above)."""
+    status = _grpc_status(exc)
+    if status is grpc.StatusCode.UNAUTHENTICATED:
+        return _Kind.UNAUTHENTICATED
+    if status is grpc.StatusCode.PERMISSION_DENIED:
+        return _Kind.NOT_PERMITTED
+    if status is not None or not isinstance(exc, MilvusException):
+        return _Kind.UNAVAILABLE  # the channel, the connection or a deadline
+    if isinstance(exc, _INVALID_DATA_ERRORS):
+        return _Kind.BAD_VALUES
+    code = exc.code if isinstance(exc.code, int) else None
+    if code is not None and code not in _NO_CODE:
+        return _kind_of_code(code)
+    legacy = exc.compatible_code
+    if legacy in _LEGACY_NOT_FOUND:
+        return _Kind.NO_COLLECTION
+    if legacy in _LEGACY_UNAVAILABLE:
+        return _Kind.UNAVAILABLE
+    if legacy in _LEGACY_INVALID:
+        return _Kind.BAD_VALUES
+    # The last resort: no code says anything, the message may.
+    words = str(exc.message).lower()
+    if any(word in words for word in _TRANSIENT_WORDS):
+        return _Kind.UNAVAILABLE
+    if operation in _WRITES and any(word in words for word in _REFUSED_ROW_WORDS):
+        return _Kind.BAD_VALUES
+    return _Kind.REFUSED
+
+
+def _kind_of_code(code: int) -> _Kind:
+    if code == _COLLECTION_NOT_FOUND:
+        return _Kind.NO_COLLECTION
+    if code in _AUTHENTICATION_CODES:
+        return _Kind.UNAUTHENTICATED
+    if code == _NOT_PERMITTED:
+        return _Kind.NOT_PERMITTED
+    if code in _INVALID_PARAMETER_CODES:
+        return _Kind.BAD_VALUES
+    if code in _UNAVAILABLE_CODES:
+        return _Kind.UNAVAILABLE
+    return _Kind.REFUSED
+
+
+def _grpc_status(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status of a failed call: a gRPC error's own, or the one pymilvus put in its
+    error's code (a retry that timed out) or chained under it (it could not connect)."""
+    link: BaseException | None = exc
+    while link is not None:
+        code = getattr(link, "code", None)
+        if isinstance(link, grpc.RpcError) and callable(code):
+            status = code()
+            return status if isinstance(status, grpc.StatusCode) else None
+        if isinstance(code, grpc.StatusCode):
+            return code
+        # pymilvus raises ``e from e``: an error can be its own cause.
+        link = link.__cause__ if link.__cause__ is not link else None
+    return None
+
+
+def _auth_detail(exc: BaseException) -> str:
+    """The server's reason for refusing the credentials (pymilvus's own message around it says
+    "server unavailable", whatever the reason)."""
+    link: BaseException | None = exc
+    while link is not None:
+        if isinstance(link, grpc.RpcError) and callable(getattr(link, "details", None)):
+            return str(link.details())
+        link = link.__cause__
+    return _detail(exc)
+
+
+def _detail(exc: BaseException) -> str:
+    """What went wrong, in the server's words (no Python class names)."""
+    if isinstance(exc, MilvusException):
+        cause = exc.__cause__
+        if isinstance(cause, grpc.RpcError) and callable(getattr(cause, "details", None)):
+            return f"{exc.message} ({cause.details()})"
+        return f"{exc.message} (code {exc.code})"
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "details", None)):
+        return f"{exc.details()} ({_grpc_status(exc)})"
+    return str(exc) or type(exc).__name__
 
 
 def _close_quietly(client: MilvusClient) -> None:

@@ -5,8 +5,10 @@ Commands: ``embed``, ``insert``, ``search``, ``collection list|create|stats|dele
 earlier environment variables and the local stack's defaults apply.
 
 Exit codes: 0 done; 1 a service is unavailable (or, for ``health``, down); 2 a usage or
-configuration error; 3 a bad input (missing or unreadable image, unknown collection, bad
-filter). Errors are printed as one line on stderr, saying what to change.
+configuration error; 3 a bad input (missing or unreadable image, unknown collection or a name
+Milvus cannot hold, bad filter). Errors are printed as one line on stderr, saying what to change
+(third-party clients' own error logs, pymilvus's tracebacks among them, are silenced unless
+``--log-level DEBUG``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.cli_support import configure_logging
 from engine.errors import ConfigurationError, PermanentError, RetriableError, TridentError
-from engine.kafka import broker_reachable
 
 if TYPE_CHECKING:
     from jax_embedding.config import ServiceConfig
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_BAD_INPUT = 0, 1, 2, 3
 PROBE_TIMEOUT_S = 5.0  # seconds the health command waits for each service
+HEALTH_DEADLINE_S = PROBE_TIMEOUT_S + 1.0  # ... and for all of them, asked at once
 _EPILOG = (
     "exit codes: 0 done, 1 a service is unavailable (health: one is down), "
     "2 usage or configuration error, 3 bad input (image, collection, filter)"
@@ -49,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     # Imported for a command only: the config and the pipeline load JAX, pymilvus and
-    # tritonclient (~3 s here), which --help and usage errors do not need.
+    # tritonclient (~3 s here), which --help and usage errors do not need. The pipeline (which
+    # every command builds) before logging is configured: importing pymilvus configures its
+    # loggers anew (engine.cli_support).
+    import jax_embedding.pipeline  # noqa: F401, PLC0415
     from jax_embedding.config import ServiceConfig  # noqa: PLC0415
 
     try:
@@ -142,21 +147,38 @@ def _collection_delete(args: argparse.Namespace, config: ServiceConfig) -> int:
 
 
 def _health(_args: argparse.Namespace, config: ServiceConfig) -> int:
+    # Imported for this command only (see main). The probes are the query API's and the
+    # worker's (engine.health), asked at once: the answer comes within HEALTH_DEADLINE_S.
+    from engine.health import kafka_probe, milvus_probe, probe_all, triton_probe  # noqa: PLC0415
+    from engine.inference import TritonEmbedder  # noqa: PLC0415
+    from engine.store import VectorStore  # noqa: PLC0415
+
     config = config.model_copy(deep=True)
     # A service that is down should say so in seconds, not after a whole request timeout.
     config.triton.timeout = config.milvus.timeout = PROBE_TIMEOUT_S
-    with _pipeline(config) as pipeline:
-        kafka_up = broker_reachable(pipeline.settings.kafka, timeout_s=PROBE_TIMEOUT_S)
-        states = {"kafka": kafka_up, **pipeline.health_check()}
+    settings = config.to_settings()
+    embedder, store = TritonEmbedder(settings.triton), VectorStore(settings.milvus)
+    try:
+        probes = {
+            "kafka": kafka_probe(settings.kafka, PROBE_TIMEOUT_S),
+            "triton": triton_probe(embedder, PROBE_TIMEOUT_S),
+            "milvus": milvus_probe(store, PROBE_TIMEOUT_S),
+        }
+        results = probe_all(probes, HEALTH_DEADLINE_S)
+    finally:
+        embedder.close()
+        store.close()
     addresses = {
-        "kafka": config.kafka.bootstrap_servers,
-        "triton": f"{pipeline.settings.triton.url} ({config.triton.protocol}, model "
-        f"{config.triton.model_name})",
-        "milvus": pipeline.settings.milvus.uri,
+        "kafka": settings.kafka.bootstrap_servers,
+        "triton": f"{settings.triton.url} ({settings.triton.protocol}, model "
+        f"{settings.triton.model_name})",
+        "milvus": settings.milvus.uri,
     }
     for service in ("kafka", "triton", "milvus"):
-        print(f"{service:<7} {'up' if states[service] else 'DOWN':<5} {addresses[service]}")
-    return EXIT_OK if all(states.values()) else EXIT_UNAVAILABLE
+        result = results[service]
+        why = "" if result.up else f": {result.detail}"
+        print(f"{service:<7} {'up' if result.up else 'DOWN':<5} {addresses[service]}{why}")
+    return EXIT_OK if all(result.up for result in results.values()) else EXIT_UNAVAILABLE
 
 
 # Helpers ----------------------------------------------------------------------------------------

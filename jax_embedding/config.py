@@ -8,7 +8,9 @@ set afterwards (``config.preprocess.use_gpu = True``; validated on assignment).
 
 Every key is checked: an unknown key or a bad value raises :class:`ConfigurationError` naming
 it. :meth:`ServiceConfig.to_settings` maps the whole thing onto the project's
-:class:`engine.settings.Settings`, in one place (``TRIDENT_*`` variables still apply there).
+:class:`engine.settings.Settings`, in one place. ``TRIDENT_*`` variables do not apply there
+(``Settings(...)`` built in code never reads the environment): this configuration is the whole
+of the pipeline's, so a variable set for the worker cannot silently change what a script does.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigurationError
-from engine.indexes import IndexType, Metric
-from engine.models import DEFAULT_MODEL_SPEC
-from engine.preprocess import DEFAULT_BATCH_SIZES, MODEL_MEAN, MODEL_STD
+from engine.indexes import IndexType, Metric, build_parameter_names, search_parameter_names
+from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES
+from engine.preprocess import MODEL_MEAN, MODEL_STD
 from engine.records import VECTOR_FIELD
-from engine.settings import Settings, read_yaml_mapping
+from engine.settings import Settings, merged_sections, read_yaml_mapping
 from jax_embedding.triton_client import TRITON_PORTS
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,10 @@ class MilvusConfig(_Section):
 
 
 class PreprocessConfig(_Section):
-    image_size: int | tuple[int, int] = (224, 224)
+    image_size: int | tuple[int, int] = (
+        DEFAULT_MODEL_SPEC.image_size,
+        DEFAULT_MODEL_SPEC.image_size,
+    )
     batch_size: int = Field(32, ge=1, le=256)
     use_gpu: bool = False
     jax_platform: Literal["cpu", "gpu"] | None = None
@@ -156,7 +161,7 @@ class ServiceConfig(_Section):
     def __init__(self, **values: Any) -> None:
         environment = _from_environment()
         try:
-            super().__init__(**_merge(environment, values))
+            super().__init__(**merged_sections(environment, values))
         except ValidationError as exc:
             raise ConfigurationError(_explain(exc, environment=environment)) from exc
 
@@ -226,7 +231,7 @@ class ServiceConfig(_Section):
                 "device": "auto" if pre.use_gpu and pre.jax_platform != "cpu" else "cpu",
                 "batch_sizes": _batch_sizes(pre.batch_size),
                 "image_size": side,
-                "resize_short_side": round(side * 256 / 224),
+                "resize_short_side": DEFAULT_MODEL_SPEC.resize_short_side_for(side),
                 "mean": tuple(m * 255 for m in pre.mean),
                 "std": tuple(s * 255 for s in pre.std),
             },
@@ -245,16 +250,6 @@ def _from_environment() -> dict[str, dict[str, str]]:
         if value:
             found.setdefault(section, {})[key] = value
     return found
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _explain(
@@ -286,7 +281,7 @@ def _square_side(size: int | tuple[int, int]) -> int:
 
 
 def _batch_sizes(batch_size: int) -> tuple[int, ...]:
-    return (*(size for size in DEFAULT_BATCH_SIZES if size < batch_size), batch_size)
+    return (*(size for size in PREPROCESS_BATCH_SIZES if size < batch_size), batch_size)
 
 
 def _user_token(milvus: MilvusConfig) -> str:
@@ -301,14 +296,12 @@ def _model_tag(triton: TritonConfig) -> str:
 
 
 def _index_parameters(milvus: MilvusConfig) -> dict[str, dict[str, int]]:
-    build = {"IVF_FLAT": ("nlist",), "HNSW": ("M", "efConstruction"), "FLAT": ()}
-    search = {"IVF_FLAT": ("nprobe",), "HNSW": ("ef",), "FLAT": ()}
-
+    # The parameters the index type takes, and their ranges, are engine.indexes'.
     def chosen(names: tuple[str, ...]) -> dict[str, int]:
         values = {name: getattr(milvus, name) for name in names}
         return {name: value for name, value in values.items() if value is not None}
 
     return {
-        "index_params": chosen(build[milvus.index_type]),
-        "search_params": chosen(search[milvus.index_type]),
+        "index_params": chosen(build_parameter_names(milvus.index_type)),
+        "search_params": chosen(search_parameter_names(milvus.index_type)),
     }

@@ -14,6 +14,7 @@ a :class:`ConfigurationError`; each message says what to change.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,16 +26,23 @@ import numpy.typing as npt
 from engine.errors import (
     ConfigurationError,
     InvalidQueryError,
-    RetriableError,
     StoreUnavailableError,
     UnknownCollectionError,
 )
 from engine.fetch import ImageFetcher
+from engine.health import HEALTH_DEADLINE_S, milvus_probe, probe_all, triton_probe
 from engine.inference import TritonEmbedder
-from engine.preprocess import BaseJAXPreprocessor, LoadedImage, build_preprocessor, load_images
+from engine.preprocess import (
+    BaseJAXPreprocessor,
+    FenceHints,
+    LoadedImage,
+    build_preprocessor,
+    load_images,
+)
 from engine.records import CollectionInfo, VectorRecord
 from engine.store import ID_MAX_LENGTH, VectorStore
 from jax_embedding.config import ServiceConfig
+from schemas.search import COLLECTION_NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,12 @@ ImageInput = str | Path
 Progress = Callable[[int], object]  # called with the number of images just finished
 # How long insert_images waits for its rows to become visible to searches.
 SEARCHABLE_TIMEOUT_S = 60.0
+# What a pipeline user can do about a reference the fetch fence refused: it takes a config.
+PIPELINE_FENCE_HINTS: FenceHints = {
+    "path_not_allowed": "add its folder to config.fetch.allowed_roots (fetch.allowed_roots)",
+    "forbidden_address": "if the host is trusted, list it in config.fetch.allowed_hosts",
+}
+_COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 
 
 class ImageEmbeddingPipeline:
@@ -98,10 +112,11 @@ class ImageEmbeddingPipeline:
         ``config.milvus.embedding_dim``.
 
         Raises:
+            InvalidQueryError: Milvus cannot hold a collection of that name.
             StoreUnavailableError: Milvus is unreachable.
         """
         return self._store.create_collection(
-            name or self.settings.milvus.collection,
+            _checked_name(name or self.settings.milvus.collection),
             dimension=dim or self.settings.milvus.dimension,
             index=self.settings.milvus.index_spec(),
             description=description,
@@ -116,15 +131,17 @@ class ImageEmbeddingPipeline:
         """Drop a collection and its data.
 
         Raises:
+            InvalidQueryError: not a collection name Milvus can hold.
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable.
         """
-        self._store.drop_collection(name)
+        self._store.drop_collection(_checked_name(name))
 
     def get_collection_stats(self, name: str | None = None) -> dict[str, Any]:
         """Name, row count, dimension, index, description and model tag of a collection.
 
         Raises:
+            InvalidQueryError: not a collection name Milvus can hold.
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable.
         """
@@ -140,13 +157,10 @@ class ImageEmbeddingPipeline:
         }
 
     def health_check(self) -> dict[str, bool]:
-        """Whether Triton (model ready) and Milvus answer; never raises."""
-        try:
-            self._store.list_collections()
-            milvus = True
-        except RetriableError:
-            milvus = False
-        return {"triton": self._embedder.is_ready(), "milvus": milvus}
+        """Whether Triton (model ready) and Milvus answer, asked at once: answers within
+        ``engine.health.HEALTH_DEADLINE_S`` (3 s) whatever they do; never raises."""
+        probes = {"triton": triton_probe(self._embedder), "milvus": milvus_probe(self._store)}
+        return {name: result.up for name, result in probe_all(probes, HEALTH_DEADLINE_S).items()}
 
     # Embedding ------------------------------------------------------------------------------
 
@@ -191,7 +205,8 @@ class ImageEmbeddingPipeline:
         Raises:
             UnknownCollectionError: the collection does not exist (create it first).
             ConfigurationError: the collection's dimension differs from the model's vectors.
-            InvalidQueryError: ``ids`` or ``metadata`` do not match ``inputs`` one to one.
+            InvalidQueryError: ``ids`` or ``metadata`` do not match ``inputs`` one to one, or
+                not a collection name Milvus can hold.
             StoreUnavailableError: Milvus is unavailable, or the rows did not become searchable
                 in time.
             and the errors of :meth:`embed_images`.
@@ -240,7 +255,8 @@ class ImageEmbeddingPipeline:
 
         Raises:
             UnknownCollectionError: no such collection.
-            InvalidQueryError: a bad filter expression, or a collection of another dimension.
+            InvalidQueryError: a bad filter expression, a collection of another dimension, or
+                not a collection name Milvus can hold.
             StoreUnavailableError: Milvus is unavailable.
             and the errors of :meth:`embed_images`.
         """
@@ -267,6 +283,7 @@ class ImageEmbeddingPipeline:
                 inputs[start : start + step],
                 max_pixels=self.settings.fetch.max_pixels,
                 short_side=self.preprocessor.decode_short_side,
+                fence_hints=PIPELINE_FENCE_HINTS,
             )
             model_input = self.preprocessor.preprocess([image.pixels for image in loaded])
             vectors = _l2_normalised(self._embedder.embed(model_input))
@@ -295,7 +312,7 @@ class ImageEmbeddingPipeline:
 
     def _described(self, collection: str) -> CollectionInfo:
         try:
-            return self._store.describe_collection(collection)
+            return self._store.describe_collection(_checked_name(collection))
         except UnknownCollectionError as exc:
             raise UnknownCollectionError(
                 f"no collection named {collection!r}: create it first, with "
@@ -319,6 +336,21 @@ class ImageEmbeddingPipeline:
                     f"searchable after {SEARCHABLE_TIMEOUT_S:.0f}s; Milvus may be overloaded"
                 )
             time.sleep(0.2)
+
+
+def _checked_name(name: str) -> str:
+    """``name``, if Milvus can hold a collection of that name.
+
+    Raises:
+        InvalidQueryError: it cannot; checked here because Milvus would answer with an error
+            that reads like an outage.
+    """
+    if not _COLLECTION_NAME.fullmatch(name):
+        raise InvalidQueryError(
+            f"invalid collection name {name!r}: choose one of letters, digits and underscores "
+            f"that matches {COLLECTION_NAME_PATTERN}"
+        )
+    return name
 
 
 def _l2_normalised(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -2,13 +2,13 @@
 
 Every request goes through :class:`engine.inference.TritonEmbedder`, so errors are the
 project's: :class:`InferenceUnavailableError` (retriable: down, loading, overloaded, timed out)
-and :class:`InferenceConfigurationError` (the model, a tensor name, shape or dtype is wrong).
+and :class:`InferenceConfigurationError` (a model the server does not serve, a wrong tensor
+name, shape or dtype).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal, Self
@@ -34,7 +34,8 @@ class TritonClient:
     """Embeddings of preprocessed batches from a model served by Triton, over HTTP or gRPC.
 
     The tensor names given here are defaults that each :meth:`infer` call may override.
-    Thread-safe; use it as a context manager or call :meth:`close`.
+    Thread-safe (several threads may infer at once, each on a connection of its own); use it as
+    a context manager or call :meth:`close`.
     """
 
     def __init__(
@@ -64,11 +65,9 @@ class TritonClient:
             output_name=output_name,
             request_timeout_s=timeout,
         )
+        # Thread-safe, with a connection per thread: the background thread has its own.
         self._embedder = TritonEmbedder(self._settings)
-        # Background requests get their own connection: the HTTP client is not thread-safe.
-        self._background = TritonEmbedder(self._settings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-async")
-        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -92,11 +91,11 @@ class TritonClient:
 
         Raises:
             InferenceUnavailableError: Triton is unreachable, not ready, overloaded or slow.
-            InferenceConfigurationError: Triton refused the request (model, tensor names,
-                shape or dtype do not match the model).
+            InferenceConfigurationError: Triton does not serve the model (the message lists
+                the models it serves), or refused the request (tensor names, shape or dtype do
+                not match the model).
         """
-        with self._lock:  # one connection, one request at a time
-            return self._embedder.embed(inputs, input_name=input_name, output_name=output_name)
+        return self._embedder.embed(inputs, input_name=input_name, output_name=output_name)
 
     def async_infer(
         self, inputs: npt.NDArray[np.float32], callback: Callback
@@ -106,7 +105,7 @@ class TritonClient:
 
         def run() -> Embeddings:
             try:
-                result = self._background.embed(inputs)
+                result = self._embedder.embed(inputs)
             except Exception as exc:
                 _notify(callback, exc)
                 raise
@@ -116,10 +115,9 @@ class TritonClient:
         return self._executor.submit(run)
 
     def close(self) -> None:
-        """Wait for background requests, then close both connections."""
+        """Wait for background requests, then close the connections."""
         self._executor.shutdown(wait=True)
         self._embedder.close()
-        self._background.close()
 
     def __enter__(self) -> Self:
         return self

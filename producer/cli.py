@@ -3,8 +3,10 @@
 Sources: paths, glob patterns, folders (recursive, ``--include``/``--exclude``), http(s) URLs,
 list files (``--from-file``) and manifests (``--manifest``, JSONL or CSV; see
 ``producer.sources``). Every event is validated and checked against the configured
-``kafka.event_limits`` before it is sent. Exit status: 0 when every event was delivered (with
-``--dry-run``: is valid); 1 when some were not, each listed with its reason; 2 when the command
+``kafka.event_limits`` before it is sent. Before publishing it asks the cluster for metadata
+(for up to ``kafka.connect_timeout_s``): when that goes unanswered it says so in one line and
+publishes nothing. Exit status: 0 when every event was delivered (with ``--dry-run``: is valid);
+1 when some were not, each listed with its reason, or Kafka is unreachable; 2 when the command
 cannot run (bad arguments or settings, an unreadable list file or manifest).
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from engine.cli_support import add_common_arguments, settings_from_arguments
 from engine.errors import BrokerUnavailableError, ConfigurationError, EntryError, SourceError
+from engine.kafka import require_broker
 from engine.settings import Settings
 from producer.progress import progress_bar
 from producer.publisher import Delivery, EventPublisher
@@ -68,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trident-produce",
         description="Publish images as ingest events to Kafka.",
-        epilog="Exit status: 0 all delivered, 1 some not delivered (listed), 2 cannot run.",
+        epilog="Exit status: 0 all delivered, 1 some not delivered (listed) or Kafka "
+        "unreachable, 2 cannot run.",
     )
     add_common_arguments(parser)
     parser.add_argument(
@@ -161,6 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     started = time.monotonic()
+    if not args.dry_run:
+        try:
+            require_broker(settings.kafka, timeout_s=settings.kafka.connect_timeout_s)
+        except BrokerUnavailableError as exc:
+            logger.error("%s", exc)
+            print(
+                f"delivered=0 not_sent={len(entries)} elapsed={time.monotonic() - started:.1f}s "
+                "(Kafka unreachable)"
+            )
+            return 1
     with progress_bar(len(entries), "validating" if args.dry_run else "publishing") as advance:
         tally = _Tally(advance)
         if args.dry_run:

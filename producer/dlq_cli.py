@@ -4,9 +4,10 @@
 shows samples, one record in full (``--offset``, ``--id``), or prints one JSON object per record
 (``--json``). ``replay`` republishes the chosen records to the ingest topic (see
 ``producer.dead_letters`` for what is kept and the replay cap). Both read the dead-letter topic
-without a consumer group and never write to it. Exit status: 0 success; 1 something could not
-be replayed (or ``inspect --offset/--id`` found nothing); 2 the command cannot run (bad
-arguments or settings, Kafka unreachable, no such topic).
+without a consumer group and never write to it. Both first ask the cluster for metadata (for up
+to ``kafka.connect_timeout_s``) and, when that goes unanswered, say so in one line. Exit status:
+0 success; 1 something could not be replayed (or ``inspect --offset/--id`` found nothing), or
+Kafka is unreachable; 2 the command cannot run (bad arguments or settings, no such topic).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import orjson
 
 from engine.cli_support import add_common_arguments, settings_from_arguments
 from engine.errors import BrokerUnavailableError, ConfigurationError
+from engine.kafka import require_broker
 from engine.settings import Settings
 from producer.dead_letters import (
     DEFAULT_MAX_REPLAYS,
@@ -101,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trident-dlq",
         description="Inspect and replay the dead-letter topic (kafka.dead_letter_topic).",
-        epilog="Exit status: 0 success, 1 something not replayed or not found, 2 cannot run.",
+        epilog="Exit status: 0 success, 1 something not replayed or not found, or Kafka "
+        "unreachable, 2 cannot run.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -152,14 +155,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = settings_from_arguments(args)
+    except ConfigurationError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        require_broker(settings.kafka, timeout_s=settings.kafka.connect_timeout_s)
         with DeadLetterReader(settings.kafka) as reader:
             records = reader.read(_selection(args))
             if args.command == "inspect":
                 return _inspect(args, reader.topic, records)
             return _replay(args, settings, list(records))
-    except (ConfigurationError, BrokerUnavailableError) as exc:
+    except ConfigurationError as exc:
         logger.error("%s", exc)
         return 2
+    except BrokerUnavailableError as exc:
+        logger.error("%s", exc)
+        if args.command == "inspect":
+            topic = settings.kafka.dead_letter_topic
+            print(f"dead-letter topic {topic}: not read (Kafka unavailable)")
+        else:  # replaying a record twice is harmless: the stale-version guard keeps the newest
+            print("replay incomplete (Kafka unavailable): run it again once Kafka answers")
+        return 1
 
 
 # inspect ----------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ limit raises :class:`~schemas.EventLimitError` and nothing is sent), key it by i
 version of one image goes to the same partition and is consumed in order), write through an
 idempotent producer with ``acks=all`` (``engine.kafka.producer_config``), and report each
 event's delivery: a :class:`Delivery` with the partition and offset, or the error. Kafka's own
-errors are translated: a message larger than the broker accepts is an
+errors are translated (:func:`delivery_error`): a message larger than the broker accepts is an
 :class:`EventTooLargeError` (permanent), a broker that does not answer is a
-:class:`~engine.errors.BrokerUnavailableError` (retriable).
+:class:`~engine.errors.BrokerUnavailableError` (retriable), and every other refusal carries a
+:class:`~engine.errors.Reason` of its librdkafka error family.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import mimetypes
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -25,11 +27,19 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from engine.errors import BrokerUnavailableError, EventTooLargeError, PermanentError, TridentError
+from engine.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    EventTooLargeError,
+    PermanentError,
+    Reason,
+    TridentError,
+)
 from engine.kafka import producer_config
 from engine.settings import KafkaSettings
 from schemas import (
     DEFAULT_EVENT_LIMITS,
+    EventLimitError,
     EventLimits,
     IngestEvent,
     InlineImage,
@@ -44,16 +54,83 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 Headers = list[tuple[str, str | bytes | None]]
 
-# librdkafka gives up on these only after message.timeout.ms; retrying later can succeed.
+# librdkafka gives up on these only after message.timeout.ms (or never sent the message: purged,
+# client closing); retrying later can succeed.
 _TRANSIENT_CODES = frozenset(
     {
         KafkaError._MSG_TIMED_OUT,
         KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
         KafkaError._TRANSPORT,
         KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._RESOLVE,
+        KafkaError._WAIT_COORD,
+        KafkaError._QUEUE_FULL,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._DESTROY,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
         KafkaError.NOT_ENOUGH_REPLICAS,
         KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
         KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.THROTTLING_QUOTA_EXCEEDED,
+        KafkaError.CONCURRENT_TRANSACTIONS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    }
+)
+# Refusals no retry can turn into a write, by family (librdkafka's codes and the broker's).
+_TOO_LARGE_CODES = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
+)
+_UNKNOWN_TOPIC_CODES = frozenset(
+    {
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.UNKNOWN_TOPIC_ID,
+        KafkaError.INCONSISTENT_TOPIC_ID,
+    }
+)
+_NOT_AUTHORIZED_CODES = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.UNSUPPORTED_SASL_MECHANISM,
+        KafkaError.ILLEGAL_SASL_STATE,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+    }
+)
+_INVALID_RECORD_CODES = frozenset(
+    {
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError._BAD_MSG,
+        KafkaError._INVALID_DIFFERENT_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.POLICY_VIOLATION,
+    }
+)
+# The producer instance cannot go on (fenced, sequence lost): only a new one can publish.
+_FATAL_CODES = frozenset(
+    {
+        KafkaError._FATAL,
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
     }
 )
 
@@ -92,17 +169,52 @@ class DeliveryReport:
         return DeliveryReport(self.delivered, self.failed, list(self.failures))
 
 
-def delivery_error(error: KafkaError, size: int | None = None) -> TridentError:
-    """Kafka's error for one message, in the engine's error tree."""
-    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+def delivery_error(
+    error: KafkaError, size: int | None = None, *, topic: str | None = None
+) -> TridentError:
+    """Kafka's error for one message, in the engine's error tree; its reason is a
+    :class:`~engine.errors.Reason` member of the error's family, never librdkafka's own name.
+
+    Too large: :class:`EventTooLargeError`. Unknown topic, not authorized, or a fatal producer
+    error: :class:`~engine.errors.ConfigurationError` (the deployment, not the event, is wrong).
+    Broker unavailable or timed out: :class:`~engine.errors.BrokerUnavailableError`. An invalid
+    record, or any other refusal: :class:`~engine.errors.PermanentError`.
+    """
+    code, text = error.code(), error.str()
+    where = f"topic {topic!r}" if topic else "the topic"
+    if code in _TOO_LARGE_CODES:
         sized = f" ({size} bytes)" if size is not None else ""
         return EventTooLargeError(
-            f"the event{sized} is larger than the broker accepts (MSG_SIZE_TOO_LARGE): publish "
+            f"the event{sized} is larger than the broker accepts ({error.name()}): publish "
             "the image as a path or URL reference, or shrink its metadata"
         )
-    if error.retriable() or error.code() in _TRANSIENT_CODES:
-        return BrokerUnavailableError(f"Kafka did not acknowledge the event: {error.str()}")
-    return PermanentError(f"Kafka refused the event: {error.str()}", reason=error.name().lower())
+    if code in _UNKNOWN_TOPIC_CODES:
+        return ConfigurationError(
+            f"Kafka has no {where} or partition ({text}): create it (trident-worker creates "
+            "its topics when it starts) or publish to an existing one",
+            reason=Reason.KAFKA_UNKNOWN_TOPIC,
+        )
+    if code in _NOT_AUTHORIZED_CODES:
+        return ConfigurationError(
+            f"Kafka refused to let this client write to {where} ({text}): grant it access or "
+            "fix the credentials in kafka.extra",
+            reason=Reason.KAFKA_NOT_AUTHORIZED,
+        )
+    if error.fatal() or code in _FATAL_CODES:
+        return ConfigurationError(
+            f"the Kafka producer cannot go on ({text}): publish again with a new publisher "
+            "(restart the command or service)",
+            reason=Reason.KAFKA_FATAL,
+        )
+    if error.retriable() or code in _TRANSIENT_CODES:
+        return BrokerUnavailableError(f"Kafka did not acknowledge the event: {text}")
+    if code in _INVALID_RECORD_CODES:
+        return PermanentError(
+            f"Kafka refused the event as invalid ({text}): check {where}'s settings "
+            "(timestamps, policies)",
+            reason=Reason.KAFKA_INVALID_RECORD,
+        )
+    return PermanentError(f"Kafka refused the event: {text}", reason=Reason.KAFKA_REFUSED)
 
 
 OnDelivery = Callable[[Delivery], None]
@@ -126,7 +238,7 @@ class _Sender:
                 done(Delivery(name, self.topic, message.partition(), message.offset()))
             else:
                 logger.debug("delivery of %r failed: %s", name, error)
-                done(Delivery(name, self.topic, error=delivery_error(error, len(value or b""))))
+                done(Delivery(name, self.topic, error=self._error(error, value)))
 
         try:
             self.producer.produce(
@@ -136,8 +248,51 @@ class _Sender:
             return False
         except KafkaException as exc:
             # Refused locally (too large for message.max.bytes, unknown topic, ...).
-            done(Delivery(name, self.topic, error=delivery_error(exc.args[0], len(value or b""))))
+            done(Delivery(name, self.topic, error=self._error(exc.args[0], value)))
         return True
+
+    def send(
+        self, key: bytes | None, value: bytes | None, headers: Headers | None, done: OnDelivery
+    ) -> None:
+        """Queue one message, serving deliveries while the local queue is full (backpressure)."""
+        while not self.try_send(key, value, headers, done):
+            self.producer.poll(0.5)
+        self.producer.poll(0)
+
+    def _error(self, error: KafkaError, value: bytes | None) -> TridentError:
+        return delivery_error(error, len(value or b""), topic=self.topic)
+
+
+class _Answers:
+    """The deliveries of one call, whichever thread's poll serves them (several threads may
+    publish through one producer: each call waits for, and reports, its own records only)."""
+
+    def __init__(self, expected: int) -> None:
+        self.report = DeliveryReport()
+        self._expected = expected
+        self._lock = threading.Lock()
+        self._complete = threading.Event()
+        if expected == 0:
+            self._complete.set()
+
+    def add(self, delivery: Delivery) -> None:
+        with self._lock:
+            self.report.add(delivery)
+            if self.report.delivered + self.report.failed >= self._expected:
+                self._complete.set()
+
+    def wait(self, producer: Producer, timeout_s: float) -> int:
+        """Serve deliveries until every one of this call's is in; the number still unanswered
+        after ``timeout_s`` (0: all answered)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._complete.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Short polls: another thread's poll may serve our deliveries meanwhile.
+            producer.poll(min(0.1, remaining))
+        with self._lock:
+            return self._expected - self.report.delivered - self.report.failed
 
 
 class _Publisher:
@@ -202,10 +357,43 @@ class EventPublisher(_Publisher):
             if on_delivery is not None:
                 on_delivery(delivery)
 
-        while not self._sender.try_send(key, value, headers, done):
-            # Local queue full: let deliveries drain, which is the backpressure we want.
-            self._sender.producer.poll(0.5)
-        self._sender.producer.poll(0)
+        self._sender.send(key, value, headers, done)
+
+    def publish_and_wait(
+        self, events: Sequence[IngestEvent], *, timeout_s: float = 120.0
+    ) -> DeliveryReport:
+        """Publish ``events`` and wait for the brokers' answers to these events alone.
+
+        Several threads may call this at once on one publisher: each call's report holds its own
+        deliveries and failures, never another call's (they are not added to the running totals
+        of :meth:`flush` either).
+
+        Raises:
+            EventLimitError: an event is over a limit (the message names its id); nothing of
+                the call is sent.
+            BrokerUnavailableError: some of these events were unanswered after ``timeout_s``
+                (whether they are written is unknown).
+        """
+        for event in events:
+            try:
+                self._limits.check(event)
+            except EventLimitError as exc:
+                raise EventLimitError(
+                    f"event {event.id!r}: {exc}",
+                    reason=exc.reason,
+                    limit=exc.limit,
+                    size=exc.size,
+                    maximum=exc.maximum,
+                ) from exc
+        answers = _Answers(len(events))
+        for event in events:
+            self._sender.send(event.id.encode(), encode_event(event), None, answers.add)
+        unanswered = answers.wait(self._sender.producer, timeout_s)
+        if unanswered:
+            raise BrokerUnavailableError(
+                f"{unanswered} of {len(events)} events not acknowledged after {timeout_s:.0f}s"
+            )
+        return answers.report
 
     def publish_many(
         self, events: Iterable[IngestEvent], *, timeout_s: float = 120.0

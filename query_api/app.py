@@ -1,12 +1,13 @@
 """The Litestar application: :func:`create_app` builds it from settings.
 
 The lifespan owns the clients (:class:`SearchService`: Milvus, Triton, the fetcher;
-:class:`IngestGateway`: the Kafka producer) and closes them on shutdown; handlers receive them
-through ``Provide``. With ``freeze_heap`` (the ``trident-api`` process asks for it), the
-lifespan freezes the heap once the service is warm (see :func:`_freeze_heap`). Middleware,
-outermost first: metrics, rate limit, API key. The OpenAPI
-schema is generated from the handlers' types and served at ``/openapi.json`` (interactive docs
-at ``/docs``); the search page is ``GET /``.
+:class:`IngestGateway`: the Kafka producer), starts the service (waiting for Triton's model) and
+closes them on shutdown; handlers receive them through ``Provide``. With ``freeze_heap`` (the
+``trident-api`` process asks for it), the lifespan freezes the heap once the service is warm
+(see :func:`_freeze_heap`). Middleware, outermost first: metrics, rate limit, API key. The
+OpenAPI schema is generated from the handlers' types and served at ``/openapi.json``
+(interactive docs at ``/docs``, Swagger UI's files served by the API itself: no CDN); the search
+page is ``GET /``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata, resources
+from pathlib import Path
 from typing import Any
 
 import anyio
-from litestar import Litestar, MediaType, Request, get
+import litestar_offline_docs
+from litestar import Litestar, MediaType, Request, Router, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -28,6 +31,7 @@ from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
+from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from engine.settings import Settings
@@ -51,6 +55,12 @@ TITLE = "Embedding Trident"
 # Routes whose multipart form is served by the "/upload" route beside them.
 _UPLOAD_ROUTES = {"/search", "/embed"}
 _SEARCH_PAGE = resources.files("query_api").joinpath("static/index.html").read_text()
+# Swagger UI's files, served by the API itself: /docs works without internet access (Litestar
+# would load them from a CDN). Swagger UI 5, which renders OpenAPI 3.1, as packaged on PyPI.
+DOCS_ASSETS = "/docs/assets"
+_SWAGGER_UI = Path(litestar_offline_docs.__file__).parent / "static"
+# An empty icon, so that the page asks no other host (Litestar's default is on a CDN).
+_NO_FAVICON = "<link rel='icon' href='data:,'>"
 
 
 @get("/", opt={PUBLIC: True}, include_in_schema=False, media_type=MediaType.HTML)
@@ -86,6 +96,11 @@ def create_app(
 
     Raises:
         ConfigurationError: API keys are required (``api.auth``) but none is configured.
+
+    Starting the app (its lifespan) waits for Triton's model, up to ``triton.ready_timeout_s``;
+    it fails with :class:`InferenceConfigurationError` if Triton does not serve the model, or
+    :class:`InferenceUnavailableError` if it is not ready in time (``trident-api`` checks both
+    before serving, to say so in one line).
     """
     keys = api_keys(settings.api)
     api_metrics = ApiMetrics()
@@ -95,7 +110,8 @@ def create_app(
         search_service = service or SearchService.from_settings(settings)
         gateway = ingest or IngestGateway(settings.kafka, search_service.store)
         try:
-            await anyio.to_thread.run_sync(search_service.warmup)
+            # Compiles the preprocessing and waits for Triton's model (triton.ready_timeout_s).
+            await anyio.to_thread.run_sync(search_service.start)
             if freeze_heap:
                 _freeze_heap()
             app.state.search_service, app.state.ingest = search_service, gateway
@@ -111,7 +127,7 @@ def create_app(
     if keys is not None:
         middleware.append(ApiKeyMiddleware(keys))
     app = Litestar(
-        route_handlers=[*ROUTES, search_page, openapi_json],
+        route_handlers=[*ROUTES, search_page, openapi_json, _docs_assets()],
         dependencies={
             "service": _state_value("search_service"),
             "ingest": _state_value("ingest"),
@@ -128,9 +144,23 @@ def create_app(
             else None
         ),
         openapi_config=_openapi_config(authenticated=keys is not None),
+        # Logging is the entry point's (engine.cli_support): Litestar's default would replace
+        # the root logger's handlers and level when the app is built.
+        logging_config=None,
     )
     app.asgi_handler = _uploads_to_their_routes(app.asgi_handler)
     return app
+
+
+def _docs_assets() -> Router:
+    """Swagger UI's scripts and styles at ``DOCS_ASSETS``, open like ``/docs`` itself."""
+    return create_static_files_router(
+        path=DOCS_ASSETS,
+        directories=[_SWAGGER_UI],
+        name="docs-assets",
+        opt={PUBLIC: True},
+        include_in_schema=False,
+    )
 
 
 def _freeze_heap() -> None:
@@ -159,7 +189,15 @@ def _openapi_config(*, authenticated: bool) -> OpenAPIConfig:
         version=metadata.version("embedding-trident"),
         description="Similarity search over images embedded by the Embedding Trident workers.",
         path="/docs",
-        render_plugins=[SwaggerRenderPlugin(path="/")],
+        render_plugins=[
+            SwaggerRenderPlugin(
+                path="/",
+                js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+                favicon=_NO_FAVICON,
+            )
+        ],
         components=Components(security_schemes={"ApiKey": scheme})
         if authenticated
         else Components(),

@@ -1,7 +1,8 @@
 """One JSON error shape for every failure: ``{"error": "<reason>", "detail": "<message>"}``.
 
 Statuses: 400 malformed requests and unusable images or references, 401 a missing or wrong API
-key, 404 unknown routes, collections and items, 405, 413 bodies or images over the limits,
+key, 404 unknown routes, collections and items, 405, 409 a collection that exists but not as
+asked (another dimension, no vector index), 413 bodies or images over the limits,
 415 a content type the route does not take, 422 well-formed requests that make no sense (schema
 violations, wrong vector dimension, bad filters or index parameters), 429 and 503 with
 ``Retry-After``. Anything unexpected is a 500 whose body names no internals; it is logged here.
@@ -19,12 +20,14 @@ from litestar.openapi import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from engine.errors import (
+    CollectionConflictError,
     InvalidQueryError,
     PermanentError,
     RetriableError,
     TridentError,
     UnknownCollectionError,
 )
+from query_api.validation import body_problems, model_problems
 from schemas.api import ErrorBody
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ ERROR_RESPONSES = {
         401: "Missing or wrong API key (when keys are required)",
         404: "Unknown route, collection or item",
         405: "Method not allowed",
+        409: "The collection exists, but not as asked (another dimension, no vector index)",
         413: "Body, upload or image over the limits",
         415: "Unsupported content type",
         422: "Invalid request (schema, vector dimension, filter, index parameters)",
@@ -78,6 +82,8 @@ def _status_of(exc: TridentError) -> int:
         return 500
     if isinstance(exc, UnknownCollectionError) or exc.reason in _NOT_FOUND_REASONS:
         return 404
+    if isinstance(exc, CollectionConflictError):
+        return 409
     if exc.reason in _TOO_LARGE_REASONS:
         return 413
     if isinstance(exc, InvalidQueryError):
@@ -102,21 +108,15 @@ def _validation_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     extra = exc.extra if isinstance(exc.extra, list) else []
     if not extra:  # Litestar could not even read the body (malformed JSON or form)
         return error_response(400, "malformed_body", str(exc.detail))
-    problems = "; ".join(
-        f"{item.get('key') or 'body'}: {item.get('message')}"
-        for item in extra
-        if isinstance(item, dict)
-    )
-    return error_response(422, "invalid_request", problems or str(exc.detail))
+    handler = request.scope.get("route_handler")  # what the route says its body should hold
+    opt = handler.opt if handler is not None else {}
+    return error_response(422, "invalid_request", body_problems(opt, extra))
 
 
 def _model_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     # A model validated in a handler (the multipart search's options and filter).
     assert isinstance(exc, pydantic.ValidationError)
-    problems = "; ".join(
-        f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in exc.errors()
-    )
-    return error_response(422, "invalid_request", problems)
+    return error_response(422, "invalid_request", model_problems(exc.errors()))
 
 
 def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
+import orjson
 from litestar import Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
@@ -24,14 +26,16 @@ from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 from litestar.params import FromPath, JSONBody, MultipartBody
-from pydantic import TypeAdapter
 
+from engine.errors import BrokerUnavailableError
+from engine.health import Probe
 from query_api.errors import ERROR_RESPONSES, RETRY_AFTER_S
 from query_api.ingest import IngestGateway
 from query_api.metrics import ApiMetrics
 from query_api.security import CONSUMES, PUBLIC
 from query_api.service import SearchService
 from query_api.timing import SERVER_TIMING, StageTimings
+from query_api.validation import EXPECTS
 from schemas.api import (
     CollectionCreated,
     CollectionList,
@@ -43,12 +47,11 @@ from schemas.api import (
     InsertAccepted,
     InsertRequest,
 )
-from schemas.search import Filter, SearchHit, SearchOptions, SearchRequest
+from schemas.search import QUERY_EXPECTED, SearchHit, SearchOptions, SearchRequest
 
 JSON_BODY = {CONSUMES: ("application/json",)}
 MULTIPART_BODY = {CONSUMES: ("multipart/form-data",)}
 THUMBNAIL_SUFFIX = "/thumbnail"
-_FILTER = TypeAdapter[Filter](Filter)
 
 
 def _also_multipart(form: str) -> type[Operation]:
@@ -97,13 +100,15 @@ def _server_timing(timings: StageTimings) -> dict[str, str]:
 def health(
     service: NamedDependency[SearchService], ingest: NamedDependency[IngestGateway]
 ) -> Response[HealthReport]:
-    """Triton, Milvus and Kafka, each ``up`` or ``down``.
+    """Triton, Milvus and Kafka, each ``up`` or ``down``, probed at once: the answer comes within
+    3 s, and a service that has not answered by then is ``down``.
 
     ``status`` is ``degraded`` when any is down; the answer is 503 only when searches cannot be
     answered (Triton or Milvus down). Kafka down stops inserts alone, so probes that use this
     route (compose, Kubernetes) keep the API serving searches meanwhile.
     """
-    triton, milvus, kafka = service.triton_state(), service.milvus_state(), ingest.kafka_state()
+    states = service.states({**service.probes(), "kafka": _kafka_probe(ingest)})
+    triton, milvus, kafka = states["triton"], states["milvus"], states["kafka"]
     down = [state for state in (triton, milvus, kafka) if state.state == "down"]
     report = HealthReport(
         status="degraded" if down else "ok", triton=triton, milvus=milvus, kafka=kafka
@@ -111,6 +116,15 @@ def health(
     if "down" in (triton.state, milvus.state):
         return Response(report, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     return Response(report)
+
+
+def _kafka_probe(ingest: IngestGateway) -> Probe:
+    def probe() -> None:
+        state = ingest.kafka_state()
+        if state.state == "down":
+            raise BrokerUnavailableError(state.detail or "Kafka did not answer")
+
+    return probe
 
 
 @get("/livez", opt={PUBLIC: True}, tags=["health"], responses=ERROR_RESPONSES)
@@ -127,8 +141,12 @@ async def livez() -> dict[str, str]:
     responses={**ERROR_RESPONSES, 503: ResponseSpec(dict[str, str], description="Not ready")},
 )
 def readyz(service: NamedDependency[SearchService]) -> Response[dict[str, str]]:
-    """Searches can be answered: Triton's model is ready and Milvus reachable (503 if not)."""
-    triton, milvus = service.triton_state(), service.milvus_state()
+    """Searches can be answered: Triton's model is ready and Milvus reachable (503 if not).
+
+    Both are probed at once; the answer comes within 3 s, as ``/health``'s.
+    """
+    states = service.states(service.probes())
+    triton, milvus = states["triton"], states["milvus"]
     if triton.state == milvus.state == "up":
         return Response({"status": "ready"})
     body = {"status": "not_ready", "triton": triton.state, "milvus": milvus.state}
@@ -201,7 +219,7 @@ def drop_collection(name: FromPath[str], service: NamedDependency[SearchService]
 
 @post(
     "/search",
-    opt=JSON_BODY,
+    opt={**JSON_BODY, EXPECTS: QUERY_EXPECTED},
     operation_class=_also_multipart("SearchUpload"),
     tags=["search"],
     status_code=200,
@@ -241,14 +259,24 @@ class SearchUpload:
         Raises:
             pydantic.ValidationError: an option out of bounds, or a malformed filter.
         """
-        return SearchOptions(
-            topk=self.topk,
-            offset=self.offset,
-            collection_name=self.collection_name or None,
-            filter_expr=self.filter_expr or None,
-            filter=_FILTER.validate_json(self.filter) if self.filter else None,
-            score_threshold=self.score_threshold,
+        return SearchOptions.model_validate(
+            {
+                "topk": self.topk,
+                "offset": self.offset,
+                "collection_name": self.collection_name or None,
+                "filter_expr": self.filter_expr or None,
+                # Not JSON: validated as it is, so the answer says what a filter looks like.
+                "filter": _json_or_text(self.filter) if self.filter else None,
+                "score_threshold": self.score_threshold,
+            }
         )
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
 
 
 @post(

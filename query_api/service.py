@@ -14,15 +14,16 @@ import io
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 from pydantic import ValidationError
 
-from engine.errors import ImageReferenceError, InvalidQueryError, RetriableError
+from engine.errors import ImageReferenceError, InvalidQueryError
 from engine.fetch import ImageFetcher
+from engine.health import HEALTH_DEADLINE_S, Probe, Prober, milvus_probe, triton_probe
 from engine.images import decode_image
 from engine.indexes import IndexSpec
 from engine.inference import TritonEmbedder
@@ -67,6 +68,8 @@ class SearchService:
         self._preprocessor = preprocessor
         self._fetcher = fetcher
         self._thumbnails = _ThumbnailCache(settings.api.thumbnail_cache_items)
+        self._prober = Prober()
+        self._started = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SearchService:
@@ -79,29 +82,51 @@ class SearchService:
             fetcher=ImageFetcher(settings.fetch),
         )
 
-    def warmup(self) -> None:
+    def start(self) -> None:
+        """Make the service ready to answer: compile the preprocessing, then wait for Triton's
+        model (up to ``triton.ready_timeout_s``). Idempotent.
+
+        Raises:
+            InferenceConfigurationError: Triton does not serve the configured model.
+            InferenceUnavailableError: the model was not ready in time.
+        """
+        if self._started:
+            return
         self._preprocessor.warmup()
+        self.embedder.wait_until_ready(self._settings.triton.ready_timeout_s)
+        self._started = True
 
     def close(self) -> None:
+        self._prober.close()
         self._fetcher.close()
         self.embedder.close()
         self.store.close()
 
     # Health ---------------------------------------------------------------------------------
 
-    def triton_state(self) -> ServiceState:
-        if self.embedder.is_ready():
-            return ServiceState(state="up")
-        return ServiceState(
-            state="down", detail=f"model {self._settings.triton.model_name} not ready"
-        )
+    def probes(self) -> dict[str, Probe]:
+        """The probes of the services a search needs: Triton's model, Milvus."""
+        return {"triton": triton_probe(self.embedder), "milvus": milvus_probe(self.store)}
 
-    def milvus_state(self) -> ServiceState:
-        try:
-            self.store.list_collections()
-        except RetriableError as exc:
-            return ServiceState(state="down", detail=str(exc))
-        return ServiceState(state="up")
+    def states(self, probes: Mapping[str, Probe]) -> dict[str, ServiceState]:
+        """Each probe's state, all run at once: answers within ``HEALTH_DEADLINE_S``."""
+        results = self._prober.probe_all(probes, HEALTH_DEADLINE_S)
+        return {
+            name: ServiceState(state=result.state, detail=self._where(name, result.detail))
+            for name, result in results.items()
+        }
+
+    def _where(self, service: str, detail: str) -> str:
+        """``detail``, naming the service's address unless it does already."""
+        s = self._settings
+        address = {
+            "triton": f"Triton {s.triton.url}",
+            "milvus": f"Milvus {s.milvus.uri}",
+            "kafka": f"Kafka {s.kafka.bootstrap_servers}",
+        }.get(service)
+        if not detail or address is None or address.split()[1] in detail:
+            return detail
+        return f"{address}: {detail}"
 
     # Embeddings -----------------------------------------------------------------------------
 

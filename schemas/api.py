@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.search import CollectionName
 
 MAX_INSERT_ITEMS = 1000
+# The index types and metrics a collection can be created with. The contracts import nothing of
+# the engine, so the names are here; engine.indexes reads them and holds each type's parameters
+# and their ranges (the one place for those).
+IndexType = Literal["FLAT", "IVF_FLAT", "HNSW"]
+Metric = Literal["COSINE", "IP", "L2"]
 
 
 class CreateCollectionRequest(BaseModel):
@@ -24,8 +29,9 @@ class CreateCollectionRequest(BaseModel):
     name: CollectionName
     dim: int | None = Field(default=None, ge=2, le=32_768)
     description: str = Field(default="", max_length=1024)
-    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
-    index_type: Literal["FLAT", "IVF_FLAT", "HNSW"] = "HNSW"
+    metric: Metric = "COSINE"
+    index_type: IndexType = "HNSW"
+    # Checked against the index type's parameters and ranges by the service (engine.indexes).
     params: dict[str, int] = Field(
         default_factory=dict, description="Build parameters: HNSW M, efConstruction; IVF nlist."
     )

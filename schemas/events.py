@@ -10,6 +10,9 @@ that keeps a message under Kafka's default maximum. :func:`decode_event` (the wo
 publishers apply the same limits, so an event the producer accepts is one the store can hold.
 Metadata must be JSON-safe: objects with string keys, arrays, strings, finite floats, 64-bit
 integers, booleans and null.
+
+A record with a null value (a Kafka tombstone) on the same topic is not an event but a delete of
+the id in its key: that contract is :mod:`schemas.deletes`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pydantic import (
     field_validator,
 )
 
-from schemas.errors import ContractError
+from schemas.errors import ContractError, EventLimitError
+from schemas.search import COLLECTION_NAME_PATTERN
 
 EVENT_SCHEMA_VERSION: Final = 1
 
@@ -46,13 +50,17 @@ METADATA_MAX_BYTES: Final = 65_536
 # maximum message (about 1 MB) together with the largest metadata.
 INLINE_IMAGE_MAX_BYTES: Final = 512 * 1024
 _INT64 = range(-(2**63), 2**63)
+# Versions are stored as Milvus INT64: a larger one could never be written.
+VERSION_MAX: Final = 2**63 - 1
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """A contract model: immutable, and no field it does not declare."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class PathImage(_Frozen):
+class PathImage(FrozenModel):
     """An image file on a filesystem the worker can read (only under its allowed roots)."""
 
     kind: Literal["path"] = "path"
@@ -67,14 +75,14 @@ class PathImage(_Frozen):
         return value
 
 
-class UrlImage(_Frozen):
+class UrlImage(FrozenModel):
     """An image fetched over http(s)."""
 
     kind: Literal["url"] = "url"
     url: AnyHttpUrl
 
 
-class InlineImage(_Frozen):
+class InlineImage(FrozenModel):
     """Image bytes carried in the event itself (base64 on the wire)."""
 
     kind: Literal["inline"] = "inline"
@@ -109,11 +117,12 @@ def reference_from_string(text: str) -> PathImage | UrlImage:
     return PathImage(path=text)
 
 
-def _now_micros() -> int:
+def now_micros() -> int:
+    """Now, in microseconds since the epoch: the default version of events and deletes."""
     return time.time_ns() // 1_000
 
 
-class IngestEvent(_Frozen):
+class IngestEvent(FrozenModel):
     """One image to embed and store (or re-embed and overwrite) under ``id``.
 
     ``version`` orders events for the same id: a stored embedding is only ever replaced by an
@@ -127,10 +136,10 @@ class IngestEvent(_Frozen):
     metadata: dict[str, Any] = Field(default_factory=dict)
     collection: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$",
+        pattern=COLLECTION_NAME_PATTERN,
         description="Target collection; the worker's default when absent.",
     )
-    version: int = Field(default_factory=_now_micros, ge=0)
+    version: int = Field(default_factory=now_micros, ge=0, le=VERSION_MAX)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("metadata")
@@ -173,17 +182,7 @@ def _check_json_safe(value: Any, where: str) -> None:
         raise ValueError(f"{where}: {type(value).__name__} is not a JSON type")
 
 
-class EventLimitError(ContractError):
-    """An event over one of its :class:`EventLimits`: ``limit`` names it, ``size`` > ``maximum``."""
-
-    def __init__(self, message: str, *, reason: str, limit: str, size: int, maximum: int) -> None:
-        super().__init__(message, reason=reason)
-        self.limit = limit
-        self.size = size
-        self.maximum = maximum
-
-
-class EventLimits(_Frozen):
+class EventLimits(FrozenModel):
     """How large the parts of one ingest event may be, in bytes.
 
     The stored parts (id, source reference, metadata encoded as JSON) may be limited below the
@@ -202,7 +201,7 @@ class EventLimits(_Frozen):
         Raises:
             EventLimitError: the first limit exceeded, named in the message and in ``limit``.
         """
-        self._within("id", len(event.id.encode()), "id_max_bytes", "id_too_long")
+        self.check_id(event.id)
         if isinstance(event.image, InlineImage):
             self.check_inline_image(len(event.image.data))
         else:
@@ -210,6 +209,16 @@ class EventLimits(_Frozen):
             self._within("source reference", source_bytes, "source_max_bytes", "source_too_long")
         metadata_bytes = len(orjson.dumps(event.metadata))
         self._within("metadata", metadata_bytes, "metadata_max_bytes", "metadata_too_large")
+
+    def check_id(self, event_id: str) -> None:
+        """Raise if ``event_id`` is over ``id_max_bytes`` in UTF-8 (the ids of upserts and
+        deletes alike).
+
+        Raises:
+            EventLimitError: over ``id_max_bytes`` (``id_too_long``).
+        """
+        size = len(event_id.encode(errors="surrogatepass"))
+        self._within("id", size, "id_max_bytes", "id_too_long")
 
     def check_inline_image(self, size: int) -> None:
         """Raise if ``size`` bytes are too many to carry inline (before reading them).

@@ -1,18 +1,32 @@
 """Search request and response contracts of the query API.
 
 A search names exactly one query (``query_input``, ``vector`` or ``id``; an uploaded image
-comes as a multipart form, :class:`SearchForm`), how many hits (``topk``, bounded, with
-``offset`` for paging) and optionally which hits: a raw Milvus ``filter_expr`` (the earlier
-API's field) and/or a structured :data:`Filter` that the API compiles so that no value can
-inject syntax.
+comes as a multipart form, ``query_api.routes.SearchUpload``, with the same
+:class:`SearchOptions`), how many hits (``topk``, bounded, with ``offset`` for paging) and
+optionally which hits: a raw Milvus ``filter_expr`` (the earlier API's field) and/or a structured
+:data:`Filter` that the API compiles so that no value can inject syntax.
+
+A :data:`Filter` is validated as the one kind its keys name (``and``, ``or``, ``not``, else a
+field condition), so a malformed one is reported against that kind alone; the kinds' labels in
+an error's location are in angle brackets (``<condition>``), which the API leaves out.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
+# The one collection-name rule (what Milvus accepts): searches, ingest events, the store and the
+# earlier pipeline's API all check names against it.
 COLLECTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"
 MAX_TOPK = 1000
 # Milvus refuses offset + limit above 16384.
@@ -67,7 +81,43 @@ class NoneOf(BaseModel):
     not_: Filter = Field(alias="not")
 
 
-Filter = FieldCondition | AllOf | AnyOf | NoneOf
+QUERY_EXPECTED = (
+    "give exactly one of query_input (a path or http(s) URL of an image), vector or id, or send "
+    "the image itself as a multipart form (field file)"
+)
+FILTER_SHAPE = (
+    'a filter is {"field": "<metadata key>", "op": "eq", "value": <value>} (op: eq, ne, lt, '
+    'le, gt, ge, in, not_in), or {"and": [filters]}, {"or": [filters]} or {"not": filter}'
+)
+_FILTER_KINDS: dict[type[BaseModel], str] = {
+    FieldCondition: "<condition>",
+    AllOf: "<and>",
+    AnyOf: "<or>",
+    NoneOf: "<not>",
+}
+
+
+def _filter_kind(value: Any) -> str | None:
+    """Which kind of filter ``value`` is meant to be, by its keys (None: not an object)."""
+    if isinstance(value, BaseModel):
+        return _FILTER_KINDS.get(type(value))
+    if not isinstance(value, dict):
+        return None
+    for key in ("and", "or", "not"):
+        if key in value:
+            return f"<{key}>"
+    return "<condition>"
+
+
+Filter = Annotated[
+    Annotated[FieldCondition, Tag("<condition>")]
+    | Annotated[AllOf, Tag("<and>")]
+    | Annotated[AnyOf, Tag("<or>")]
+    | Annotated[NoneOf, Tag("<not>")],
+    Discriminator(
+        _filter_kind, custom_error_type="invalid_filter", custom_error_message=FILTER_SHAPE
+    ),
+]
 
 
 class SearchOptions(BaseModel):
@@ -109,10 +159,21 @@ class SearchRequest(SearchOptions):
 
     query_input: str | None = Field(default=None, min_length=1, max_length=2048)
     vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
-        default=None, min_length=1, max_length=65_536
+        default=None,
+        min_length=1,
+        max_length=65_536,
+        description="An embedding: finite numbers, not all zero.",
     )
     id: str | None = Field(default=None, min_length=1, max_length=256)
     include_self: bool = False
+
+    @field_validator("vector")
+    @classmethod
+    def _has_a_direction(cls, vector: list[float] | None) -> list[float] | None:
+        # A zero vector is as near to every vector as to any other: every hit would score 0.
+        if vector is not None and not any(vector):
+            raise ValueError("the vector is all zeros, so it matches nothing: give an embedding")
+        return vector
 
     @model_validator(mode="after")
     def _exactly_one_query(self) -> SearchRequest:
@@ -120,10 +181,7 @@ class SearchRequest(SearchOptions):
             name for name in ("query_input", "vector", "id") if getattr(self, name) is not None
         ]
         if len(given) != 1:
-            raise ValueError(
-                "give exactly one of query_input, vector or id"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
+            raise ValueError(QUERY_EXPECTED + (f"; got {', '.join(given)}" if given else ""))
         return self
 
 

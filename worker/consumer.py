@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 RebalanceCallback = Callable[[Any, list[TopicPartition]], None]
 
 # Outcomes after which a record's offset may be committed (published ones once acknowledged).
-_TERMINAL = frozenset({Outcome.STORED, Outcome.SKIPPED, Outcome.DEAD, Outcome.REQUEUE})
+_TERMINAL = frozenset(
+    {Outcome.STORED, Outcome.DELETED, Outcome.SKIPPED, Outcome.DEAD, Outcome.REQUEUE}
+)
 
 
 class ConsumerClient(Protocol):
@@ -115,7 +117,9 @@ class Worker:
     ``retry.pause_s``: an outage delays records, it never dead-letters or drops them. One
     record's own transient failure never pauses anything (see ``worker.pipeline``). On a stop
     request the loop takes no new batch, settles those in flight for up to half of
-    ``worker.shutdown_grace_s``, abandons the rest and commits what is safe.
+    ``worker.shutdown_grace_s``, abandons the rest and commits what is safe. Giving partitions
+    up in a rebalance (commit, then wait for the upsert in flight) has one deadline,
+    ``worker.revoke_timeout_s``: what is not done by then is left to the new owner.
     """
 
     def __init__(
@@ -357,14 +361,9 @@ class Worker:
     def _commit(self, *, caught_up: bool = False) -> None:
         if caught_up:
             self._note_positions()
-        positions = self._offsets.committable()
-        positions = {key: offset for key, offset in positions.items() if key in self.assigned}
+        positions, offsets = self._committable()
         if not positions:
             return
-        offsets = [
-            TopicPartition(topic, partition, offset)
-            for (topic, partition), offset in positions.items()
-        ]
 
         def commit() -> None:
             try:
@@ -375,6 +374,51 @@ class Worker:
         self._with_retries(commit, Step.COMMIT)
         self._offsets.mark_committed(positions)
         logger.debug("committed %s", positions)
+
+    def _committable(self) -> tuple[dict[tuple[str, int], int], list[TopicPartition]]:
+        """The positions to commit for owned partitions, and the same as TopicPartitions."""
+        positions = self._offsets.committable()
+        positions = {key: offset for key, offset in positions.items() if key in self.assigned}
+        offsets = [
+            TopicPartition(topic, partition, offset)
+            for (topic, partition), offset in positions.items()
+        ]
+        return positions, offsets
+
+    def _commit_by(self, deadline: float) -> None:
+        """Commit what is safe, retrying as ``retry`` says, but never past ``deadline``.
+
+        Raises:
+            BrokerUnavailableError: not committed by then (the offsets stay uncommitted).
+        """
+        positions, offsets = self._committable()
+        if not positions:
+            return
+        retry = self._settings.retry
+        backoff = retry.initial_backoff_s
+        for attempt in range(1, retry.attempts + 1):
+            remaining = deadline - time.monotonic()
+            try:
+                with self.metrics.step_seconds.labels(Step.COMMIT).time():
+                    done = _within(
+                        lambda: self._consumer.commit(offsets=offsets, asynchronous=False),
+                        remaining,
+                        name="revoke-commit",
+                    )
+            except KafkaException as exc:
+                error = BrokerUnavailableError(f"commit failed: {exc}")
+                if attempt == retry.attempts or deadline - time.monotonic() <= backoff:
+                    raise error from exc
+                logger.warning("commit on revoke failed (attempt %d), retrying: %s", attempt, exc)
+                self.metrics.retries.labels(Step.COMMIT, error.reason).inc()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, retry.max_backoff_s)
+                continue
+            if not done:
+                raise BrokerUnavailableError(f"commit of {positions} not answered in time")
+            self._offsets.mark_committed(positions)
+            logger.debug("committed %s", positions)
+            return
 
     def _note_positions(self) -> None:
         assignment = self._consumer.assignment()
@@ -473,25 +517,47 @@ class Worker:
         logger.info("assigned %s", sorted(keys))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        # One deadline for everything the revoke waits on (Quix's revoke flush timeout): this
+        # runs inside the consumer's poll, and the whole group waits for it.
+        deadline = time.monotonic() + self._settings.worker.revoke_timeout_s
+        abandoned = []
         # Everything finished so far is committed before the partitions move on.
         try:
-            self._commit()
+            self._commit_by(deadline)
         except RetriableError as exc:
-            logger.warning("commit on revoke failed; the new owner repeats some work: %s", exc)
-        self._let_go(partitions)
-        logger.info("revoked %s", sorted((tp.topic, tp.partition) for tp in partitions))
+            abandoned.append(f"the commit ({exc})")
+        if not self._let_go(partitions, deadline):
+            abandoned.append("waiting for the upsert in flight")
+        keys = sorted((tp.topic, tp.partition) for tp in partitions)
+        if abandoned:
+            # Safe: the new owner consumes again from the last commit, and the version guard
+            # makes writing those records twice harmless.
+            logger.warning(
+                "revoke of %s gave up on %s after worker.revoke_timeout_s=%gs; the new owner "
+                "redoes the uncommitted records",
+                keys,
+                " and ".join(abandoned),
+                self._settings.worker.revoke_timeout_s,
+            )
+        logger.info("revoked %s", keys)
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Lost partitions may already belong to another member: committing would be wrong.
-        self._let_go(partitions)
-        logger.warning("lost %s", sorted((tp.topic, tp.partition) for tp in partitions))
+        deadline = time.monotonic() + self._settings.worker.revoke_timeout_s
+        fenced = self._let_go(partitions, deadline)
+        logger.warning(
+            "lost %s%s",
+            sorted((tp.topic, tp.partition) for tp in partitions),
+            "" if fenced else "; gave up waiting for the upsert in flight",
+        )
 
-    def _let_go(self, partitions: list[TopicPartition]) -> None:
+    def _let_go(self, partitions: list[TopicPartition], deadline: float) -> bool:
         """Give the partitions up: nothing consumed from them counts any more, and no write of
-        theirs is in progress when this returns (so none lands after the new owner's)."""
+        theirs is in progress when this returns (so none lands after the new owner's), unless
+        the write in progress outlasts ``deadline``: False then."""
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._ownership.release(keys)
-        self._processor.fence()
+        fenced = _within(self._processor.fence, deadline - time.monotonic(), name="revoke-fence")
         self._offsets.forget(keys)
         self.assigned.difference_update(keys)
         self.metrics.assigned.set(len(self.assigned))
@@ -500,6 +566,39 @@ class Worker:
             # the group's summed lag wrong.
             with contextlib.suppress(KeyError):  # KeyError: never reported by this member
                 self.metrics.lag.remove(topic, str(partition))
+        return fenced
+
+
+def _within(fn: Callable[[], object], timeout_s: float, *, name: str) -> bool:
+    """Run ``fn`` on a helper thread and wait for it at most ``timeout_s``.
+
+    True when it returned in time; False when it is still running: it is left to finish on its
+    own and its outcome is dropped (a late commit sets the group's offsets to positions this
+    worker had finished: at worst records are consumed again; a late upsert may land after the
+    new owner's writes, the one risk a revoke past its deadline takes: docs/OPERATIONS.md,
+    "Rebalances").
+
+    Raises:
+        Exception: whatever ``fn`` raised, when it ended in time.
+    """
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    helper = threading.Thread(target=run, name=name, daemon=True)
+    helper.start()
+    helper.join(max(0.0, timeout_s))
+    if not outcome:
+        return False
+    if outcome[0] is not None:
+        raise outcome[0]
+    return True
 
 
 def _partition(message: Message) -> tuple[str, int]:

@@ -3,6 +3,9 @@
 Dead letters keep the original key, value and headers byte for byte, so a replay publishes
 exactly what the producer sent; the headers of ``schemas.dead_letter`` say why (Kafka Connect's
 ``__connect.errors.*`` names, so existing DLQ tooling understands them, plus ``trident.*``).
+A tombstone (a delete) stays a tombstone: its null value is kept. One without a version header
+gets one, from its original timestamp (``schemas.deletes``): its version came from that
+timestamp, which neither the dead letter nor a replay of it would keep.
 
 A re-queued record (its image host failed transiently) goes back to the end of its own
 partition, unchanged but for the ``trident.retry.attempts`` header: see
@@ -19,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message, Producer
 
 from engine.errors import BrokerUnavailableError, Stage
 from engine.kafka import producer_config
@@ -39,6 +42,7 @@ from schemas.dead_letter import (
     HEADER_TOPIC,
     HEADER_WORKER,
 )
+from schemas.deletes import HEADER_VERSION, timestamp_version
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +150,8 @@ class RecordPublisher:
             HEADER_WORKER: self._worker_id,
             HEADER_MODEL: self._model_version,
         }
-        return _kept_headers(message) + [(key, value.encode()) for key, value in ours.items()]
+        kept = _kept_headers(message) + _pinned_version(message)
+        return kept + [(key, value.encode()) for key, value in ours.items()]
 
     def _produce(
         self, topic: str, partition: int | None, message: Message, headers: _Headers
@@ -189,6 +194,18 @@ def _kept_headers(message: Message) -> _Headers:
     received = message.headers() or []
     pairs = list(received.items()) if isinstance(received, dict) else received
     return [(key, value) for key, value in pairs if key not in DEAD_LETTER_HEADERS]
+
+
+def _pinned_version(message: Message) -> _Headers:
+    """For a tombstone without a version header, the version it was read with, as a header."""
+    if message.value() is not None:
+        return []
+    if any(key == HEADER_VERSION for key, _ in _kept_headers(message)):
+        return []
+    kind, timestamp_ms = message.timestamp()
+    if kind == TIMESTAMP_NOT_AVAILABLE or timestamp_ms <= 0:
+        return []
+    return [(HEADER_VERSION, str(timestamp_version(timestamp_ms)).encode())]
 
 
 def _class_name(error: BaseException) -> str:

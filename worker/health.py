@@ -4,11 +4,16 @@ Liveness is a heartbeat: the consumer loop beats once per turn (and while it wai
 and ``/livez`` fails once the last beat is older than ``worker.liveness_timeout_s``, so a wedged
 loop gets the process restarted. Readiness probes run on this server's threads with clients of
 their own, never the loop's.
+
+Several workers on one host each need a port of their own (``worker.health_port``, or 0 for any
+free port, logged at start); a port already taken is a :class:`ConfigurationError` saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from engine.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +49,13 @@ class Heartbeat:
 
 class HealthServer:
     """``GET /livez`` (``is_alive``: the loop's heartbeat is fresh), ``GET /readyz``
-    (dependencies), ``GET /metrics``."""
+    (dependencies), ``GET /metrics``; listening once built (port 0: any free one, see
+    :attr:`address`).
+
+    Raises:
+        ConfigurationError: the port is taken (another worker on this host?) or the address
+            cannot be listened on; the message says which setting to change.
+    """
 
     def __init__(
         self,
@@ -80,7 +93,10 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 logger.debug("health: %s", format % args)
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigurationError(_cannot_listen(host, port, exc)) from exc
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="health", daemon=True
@@ -94,3 +110,34 @@ class HealthServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, not after a long start-up, when the health server could not listen (port 0,
+    any free port, always can).
+
+    Raises:
+        ConfigurationError: as :class:`HealthServer` does.
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the HTTP server binds (allow_reuse_address): only a listening socket blocks it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(_cannot_listen(host, port, exc)) from exc
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"worker health port {host}:{port} is already in use (another trident-worker on "
+            f"this host?): give each worker its own, e.g. --health-port {port + 1} or "
+            f"TRIDENT_WORKER__HEALTH_PORT={port + 1}, or 0 for any free port (logged at start)"
+        )
+    return (
+        f"cannot listen on {host}:{port} for health and metrics ({exc.strerror}): set "
+        "worker.health_host and worker.health_port (--health-port) to an address of this host"
+    )

@@ -22,6 +22,7 @@ class Step(StrEnum):
     PREPROCESS = "preprocess"
     EMBED = "embed"
     UPSERT = "upsert"
+    DELETE = "delete"
     DEAD_LETTER = "dead_letter"
     REQUEUE = "requeue"
     COMMIT = "commit"
@@ -39,6 +40,14 @@ class WorkerMetrics:
         self.consumed = Counter("trident_events_consumed_total", "Records consumed.", registry=r)
         self.upserted = Counter(
             "trident_events_upserted_total", "Vectors upserted into Milvus.", registry=r
+        )
+        self.deletes = Counter(
+            "trident_deletes_total",
+            "Deletes consumed, by result: applied (tombstone kept, row removed if there was one), "
+            "stale (a newer version is stored) or superseded (a later record of the id in the "
+            "batch).",
+            ["result"],
+            registry=r,
         )
         self.skipped = Counter(
             "trident_events_skipped_total",

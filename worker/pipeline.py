@@ -3,16 +3,23 @@
 :class:`BatchProcessor` turns records into durable effects. Its stages run one after another
 for a batch, on any thread (``worker.stages`` runs each on its own, overlapping batches):
 
-- :meth:`~BatchProcessor.prepare`: decode the events, screen them against the stale-version
-  guard (before any download: ``worker.versions``), fetch the images, skip or reuse what is
-  already stored, decode the images, preprocess them into the model's input batch;
+- :meth:`~BatchProcessor.prepare`: decode the records (a record with a null value, a tombstone,
+  is a delete: ``schemas.deletes``; any other an ingest event), screen them against the
+  stale-version guard (before any download: ``worker.versions``), fetch the images, skip or
+  reuse what is already stored, decode the images, preprocess them into the model's input batch;
 - :meth:`~BatchProcessor.embed`: run the model on that batch (Triton);
-- :meth:`~BatchProcessor.store`: upsert the vectors and metadata (rows Milvus refuses are
-  isolated), remembering what was written.
+- :meth:`~BatchProcessor.store`: upsert the vectors and metadata, and apply the deletes (rows
+  Milvus refuses are isolated), remembering what was written.
+
+Deletes obey the same version rule as upserts (a record older than what is stored, deleted or in
+flight for its id is stale; equal versions: the later record wins, within a batch by offset)
+and need no fetch, preprocessing or inference: they go straight to the store stage, which
+writes their tombstones and removes their rows (``VectorStore.delete``).
 
 It reports, for each record, one outcome:
 
-- ``STORED`` (upserted) or ``SKIPPED`` (nothing to write: superseded, stale, unchanged);
+- ``STORED`` (upserted), ``DELETED`` (its tombstone written and its row, if any, removed) or
+  ``SKIPPED`` (nothing to write: superseded, stale, unchanged);
 - ``DEAD`` (a permanent failure, or a per-record transient one past its retry budget): the
   caller dead-letters it with ``item.dead_letter``;
 - ``REQUEUE`` (its image host failed transiently and the budget is not used up): the caller
@@ -41,14 +48,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from engine.errors import (
     BatchAbandonedError,
+    CollectionConflictError,
     FetchUnavailableError,
     ImageDecodeError,
     InvalidEventError,
@@ -62,18 +70,30 @@ from engine.errors import (
 from engine.images import decode_image
 from engine.records import Consistency, StoredVersion, VectorRecord
 from engine.settings import FetchSettings, RetrySettings
-from schemas import DEFAULT_EVENT_LIMITS, ContractError, EventLimits, IngestEvent, decode_event
+from schemas import (
+    DEFAULT_EVENT_LIMITS,
+    ContractError,
+    DeleteEvent,
+    EventLimits,
+    IngestEvent,
+    decode_delete,
+    decode_event,
+)
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.dead_letter import DeadLetter
 from worker.metrics import Step, WorkerMetrics
 from worker.ownership import Owner, Ownership
-from worker.retry import call_with_retries
+from worker.retry import call_with_retries, retry_rounds
 from worker.versions import Candidate, Known, VersionGuard
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+W = TypeVar("W")
+# A collection that cannot take the rows (missing, or made elsewhere without a vector index): its
+# items are dead-lettered, never written and never a reason to stop the worker.
+_UNUSABLE_COLLECTION = (UnknownCollectionError, CollectionConflictError)
 
 
 class Fetcher(Protocol):
@@ -100,6 +120,9 @@ class Store(Protocol):
     ) -> dict[str, StoredVersion]: ...
     def validate(self, record: VectorRecord, collection: str | None = None) -> None: ...
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int: ...
+    def delete(
+        self, ids_with_versions: Sequence[tuple[str, int]], collection: str | None = None
+    ) -> None: ...
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
     ) -> list[dict[str, object]]: ...
@@ -108,6 +131,7 @@ class Store(Protocol):
 class Outcome(StrEnum):
     PENDING = "pending"
     STORED = "stored"
+    DELETED = "deleted"
     SKIPPED = "skipped"
     DEAD = "dead_lettered"
     REQUEUE = "requeue"
@@ -120,7 +144,8 @@ class Item:
 
     message: Message
     owner: Owner
-    event: IngestEvent | None = None
+    # What the record asks for: an ingest event, or a delete (the record was a tombstone).
+    event: IngestEvent | DeleteEvent | None = None
     known: Known | None = None
     data: bytes | None = None
     content_sha256: str = ""
@@ -137,11 +162,23 @@ class Item:
     def pending(self) -> bool:
         return self.outcome is Outcome.PENDING
 
+    @property
+    def ingest(self) -> IngestEvent | None:
+        """The ingest event, unless the record is a delete (or could not be decoded)."""
+        return self.event if isinstance(self.event, IngestEvent) else None
+
+    @property
+    def is_delete(self) -> bool:
+        return isinstance(self.event, DeleteEvent)
+
     def fail(self, error: TridentError, stage: Stage, *, reason: str | None = None) -> None:
+        where = error.stage or stage
+        if self.is_delete and where is Stage.UPSERT:
+            where = Stage.DELETE  # the store's errors name the write; this one was a delete
         self.outcome = Outcome.DEAD
         self.dead_letter = DeadLetter(
             message=self.message,
-            stage=error.stage or stage,
+            stage=where,
             reason=reason or error.reason,
             error=error,
             attempts=max(1, self.attempts),
@@ -164,9 +201,6 @@ class Batch:
     to_embed: list[Item] = field(default_factory=list)
     model_input: npt.NDArray[Any] | None = None
     vectors: npt.NDArray[np.float32] | None = None
-
-    def with_outcome(self, outcome: Outcome) -> list[Item]:
-        return [item for item in self.items if item.outcome is outcome]
 
 
 class BatchProcessor:
@@ -223,26 +257,6 @@ class BatchProcessor:
         items = [Item(m, owner, attempts=_attempts_so_far(m)) for m, owner in records]
         return Batch(next(self._numbers), items)
 
-    def process(self, messages: Sequence[Message]) -> Batch:
-        """Every stage of one batch on the calling thread, stamped with the current assignment
-        (records of partitions not owned are left ``UNFINISHED``).
-
-        Raises:
-            as :meth:`prepare`, :meth:`embed` and :meth:`store` do.
-        """
-        records = []
-        for message in messages:
-            key = (message.topic() or "", message.partition() or 0)
-            records.append((message, self._ownership.current(key) or Owner(key, 0)))
-        batch = self.batch(records)
-        try:
-            self.prepare(batch)
-            self.embed(batch)
-            self.store(batch)
-        finally:
-            self.release(batch)
-        return batch
-
     # The three stages -----------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> None:
@@ -265,7 +279,9 @@ class BatchProcessor:
         self._skip_unchanged(batch)
         with self._timed(Step.DECODE_IMAGE):
             self._decode_images(items)
-        batch.to_embed = [item for item in items if item.pending and item.reuse_vector is None]
+        batch.to_embed = [
+            item for item in items if item.pending and item.ingest and item.reuse_vector is None
+        ]
         if batch.to_embed:
             with self._timed(Step.PREPROCESS):
                 batch.model_input = self._preprocessor.preprocess(
@@ -294,7 +310,8 @@ class BatchProcessor:
         batch.model_input = None
 
     def store(self, batch: Batch) -> None:
-        """Validate and upsert the rows; rows the store refuses are dead-lettered alone.
+        """Validate and upsert the rows, and apply the deletes; rows and deletes the store
+        refuses are dead-lettered alone.
 
         Raises:
             StoreUnavailableError: Milvus stayed unavailable through the retries.
@@ -303,6 +320,9 @@ class BatchProcessor:
         self._check(batch)
         with self._timed(Step.UPSERT):
             self._upsert(batch)
+        if any(item.pending and item.is_delete for item in batch.items):
+            with self._timed(Step.DELETE):
+                self._delete(batch)
 
     def release(self, batch: Batch) -> None:
         """The batch left the pipeline, whatever became of it: its claimed versions lapse."""
@@ -322,10 +342,11 @@ class BatchProcessor:
             try:
                 # The contract's limits are at most the store's field sizes, so an id the store
                 # cannot hold fails here, before it is looked up or fetched.
-                item.event = decode_event(item.message.value(), self._event_limits)
+                item.event = self._decode(item.message)
             except ContractError as exc:
                 item.fail(InvalidEventError(str(exc), reason=exc.reason), Stage.DECODE_EVENT)
-        # Several versions of one id in a batch: only the newest needs work.
+        # Several versions of one id in a batch (upserts and deletes alike): only the newest
+        # needs work; of equal versions, the later record.
         newest: dict[tuple[str, str], Item] = {}
         for item in items:
             if item.event is None or not item.pending:
@@ -338,10 +359,32 @@ class BatchProcessor:
                 or item.event.version >= current.event.version
             ):
                 if current is not None:
-                    current.skip("superseded")
+                    self._supersede(current)
                 newest[key] = item
             else:
-                item.skip("superseded")
+                self._supersede(item)
+
+    def _decode(self, message: Message) -> IngestEvent | DeleteEvent:
+        """The record's event: a tombstone (a null value) is a delete of the id in its key.
+
+        Raises:
+            ContractError: the record breaks its contract (the message says how).
+        """
+        value = message.value()
+        if value is not None:
+            return decode_event(value, self._event_limits)
+        kind, timestamp_ms = message.timestamp()
+        return decode_delete(
+            message.key(),
+            _header_pairs(message),
+            timestamp_ms=timestamp_ms if kind != TIMESTAMP_NOT_AVAILABLE else None,
+            limits=self._event_limits,
+        )
+
+    def _supersede(self, item: Item) -> None:
+        item.skip("superseded")
+        if item.is_delete:
+            self._metrics.deletes.labels("superseded").inc()
 
     def _drop_revoked(self, items: list[Item]) -> None:
         # Records of a partition given up since they were consumed belong to its new owner.
@@ -354,7 +397,8 @@ class BatchProcessor:
         in flight is skipped (``stale_version``) and never fetched.
 
         Collections are created on purpose: the items of one that does not exist are
-        dead-lettered (``unknown_collection``), never written.
+        dead-lettered (``unknown_collection``), never written, and so are those of one made
+        elsewhere without a vector index (``no_vector_index``).
         """
         for collection, group in self._by_collection(batch.items).items():
             candidates = [
@@ -366,7 +410,7 @@ class BatchProcessor:
                 known = self._versions.screen(
                     batch.number, collection, candidates, self._version_reader(collection, batch)
                 )
-            except UnknownCollectionError as exc:
+            except _UNUSABLE_COLLECTION as exc:
                 for item in group:
                     item.fail(exc, Stage.UPSERT)
                 continue
@@ -375,6 +419,8 @@ class BatchProcessor:
                 item.known = known[item.event.id]
                 if item.known.stale(item.event.version):
                     item.skip("stale_version")
+                    if item.is_delete:
+                        self._metrics.deletes.labels("stale").inc()
 
     def _version_reader(
         self, collection: str, batch: Batch
@@ -397,30 +443,54 @@ class BatchProcessor:
 
         An image host failing is this record's problem, not an outage: after the attempts this
         pass allows, the record is re-queued, or dead-lettered once ``retry.record_attempts``
-        (counted across deliveries) are used up. Either way its partition moves on.
+        (counted across deliveries) are used up. Either way its partition moves on. The rounds
+        back off as every retry of the worker does (``worker.retry``); a stop or a cancel ends the
+        backoff at once, leaving what was still to fetch ``UNFINISHED``.
         """
-        waiting = [item for item in batch.items if item.pending]
+        waiting = [item for item in batch.items if item.pending and item.ingest]
+        if not waiting:
+            return  # nothing to fetch (all skipped, or deletes only)
         # This pass may spend ``retry.attempts`` of each record's ``retry.record_attempts``.
         pass_ends = {
             item: min(item.attempts + self._retry.attempts, self._retry.record_attempts)
             for item in waiting
         }
-        while waiting:
-            results = self._fetcher.fetch_many([item.event.image for item in waiting if item.event])
-            transient: list[tuple[Item, FetchUnavailableError]] = []
-            for item, fetched in zip(waiting, results, strict=True):
-                if isinstance(fetched, bytes):
-                    item.data = fetched
-                    item.content_sha256 = hashlib.sha256(fetched).hexdigest()
-                elif isinstance(fetched, PermanentError):
-                    item.fail(fetched, Stage.FETCH)
-                elif isinstance(fetched, FetchUnavailableError):
-                    item.attempts += 1
-                    transient.append((item, fetched))
-                    self._metrics.retries.labels(Step.FETCH, fetched.reason).inc()
-                else:
-                    raise fetched
-            waiting = self._fetch_again(transient, pass_ends, batch)
+
+        def fetch_round() -> list[Item]:
+            nonlocal waiting
+            waiting = self._fetch_round(waiting, pass_ends, batch)
+            return waiting
+
+        retry_rounds(
+            fetch_round,
+            self._retry,
+            should_stop=lambda: self._stopping(batch),
+            wake=batch.cancelled,
+        )
+
+    def _fetch_round(
+        self, waiting: list[Item], pass_ends: dict[Item, int], batch: Batch
+    ) -> list[Item]:
+        """Fetch the waiting items once; return those to fetch again after a backoff."""
+        if self._stopping(batch):
+            for item in waiting:
+                item.outcome = Outcome.UNFINISHED
+            return []
+        results = self._fetcher.fetch_many([item.ingest.image for item in waiting if item.ingest])
+        transient: list[tuple[Item, FetchUnavailableError]] = []
+        for item, fetched in zip(waiting, results, strict=True):
+            if isinstance(fetched, bytes):
+                item.data = fetched
+                item.content_sha256 = hashlib.sha256(fetched).hexdigest()
+            elif isinstance(fetched, PermanentError):
+                item.fail(fetched, Stage.FETCH)
+            elif isinstance(fetched, FetchUnavailableError):
+                item.attempts += 1
+                transient.append((item, fetched))
+                self._metrics.retries.labels(Step.FETCH, fetched.reason).inc()
+            else:
+                raise fetched
+        return self._fetch_again(transient, pass_ends, batch)
 
     def _fetch_again(
         self,
@@ -428,9 +498,7 @@ class BatchProcessor:
         pass_ends: dict[Item, int],
         batch: Batch,
     ) -> list[Item]:
-        """Which transiently failed items to fetch again now (after a backoff); settle the rest."""
-        if not transient:
-            return []
+        """Which transiently failed items to fetch again (after a backoff); settle the rest."""
         again: list[Item] = []
         for item, error in transient:
             if self._stopping(batch):
@@ -443,27 +511,24 @@ class BatchProcessor:
                 item.requeue_reason = error.reason
             else:
                 again.append(item)
-        if again:
-            first = min(item.attempts for item in again)
-            time.sleep(
-                min(self._retry.initial_backoff_s * 2 ** (first - 1), self._retry.max_backoff_s)
-            )
         return again
 
     def _skip_unchanged(self, batch: Batch) -> None:
         """Inference skip, against the versions the guard found: the same image and model as
-        stored, at the same version, needs nothing; at a newer version, its stored vector."""
+        stored, at the same version, needs nothing; at a newer version, its stored vector. A
+        tombstone has neither: an upsert after a delete is always written."""
         for collection, group in self._by_collection(batch.items).items():
             reusable: list[Item] = []
             for item in group:
                 stored = item.known.stored if item.known else None
-                if stored is None or item.event is None:
+                event = item.ingest
+                if stored is None or stored.deleted or event is None:
                     continue
                 if (
                     stored.content_sha256 == item.content_sha256
                     and stored.model_version == self._model_version
                 ):
-                    if stored.event_version == item.event.version:
+                    if stored.event_version == event.version:
                         item.skip("unchanged")
                     else:
                         reusable.append(item)
@@ -518,22 +583,33 @@ class BatchProcessor:
         for collection, group in self._by_collection(batch.items).items():
             for item in group:
                 vector = item.reuse_vector if item.reuse_vector is not None else vectors.get(item)
-                if vector is None or item.event is None:
+                event = item.ingest
+                if vector is None or event is None:
                     continue
                 record = VectorRecord(
-                    id=item.event.id,
+                    id=event.id,
                     vector=vector,
-                    metadata=item.event.metadata,
-                    source=item.event.source(),
+                    metadata=event.metadata,
+                    source=event.source(),
                     content_sha256=item.content_sha256,
                     model_version=self._model_version,
-                    event_version=item.event.version,
+                    event_version=event.version,
                     ingested_at_ms=now_ms,
                 )
                 if self._valid(item, record, collection, batch):
                     by_collection.setdefault(collection, []).append((item, record))
         for collection, pairs in by_collection.items():
-            self._write(collection, pairs, batch)
+            self._write(collection, pairs, batch, self._upserts)
+
+    def _delete(self, batch: Batch) -> None:
+        for collection, group in self._by_collection(batch.items).items():
+            pairs = [
+                (item, (item.event.id, item.event.version))
+                for item in group
+                if isinstance(item.event, DeleteEvent)
+            ]
+            if pairs:
+                self._write(collection, pairs, batch, self._deletes)
 
     def _valid(self, item: Item, record: VectorRecord, collection: str, batch: Batch) -> bool:
         try:
@@ -543,66 +619,85 @@ class BatchProcessor:
                 "row validation",
                 batch,
             )
-        except (InvalidRowError, UnknownCollectionError) as exc:
+        except (InvalidRowError, *_UNUSABLE_COLLECTION) as exc:
             item.fail(exc, Stage.UPSERT)
             return False
         return True
 
-    def _write(self, collection: str, pairs: list[tuple[Item, VectorRecord]], batch: Batch) -> None:
-        """Upsert the rows; when the server refuses the request for a row's value, bisect the
-        batch until the refused rows stand alone, dead-letter them and store the rest."""
+    def _write(
+        self, collection: str, pairs: list[tuple[Item, W]], batch: Batch, writes: _Writes[W]
+    ) -> None:
+        """Write the rows (or deletes); when the server refuses the request for a row's value,
+        bisect the batch until the refused rows stand alone, dead-letter them and write the
+        rest."""
         try:
             written = self._with_retries(
-                functools.partial(self._write_owned, collection, pairs, batch),
-                Step.UPSERT,
-                "upsert",
+                functools.partial(self._write_owned, collection, pairs, batch, writes),
+                writes.step,
+                writes.what,
                 batch,
             )
-        except (InvalidRowError, UnknownCollectionError) as exc:
-            if len(pairs) == 1 or isinstance(exc, UnknownCollectionError):
+        except (InvalidRowError, *_UNUSABLE_COLLECTION) as exc:
+            if len(pairs) == 1 or isinstance(exc, _UNUSABLE_COLLECTION):
                 for item, _ in pairs:
                     item.fail(exc, Stage.UPSERT)
                 return
             middle = len(pairs) // 2
-            self._write(collection, pairs[:middle], batch)
-            self._write(collection, pairs[middle:], batch)
+            self._write(collection, pairs[:middle], batch, writes)
+            self._write(collection, pairs[middle:], batch, writes)
             return
         for item, _ in written:
-            item.outcome = Outcome.STORED
-        self._metrics.upserted.inc(len(written))
+            item.outcome = writes.outcome
+        writes.count(len(written))
 
     def _write_owned(
-        self, collection: str, pairs: list[tuple[Item, VectorRecord]], batch: Batch
-    ) -> list[tuple[Item, VectorRecord]]:
+        self, collection: str, pairs: list[tuple[Item, W]], batch: Batch, writes: _Writes[W]
+    ) -> list[tuple[Item, W]]:
         """One attempt: write the rows whose partitions are still owned, under the write lock
         (see :meth:`fence`), and remember them; the others are left ``UNFINISHED``."""
         with self._write_lock:
             self._check(batch)
             owned = []
-            for item, record in pairs:
+            for item, write in pairs:
                 if self._ownership.owns(item.owner):
-                    owned.append((item, record))
+                    owned.append((item, write))
                 else:
                     item.outcome = Outcome.UNFINISHED
             if not owned:
                 return owned
             began = time.monotonic()
-            self._store.upsert([record for _, record in owned], collection)
+            writes.send([write for _, write in owned], collection)
             self._versions.wrote(
                 collection,
                 began,
-                [
-                    (
-                        record.id,
-                        StoredVersion(
-                            record.event_version, record.content_sha256, record.model_version
-                        ),
-                        item.owner,
-                    )
-                    for item, record in owned
-                ],
+                [(*writes.fact(write), item.owner) for item, write in owned],
             )
             return owned
+
+    @functools.cached_property
+    def _upserts(self) -> _Writes[VectorRecord]:
+        return _Writes(
+            what="upsert",
+            step=Step.UPSERT,
+            send=self._store.upsert,
+            fact=lambda record: (
+                record.id,
+                StoredVersion(record.event_version, record.content_sha256, record.model_version),
+            ),
+            outcome=Outcome.STORED,
+            count=self._metrics.upserted.inc,
+        )
+
+    @functools.cached_property
+    def _deletes(self) -> _Writes[tuple[str, int]]:
+        return _Writes(
+            what="delete",
+            step=Step.DELETE,
+            send=self._store.delete,
+            fact=lambda delete: (delete[0], StoredVersion.tombstone(delete[1])),
+            outcome=Outcome.DELETED,
+            count=self._metrics.deletes.labels("applied").inc,
+        )
 
     # Helpers ------------------------------------------------------------------------------
 
@@ -630,17 +725,34 @@ class BatchProcessor:
             what=what,
             should_stop=lambda: self._stopping(batch),
             on_retry=lambda exc: self._metrics.retries.labels(step, exc.reason).inc(),
+            wake=batch.cancelled,
         )
 
     def _timed(self, step: Step) -> Any:
         return self._metrics.step_seconds.labels(step).time()
 
 
+@dataclass(frozen=True, slots=True)
+class _Writes(Generic[W]):
+    """One kind of write of the store stage (upserts of ``VectorRecord``, deletes of ``(id,
+    version)``): how to send it, what the version guard remembers of it, what it counts as."""
+
+    what: str
+    step: Step
+    send: Callable[[list[W], str], object]
+    fact: Callable[[W], tuple[str, StoredVersion]]
+    outcome: Outcome
+    count: Callable[[int], None]
+
+
+def _header_pairs(message: Message) -> list[tuple[str, bytes | str | None]]:
+    headers = message.headers() or []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
 def _attempts_so_far(message: Message) -> int:
     """The attempts an earlier delivery recorded in the retry header (0 for a fresh record)."""
-    headers = message.headers() or []
-    pairs = headers.items() if isinstance(headers, dict) else headers
-    for key, value in pairs:
+    for key, value in _header_pairs(message):
         if key == HEADER_RETRY_ATTEMPTS and value is not None:
             try:
                 return max(0, int(value))

@@ -13,8 +13,8 @@ from typing import TypeVar
 
 from confluent_kafka import Consumer
 
-from engine.errors import RetriableError
 from engine.fetch import ImageFetcher
+from engine.health import HEALTH_DEADLINE_S, Prober, milvus_probe, triton_probe
 from engine.inference import TritonEmbedder
 from engine.kafka import consumer_config, ensure_topics
 from engine.preprocess import build_preprocessor
@@ -62,6 +62,7 @@ class WorkerRuntime:
         store = self._owned(VectorStore(settings.milvus), "close")
         self._probe_embedder = self._owned(TritonEmbedder(settings.triton), "close")
         self._probe_store = self._owned(VectorStore(settings.milvus), "close")
+        self._prober = self._owned(Prober(), "close")
         sink = self._owned(
             RecordPublisher(
                 settings.kafka, worker_id=worker_id, model_version=settings.triton.model_tag
@@ -99,6 +100,9 @@ class WorkerRuntime:
         )
         # Compile every batch shape now, not on the first records.
         preprocessor.warmup()
+        # Then the model: a worker that cannot embed must not join the group and take
+        # partitions. A model Triton does not serve is a configuration error, at once.
+        embedder.wait_until_ready(settings.triton.ready_timeout_s)
         # The loop closes its consumer itself when it stops (leaving the group at once);
         # Worker.close covers a worker that never ran.
         consumer = Consumer(consumer_config(settings.kafka, **{"client.id": worker_id}))
@@ -124,16 +128,19 @@ class WorkerRuntime:
         return self.heartbeat.fresh(self._liveness_bound)
 
     def readiness(self) -> dict[str, bool]:
-        """Subscribed, Triton model ready, Milvus reachable (the probes' own clients)."""
-        try:
-            self._probe_store.list_collections()
-            milvus_ok = True
-        except RetriableError:
-            milvus_ok = False
+        """Subscribed, Triton model ready, Milvus reachable (the probes' own clients), the two
+        probed at once: answers within ``HEALTH_DEADLINE_S`` whatever the services do."""
+        probes = {
+            "triton": triton_probe(self._probe_embedder),
+            "milvus": milvus_probe(self._probe_store),
+        }
+        results = self._prober.probe_all(probes, HEALTH_DEADLINE_S)
+        for name, result in results.items():
+            if not result.up:
+                logger.debug("readiness: %s down: %s", name, result.detail)
         return {
             "kafka": self.worker.subscribed,
-            "triton": self._probe_embedder.is_ready(),
-            "milvus": milvus_ok,
+            **{name: result.up for name, result in results.items()},
         }
 
     def close(self) -> None:
@@ -160,8 +167,12 @@ class WorkerRuntime:
 def build_worker(settings: Settings, *, worker_id: str | None = None) -> WorkerRuntime:
     """A ready-to-run worker (``runtime.worker``) with its adapters; close the runtime after.
 
+    Waits for Triton's model to be ready, up to ``triton.ready_timeout_s``.
+
     Raises:
         StoreUnavailableError: Milvus stayed unreachable while creating the default collection.
+        InferenceUnavailableError: Triton's model was not ready within ``triton.ready_timeout_s``.
+        InferenceConfigurationError: Triton does not serve the configured model.
         ConfigurationError: the settings are inconsistent.
     """
     return WorkerRuntime(settings, worker_id=worker_id)

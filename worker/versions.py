@@ -1,12 +1,18 @@
 """The stale-version guard: the newest version of each id, without a Strong read per batch.
 
-An event older than what is stored, or than what this worker is about to store, is never
-written. Events of one id share a partition (the producer keys them by id), so while this worker
+A record older than what is stored, or than what this worker is about to store, is never
+written. Upserts and deletes are records alike: what is stored of an id is its row or its
+tombstone (a delete's version, kept after the row is gone: ``VectorStore.delete``), whichever is
+newer, so a delete older than the stored row is skipped, and an upsert older than a delete never
+brings the id back, whoever consumes it and whenever (a restart, a rebalance, a replay).
+
+Records of one id share a partition (the producer keys them by id), so while this worker
 owns a partition it is the only writer of that partition's ids. It therefore knows most of what
 it needs without asking Milvus:
 
-- **its own writes**: a bounded LRU of ``(collection, id) -> StoredVersion`` it wrote in the
-  current assignment of the id's partition (``worker.version_cache_size`` entries);
+- **its own writes**: a bounded LRU of ``(collection, id) -> StoredVersion`` it wrote (rows, and
+  deletes as ``deleted=True``) in the current assignment of the id's partition
+  (``worker.version_cache_size`` entries);
 - **versions in flight**: ids that passed the guard in a batch not written yet (claims). With
   batches in flight, batch k+1 is screened before batch k is written: an older version in k+1
   must lose to k's newer one, and k's claim says it will.
@@ -16,10 +22,11 @@ Ids neither remembered nor in flight are read from Milvus (:meth:`VectorStore.st
 - **Strong** until this worker has written to that collection since the id's partition was
   assigned: the previous owner may have written its ids just before the rebalance;
 - **Session** afterwards: pymilvus sends, as the read's guarantee timestamp, the timestamp of
-  this process's last write to the collection. That write began after the assignment, so after
-  every write of the previous owner (which finished before it let go of the partition: see
-  ``BatchProcessor.fence``), and the read sees them all, as it sees this worker's own writes
-  that the cache no longer holds.
+  this process's last write to the collection (a delete writes its tombstone, then to the
+  collection, and the tombstones are read as of the same write). That write began after the
+  assignment, so after every write of the previous owner (which finished before it let go of
+  the partition: see ``BatchProcessor.fence``), and the read sees them all, as it sees this
+  worker's own writes that the cache no longer holds.
 
 What an id is known by counts only while its partition's assignment lasts (``worker.ownership``):
 a partition revoked and given back starts with nothing remembered. Equal versions are not stale
@@ -54,9 +61,10 @@ class Candidate:
 class Known:
     """What the guard knows of an id when a candidate is screened.
 
-    ``newest`` is the newest version stored, written by this worker or in flight (None: none).
-    ``stored`` is the stored record's version facts for the unchanged / reuse-vector check; None
-    when nothing is stored, or when another batch in flight will write the id before this one.
+    ``newest`` is the newest version stored (row or tombstone), written by this worker or in
+    flight (None: none). ``stored`` is the newest stored fact for the unchanged / reuse-vector
+    check (a tombstone, ``deleted=True``, offers neither); None when nothing is stored or
+    deleted, or when another batch in flight will write the id before this one.
     """
 
     newest: int | None

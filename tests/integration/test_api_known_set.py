@@ -79,7 +79,7 @@ def api_settings(stack: LocalStack, root: Path, **api: Any) -> Settings:
         milvus={"collection": f"api_{unique}"},
         fetch={"allowed_roots": [str(root)]},
         batch={"max_size": 16, "max_wait_ms": 200},
-        preprocess={"batch_sizes": (16,)},  # 4 shapes to compile at start-up, not 11
+        preprocess={"batch_sizes": (16,)},  # 4 shapes to compile at start-up, not 18
         worker={"health_port": 0},
         api=api,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -18,7 +19,7 @@ from confluent_kafka import Consumer
 from litestar.testing import TestClient
 from PIL import Image
 
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, InferenceConfigurationError
 from engine.kafka import consumer_config
 from engine.settings import Settings
 from engine.store import VectorStore
@@ -99,6 +100,16 @@ def test_every_client_error_has_one_shape_and_the_right_status(
     assert not store.collection_exists(missing)
     outside = "/etc/hostname"
     assert_error(client.post("/embed", json={"query_input": outside}), 400)
+    # A URL of another scheme is not a path outside the roots: its scheme is not supported.
+    for path in ("/embed", "/search"):
+        ftp = client.post(path, json={"query_input": "ftp://example.com/a.jpg"})
+        body = assert_error(ftp, 400, "unsupported_scheme")
+        assert body["detail"].endswith(
+            "scheme 'ftp' is not supported: give an http(s) URL or a file path"
+        ), path
+    # A zero vector is as near to every stored vector as to any other: refused, not answered.
+    zero = assert_error(client.post("/search", json={"vector": [0.0] * 1280}), 422)
+    assert "all zeros" in zero["detail"]
 
 
 def test_limits_answer_413(settings: Settings, store: VectorStore) -> None:
@@ -308,7 +319,8 @@ def test_services_down_answer_503_with_retry_after(settings: Settings) -> None:
     dead = {
         "kafka": {"bootstrap_servers": "127.0.0.1:9"},
         "milvus": {"uri": "http://127.0.0.1:9", "timeout_s": 2.0},
-        "triton": {"url": "127.0.0.1:9", "request_timeout_s": 2.0},
+        # Not waited for at start-up: the API starts and reports Triton down.
+        "triton": {"url": "127.0.0.1:9", "request_timeout_s": 2.0, "ready_timeout_s": 0},
     }
     with client_for(settings, **dead) as client:
         health = client.get("/health")
@@ -322,3 +334,13 @@ def test_services_down_answer_503_with_retry_after(settings: Settings) -> None:
         assert search.headers["Retry-After"] == "5"
         embed = client.post("/embed", files={"file": ("s.png", png(40, 40), "image/png")})
         assert_error(embed, 503, "triton_unavailable")
+
+
+def test_the_api_does_not_start_on_a_model_triton_does_not_serve(settings: Settings) -> None:
+    triton = settings.triton.model_copy(update={"model_name": "nope"})
+    app = create_app(settings.model_copy(update={"triton": triton}))
+    began = time.monotonic()
+    with pytest.raises(BaseExceptionGroup) as raised, TestClient(app=app):  # the lifespan's
+        pass
+    assert raised.group_contains(InferenceConfigurationError, match="does not serve model 'nope'")
+    assert time.monotonic() - began < 60  # at once, not after triton.ready_timeout_s

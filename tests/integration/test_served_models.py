@@ -1,9 +1,14 @@
 """The served models on the real Triton: the uint8-pixel model answers over both protocols and
-agrees with the float32 model fed by the float32 preprocessing (issue 12.3)."""
+agrees with the float32 model fed by the float32 preprocessing (issue 12.3); a model Triton does
+not serve is a configuration error, an unreachable server an outage; one embedder serves many
+threads at once."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +24,7 @@ from engine.inference import TritonEmbedder
 from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC
 from engine.resampling import JaxPreprocessor
 from engine.settings import TritonSettings
+from jax_embedding.triton_client import TritonClient
 
 pytestmark = pytest.mark.stack
 
@@ -110,7 +116,7 @@ def test_a_batch_split_into_parallel_requests_comes_back_whole_and_in_order(
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_parallel_requests_to_a_model_not_served_fail_as_unavailable(
+def test_a_model_triton_does_not_serve_is_a_configuration_error(
     stack: LocalStack, pixels: npt.NDArray[np.uint8], protocol: str
 ) -> None:
     settings = TritonSettings(
@@ -120,5 +126,67 @@ def test_parallel_requests_to_a_model_not_served_fail_as_unavailable(
         input_format="uint8_nhwc",
         parallel_requests=2,
     )
-    with TritonEmbedder(settings) as embedder, pytest.raises(InferenceUnavailableError):
-        embedder.embed(pixels)
+    served = f"it serves: {DEFAULT_MODEL_SPEC.name}, {UINT8_MODEL_SPEC.name}"
+    with TritonEmbedder(settings) as embedder:
+        for batch in (pixels, pixels[:1]):  # parts sent at once, and a single request
+            with pytest.raises(InferenceConfigurationError, match="'not_served_here'") as raised:
+                embedder.embed(batch)
+            assert served in str(raised.value)
+        assert not embedder.is_ready()
+        began = time.monotonic()
+        with pytest.raises(InferenceConfigurationError, match=served):
+            embedder.wait_until_ready(60.0)
+        assert time.monotonic() - began < 5.0  # waiting cannot make it appear: no wait
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_earlier_client_tells_an_unknown_model_from_an_outage(
+    stack: LocalStack, protocol: str
+) -> None:
+    batch = np.zeros((1, 3, 224, 224), np.float32)
+    proto: Any = protocol
+    with TritonClient(url=_url(stack, protocol), model_name="nope", protocol=proto) as client:
+        assert not client.is_ready()
+        with pytest.raises(InferenceConfigurationError, match=r"does not serve model 'nope'"):
+            client.infer(batch)
+    with (
+        TritonClient(url="127.0.0.1:9", model_name="nope", protocol=proto, timeout=5) as down,
+        pytest.raises(InferenceUnavailableError),
+    ):
+        down.infer(batch)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_waiting_for_a_served_model_returns_at_once(stack: LocalStack, protocol: str) -> None:
+    settings = TritonSettings(url=_url(stack, protocol), protocol=protocol)
+    with TritonEmbedder(settings) as embedder:
+        began = time.monotonic()
+        embedder.wait_until_ready(settings.ready_timeout_s)
+        assert time.monotonic() - began < 5.0
+        embedder.check_ready(2.0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_one_embedder_serves_many_threads_at_once(
+    stack: LocalStack, pixels: npt.NDArray[np.uint8], protocol: str
+) -> None:
+    """The query API shares one embedder between its request threads: over HTTP, tritonclient's
+    client must not be shared between threads (it runs on the calling thread's gevent hub)."""
+    settings = TritonSettings(url=_url(stack, protocol), protocol=protocol, parallel_requests=2)
+    threads, rounds = 6, 3
+    with TritonEmbedder(settings) as embedder:
+        whole, single = embedder.embed(pixels), embedder.embed(pixels[:1])  # one at a time
+        start = threading.Barrier(threads)
+
+        def embed_at_once(_: int) -> list[tuple[npt.NDArray[np.float32], ...]]:
+            start.wait(timeout=60)
+            # Batches split in parts sent at once, and single requests, interleaved.
+            return [(embedder.embed(pixels), embedder.embed(pixels[:1])) for _ in range(rounds)]
+
+        with ThreadPoolExecutor(threads) as pool:
+            answers = [future.result(timeout=300) for future in
+                       [pool.submit(embed_at_once, n) for n in range(threads)]]  # fmt: skip
+    for per_thread in answers:
+        for got_whole, got_single in per_thread:
+            np.testing.assert_allclose(got_whole, whole, atol=1e-5)
+            np.testing.assert_allclose(got_single, single, atol=1e-5)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import uvicorn
 from litestar.testing import TestClient
+from pydantic import ValidationError
 
 import query_api.cli
 from engine.errors import (
@@ -24,12 +25,19 @@ from engine.errors import (
     TridentError,
     UnknownCollectionError,
 )
+from engine.health import Probe, Prober
 from engine.settings import Settings
 from query_api import SearchService, create_app
 from query_api.ingest import IngestGateway
 from query_api.timing import StageTimings
 from schemas.api import ServiceState
-from schemas.search import SearchHit, SearchOptions, SearchRequest
+from schemas.search import (
+    FILTER_SHAPE,
+    QUERY_EXPECTED,
+    SearchHit,
+    SearchOptions,
+    SearchRequest,
+)
 
 
 class FakeService(SearchService):
@@ -38,18 +46,17 @@ class FakeService(SearchService):
 
     def __init__(self) -> None:  # no clients: nothing here reaches a service
         self._settings = Settings()  # embedding() names the model tag
+        self._prober = Prober()
         self.failure: Exception | None = None
         self.calls: list[tuple[str, Any]] = []
 
-    def warmup(self) -> None: ...
+    def start(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        self._prober.close()
 
-    def triton_state(self) -> ServiceState:
-        return ServiceState(state="up")
-
-    def milvus_state(self) -> ServiceState:
-        return ServiceState(state="up")
+    def probes(self) -> dict[str, Probe]:
+        return {"triton": lambda: None, "milvus": lambda: None}
 
     def query(self, request: SearchRequest, timings: StageTimings) -> list[SearchHit]:
         self.calls.append(("query", request))
@@ -215,6 +222,7 @@ def test_trident_api_serves_with_the_c_http_parser_and_uvloop(
 ) -> None:
     served: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options, app=app))
+    monkeypatch.setattr(SearchService, "from_settings", lambda settings: FakeService())
     assert query_api.cli.main(["--port", "18999"]) == 0
     config = uvicorn.Config(**served)
     config.load()
@@ -226,3 +234,100 @@ def test_trident_api_serves_with_the_c_http_parser_and_uvloop(
     finally:
         loop.close()
     assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.httptools_impl"
+
+
+# What a malformed search is told ---------------------------------------------------------------
+
+JSON = {"content-type": "application/json"}
+
+
+def test_a_search_without_a_query_says_what_to_give(client: TestClient[Any]) -> None:
+    empty = client.post("/search", content=b"", headers=JSON)
+    assert (empty.status_code, empty.json()) == (
+        422,
+        {"error": "invalid_request", "detail": f"the request has no body: {QUERY_EXPECTED}"},
+    )
+    nothing = client.post("/search", json={})
+    assert nothing.json() == {"error": "invalid_request", "detail": QUERY_EXPECTED}
+    both = client.post("/search", json={"vector": [1.0], "id": "a"})
+    assert both.json()["detail"] == f"{QUERY_EXPECTED}; got vector, id"
+    other_route = client.post("/embed", content=b"", headers=JSON)
+    assert other_route.json()["detail"] == (
+        "the request has no body: send a JSON object with this route's fields (see /docs)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ({"field": "k", "op": "like", "value": 1},
+         "filter.op: Input should be 'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'in' or 'not_in'"),
+        ({"and": [{"field": "k"}]}, "filter.and.0.value: Field required"),
+        ({"not": {"field": "k", "op": "in", "value": 1}},
+         "filter.not: in takes a list of 1 to 100 values"),
+        ({"field": "k", "value": 1, "colour": "red"},
+         "filter.colour: Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_a_bad_filter_gets_one_short_message(
+    client: TestClient[Any], bad: Any, problem: str
+) -> None:
+    response = client.post("/search", json={"vector": [1.0], "filter": bad})
+    assert response.status_code == 422
+    assert response.json() == {"error": "invalid_request", "detail": f"{problem}; {FILTER_SHAPE}"}
+
+
+def test_a_filter_that_is_no_object_is_told_what_one_is(client: TestClient[Any]) -> None:
+    expected = f"filter: {FILTER_SHAPE}"
+    assert client.post("/search", json={"vector": [1.0], "filter": "k = 1"}).json()["detail"] == (
+        expected
+    )
+    # The multipart form's filter is JSON text: not JSON at all, it is told the same.
+    upload = client.post(
+        "/search", files={"file": ("x.png", b"x", "image/png")}, data={"filter": "k"}
+    )
+    assert upload.json() == {"error": "invalid_request", "detail": expected}
+    bad_op = client.post(
+        "/search",
+        files={"file": ("x.png", b"x", "image/png")},
+        data={"filter": '{"field": "k", "op": "like", "value": 1}'},
+    )
+    assert bad_op.json()["detail"].startswith("filter.op: Input should be 'eq'")
+
+
+def test_a_vector_without_direction_is_refused(client: TestClient[Any], fake: FakeService) -> None:
+    zero = client.post("/search", json={"vector": [0.0, -0.0, 0.0]})
+    assert (zero.status_code, zero.json()) == (
+        422,
+        {
+            "error": "invalid_request",
+            "detail": "vector: the vector is all zeros, so it matches nothing: give an embedding",
+        },
+    )
+    assert fake.calls == []  # refused before any search
+    # JSON cannot carry NaN or infinity; a number out of float range is malformed JSON.
+    huge = client.post("/search", content=b'{"vector": [1e999]}', headers=JSON)
+    assert huge.status_code == 400
+    with pytest.raises(ValidationError, match="finite number"):
+        SearchRequest(vector=[1.0, float("inf")])
+
+
+# The interactive docs work offline ------------------------------------------------------------
+
+
+def test_the_docs_page_loads_nothing_from_another_host(client: TestClient[Any]) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    head = page.text.split("<body", 1)[0]
+    assert not re.findall(r"(?:https?:)?//[\w.-]+", head), head
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)""", head)
+    assert sorted(assets) == [
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/swagger-ui-standalone-preset.js",
+        "/docs/assets/swagger-ui.css",
+        "data:,",
+    ]
+    for asset in assets:
+        if asset.startswith("/"):
+            served = client.get(asset)
+            assert served.status_code == 200 and len(served.content) > 10_000, asset

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import TopicPartition
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from PIL import Image
 
 from engine.errors import (
@@ -568,3 +570,100 @@ def test_a_stop_settles_what_finishes_within_the_grace_period_and_abandons_the_r
     assert time.monotonic() - started < 5  # not the 10 s the stuck batch would take
     assert consumer.committed == {0: 4}  # batch 1 settled; nothing of batch 2
     assert consumer.closed
+
+
+# The revoke's one deadline (worker.revoke_timeout_s).
+
+
+class HangingRevokes(FakeConsumer):
+    """Commits fail (``refuse``) until the revoke, whose commit hangs until ``unblock``."""
+
+    def __init__(self, log: list[str], partitions: dict[int, list[Record]]) -> None:
+        super().__init__(log, partitions)
+        self.refuse = True
+        self.revoking = False
+        self.unblock = threading.Event()
+        self.revoke_seconds: list[float] = []
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        if self.revoking:
+            self.unblock.wait(10)
+        elif self.refuse:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return super().commit(offsets=offsets, asynchronous=asynchronous)
+
+    def rebalance(self, kind: str, partitions: list[int]) -> None:
+        started = time.monotonic()
+        self.revoking = kind == "on_revoke"
+        try:
+            super().rebalance(kind, partitions)
+        finally:
+            self.revoking = False
+        if kind == "on_revoke":
+            self.revoke_seconds.append(time.monotonic() - started)
+
+
+class HangingFence(ScriptedProcessor):
+    """The write in flight when the partitions go never ends (until ``unblock``)."""
+
+    def __init__(self, unblock: threading.Event) -> None:
+        super().__init__()
+        self.unblock = unblock
+
+    def fence(self) -> None:
+        super().fence()
+        self.unblock.wait(10)
+
+
+def test_a_hung_commit_and_upsert_end_the_revoke_at_its_one_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deadline_s = 0.5
+    settings = SETTINGS.model_copy(
+        update={"worker": SETTINGS.worker.model_copy(update={"revoke_timeout_s": deadline_s})}
+    )
+    partitions = {0: records(0, [0, 1, 2])}
+    log: list[str] = []
+    consumer = HangingRevokes(log, partitions)
+    processor = HangingFence(consumer.unblock)
+    worker = Worker(
+        settings,
+        processor,
+        consumer=consumer,  # type: ignore[arg-type]
+        sink=FakeSink(log, consumer),
+        ownership=Ownership(),
+        metrics=WorkerMetrics(),
+        stop=threading.Event(),
+        heartbeat=Heartbeat(),
+        worker_id="test",
+    )
+    refusals = [0]
+    refuse = consumer.commit
+
+    def commit(*, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        try:
+            return refuse(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException:
+            refusals[0] += 1
+            if refusals[0] == settings.retry.attempts:
+                # The batch's commit gave up: its records are finished but uncommitted when
+                # the partition is revoked inside the next consume().
+                consumer.refuse = False
+                consumer.script[consumer.calls + 1] = ("on_revoke", [0])
+                consumer.on_idle = worker.stop
+            raise
+
+    consumer.commit = commit  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.consumer"):
+            worker.run()
+    finally:
+        consumer.unblock.set()
+    (seconds,) = consumer.revoke_seconds
+    # Both waits shared the one deadline: the commit used it up, the fence got what was left.
+    assert deadline_s <= seconds < deadline_s + 0.5, seconds
+    gave_up = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
+    assert len(gave_up) == 1, caplog.text
+    assert "the commit" in gave_up[0] and "the upsert in flight" in gave_up[0]
+    assert worker.assigned == set()  # let go all the same
+    assert consumer.committed == {}  # nothing committed: the new owner redoes the records

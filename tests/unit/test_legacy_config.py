@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConfigurationError
+from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES
 from jax_embedding import ServiceConfig
 from jax_embedding.config import ENVIRONMENT
 
@@ -94,6 +95,24 @@ def test_earlier_environment_variables_override_defaults(monkeypatch: pytest.Mon
     assert settings.preprocess.device == "auto"  # GPU when JAX sees one, else the CPU
 
 
+def test_trident_variables_do_not_apply_to_the_earlier_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # README, "Configuration: ServiceConfig": to_settings() builds Settings in code.
+    monkeypatch.setenv("TRIDENT_MILVUS__COLLECTION", "worker_images")
+    monkeypatch.setenv("TRIDENT_PREPROCESS__DEVICE", "gpu")
+    settings = ServiceConfig().to_settings()
+    assert (settings.milvus.collection, settings.preprocess.device) == ("images", "cpu")
+    monkeypatch.setenv("MILVUS_COLLECTION_NAME", "script_images")  # the earlier variable does
+    assert ServiceConfig().to_settings().milvus.collection == "script_images"
+
+
+def test_batch_sizes_are_the_default_ones_up_to_the_batch_size() -> None:
+    settings = ServiceConfig(preprocess={"batch_size": 20}).to_settings()
+    assert settings.preprocess.batch_sizes == (1, 4, 8, 16, 20)
+    assert ServiceConfig().to_settings().preprocess.batch_sizes == PREPROCESS_BATCH_SIZES[:-1]
+
+
 def test_the_file_wins_over_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -168,7 +187,10 @@ def test_user_and_password_become_the_token() -> None:
 def test_normalisation_and_sizes_map_onto_the_preprocess_settings() -> None:
     config = ServiceConfig(preprocess={"image_size": 256, "mean": [0.5] * 3, "std": [0.25] * 3})
     settings = config.to_settings().preprocess
+    # The model's resize ratio (ModelSpec), 256 for 224: round(256 * 256 / 224).
     assert (settings.image_size, settings.resize_short_side) == (256, 293)
+    assert settings.resize_short_side == DEFAULT_MODEL_SPEC.resize_short_side_for(256)
+    assert ServiceConfig().to_settings().preprocess.resize_short_side == 256
     assert settings.mean == (127.5, 127.5, 127.5)
     assert settings.std == (63.75, 63.75, 63.75)
     with pytest.raises(ConfigurationError, match="square"):

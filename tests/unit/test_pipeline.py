@@ -1,21 +1,25 @@
 """The batch processor with fake services: isolation, classification, retry budget, bisecting
-rejected rows, version guard."""
+rejected rows, version guard, deletes (tombstones) and their version rules."""
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME
 from PIL import Image
 
 from engine.errors import (
     BatchAbandonedError,
+    CollectionConflictError,
     FetchUnavailableError,
     ImageReferenceError,
     InferenceUnavailableError,
@@ -27,11 +31,18 @@ from engine.errors import (
 )
 from engine.records import StoredVersion, VectorRecord
 from engine.settings import FetchSettings, RetrySettings
-from schemas import IngestEvent, InlineImage, PathImage, encode_event
+from schemas import (
+    HEADER_COLLECTION,
+    HEADER_VERSION,
+    IngestEvent,
+    InlineImage,
+    PathImage,
+    encode_event,
+)
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.metrics import WorkerMetrics
-from worker.ownership import Ownership
+from worker.ownership import Owner, Ownership
 from worker.pipeline import Batch, BatchProcessor, Outcome
 
 DIM = 8
@@ -45,9 +56,13 @@ class FakeMessage:
     key_: bytes | None = None
     headers_: list[tuple[str, bytes]] | None = None
     partition_: int = 0
+    timestamp_ms: int = 1_700_000_000_000
 
     def value(self) -> bytes | None:
         return self.payload
+
+    def timestamp(self) -> tuple[int, int]:
+        return (TIMESTAMP_CREATE_TIME, self.timestamp_ms)
 
     def key(self) -> bytes | None:
         return self.key_
@@ -110,17 +125,49 @@ class FakeEmbedder:
 
 @dataclass
 class FakeMilvus:
-    """What every client of one fake Milvus shares: each write, in order, with its timestamp."""
+    """What every client of one fake Milvus shares: each write, in order, with its timestamp.
+    A delete writes its tombstones (kept) and removes the rows, at one timestamp."""
 
     history: list[tuple[int, VectorRecord]] = field(default_factory=list)
+    deletions: list[tuple[int, str, int]] = field(default_factory=list)  # (at, id, version)
     clock: int = 0
 
     def rows_as_of(self, timestamp: int) -> dict[str, VectorRecord]:
+        written: list[tuple[int, str, VectorRecord | None]]
+        written = [(at, record.id, record) for at, record in self.history]
+        removed: list[tuple[int, str, VectorRecord | None]]
+        removed = [(at, record_id, None) for at, record_id, _ in self.deletions]
         rows: dict[str, VectorRecord] = {}
+        for at, record_id, record in sorted(written + removed, key=lambda change: change[0]):
+            if at > timestamp:
+                break
+            if record is None:
+                rows.pop(record_id, None)
+            else:
+                rows[record_id] = record
+        return rows
+
+    def tombstones_as_of(self, timestamp: int) -> dict[str, tuple[int, int]]:
+        """id -> (the delete's version, when it was written)."""
+        return {
+            record_id: (version, at) for at, record_id, version in self.deletions if at <= timestamp
+        }
+
+    def versions_as_of(self, timestamp: int) -> dict[str, StoredVersion]:
+        """As ``VectorStore.stored_versions``: the newer of row and tombstone (equal versions:
+        the one written last)."""
+        found: dict[str, tuple[tuple[int, int], StoredVersion]] = {}
         for at, record in self.history:
             if at <= timestamp:
-                rows[record.id] = record
-        return rows
+                fact = StoredVersion(
+                    record.event_version, record.content_sha256, record.model_version
+                )
+                found[record.id] = ((record.event_version, at), fact)
+        for record_id, (version, at) in self.tombstones_as_of(timestamp).items():
+            row = found.get(record_id)
+            if row is None or (version, at) > row[0]:
+                found[record_id] = ((version, at), StoredVersion.tombstone(version))
+        return {record_id: fact for record_id, (_, fact) in found.items()}
 
 
 @dataclass
@@ -136,9 +183,11 @@ class FakeStore:
     refused: set[str] = field(default_factory=set)
     invalid: set[str] = field(default_factory=set)
     collections: set[str] = field(default_factory=lambda: {"images"})
+    unindexed: set[str] = field(default_factory=set)  # made elsewhere, without a vector index
     outage: bool = False
     last_write: int = 0
     reads: list[str] = field(default_factory=list)
+    deletes: int = 0
 
     @property
     def rows(self) -> dict[str, VectorRecord]:
@@ -149,6 +198,8 @@ class FakeStore:
             raise StoreUnavailableError("milvus down")
         if (collection or "images") not in self.collections:
             raise UnknownCollectionError(f"no collection {collection}")
+        if collection in self.unindexed:
+            raise CollectionConflictError("no vector index", reason=Reason.NO_VECTOR_INDEX)
 
     def validate(self, record: VectorRecord, collection: str | None = None) -> None:
         self._check(collection)
@@ -161,12 +212,8 @@ class FakeStore:
         self._check(collection)
         self.reads.append(consistency)
         horizon = self.backend.clock if consistency == "Strong" else self.last_write
-        rows = self.backend.rows_as_of(horizon)
-        return {
-            i: StoredVersion(rows[i].event_version, rows[i].content_sha256, rows[i].model_version)
-            for i in ids
-            if i in rows
-        }
+        versions = self.backend.versions_as_of(horizon)
+        return {i: versions[i] for i in ids if i in versions}
 
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
         self._check(collection)
@@ -177,6 +224,21 @@ class FakeStore:
         self.last_write = self.backend.clock
         self.backend.history += [(self.backend.clock, record) for record in records]
         return len(records)
+
+    def delete(
+        self, ids_with_versions: Sequence[tuple[str, int]], collection: str | None = None
+    ) -> None:
+        self._check(collection)
+        self.deletes += 1
+        if any(record_id in self.refused for record_id, _ in ids_with_versions):
+            raise InvalidRowError("refused (code 1100)")
+        self.backend.clock += 1
+        self.last_write = self.backend.clock
+        self.backend.deletions += [(self.backend.clock, i, v) for i, v in ids_with_versions]
+
+    @property
+    def tombstones(self) -> dict[str, int]:
+        return {i: v for i, (v, _) in self.backend.tombstones_as_of(self.backend.clock).items()}
 
     def get(
         self, ids: Sequence[str], collection: str | None = None, *, with_vectors: bool = False
@@ -213,6 +275,7 @@ def make_processor(
     *,
     record_attempts: int = 7,
     ownership: Ownership | None = None,
+    backoff_s: float = 0.0,
 ) -> BatchProcessor:
     """A processor whose worker owns partition 0 of topic ``ingest`` (unless told otherwise)."""
     if ownership is None:
@@ -226,12 +289,33 @@ def make_processor(
         ownership=ownership,
         fetch_settings=FetchSettings(max_pixels=10_000),
         retry_settings=RetrySettings(
-            attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0, record_attempts=record_attempts
+            attempts=3,
+            initial_backoff_s=backoff_s,
+            max_backoff_s=backoff_s,
+            record_attempts=record_attempts,
         ),
         model_version="m1",
         default_collection="images",
         metrics=WorkerMetrics(),
     )
+
+
+def process(processor: BatchProcessor, messages: Sequence[Any]) -> Batch:
+    """Every stage of one batch on this thread, each record stamped with the current assignment
+    as the consumer loop stamps it (records of partitions not owned are left ``UNFINISHED``)."""
+    ownership = processor._ownership
+    records = []
+    for message in messages:
+        key = (message.topic(), message.partition())
+        records.append((message, ownership.current(key) or Owner(key, 0)))
+    batch = processor.batch(records)
+    try:
+        processor.prepare(batch)
+        processor.embed(batch)
+        processor.store(batch)
+    finally:
+        processor.release(batch)
+    return batch
 
 
 def test_each_bad_record_fails_alone_with_its_reason() -> None:
@@ -248,7 +332,7 @@ def test_each_bad_record_fails_alone_with_its_reason() -> None:
         FakeMessage(event("truncated", InlineImage(data=truncated)), 4),
         FakeMessage(event("good-2", InlineImage(data=png(200))), 5),
     ]
-    result = make_processor(fetcher, FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    result = process(make_processor(fetcher, FakeEmbedder(), store), messages)
     outcomes = {item.message.offset(): item.outcome for item in result.items}
     assert outcomes == {
         0: Outcome.STORED,
@@ -280,7 +364,7 @@ def test_a_transiently_failing_image_is_requeued_with_its_attempts_never_blockin
         FakeMessage(event("down", PathImage(path="/down.jpg")), 1),
         FakeMessage(event("fine", InlineImage(data=png(9))), 2),
     ]
-    result = make_processor(fetcher, FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    result = process(make_processor(fetcher, FakeEmbedder(), store), messages)
     assert [item.outcome for item in result.items] == [
         Outcome.STORED,
         Outcome.REQUEUE,  # terminal once re-published: its partition moves on
@@ -298,7 +382,7 @@ def test_the_retry_budget_counts_earlier_deliveries_then_dead_letters() -> None:
     payload = event("down", PathImage(path="/down.jpg"))
     # Two earlier passes used 6 of 7 attempts: one more, then the dead letter.
     again = FakeMessage(payload, 9, headers_=[(HEADER_RETRY_ATTEMPTS, b"6"), ("origin", b"t")])
-    result = make_processor(fetcher, FakeEmbedder(), FakeStore()).process([again])  # type: ignore[list-item]
+    result = process(make_processor(fetcher, FakeEmbedder(), FakeStore()), [again])
     item = result.items[0]
     assert item.outcome is Outcome.DEAD and fetcher.calls == 1
     assert item.dead_letter is not None
@@ -310,7 +394,7 @@ def test_a_store_outage_is_never_a_per_record_failure() -> None:
     store = FakeStore(outage=True)
     processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
     with pytest.raises(StoreUnavailableError):
-        processor.process([FakeMessage(event("a", InlineImage(data=png(1))), 0)])  # type: ignore[list-item]
+        process(processor, [FakeMessage(event("a", InlineImage(data=png(1))), 0)])
 
 
 def test_rows_the_store_refuses_are_bisected_out_and_the_rest_stored() -> None:
@@ -321,7 +405,7 @@ def test_rows_the_store_refuses_are_bisected_out_and_the_rest_stored() -> None:
             ["ok-0", "ok-1", "bad-2", "ok-3", "ok-4", "bad-5", "ok-6", "big-7", "ok-8"]
         )
     ]
-    result = make_processor(FakeFetcher(), FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    result = process(make_processor(FakeFetcher(), FakeEmbedder(), store), messages)
     dead = {
         item.event.id: (item.dead_letter.stage.value, item.dead_letter.reason)
         for item in result.items
@@ -345,7 +429,7 @@ def test_an_id_over_the_byte_limit_fails_before_any_lookup() -> None:
         FakeMessage(event(long_id, InlineImage(data=png(3))), 0),
         FakeMessage(event("short", InlineImage(data=png(4))), 1),
     ]
-    result = make_processor(FakeFetcher(), FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    result = process(make_processor(FakeFetcher(), FakeEmbedder(), store), messages)
     first = result.items[0]
     assert first.outcome is Outcome.DEAD and first.dead_letter is not None
     assert first.dead_letter.reason == "id_too_long"
@@ -358,7 +442,7 @@ def test_events_naming_a_missing_collection_are_dead_lettered_not_created() -> N
         FakeMessage(event("a", InlineImage(data=png(3)), collection="typo"), 0),
         FakeMessage(event("b", InlineImage(data=png(4))), 1),
     ]
-    result = make_processor(FakeFetcher(), FakeEmbedder(), store).process(messages)  # type: ignore[arg-type]
+    result = process(make_processor(FakeFetcher(), FakeEmbedder(), store), messages)
     first = result.items[0]
     assert first.dead_letter is not None and first.dead_letter.reason == "unknown_collection"
     assert result.items[1].outcome is Outcome.STORED
@@ -376,7 +460,7 @@ def test_a_collection_dropped_before_the_write_dead_letters_its_rows() -> None:
         store.collections.clear()  # dropped between validation and the upsert
 
     store.validate = drop_then_validate  # type: ignore[method-assign]
-    result = processor.process(messages)  # type: ignore[arg-type]
+    result = process(processor, messages)
     assert result.items[0].dead_letter is not None
     assert result.items[0].dead_letter.reason == "unknown_collection"
 
@@ -385,14 +469,14 @@ def test_inference_outage_propagates_after_retries_and_stores_nothing() -> None:
     store = FakeStore()
     processor = make_processor(FakeFetcher(), FakeEmbedder(failures=10), store)
     with pytest.raises(InferenceUnavailableError):
-        processor.process([FakeMessage(event("a", InlineImage(data=png(1))), 0)])  # type: ignore[list-item]
+        process(processor, [FakeMessage(event("a", InlineImage(data=png(1))), 0)])
     assert store.rows == {}
 
 
 def test_inference_recovers_within_the_retries() -> None:
     store = FakeStore()
     processor = make_processor(FakeFetcher(), FakeEmbedder(failures=2), store)
-    result = processor.process([FakeMessage(event("a", InlineImage(data=png(1))), 0)])  # type: ignore[list-item]
+    result = process(processor, [FakeMessage(event("a", InlineImage(data=png(1))), 0)])
     assert result.items[0].outcome is Outcome.STORED
 
 
@@ -400,8 +484,8 @@ def test_older_events_never_overwrite_newer_ones() -> None:
     store = FakeStore()
     embedder = FakeEmbedder()
     processor = make_processor(FakeFetcher(), embedder, store)
-    processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=5), 0)])  # type: ignore[list-item]
-    result = processor.process([FakeMessage(event("a", InlineImage(data=png(30)), version=4), 1)])  # type: ignore[list-item]
+    process(processor, [FakeMessage(event("a", InlineImage(data=png(100)), version=5), 0)])
+    result = process(processor, [FakeMessage(event("a", InlineImage(data=png(30)), version=4), 1)])
     assert (
         result.items[0].outcome is Outcome.SKIPPED
         and result.items[0].skip_reason == "stale_version"
@@ -413,14 +497,14 @@ def test_same_image_and_model_skips_inference_but_updates_newer_metadata() -> No
     store = FakeStore()
     embedder = FakeEmbedder()
     processor = make_processor(FakeFetcher(), embedder, store)
-    processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=1), 0)])  # type: ignore[list-item]
+    process(processor, [FakeMessage(event("a", InlineImage(data=png(100)), version=1), 0)])
     assert embedder.batches == [1]
-    same = processor.process([FakeMessage(event("a", InlineImage(data=png(100)), version=1), 1)])  # type: ignore[list-item]
+    same = process(processor, [FakeMessage(event("a", InlineImage(data=png(100)), version=1), 1)])
     assert same.items[0].skip_reason == "unchanged"
     newer = IngestEvent(
         id="a", image=InlineImage(data=png(100)), version=2, metadata={"tag": "new"}
     )
-    result = processor.process([FakeMessage(encode_event(newer), 2)])  # type: ignore[list-item]
+    result = process(processor, [FakeMessage(encode_event(newer), 2)])
     assert result.items[0].outcome is Outcome.STORED
     assert embedder.batches == [1]  # no second inference
     assert store.rows["a"].metadata == {"tag": "new"} and store.rows["a"].event_version == 2
@@ -429,11 +513,12 @@ def test_same_image_and_model_skips_inference_but_updates_newer_metadata() -> No
 def test_only_the_newest_version_in_a_batch_is_processed() -> None:
     store = FakeStore()
     processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
-    result = processor.process(
-        [  # type: ignore[list-item]
+    result = process(
+        processor,
+        [
             FakeMessage(event("a", InlineImage(data=png(10)), version=3), 0),
             FakeMessage(event("a", InlineImage(data=png(20)), version=1), 1),
-        ]
+        ],
     )
     assert [item.outcome for item in result.items] == [Outcome.STORED, Outcome.SKIPPED]
     assert store.rows["a"].event_version == 3
@@ -450,14 +535,14 @@ def test_a_stale_replay_is_skipped_without_a_download_or_a_strong_read() -> None
     store = FakeStore()
     fetcher = FakeFetcher({"/new.png": [png(100)], "/old.png": [png(30)]})
     processor = make_processor(fetcher, FakeEmbedder(), store)
-    processor.process([_at(0, "a", 5, PathImage(path="/new.png"))])
+    process(processor, [_at(0, "a", 5, PathImage(path="/new.png"))])
     assert store.reads == ["Strong"]  # the first lookup after the assignment
     replay = FakeMessage(
         event("a", PathImage(path="/old.png"), version=4),
         1,
         headers_=[(HEADER_RETRY_ATTEMPTS, b"2"), ("trident.dlq.reason", b"timeout")],
     )
-    result = processor.process([replay])
+    result = process(processor, [replay])
     assert result.items[0].outcome is Outcome.SKIPPED
     assert result.items[0].skip_reason == "stale_version"
     assert fetcher.paths == ["/new.png"]  # the stale image was never downloaded
@@ -468,19 +553,21 @@ def test_a_stale_replay_is_skipped_without_a_download_or_a_strong_read() -> None
 def test_reordered_versions_within_and_across_batches_keep_the_newest() -> None:
     store = FakeStore()
     processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
-    first = processor.process(
+    first = process(
+        processor,
         [
             _at(0, "a", 3, InlineImage(data=png(10))),
             _at(1, "a", 1, InlineImage(data=png(20))),  # older, after newer, same batch
             _at(2, "b", 1, InlineImage(data=png(30))),
-        ]
+        ],
     )
     assert [i.outcome for i in first.items] == [Outcome.STORED, Outcome.SKIPPED, Outcome.STORED]
-    second = processor.process(
+    second = process(
+        processor,
         [
             _at(3, "a", 2, InlineImage(data=png(40))),  # older, a later batch
             _at(4, "c", 1, InlineImage(data=png(50))),
-        ]
+        ],
     )
     assert second.items[0].skip_reason == "stale_version"
     assert second.items[1].outcome is Outcome.STORED
@@ -494,8 +581,8 @@ def test_the_same_record_again_is_unchanged_and_never_embedded_twice() -> None:
     embedder = FakeEmbedder()
     processor = make_processor(FakeFetcher(), embedder, store)
     record = _at(0, "a", 7, InlineImage(data=png(60)))
-    processor.process([record])
-    again = processor.process([record])
+    process(processor, [record])
+    again = process(processor, [record])
     assert again.items[0].skip_reason == "unchanged"
     assert embedder.batches == [1]
 
@@ -534,12 +621,12 @@ def test_a_new_owner_never_writes_an_older_version_over_the_previous_owners() ->
     b_owns.assign([("ingest", 1)])
     a = make_processor(FakeFetcher(), FakeEmbedder(), a_store, ownership=a_owns)
     b = make_processor(FakeFetcher(), FakeEmbedder(), b_store, ownership=b_owns)
-    b.process([_at(0, "y", 1, InlineImage(data=png(5)), partition=1)])
-    a.process([_at(7, "x", 5, InlineImage(data=png(6)))])
+    process(b, [_at(0, "y", 1, InlineImage(data=png(5)), partition=1)])
+    process(a, [_at(7, "x", 5, InlineImage(data=png(6)))])
     a_owns.release([PARTITION])  # the rebalance: A lets go, then B is assigned partition 0
     a.fence()
     b_owns.assign([PARTITION])
-    result = b.process([_at(6, "x", 3, InlineImage(data=png(7)))])  # an older replay
+    result = process(b, [_at(6, "x", 3, InlineImage(data=png(7)))])  # an older replay
     assert result.items[0].skip_reason == "stale_version"
     assert b_store.reads[-1] == "Strong"
     assert milvus.rows_as_of(milvus.clock)["x"].event_version == 5
@@ -552,13 +639,13 @@ def test_a_partition_given_back_forgets_what_was_written_before_it_left() -> Non
     a_owns.assign([PARTITION])
     a = make_processor(FakeFetcher(), FakeEmbedder(), a_store, ownership=a_owns)
     b = make_processor(FakeFetcher(), FakeEmbedder(), b_store, ownership=b_owns)
-    a.process([_at(0, "x", 5, InlineImage(data=png(6)))])
+    process(a, [_at(0, "x", 5, InlineImage(data=png(6)))])
     a_owns.release([PARTITION])
     b_owns.assign([PARTITION])
-    b.process([_at(1, "x", 7, InlineImage(data=png(8)))])  # B writes a newer version
+    process(b, [_at(1, "x", 7, InlineImage(data=png(8)))])  # B writes a newer version
     b_owns.release([PARTITION])
     a_owns.assign([PARTITION])  # ... and the partition comes back to A
-    result = a.process([_at(2, "x", 6, InlineImage(data=png(9)))])
+    result = process(a, [_at(2, "x", 6, InlineImage(data=png(9)))])
     assert result.items[0].skip_reason == "stale_version"  # A's memory of 5 is void
     assert milvus.rows_as_of(milvus.clock)["x"].event_version == 7
 
@@ -608,3 +695,310 @@ def _batch(processor: BatchProcessor, ownership: Ownership, messages: list[Any])
         assert owner is not None
         records.append((message, owner))
     return processor.batch(records)
+
+
+def test_events_naming_a_collection_without_an_index_are_dead_lettered() -> None:
+    # Made elsewhere without a vector index: the store refuses it clearly (a conflict), and its
+    # records go to the dead-letter topic; the worker goes on.
+    store = FakeStore(collections={"images", "bare"}, unindexed={"bare"})
+    messages = [
+        FakeMessage(event("a", InlineImage(data=png(1)), collection="bare"), 0),
+        FakeMessage(event("b", InlineImage(data=png(2))), 1),
+    ]
+    result = process(make_processor(FakeFetcher(), FakeEmbedder(), store), messages)
+    assert [item.outcome for item in result.items] == [Outcome.DEAD, Outcome.STORED]
+    dead = result.items[0].dead_letter
+    assert dead is not None and dead.reason == "no_vector_index"
+
+
+def _cancel_after(event: threading.Event, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, event.set)
+    timer.start()
+    return timer
+
+
+def test_a_cancel_during_the_fetch_backoff_returns_at_once() -> None:
+    # An 8 s backoff between fetch rounds: cancelled 0.2 s into it, the stage returns promptly
+    # and leaves the image to be fetched again later.
+    flaky = FetchUnavailableError("503", reason=Reason.HTTP_SERVER_ERROR)
+    fetcher = FakeFetcher({"/down.jpg": [flaky]})
+    ownership = Ownership()
+    ownership.assign([PARTITION])
+    processor = make_processor(
+        fetcher, FakeEmbedder(), FakeStore(), ownership=ownership, backoff_s=8.0
+    )
+    batch = _batch(processor, ownership, [_at(0, "down", 1, PathImage(path="/down.jpg"))])
+    timer = _cancel_after(batch.cancelled, 0.2)
+    began = time.monotonic()
+    processor.prepare(batch)
+    elapsed = time.monotonic() - began
+    timer.cancel()
+    assert elapsed < 1.0
+    assert fetcher.calls == 1 and batch.items[0].outcome is Outcome.UNFINISHED
+    with pytest.raises(BatchAbandonedError):
+        processor.embed(batch)
+
+
+def test_a_cancel_during_an_outage_backoff_returns_at_once() -> None:
+    # Triton down, an 8 s backoff before the next attempt: cancelled 0.2 s into it, the stage
+    # gives up with the outage's error at once, without another call.
+    embedder = FakeEmbedder(failures=100)
+    ownership = Ownership()
+    ownership.assign([PARTITION])
+    processor = make_processor(
+        FakeFetcher(), embedder, FakeStore(), ownership=ownership, backoff_s=8.0
+    )
+    batch = _batch(processor, ownership, [_at(0, "a", 1, InlineImage(data=png(1)))])
+    processor.prepare(batch)
+    timer = _cancel_after(batch.cancelled, 0.2)
+    began = time.monotonic()
+    with pytest.raises(InferenceUnavailableError):
+        processor.embed(batch)
+    elapsed = time.monotonic() - began
+    timer.cancel()
+    assert elapsed < 1.0
+    assert embedder.failures == 99  # one attempt, none after the cancel
+
+
+# Deletes: tombstones on the ingest topic, under the same version rules as upserts.
+
+
+def tombstone(
+    offset: int,
+    event_id: str | bytes | None,
+    version: int | None = None,
+    *,
+    collection: str | None = None,
+    partition: int = 0,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> FakeMessage:
+    """A tombstone as other Kafka tools write it: the id as key, no value, our headers."""
+    extra = list(headers or [])
+    if version is not None:
+        extra.append((HEADER_VERSION, str(version).encode()))
+    if collection is not None:
+        extra.append((HEADER_COLLECTION, collection.encode()))
+    key = event_id.encode() if isinstance(event_id, str) else event_id
+    return FakeMessage(None, offset, key_=key, headers_=extra, partition_=partition)
+
+
+def upsert(offset: int, event_id: str, version: int, shade: int = 40, partition: int = 0) -> Any:
+    return _at(offset, event_id, version, InlineImage(data=png(shade)), partition=partition)
+
+
+def test_a_delete_removes_the_row_keeps_its_tombstone_and_needs_no_inference() -> None:
+    store = FakeStore()
+    embedder = FakeEmbedder()
+    fetcher = FakeFetcher()
+    processor = make_processor(fetcher, embedder, store)
+    process(processor, [upsert(0, "a", 1), upsert(1, "b", 1, shade=90)])
+    calls = (fetcher.calls, list(embedder.batches))
+    result = process(processor, [tombstone(2, "a", 2)])
+    assert result.items[0].outcome is Outcome.DELETED
+    assert set(store.rows) == {"b"} and store.tombstones == {"a": 2}
+    assert (fetcher.calls, embedder.batches) == calls  # no fetch, no inference
+    assert processor._metrics.deletes.labels("applied")._value.get() == 1
+
+
+def test_a_delete_older_than_the_stored_row_is_skipped() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    process(processor, [upsert(0, "a", 5)])
+    result = process(processor, [tombstone(1, "a", 4)])
+    assert result.items[0].outcome is Outcome.SKIPPED
+    assert result.items[0].skip_reason == "stale_version"
+    assert store.rows["a"].event_version == 5 and store.tombstones == {} and store.deletes == 0
+    assert processor._metrics.deletes.labels("stale")._value.get() == 1
+
+
+def test_an_upsert_older_than_a_delete_never_brings_the_id_back_nor_is_fetched() -> None:
+    store = FakeStore()
+    fetcher = FakeFetcher({"/old.png": [png(5)]})
+    processor = make_processor(fetcher, FakeEmbedder(), store)
+    process(processor, [upsert(0, "a", 3)])
+    process(processor, [tombstone(1, "a", 5)])
+    result = process(processor, [_at(2, "a", 4, PathImage(path="/old.png"))])
+    assert result.items[0].skip_reason == "stale_version"
+    assert fetcher.paths == [] and "a" not in store.rows
+
+
+def test_after_a_restart_a_rebalance_or_a_replay_the_tombstone_still_wins() -> None:
+    """A new worker (nothing remembered) reads the tombstone from the store, Strong; so does
+    one that took the partition over; a replayed older upsert is skipped by both."""
+    milvus = FakeMilvus()
+    first = make_processor(FakeFetcher(), FakeEmbedder(), FakeStore(backend=milvus))
+    process(first, [upsert(0, "a", 3), tombstone(1, "a", 5)])
+    assert milvus.versions_as_of(milvus.clock)["a"].deleted
+
+    restarted_store = FakeStore(backend=milvus)
+    restarted = make_processor(FakeFetcher(), FakeEmbedder(), restarted_store)
+    replayed = FakeMessage(
+        event("a", InlineImage(data=png(7)), version=4),
+        2,
+        headers_=[("trident.replay.count", b"1")],
+    )
+    result = process(restarted, [replayed])
+    assert result.items[0].skip_reason == "stale_version"
+    assert restarted_store.reads == ["Strong"]
+    # An older delete too: a newer tombstone makes it stale.
+    assert process(restarted, [tombstone(3, "a", 4)]).items[0].skip_reason == "stale_version"
+    assert "a" not in milvus.rows_as_of(milvus.clock)
+
+
+def test_a_delete_naming_no_version_takes_the_record_timestamp() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    message = tombstone(0, "a")
+    message.timestamp_ms = 1_700_000_000_123
+    process(processor, [message])
+    assert store.tombstones == {"a": 1_700_000_000_123_999}
+
+
+def test_equal_versions_the_later_record_wins_across_batches() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    process(processor, [upsert(0, "a", 5)])
+    assert process(processor, [tombstone(1, "a", 5)]).items[0].outcome is Outcome.DELETED
+    assert "a" not in store.rows
+    # The same upsert again, after the delete at its version: written again, never "unchanged".
+    again = process(processor, [upsert(2, "a", 5)])
+    assert again.items[0].outcome is Outcome.STORED
+    assert store.rows["a"].event_version == 5
+
+
+@pytest.mark.parametrize(
+    ("records", "outcomes", "stored"),
+    [
+        # Same version: the later record (by offset) wins.
+        (lambda: [upsert(0, "a", 5), tombstone(1, "a", 5)], ["skipped", "deleted"], False),
+        (lambda: [tombstone(0, "a", 5), upsert(1, "a", 5)], ["skipped", "stored"], True),
+        # Else the newer version, whatever the order.
+        (lambda: [tombstone(0, "a", 6), upsert(1, "a", 5)], ["deleted", "skipped"], False),
+        (lambda: [upsert(0, "a", 7), tombstone(1, "a", 6)], ["stored", "skipped"], True),
+    ],
+    ids=["upsert-then-delete", "delete-then-upsert", "newer-delete-first", "newer-upsert-first"],
+)
+def test_a_delete_and_an_upsert_of_one_id_in_one_batch(
+    records: Callable[[], list[Any]], outcomes: list[str], stored: bool
+) -> None:
+    store = FakeStore()
+    result = process(make_processor(FakeFetcher(), FakeEmbedder(), store), records())
+    assert [item.outcome.value for item in result.items] == outcomes
+    assert all(i.skip_reason == "superseded" for i in result.items if i.outcome.value == "skipped")
+    assert ("a" in store.rows) is stored
+
+
+def test_a_delete_of_an_id_never_stored_is_no_error_and_keeps_its_tombstone() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    result = process(processor, [tombstone(0, "never-stored", 9)])
+    assert result.items[0].outcome is Outcome.DELETED and result.items[0].dead_letter is None
+    assert store.tombstones == {"never-stored": 9}
+    # ... so an older upsert arriving later (a re-published retry) stays out.
+    assert process(processor, [upsert(1, "never-stored", 8)]).items[0].outcome is Outcome.SKIPPED
+
+
+def test_a_delete_in_flight_makes_an_older_upsert_of_a_later_batch_stale() -> None:
+    store = FakeStore()
+    ownership = Ownership()
+    ownership.assign([PARTITION])
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store, ownership=ownership)
+    deleting = _batch(processor, ownership, [tombstone(0, "a", 5)])
+    older = _batch(processor, ownership, [upsert(1, "a", 4)])
+    for batch in (deleting, older):
+        processor.prepare(batch)
+    assert older.items[0].skip_reason == "stale_version"  # the delete's claim is in flight
+    for batch in (deleting, older):
+        processor.embed(batch)
+        processor.store(batch)
+        processor.release(batch)
+    assert store.tombstones == {"a": 5} and store.rows == {}
+
+
+@pytest.mark.parametrize(
+    ("message", "stage", "reason"),
+    [
+        (lambda: tombstone(0, None, 5), "decode_event", "empty_event"),
+        (lambda: tombstone(0, b"", 5), "decode_event", "empty_event"),
+        (lambda: tombstone(0, b"\xff\xfe", 5), "decode_event", "schema_invalid"),
+        (lambda: tombstone(0, "a\x00b", 5), "decode_event", "schema_invalid"),
+        (
+            lambda: tombstone(0, "a", headers=[(HEADER_VERSION, b"soon")]),
+            "decode_event",
+            "schema_invalid",
+        ),
+        (
+            lambda: tombstone(0, "a", headers=[(HEADER_VERSION, b"-3")]),
+            "decode_event",
+            "schema_invalid",
+        ),
+        (lambda: tombstone(0, "a", 5, collection="no-dashes"), "decode_event", "schema_invalid"),
+        (lambda: tombstone(0, "猫" * 100, 5), "decode_event", "id_too_long"),
+        (lambda: tombstone(0, "a", 5, collection="typo"), "delete", "unknown_collection"),
+    ],
+    ids=[
+        "no-key",
+        "empty-key",
+        "key-not-utf8",
+        "key-with-nul",
+        "version-not-a-number",
+        "version-negative",
+        "bad-collection-name",
+        "id-too-long",
+        "unknown-collection",
+    ],
+)
+def test_a_bad_tombstone_is_dead_lettered_with_its_reason(
+    message: Callable[[], FakeMessage], stage: str, reason: str
+) -> None:
+    store = FakeStore()
+    result = process(
+        make_processor(FakeFetcher(), FakeEmbedder(), store), [message(), upsert(1, "ok", 1)]
+    )
+    bad, good = result.items
+    assert bad.outcome is Outcome.DEAD and bad.dead_letter is not None
+    assert (bad.dead_letter.stage.value, bad.dead_letter.reason) == (stage, reason)
+    assert bad.dead_letter.message.value() is None  # the tombstone itself, to replay as it is
+    assert good.outcome is Outcome.STORED and store.tombstones == {}
+
+
+def test_a_delete_the_store_refuses_is_isolated_and_the_others_applied() -> None:
+    store = FakeStore(refused={"bad"})
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    result = process(
+        processor, [tombstone(0, "x", 1), tombstone(1, "bad", 1), tombstone(2, "y", 1)]
+    )
+    assert [i.outcome for i in result.items] == [Outcome.DELETED, Outcome.DEAD, Outcome.DELETED]
+    dead = result.items[1].dead_letter
+    assert dead is not None and (dead.stage.value, dead.reason) == ("delete", "row_rejected")
+    assert store.tombstones == {"x": 1, "y": 1}
+
+
+def test_a_store_outage_during_a_delete_is_never_a_dead_letter() -> None:
+    store = FakeStore()
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store)
+    ownership = processor._ownership
+    batch = _batch(processor, ownership, [tombstone(0, "a", 1)])
+    processor.prepare(batch)
+    processor.embed(batch)
+    store.outage = True
+    with pytest.raises(StoreUnavailableError):
+        processor.store(batch)
+    processor.release(batch)
+    assert batch.items[0].dead_letter is None and store.tombstones == {}
+
+
+def test_a_delete_of_a_partition_revoked_mid_batch_is_not_applied() -> None:
+    store = FakeStore()
+    ownership = Ownership()
+    ownership.assign([PARTITION, ("ingest", 1)])
+    processor = make_processor(FakeFetcher(), FakeEmbedder(), store, ownership=ownership)
+    batch = _batch(
+        processor, ownership, [tombstone(0, "kept", 1), tombstone(0, "moved", 1, partition=1)]
+    )
+    processor.prepare(batch)
+    ownership.release([("ingest", 1)])
+    processor.fence()
+    processor.store(batch)
+    assert [i.outcome for i in batch.items] == [Outcome.DELETED, Outcome.UNFINISHED]
+    assert store.tombstones == {"kept": 1}

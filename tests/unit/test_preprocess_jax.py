@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import ConfigurationError, ImageContentError, ImageReferenceError
+from engine.models import DEFAULT_MODEL_SPEC
 from engine.preprocess import build_preprocessor
 from engine.resampling import reference_preprocess
 from engine.settings import FetchSettings, PreprocessSettings
@@ -118,6 +119,35 @@ def test_references_are_fetched_with_the_worker_fence(tmp_path: Path) -> None:
     assert preprocessor([str(allowed / "a.png")]).shape == (1, 3, 32, 32)
     with pytest.raises(ImageReferenceError, match="allowed_roots"):
         preprocessor.preprocess_single(str(tmp_path / "outside.png"))
+
+
+def test_a_refused_reference_names_what_the_standalone_preprocessor_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It has no config: the fix it names is its own fetch= argument (the pipeline's names
+    # config.fetch, tests/integration/legacy).
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # the default fence: the current directory
+    Image.fromarray(picture(40, 60)).save(tmp_path / "outside.png")
+    preprocessor = JAXImagePreprocessor(cache_compiled=False, batch_sizes=(1,))
+    with pytest.raises(ImageReferenceError) as caught:
+        preprocessor.preprocess_single(str(tmp_path / "outside.png"))
+    assert "fetch=FetchSettings(allowed_roots=" in str(caught.value)
+    assert "config." not in str(caught.value)
+    with pytest.raises(ImageReferenceError) as caught:
+        preprocessor.preprocess_single("http://127.0.0.1:9/cat.jpg")  # loopback: private
+    assert "fetch=FetchSettings(allowed_hosts=" in str(caught.value)
+    assert "config." not in str(caught.value)
+
+
+def test_the_built_in_one_resizes_by_the_models_ratio() -> None:
+    for side, short in ((224, 256), (256, 293), (64, 73)):
+        preprocessor = JAXImagePreprocessor(image_size=side, cache_compiled=False)
+        assert (
+            preprocessor.decode_short_side
+            == short
+            == DEFAULT_MODEL_SPEC.resize_short_side_for(side)
+        )
 
 
 def test_settings_name_a_custom_class_by_import_path() -> None:

@@ -14,9 +14,11 @@ from PIL import Image
 
 from engine.errors import (
     BrokerUnavailableError,
+    ConfigurationError,
     EntryError,
     EventTooLargeError,
     PermanentError,
+    Reason,
     SourceError,
 )
 from producer.cli import main as produce
@@ -196,9 +198,10 @@ def test_kafka_errors_are_translated_into_the_error_tree() -> None:
     assert "2000000 bytes" in str(too_large)
     assert "reference" in str(too_large)
     assert isinstance(delivery_error(KafkaError(KafkaError._MSG_TIMED_OUT)), BrokerUnavailableError)
+    # The deployment is wrong, not the event; the reason is a Reason member, not librdkafka's.
     refused = delivery_error(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
-    assert isinstance(refused, PermanentError)
-    assert refused.reason == "topic_authorization_failed"
+    assert isinstance(refused, ConfigurationError)
+    assert refused.reason == Reason.KAFKA_NOT_AUTHORIZED
 
 
 def test_dry_run_validates_counts_and_exits_by_the_outcome(

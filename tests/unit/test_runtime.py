@@ -31,6 +31,9 @@ class _Adapter:
     def warmup(self) -> None:
         pass
 
+    def wait_until_ready(self, *args: Any) -> None:
+        pass
+
 
 def _fake(name: str) -> type[_Adapter]:
     return type(name, (_Adapter,), {})

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import re
+from collections.abc import Callable
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from schemas import (
     EVENT_SCHEMA_VERSION,
@@ -18,6 +21,7 @@ from schemas import (
     decode_event,
     encode_event,
 )
+from schemas.search import COLLECTION_NAME_PATTERN, SearchOptions
 
 
 @pytest.mark.parametrize(
@@ -111,3 +115,19 @@ def test_the_contracts_import_nothing_else_of_the_project() -> None:
             )
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in project]
     assert not offenders
+
+
+@pytest.mark.parametrize(
+    "name", ["images", "_x", "Pets_2", "a" * 255, "a" * 256, "2pets", "bad name!", "", "chats-1"]
+)
+def test_events_and_searches_share_one_collection_name_rule(name: str) -> None:
+    def accepted(build: Callable[[], object]) -> bool:
+        try:
+            build()
+        except ValidationError:
+            return False
+        return True
+
+    event = accepted(lambda: IngestEvent(id="x", image=PathImage(path="/a"), collection=name))
+    search = accepted(lambda: SearchOptions(collection_name=name))
+    assert event == search == bool(re.fullmatch(COLLECTION_NAME_PATTERN, name))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConfigurationError
-from engine.settings import Settings, load_settings
+from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES
+from engine.settings import PreprocessSettings, Settings, load_settings, merged_sections
 
 
 def test_yaml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,3 +70,25 @@ def test_an_unknown_key_from_the_environment_is_an_error(monkeypatch: pytest.Mon
     monkeypatch.setenv("TRIDENT_KAFKA__BOOTSTRAP_SERVRES", "typo:9092")
     with pytest.raises(ConfigurationError, match="bootstrap_servres"):
         load_settings()
+
+
+def test_merged_sections_replace_one_key_and_leave_their_inputs_alone() -> None:
+    base = {"fetch": {"max_bytes": 1, "allowed_roots": ["/a"]}, "batch": {"max_size": 8}}
+    override = {"fetch": {"allowed_roots": ["/b"]}, "batch": None, "api": {"port": 1}}
+    assert merged_sections(base, override) == {
+        "fetch": {"max_bytes": 1, "allowed_roots": ["/b"]},
+        "batch": None,
+        "api": {"port": 1},
+    }
+    assert base == {"fetch": {"max_bytes": 1, "allowed_roots": ["/a"]}, "batch": {"max_size": 8}}
+
+
+def test_the_preprocessing_defaults_are_the_models_description() -> None:
+    defaults = PreprocessSettings()
+    assert defaults.batch_sizes == PREPROCESS_BATCH_SIZES
+    assert defaults.image_size == DEFAULT_MODEL_SPEC.image_size == 224
+    assert defaults.resize_short_side == DEFAULT_MODEL_SPEC.resize_short_side_for(224) == 256
+    assert (defaults.mean, defaults.std) == (
+        DEFAULT_MODEL_SPEC.input_mean,
+        DEFAULT_MODEL_SPEC.input_std,
+    )

@@ -1,5 +1,6 @@
-"""The Milvus adapter's error classification, by what was asked, and how its upserts are sent
-(chunks, requests in flight, the first failure raised once none is in flight): no server needed."""
+"""The Milvus adapter's error classification, by the codes Milvus and pymilvus give and by what
+was asked, and how its upserts are sent (chunks, requests in flight, the first failure raised
+once none is in flight): no server needed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from engine.errors import (
     ConfigurationError,
     InvalidQueryError,
     InvalidRowError,
+    StoreAuthenticationError,
     StoreUnavailableError,
+    TridentError,
     UnknownCollectionError,
 )
 from engine.indexes import IndexSpec
@@ -46,6 +49,35 @@ class _Unauthenticated(grpc.RpcError):
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.UNAUTHENTICATED
 
+    def details(self) -> str:
+        return "auth check failure, please check username and password are correct"
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def __str__(self) -> str:
+        return "failed to connect to all addresses"
+
+
+def _chained(error: MilvusException, cause: BaseException) -> MilvusException:
+    """``error`` raised ``from cause``, as pymilvus raises it."""
+    error.__cause__ = cause
+    return error
+
+
+def _could_not_connect(cause: BaseException) -> MilvusException:
+    # What pymilvus raises when the channel's first call fails, whatever the reason.
+    return _chained(
+        MilvusException(
+            2,
+            "Fail connecting to server on 127.0.0.1:19530, illegal connection params or server "
+            "unavailable",
+        ),
+        cause,
+    )
+
 
 def _store(error: BaseException) -> tuple[VectorStore, _Refusing]:
     store = VectorStore(MilvusSettings())
@@ -65,7 +97,7 @@ def _store(error: BaseException) -> tuple[VectorStore, _Refusing]:
         (MilvusException(65535, "segment allocation stalled"), StoreUnavailableError),
         (MilvusException(1, "service not available"), StoreUnavailableError),
         (MilvusException(100, "collection not found[collection=x]"), UnknownCollectionError),
-        (_Unauthenticated(), ConfigurationError),
+        (_Unauthenticated(), StoreAuthenticationError),
         (OSError("connection reset"), StoreUnavailableError),
     ],
 )
@@ -88,6 +120,84 @@ def test_a_refused_search_is_an_invalid_query_and_a_refused_read_transient() -> 
         store._call(_Operation.READ, "get", "get", "c")
 
 
+# (error, operation, expected): the codes decide, whatever the message says.
+_BY_CODE: list[tuple[BaseException, _Operation, type[TridentError]]] = [
+    # A code the message contradicts: the code wins.
+    (MilvusException(1100, "service unavailable, timed out"), _Operation.WRITE, InvalidRowError),
+    (
+        MilvusException(100, "timeout: collection not found"),
+        _Operation.READ,
+        UnknownCollectionError,
+    ),
+    (MilvusException(8, "rate limit exceeded"), _Operation.SEARCH, StoreUnavailableError),
+    (MilvusException(101, "collection not loaded"), _Operation.SEARCH, StoreUnavailableError),
+    (MilvusException(9, "quota exceeded"), _Operation.WRITE, StoreUnavailableError),
+    (MilvusException(503, "channel not available"), _Operation.SEARCH, StoreUnavailableError),
+    (MilvusException(1100, "invalid parameter"), _Operation.SEARCH, InvalidQueryError),
+    (MilvusException(1100, "invalid parameter"), _Operation.INDEX, InvalidQueryError),
+    # Milvus 2.3.5 refusing an index's parameters: no code (65535), read per operation.
+    (MilvusException(65535, "M out of range: [1, 2048]"), _Operation.INDEX, InvalidQueryError),
+    (MilvusException(65535, "cannot parse expression"), _Operation.SEARCH, InvalidQueryError),
+    (
+        MilvusException(65535, "create duplicate collection"),
+        _Operation.ADMIN,
+        StoreUnavailableError,
+    ),
+    # Credentials: the server's codes, or the gRPC status under pymilvus's "could not connect".
+    (MilvusException(1800, "user hasn't authenticated"), _Operation.READ, StoreAuthenticationError),
+    (MilvusException(1400, "not authenticated"), _Operation.WRITE, StoreAuthenticationError),
+    (_could_not_connect(_Unauthenticated()), _Operation.READ, StoreAuthenticationError),
+    (_could_not_connect(_Unauthenticated()), _Operation.WRITE, StoreAuthenticationError),
+    (MilvusException(1401, "privilege not permitted"), _Operation.ADMIN, ConfigurationError),
+    # pymilvus's own code 2 over a dead channel is an outage.
+    (_could_not_connect(_Unavailable()), _Operation.READ, StoreUnavailableError),
+    # A retry that ran out of time carries the gRPC status as its code.
+    (
+        MilvusException(grpc.StatusCode.UNAVAILABLE, "[query] Retry timeout: 30s"),  # type: ignore[arg-type]
+        _Operation.SEARCH,
+        StoreUnavailableError,
+    ),
+    # A server before 2.3: no code, the legacy one.
+    (
+        MilvusException(0, "can't find", common_pb2.CollectionNotExists),
+        _Operation.READ,
+        UnknownCollectionError,
+    ),
+    (
+        MilvusException(0, "too fast", common_pb2.RateLimit),
+        _Operation.SEARCH,
+        StoreUnavailableError,
+    ),
+    (MilvusException(0, "bad", common_pb2.IllegalArgument), _Operation.WRITE, InvalidRowError),
+]
+
+
+@pytest.mark.parametrize(("error", "operation", "expected"), _BY_CODE)
+def test_errors_are_classified_by_their_codes(
+    error: BaseException, operation: _Operation, expected: type[TridentError]
+) -> None:
+    store, _ = _store(error)
+    with pytest.raises(TridentError) as raised:
+        store._call(operation, "call", "anything", "c")
+    assert type(raised.value) is expected
+    if operation is _Operation.INDEX:
+        assert raised.value.reason == "invalid_index"
+
+
+@pytest.mark.parametrize("token", ["root:wrong", ""])
+def test_refused_credentials_say_how_to_pass_the_token_never_unavailable(token: str) -> None:
+    store = VectorStore(MilvusSettings(token=token))
+    store._client = _Refusing(_could_not_connect(_Unauthenticated()))  # type: ignore[assignment]
+    with pytest.raises(StoreAuthenticationError) as refused:
+        store.list_collections()
+    message = str(refused.value)
+    assert "authentication failed" in message
+    assert "milvus.token" in message and "TRIDENT_MILVUS__TOKEN" in message
+    assert ("no token is set" in message) == (token == "")
+    assert "unavailable" not in message and "auth check failure" in message
+    assert "Traceback" not in message and "MilvusException" not in message
+
+
 def test_ids_are_measured_in_utf8_bytes() -> None:
     validate_id("a" * 256)
     validate_id("猫" * 85)  # 255 bytes
@@ -95,14 +205,6 @@ def test_ids_are_measured_in_utf8_bytes() -> None:
         validate_id("猫" * 256)
     with pytest.raises(InvalidRowError):
         validate_id("")
-
-
-class _Unavailable(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def __str__(self) -> str:
-        return "failed to connect to all addresses"
 
 
 class _Sent:
@@ -189,7 +291,7 @@ def test_a_large_upsert_is_sent_in_chunks_a_few_in_flight() -> None:
         (_answer(100, "collection not found[collection=c]"), UnknownCollectionError),
         (_answer(65535, "segment allocation stalled"), StoreUnavailableError),
         (_Unavailable(), StoreUnavailableError),
-        (_Unauthenticated(), ConfigurationError),
+        (_Unauthenticated(), StoreAuthenticationError),
     ],
 )
 def test_a_refused_chunk_fails_the_call_once_none_is_in_flight(

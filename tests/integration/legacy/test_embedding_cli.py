@@ -164,7 +164,7 @@ def test_errors_are_one_line_with_an_exit_code(
     config: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = run(capsys, "--config", str(config), "embed", str(tmp_path / "missing.jpg"))
-    assert code == EXIT_BAD_INPUT and "allowed_roots" in err
+    assert code == EXIT_BAD_INPUT and "config.fetch.allowed_roots" in err  # the pipeline's fix
     code, _, err = run(capsys, "--config", str(config), "embed", str(images[0].parent / "no.jpg"))
     assert code == EXIT_BAD_INPUT and "no.jpg" in err and "No such file" in err
     (tmp_path / "bad.yaml").write_text("milvus:\n  hots: x\n")
@@ -177,6 +177,34 @@ def test_errors_are_one_line_with_an_exit_code(
     with pytest.raises(SystemExit) as exited:
         main(["search"])  # argparse: the query image is required
     assert exited.value.code == EXIT_USAGE
+
+
+def test_what_milvus_refuses_is_one_line_without_a_traceback(
+    config: Path, images: list[Path], collection: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A process of its own: pymilvus logs a failed call's traceback on its own stderr handler.
+    code, _, err = run(
+        capsys, "--config", str(config), "collection", "create", "--name", collection
+    )
+    assert code == EXIT_OK, err
+    bad_filter = 'metadata["category" =='
+    for argv, message in (
+        (["search", str(images[0]), "--collection", collection, "--filter", bad_filter],
+         "cannot parse expression"),
+        (["collection", "create", "--name", "bad name!"], "invalid collection name 'bad name!'"),
+        (["collection", "stats", "--name", "bad name!"], "invalid collection name 'bad name!'"),
+    ):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "jax_embedding", "--config", str(config), *argv],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == EXIT_BAD_INPUT, (argv, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+        assert message in done.stderr
 
 
 def test_the_console_script_is_installed_with_help_everywhere() -> None:
