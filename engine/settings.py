@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -34,6 +34,7 @@ from engine.models import (
     project_model_for,
 )
 from schemas import EventLimits
+from schemas.errors import validation_problems
 
 
 class _Section(BaseModel):
@@ -409,6 +410,10 @@ def load_settings(path: Path | str | None = None) -> Settings:
     try:
         environment = EnvSettingsSource(Settings)()
         settings = Settings(**merged_sections(values, environment))
+    except ValidationError as exc:
+        raise ConfigurationError(
+            f"invalid settings: {validation_problems(exc, whole='settings')}"
+        ) from exc
     except ValueError as exc:
         raise ConfigurationError(f"invalid settings: {exc}") from exc
     return settings

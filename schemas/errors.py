@@ -9,6 +9,8 @@ sending it).
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class ContractError(ValueError):
     """A message or event that does not satisfy its contract.
@@ -30,3 +32,17 @@ class EventLimitError(ContractError):
         self.limit = limit
         self.size = size
         self.maximum = maximum
+
+
+def validation_problems(exc: ValidationError, *, whole: str = "<event>") -> str:
+    """One line for a pydantic error: ``where: what`` per problem, joined by ``; ``.
+
+    ``whole`` names the object itself when a problem has no location. An unknown key reads
+    "unknown key" (pydantic says "Extra inputs are not permitted").
+    """
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or whole
+        what = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{where}: {what}")
+    return "; ".join(problems)

@@ -60,8 +60,10 @@ def test_environment_overrides_one_key_of_a_yaml_section(
 def test_an_unknown_key_in_any_section_is_an_error_naming_it(tmp_path: Path, section: str) -> None:
     config = tmp_path / "typo.yaml"
     config.write_text(f"{section}:\n  no_such_key: 1\n")
-    with pytest.raises(ConfigurationError, match="no_such_key"):
+    with pytest.raises(ConfigurationError) as raised:
         load_settings(config)
+    # One line an operator can act on, not pydantic's multi-line report.
+    assert str(raised.value) == f"invalid settings: {section}.no_such_key: unknown key"
     with pytest.raises(ValueError, match="no_such_key"):
         Settings(**{section: {"no_such_key": 1}})
 
