@@ -144,6 +144,7 @@ class Reason(StrEnum):
     UNKNOWN_ID = "unknown_id"
     NO_SOURCE = "no_source"
     BAD_REQUEST = "bad_request"
+    TOO_MANY_MATCHES = "too_many_matches"
     # Kafka refused a write for good, by librdkafka error family (producer.publisher).
     KAFKA_UNKNOWN_TOPIC = "kafka_unknown_topic"
     KAFKA_NOT_AUTHORIZED = "kafka_not_authorized"

@@ -273,6 +273,52 @@ class ImageFetcher:
         return bytes(body)
 
 
+def check_reference(ref: ImageSource, settings: FetchSettings) -> None:
+    """Refuse, reading no file and fetching nothing, a reference that :class:`ImageFetcher`
+    would refuse whatever the filesystem or the host says later (the query API asks before it
+    publishes): a scheme other than http(s), a path resolving outside the allowed roots, a
+    forbidden host name, or a host with an address that is not public. A path that does not
+    exist (yet), or a name that does not resolve here, passes: the worker, which may see other
+    files and another DNS, decides.
+
+    Raises:
+        ImageReferenceError: ``unsupported_scheme``, ``path_not_allowed``, ``invalid_url`` or
+            ``forbidden_address`` (stage ``fetch``, the message naming the reference).
+    """
+    try:
+        match ref:
+            case PathImage(path=raw):
+                if (scheme := _url_scheme(raw)) is not None:
+                    raise ImageReferenceError(
+                        f"scheme {scheme!r} is not supported: give an http(s) URL or a file path",
+                        reason=Reason.UNSUPPORTED_SCHEME,
+                    )
+                resolved = _resolve_loosely(Path(raw))
+                if not any(resolved.is_relative_to(r.resolve()) for r in settings.allowed_roots):
+                    raise _not_allowed()
+            case UrlImage(url=url):
+                target = httpx.URL(str(url))
+                policy = _AddressPolicy(settings)
+                host = target.raw_host.decode("ascii")
+                if not policy.trusted(host):
+                    port = target.port or (443 if target.scheme == "https" else 80)
+                    policy.checked_addresses(host, port)
+    except httpx.InvalidURL as exc:
+        raise ImageReferenceError(
+            f"cannot fetch {_describe(ref)}: invalid URL: {exc}",
+            reason=Reason.INVALID_URL,
+            stage=Stage.FETCH,
+        ) from exc
+    except FetchUnavailableError:
+        return  # the resolver failing now says nothing of the fetch
+    except ImageReferenceError as exc:
+        if exc.reason == Reason.UNKNOWN_HOST:
+            return
+        exc.args = (f"cannot fetch {_describe(ref)}: {exc}",)
+        exc.stage = Stage.FETCH
+        raise
+
+
 class _AddressPolicy:
     """The SSRF guard: which hosts and addresses a URL may reach."""
 

@@ -11,8 +11,9 @@ the gRPC status under pymilvus's own error) and by what was asked, never by who 
   :class:`InvalidRowError` (permanent; the caller isolates the rows by bisecting the batch, see
   ``worker.pipeline``), after :meth:`VectorStore.validate` has already caught what can be checked
   before writing; any other refusal of a write is retriable;
-- a search the server refuses (bad filter, wrong dimension): :class:`InvalidQueryError`, and so
-  is an index it refuses (``invalid_index``; the collection made for it is dropped again);
+- a search or an ``ids_matching`` filter the server refuses (bad filter, wrong dimension):
+  :class:`InvalidQueryError`, and so is an index it refuses (``invalid_index``; the collection
+  made for it is dropped again);
 - a collection that does not exist: :class:`UnknownCollectionError`; one that exists, but with
   another dimension or without a vector index: :class:`CollectionConflictError`;
 - any other refusal of a read or of collection management: retriable (nothing a record did).
@@ -24,9 +25,10 @@ removed (an upsert older than a delete must never bring the id back, whenever it
 Milvus has no "deleted" marker, so the tombstones of collection ``c`` live in a companion
 collection, :func:`tombstone_collection` (``c__tombstones``), made on the first delete: the id,
 the delete's version and when it was written, plus the 2-d constant vector Milvus requires of
-every collection. The companion lives and dies with its collection (:meth:`VectorStore.
-drop_collection` drops both), is never listed, and its name is reserved. :meth:`VectorStore.
-stored_versions` answers the newer of the row and the tombstone of each id.
+every collection. The companion lives and dies with its collection (``drop_collection`` drops
+both), is never listed, and its name is reserved. ``stored_versions`` answers the newer of the
+row and the tombstone of each id; ``delete`` writes the tombstones, then removes the rows;
+``get_record``, ``tombstone`` and ``ids_matching`` serve an item's page and delete-by-filter.
 
 Ids are written into expressions JSON-quoted (``_ids_expr``), which Milvus's parser reads with
 the same escapes: an id holding quotes or backslashes names itself and nothing else.

@@ -36,6 +36,7 @@ from producer.dead_letters import (
 )
 from producer.progress import progress_bar
 from producer.publisher import Delivery, EventPublisher
+from producer.status import add_status_command, run_status
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     replay_parser.add_argument(
         "--topic", help="Publish to this topic instead of kafka.topic (the ingest topic)."
     )
+    add_status_command(commands, add_common_arguments)
     return parser
 
 
@@ -160,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         require_broker(settings.kafka, timeout_s=settings.kafka.connect_timeout_s)
+        if args.command == "status":
+            return run_status(args, settings)
         with DeadLetterReader(settings.kafka) as reader:
             records = reader.read(_selection(args))
             if args.command == "inspect":

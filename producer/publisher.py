@@ -39,6 +39,7 @@ from engine.kafka import producer_config
 from engine.settings import KafkaSettings
 from schemas import (
     DEFAULT_EVENT_LIMITS,
+    DeleteEvent,
     EventLimitError,
     EventLimits,
     IngestEvent,
@@ -395,6 +396,56 @@ class EventPublisher(_Publisher):
             )
         return answers.report
 
+    def publish_delete(self, event: DeleteEvent, *, on_delivery: OnDelivery | None = None) -> None:
+        """Queue the tombstone of ``event`` (``schemas.deletes``): key the id, value null, the
+        version and collection headers. Blocks only while the local queue is full."""
+        self.publish_raw(event.key(), None, _tombstone_headers(event), on_delivery=on_delivery)
+
+    def publish_each(
+        self, events: Sequence[IngestEvent | DeleteEvent], *, timeout_s: float = 120.0
+    ) -> list[Delivery]:
+        """Publish ingest events and deletes, in this order, and wait for the brokers' answers to
+        these alone: each one's :class:`Delivery` (partition and offset, or the error), in the
+        order given. Like :meth:`publish_and_wait`, safe beside other threads' calls, and its
+        deliveries are not added to the running totals of :meth:`flush`.
+
+        Raises:
+            EventLimitError: an ingest event is over a limit (the message names its id); nothing
+                of the call is sent.
+            BrokerUnavailableError: some of them were unanswered after ``timeout_s`` (whether
+                they are written is unknown).
+        """
+        for event in events:
+            if isinstance(event, IngestEvent):
+                try:
+                    self._limits.check(event)
+                except EventLimitError as exc:
+                    raise EventLimitError(
+                        f"event {event.id!r}: {exc}",
+                        reason=exc.reason,
+                        limit=exc.limit,
+                        size=exc.size,
+                        maximum=exc.maximum,
+                    ) from exc
+        answers = _Answers(len(events))
+        found: list[Delivery | None] = [None] * len(events)
+        for index, event in enumerate(events):
+
+            def done(delivery: Delivery, index: int = index) -> None:
+                found[index] = delivery  # before add: the call completes with every slot set
+                answers.add(delivery)
+
+            if isinstance(event, DeleteEvent):
+                self._sender.send(event.key(), None, _tombstone_headers(event), done)
+            else:
+                self._sender.send(event.id.encode(), encode_event(event), None, done)
+        unanswered = answers.wait(self._sender.producer, timeout_s)
+        if unanswered:
+            raise BrokerUnavailableError(
+                f"{unanswered} of {len(events)} records not acknowledged after {timeout_s:.0f}s"
+            )
+        return [delivery for delivery in found if delivery is not None]
+
     def publish_many(
         self, events: Iterable[IngestEvent], *, timeout_s: float = 120.0
     ) -> DeliveryReport:
@@ -466,6 +517,11 @@ class AsyncEventPublisher(_Publisher):
         """Send an already-serialised message as it is and wait for its Delivery."""
         return await (await self._queue(key, value, headers))
 
+    async def publish_delete(self, event: DeleteEvent) -> Delivery:
+        """Send the tombstone of ``event`` (see :meth:`EventPublisher.publish_delete`) and wait
+        for its Delivery."""
+        return await self.publish_raw(event.key(), None, _tombstone_headers(event))
+
     async def publish_many(self, events: Iterable[IngestEvent]) -> DeliveryReport:
         """Send every event (in order), then wait for all their answers.
 
@@ -512,6 +568,10 @@ class AsyncEventPublisher(_Publisher):
         self._stop.set()
         if self._poller.is_alive():
             await asyncio.to_thread(self._poller.join)
+
+
+def _tombstone_headers(event: DeleteEvent) -> Headers:
+    return [*event.headers()]
 
 
 def _resolve(future: asyncio.Future[Delivery], delivery: Delivery) -> None:

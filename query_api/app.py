@@ -1,13 +1,14 @@
 """The Litestar application: :func:`create_app` builds it from settings.
 
 The lifespan owns the clients (:class:`SearchService`: Milvus, Triton, the fetcher;
-:class:`IngestGateway`: the Kafka producer), starts the service (waiting for Triton's model) and
-closes them on shutdown; handlers receive them through ``Provide``. With ``freeze_heap`` (the
-``trident-api`` process asks for it), the lifespan freezes the heap once the service is warm
-(see :func:`_freeze_heap`). Middleware, outermost first: metrics, rate limit, API key. The
-OpenAPI schema is generated from the handlers' types and served at ``/openapi.json``
-(interactive docs at ``/docs``, Swagger UI's files served by the API itself: no CDN); the search
-page is ``GET /``.
+:class:`IngestGateway`: the Kafka producer; :class:`ItemService`: item records, deletes and
+statuses, with its dead-letter index), starts the service (waiting for Triton's model) and the
+index, and closes them on shutdown; handlers receive them through ``Provide``. With
+``freeze_heap`` (the ``trident-api`` process asks for it), the lifespan freezes the heap once
+the service is warm (see :func:`_freeze_heap`). Middleware, outermost first: metrics, rate
+limit, API key. The OpenAPI schema is generated from the handlers' types and served at
+``/openapi.json`` (interactive docs at ``/docs``, Swagger UI's files served by the API itself:
+no CDN); the search page is ``GET /``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from engine.settings import Settings
 from query_api.errors import EXCEPTION_HANDLERS
 from query_api.ingest import IngestGateway
+from query_api.items import ItemService
 from query_api.metrics import ApiMetrics, MetricsMiddleware
 from query_api.routes import ROUTES
 from query_api.security import (
@@ -87,9 +89,11 @@ def create_app(
     *,
     service: SearchService | None = None,
     ingest: IngestGateway | None = None,
+    items: ItemService | None = None,
     freeze_heap: bool = False,
 ) -> Litestar:
-    """Build the application; ``service``/``ingest`` replace the ones built from settings (tests).
+    """Build the application; ``service``/``ingest``/``items`` replace the ones built from
+    settings (tests).
 
     ``freeze_heap``: once started, move every object alive to the collector's permanent
     generation. It acts on the whole process, so only the process's owner asks for it.
@@ -108,15 +112,25 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         search_service = service or SearchService.from_settings(settings)
-        gateway = ingest or IngestGateway(settings.kafka, search_service.store)
+        gateway = ingest or IngestGateway(
+            settings.kafka,
+            search_service.store,
+            fetch=settings.fetch,
+            dimension=settings.milvus.dimension,
+        )
+        item_service = items or ItemService.from_settings(settings, search_service.store, gateway)
         try:
+            # Reads the dead-letter topic in the background from now on (statuses wait for it).
+            item_service.start()
             # Compiles the preprocessing and waits for Triton's model (triton.ready_timeout_s).
             await anyio.to_thread.run_sync(search_service.start)
             if freeze_heap:
                 _freeze_heap()
             app.state.search_service, app.state.ingest = search_service, gateway
+            app.state.item_service = item_service
             yield
         finally:
+            await anyio.to_thread.run_sync(item_service.close)
             await anyio.to_thread.run_sync(gateway.close)
             await anyio.to_thread.run_sync(search_service.close)
 
@@ -131,6 +145,7 @@ def create_app(
         dependencies={
             "service": _state_value("search_service"),
             "ingest": _state_value("ingest"),
+            "items": _state_value("item_service"),
             "metrics": Provide(lambda: api_metrics, sync_to_thread=False),
         },
         lifespan=[lifespan],

@@ -1,4 +1,5 @@
-"""The API's route handlers: health, collections, search, embed, insert, thumbnails.
+"""The API's route handlers: health, collections, search, embed, insert and items (record,
+status, thumbnail, deletes).
 
 Handlers take typed bodies (pydantic models for JSON, dataclasses with an ``UploadFile`` for
 multipart) and their collaborators through ``Provide`` (``service``, ``ingest``, ``metrics``);
@@ -8,6 +9,13 @@ header with the time of each stage (query_api.timing), also recorded in the metr
 are raised, never answered here (query_api.errors maps them). A multipart POST to ``/search``
 or ``/embed`` is served by the ``/upload`` route beside it (see query_api.app), so the earlier
 API's ``curl -F file=@…`` forms keep working.
+
+Item ids may hold slashes (``cats/0001.jpg``), and are read from the raw request path
+(:func:`item_address`), so that ids with empty segments (``/data/a.jpg``, a URL) come through
+unchanged. ``GET /items/{collection}/{id}`` answers the record; a last segment ``status``,
+``thumbnail`` or ``record`` asks for that view of the id before it. An id whose own last
+segment is one of those is reached by naming the view (``.../x/status/record``) or by
+percent-encoding the slash before it (``x%2Fstatus``).
 """
 
 from __future__ import annotations
@@ -15,43 +23,60 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 import anyio
 import orjson
-from litestar import Response, delete, get, post
-from litestar.datastructures import UploadFile
+from litestar import MediaType, Request, Response, delete, get, post
+from litestar.datastructures import State, UploadFile
 from litestar.di import NamedDependency
-from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+)
 from litestar.params import FromPath, JSONBody, MultipartBody
 
-from engine.errors import BrokerUnavailableError
+from engine.errors import BrokerUnavailableError, PermanentError, Reason
 from engine.health import Probe
 from query_api.errors import ERROR_RESPONSES, RETRY_AFTER_S
 from query_api.ingest import IngestGateway
+from query_api.items import ItemService
 from query_api.metrics import ApiMetrics
 from query_api.security import CONSUMES, PUBLIC
 from query_api.service import SearchService
 from query_api.timing import SERVER_TIMING, StageTimings
 from query_api.validation import EXPECTS
 from schemas.api import (
+    DELETE_SELECTION,
     CollectionCreated,
     CollectionList,
     CollectionStats,
     CreateCollectionRequest,
+    DeleteItemsRequest,
+    DeleteItemsResult,
+    DeletePublished,
     Embedding,
     EmbedRequest,
     HealthReport,
     InsertAccepted,
     InsertRequest,
+    ItemRecord,
+    ItemStatus,
 )
 from schemas.search import QUERY_EXPECTED, SearchHit, SearchOptions, SearchRequest
 
 JSON_BODY = {CONSUMES: ("application/json",)}
 MULTIPART_BODY = {CONSUMES: ("multipart/form-data",)}
-THUMBNAIL_SUFFIX = "/thumbnail"
+ItemView = Literal["record", "status", "thumbnail"]
+ITEM_VIEWS: tuple[ItemView, ...] = ("record", "status", "thumbnail")
+_VIEWS: dict[bytes, ItemView] = {view.encode(): view for view in ITEM_VIEWS}
 
 
 def _also_multipart(form: str) -> type[Operation]:
@@ -354,35 +379,157 @@ async def embed_upload(
     responses=ERROR_RESPONSES,
 )
 def insert(data: JSONBody[InsertRequest], ingest: NamedDependency[IngestGateway]) -> InsertAccepted:
-    """Publish one ingest event per input; 202 with the ids once Kafka acknowledged them.
+    """Publish one ingest event per input; 202 with the ids, and where each event went (its
+    partition and offset), once Kafka acknowledged them all.
 
-    Ingestion is asynchronous: the items become searchable when a worker has stored them.
+    All or nothing: every input is checked first (a path under the allowed roots or an http(s)
+    URL of a public host, as the workers' fetch fence requires; the collection exists and holds
+    the model's dimension), and when any is refused the answer (400, 404 or 422) lists each
+    refused input by index and reason, and nothing is published. Ingestion is asynchronous:
+    the items become searchable when a worker has stored them
+    (``GET /items/{collection}/{id}/status``).
     """
     return ingest.insert(data)
 
 
+@dataclass
+class _ItemViews(Operation):
+    """The item route's 200: a record or a status (JSON), or a thumbnail (JPEG)."""
+
+    def __post_init__(self) -> None:
+        ok = self.responses.get("200") if self.responses else None
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            jpeg = Schema(type=OpenAPIType.STRING, content_media_type="image/jpeg")
+            ok.content["image/jpeg"] = OpenAPIMediaType(schema=jpeg)
+
+
 @get(
     "/items/{collection:str}/{item_path:path}",
-    tags=["ingest"],
-    media_type="image/jpeg",
+    tags=["items"],
+    media_type=MediaType.JSON,
+    operation_class=_ItemViews,
+    responses=ERROR_RESPONSES,
+)
+async def item(
+    request: Request[Any, Any, State],
+    collection: FromPath[str],
+    item_path: FromPath[str],
+    items: NamedDependency[ItemService],
+    service: NamedDependency[SearchService],
+) -> Response[ItemRecord | ItemStatus]:
+    """``/items/{collection}/{id}``: the stored record (id, metadata, source, version, model
+    tag, content hash, when it was stored); 404 ``unknown_id`` when none is stored,
+    ``unknown_collection`` for an unknown collection.
+
+    ``/items/{collection}/{id}/status``: where the item is: ``stored`` (with its version),
+    ``pending`` (published, not yet processed by the workers), ``dead_lettered`` (stage,
+    reason, when), ``deleted`` or ``unknown``.
+
+    ``/items/{collection}/{id}/thumbnail``: a JPEG thumbnail of the stored image, made from its
+    source under the same path and URL rules as ingestion; 404 for an item sent inline.
+
+    Ids may hold slashes. An id whose last segment is ``status``, ``thumbnail`` or ``record``
+    needs its view named: ``/items/{collection}/{id}/record``.
+    """
+    # Async, the work in a thread: Litestar 2.25 answers 500 for a sync_to_thread handler that
+    # returns a Response on a path where a handler of another method (DELETE) is too.
+    item_id, view = item_address(request, collection, item_path)
+    if view == "status":
+        return Response(await anyio.to_thread.run_sync(items.status, collection, item_id))
+    if view == "thumbnail":
+        image: Response[Any] = Response(
+            await anyio.to_thread.run_sync(service.thumbnail, collection, item_id),
+            media_type="image/jpeg",
+            headers={"Cache-Control": "private, max-age=300"},
+        )
+        return image
+    return Response(await anyio.to_thread.run_sync(items.record, collection, item_id))
+
+
+@delete(
+    "/items/{collection:str}/{item_path:path}",
+    tags=["items"],
+    status_code=202,
     sync_to_thread=True,
     responses=ERROR_RESPONSES,
 )
-def item_thumbnail(
-    collection: FromPath[str], item_path: FromPath[str], service: NamedDependency[SearchService]
-) -> Response[bytes]:
-    """``/items/{collection}/{id}/thumbnail``: a JPEG thumbnail of a stored item's image.
-
-    Ids may hold slashes. Made from the stored source under the same path and URL rules as
-    ingestion; 404 for an unknown collection or item, or an item sent inline.
+def delete_item(
+    request: Request[Any, Any, State],
+    collection: FromPath[str],
+    item_path: FromPath[str],
+    items: NamedDependency[ItemService],
+) -> DeletePublished:
+    """Publish the delete of an item (the whole path after the collection is its id); 202 with
+    the delete's version and where it went, once Kafka acknowledged it. A worker removes the
+    item (``/status`` then says ``deleted``); no upsert older than the delete brings it back.
+    An id that is not stored is no error: its delete is published all the same.
     """
-    if not item_path.endswith(THUMBNAIL_SUFFIX) or item_path == THUMBNAIL_SUFFIX:
-        raise NotFoundException(detail=f"no route for /items/{collection}{item_path}")
-    item_id = item_path.removeprefix("/").removesuffix(THUMBNAIL_SUFFIX)
-    image = service.thumbnail(collection, item_id)
-    return Response(
-        image, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
-    )
+    item_id, _ = item_address(request, collection, item_path, views=False)
+    return items.delete(collection, item_id)
+
+
+@post(
+    "/items/delete",
+    opt={**JSON_BODY, EXPECTS: DELETE_SELECTION},
+    tags=["items"],
+    status_code=202,
+    sync_to_thread=True,
+    responses={
+        **ERROR_RESPONSES,
+        200: ResponseSpec(DeleteItemsResult, description="A dry run: what would be deleted"),
+    },
+)
+def delete_items(
+    data: JSONBody[DeleteItemsRequest], items: NamedDependency[ItemService]
+) -> Response[DeleteItemsResult]:
+    """Publish the deletes of ``ids``, or of the items a ``filter`` or ``filter_expr`` matches
+    (the search's filters); 202 with the ids and where each delete went.
+
+    A filter may delete at most ``max_items`` (default 1,000, at most 10,000): one matching
+    more is refused (422 ``too_many_matches``) and nothing is deleted. ``dry_run``: 200 with
+    the ids that would be deleted (the first ``max_items``, ``truncated`` when more match);
+    nothing is published.
+    """
+    result = items.delete_many(data)
+    return Response(result, status_code=200 if data.dry_run else 202)
+
+
+def item_address(
+    request: Request[Any, Any, State], collection: str, item_path: str, *, views: bool = True
+) -> tuple[str, ItemView]:
+    """The item id and view an ``/items/{collection}/...`` request names.
+
+    Read from the raw path, percent-decoded as UTF-8: the routed path has empty segments
+    collapsed and a trailing slash cut. With ``views``, a last segment ``record``, ``status``
+    or ``thumbnail`` (after at least one of the id) names the view, else it is ``record``.
+
+    Raises:
+        PermanentError: (``bad_request``) no id, or one that is not UTF-8.
+    """
+    raw = request.scope.get("raw_path")
+    prefix = f"/items/{collection}/".encode()
+    # Litestar's test client leaves the query on the raw path; a "?" of an id is encoded.
+    path = bytes(raw).split(b"?", 1)[0] if raw else b""
+    at = path.find(prefix)
+    rest = path[at + len(prefix) :] if at >= 0 else item_path.removeprefix("/").encode()
+    segments = rest.split(b"/")
+    view: ItemView = "record"
+    if views and len(segments) > 1 and segments[-1] in _VIEWS:
+        view = _VIEWS[segments[-1]]
+        segments = segments[:-1]
+    try:
+        item_id = unquote_to_bytes(b"/".join(segments)).decode()
+    except UnicodeDecodeError as exc:
+        raise PermanentError(
+            f"the item id in the path is not UTF-8 ({exc}): percent-encode its UTF-8 bytes",
+            reason=Reason.BAD_REQUEST,
+        ) from exc
+    if not item_id:
+        raise PermanentError(
+            "the path names no item: /items/{collection}/{id}, then /status or /thumbnail",
+            reason=Reason.BAD_REQUEST,
+        )
+    return item_id, view
 
 
 ROUTES = [
@@ -399,5 +546,7 @@ ROUTES = [
     embed,
     embed_upload,
     insert,
-    item_thumbnail,
+    item,
+    delete_item,
+    delete_items,
 ]

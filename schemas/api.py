@@ -1,19 +1,32 @@
-"""Bodies of the query API's other routes: collections, insert, embed, health and errors.
+"""Bodies of the query API's other routes: collections, insert, items (record, deletes,
+status), embed, health and errors.
 
 The field names of :class:`CreateCollectionRequest` (``name``, ``dim``, ``description``) and
 :class:`InsertRequest` (``inputs``, ``ids``, ``metadata``, ``collection_name``) are the earlier
-API's and stay as they are.
+API's and stay as they are. :class:`ItemStatus` is also what ``trident-dlq status`` prints
+(``producer.status`` builds it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.search import CollectionName
+from schemas.search import MAX_FILTER_LENGTH, CollectionName, Filter
 
 MAX_INSERT_ITEMS = 1000
+# Deletes of one POST /items/delete: the default cap of a filter's matches, and the hard maximum
+# of the cap and of a list of ids (Milvus answers up to 16,384 ids a query).
+DEFAULT_DELETE_CAP = 1000
+MAX_DELETE_ITEMS = 10_000
+DELETE_SELECTION = (
+    "give exactly one of ids (a list of item ids), filter (a structured metadata filter) or "
+    "filter_expr (a Milvus expression)"
+)
+# What an item id is on the wire: the event contract checks its UTF-8 size (256 bytes).
+ItemId = Annotated[str, Field(min_length=1, max_length=256)]
 # The index types and metrics a collection can be created with. The contracts import nothing of
 # the engine, so the names are here; engine.indexes reads them and holds each type's parameters
 # and their ranges (the one place for those).
@@ -88,12 +101,155 @@ class InsertRequest(BaseModel):
         return self
 
 
+class Published(BaseModel):
+    """Where one event went: its partition of the ingest topic and its offset there."""
+
+    id: str
+    partition: int
+    offset: int
+
+
 class InsertAccepted(BaseModel):
     """The events were published; the worker ingests them asynchronously."""
 
     ids: list[str]
     collection: str
     status: Literal["accepted"] = "accepted"
+    items: list[Published] = Field(
+        default_factory=list, description="Per input, in order: where its event went."
+    )
+
+
+# Items ------------------------------------------------------------------------------------------
+
+
+class ItemRecord(BaseModel):
+    """A stored item, as the store holds it (its vector left out)."""
+
+    id: str
+    collection: str
+    metadata: dict[str, Any]
+    source: str = Field(description="Where the image came from: a path or URL.")
+    version: int = Field(description="The version of the event that stored it.")
+    model_tag: str = Field(description="The model that made its vector.")
+    content_sha256: str = Field(description="SHA-256 of the image bytes, hex.")
+    stored_at: datetime = Field(description="When a worker stored it (UTC).")
+
+
+class DeletePublished(BaseModel):
+    """A delete (a tombstone on the ingest topic) was published; a worker applies it."""
+
+    id: str
+    collection: str
+    version: int = Field(description="The delete's version: no older upsert brings the id back.")
+    partition: int
+    offset: int
+
+
+class DeleteItemsRequest(BaseModel):
+    """Delete items by ``ids``, or every item a ``filter`` or ``filter_expr`` matches (the
+    search's filters), up to ``max_items``; ``dry_run`` says what would be deleted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection_name: CollectionName | None = None
+    ids: list[ItemId] | None = Field(default=None, min_length=1, max_length=MAX_DELETE_ITEMS)
+    filter: Filter | None = Field(default=None, description="A structured metadata filter.")
+    filter_expr: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_FILTER_LENGTH,
+        description='A raw Milvus boolean expression, e.g. metadata["category"] == "nature".',
+    )
+    dry_run: bool = Field(default=False, description="Say what would be deleted; publish nothing.")
+    max_items: int = Field(
+        default=DEFAULT_DELETE_CAP,
+        ge=1,
+        le=MAX_DELETE_ITEMS,
+        description="The most items a filter may delete: a filter matching more is refused "
+        "(422 too_many_matches) unless dry_run.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_selection(self) -> DeleteItemsRequest:
+        given = [
+            name for name in ("ids", "filter", "filter_expr") if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(DELETE_SELECTION + (f"; got {', '.join(given)}" if given else ""))
+        return self
+
+
+class DeleteItemsResult(BaseModel):
+    """What a ``POST /items/delete`` deleted, or (``dry_run``) would delete."""
+
+    collection: str
+    dry_run: bool
+    matched: int = Field(description="The ids named, or matched by the filter (at most max_items).")
+    truncated: bool = Field(
+        description="The filter matches more than max_items (only a dry run answers then): "
+        "ids lists the first max_items."
+    )
+    ids: list[str]
+    published: int = Field(description="Deletes published (0 on a dry run).")
+    items: list[DeletePublished] = Field(
+        default_factory=list, description="Where each delete went (empty on a dry run)."
+    )
+
+
+ItemState = Literal["stored", "pending", "dead_lettered", "deleted", "unknown"]
+Operation = Literal["upsert", "delete"]
+
+
+class StoredFact(BaseModel):
+    """What the store holds of the id: its row, or the tombstone of a delete newer than it."""
+
+    version: int
+    deleted: bool
+
+
+class PendingRecord(BaseModel):
+    """The newest record of the id on the ingest topic that the workers have not processed."""
+
+    operation: Operation
+    version: int | None = Field(description="None when the record cannot be read as an event.")
+    partition: int
+    offset: int
+
+
+class DeadLetterSummary(BaseModel):
+    """The newest dead letter of the id: why and when its record was given up on."""
+
+    operation: Operation
+    version: int | None = Field(description="None when the record cannot be read as an event.")
+    stage: str
+    reason: str
+    detail: str = Field(description="The error's message (at most 1,000 characters).")
+    dead_lettered_at: datetime | None
+    partition: int = Field(description="Where the dead letter is on the dead-letter topic.")
+    offset: int
+
+
+class ItemStatus(BaseModel):
+    """Where an item is: ``stored`` (with its version), ``pending`` (published, not yet
+    processed), ``dead_lettered`` (stage, reason, when), ``deleted`` or ``unknown``.
+
+    The newest version decides among what the store holds and the newest dead letter (the store
+    on a tie); a pending record decides when it is newer than both (or cannot be read).
+    """
+
+    id: str
+    collection: str
+    state: ItemState
+    version: int | None = Field(description="The version of what decided the state.")
+    stored: StoredFact | None = None
+    pending: PendingRecord | None = None
+    dead_letter: DeadLetterSummary | None = None
+    complete: bool = Field(
+        default=True,
+        description="False when the deadline cut the search short (a pending record or a dead "
+        "letter may have been missed): ask again.",
+    )
 
 
 class EmbedRequest(BaseModel):

@@ -29,6 +29,7 @@ from engine.health import Probe, Prober
 from engine.settings import Settings
 from query_api import SearchService, create_app
 from query_api.ingest import IngestGateway
+from query_api.items import ItemService
 from query_api.timing import StageTimings
 from schemas.api import ServiceState
 from schemas.search import (
@@ -93,6 +94,14 @@ class FakeIngest(IngestGateway):
     def close(self) -> None: ...
 
 
+class FakeItems(ItemService):
+    def __init__(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @pytest.fixture
 def fake() -> FakeService:
     return FakeService()
@@ -100,7 +109,7 @@ def fake() -> FakeService:
 
 @pytest.fixture
 def client(fake: FakeService) -> Iterator[TestClient[Any]]:
-    app = create_app(Settings(), service=fake, ingest=FakeIngest())
+    app = create_app(Settings(), service=fake, ingest=FakeIngest(), items=FakeItems())
     with TestClient(app=app) as test_client:
         yield test_client
 
@@ -209,7 +218,9 @@ def test_stage_timings_keep_order_and_time_a_block_that_raises() -> None:
 def test_the_heap_is_frozen_once_started_only_when_asked(fake: FakeService, freeze: bool) -> None:
     gc.unfreeze()
     try:
-        app = create_app(Settings(), service=fake, ingest=FakeIngest(), freeze_heap=freeze)
+        app = create_app(
+            Settings(), service=fake, ingest=FakeIngest(), items=FakeItems(), freeze_heap=freeze
+        )
         with TestClient(app=app) as test_client:
             assert test_client.get("/livez").status_code == 200
             assert (gc.get_freeze_count() > 0) == freeze
