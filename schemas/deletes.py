@@ -29,7 +29,7 @@ from typing import Final
 
 from pydantic import Field, ValidationError
 
-from schemas.errors import ContractError
+from schemas.errors import ContractError, validation_problems
 from schemas.events import (
     DEFAULT_EVENT_LIMITS,
     VERSION_MAX,
@@ -111,7 +111,7 @@ def decode_delete(
     try:
         event = DeleteEvent.model_validate(fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc, whole="<delete>")
         raise ContractError(f"invalid delete: {problems}", reason="schema_invalid") from exc
     limits.check_id(event.id)
     return event

@@ -34,7 +34,7 @@ from pydantic import (
     field_validator,
 )
 
-from schemas.errors import ContractError, EventLimitError
+from schemas.errors import ContractError, EventLimitError, validation_problems
 from schemas.search import COLLECTION_NAME_PATTERN
 
 EVENT_SCHEMA_VERSION: Final = 1
@@ -282,10 +282,7 @@ def decode_event(
     try:
         event = IngestEvent.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<event>'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = validation_problems(exc)
         reason = "unknown_image_kind" if _is_unknown_kind(exc) else "schema_invalid"
         raise ContractError(f"invalid event: {problems}", reason=reason) from exc
     limits.check(event)
