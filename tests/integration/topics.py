@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from engine.kafka import consumer_config
 from engine.settings import Settings
@@ -20,14 +20,34 @@ def settings_file(settings: Settings, folder: Path) -> Path:
     return path
 
 
-def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+# What a broker answers for a few seconds after a topic was created, while its partitions'
+# leaders settle: the same question asked again a moment later gets the offsets.
+_SETTLING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+
+
+def end_offsets(settings: Settings, topic: str, *, settle_s: float = 20.0) -> dict[int, int]:
+    """The end offset of each partition of ``topic``; waits (up to ``settle_s``) for a topic
+    created a moment ago to have a leader for every partition."""
     probe = Consumer(consumer_config(settings.kafka, **{"group.id": "test-offsets-probe"}))
+    deadline = time.monotonic() + settle_s
     try:
-        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
-        return {
-            p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
+        while True:
+            try:
+                partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
+                return {
+                    p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                    for p in partitions
+                }
+            except KafkaException as exc:
+                if exc.args[0].code() not in _SETTLING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         probe.close()
 
