@@ -24,6 +24,7 @@ from devstack.errors import StackError
 from devstack.samples import copy_samples
 from devstack.stack import LocalStack
 from engine.cli_support import configure_logging
+from engine.kafka import ensure_topics
 from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder
@@ -45,6 +46,8 @@ def quickstart(stack: LocalStack, *, api_port: int, timeout_s: float = 600) -> N
         api={"port": api_port},
     )
     settings_file = stack.write_settings(settings)
+    # Before the first publish: the broker would otherwise make an uncompacted ingest topic.
+    ensure_topics(settings.kafka)
     worker = stack.start_worker(settings_file)
     stack.start_api(settings_file, port=api_port)
 

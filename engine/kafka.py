@@ -13,14 +13,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource  # re-exported implicitly only
+from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
-from engine.errors import BrokerUnavailableError
+from engine.errors import BrokerUnavailableError, ConfigurationError
 from engine.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -141,8 +143,13 @@ def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
         "isolation.level": "read_committed",
         "session.timeout.ms": settings.session_timeout_ms,
         "max.poll.interval.ms": settings.max_poll_interval_ms,
-        # Cooperative rebalancing: adding a worker moves only the partitions it takes over.
-        "partition.assignment.strategy": "cooperative-sticky",
+        # Range assignment: partition p of the ingest topic and partition p of the retry topic
+        # (as many partitions, every member subscribed to both) go to the same member, so one
+        # worker alone writes an id, from its records on either topic, and the version guard
+        # (worker.versions) needs no cross-worker ordering. The price: every rebalance is eager
+        # (all partitions revoked and assigned again), where cooperative-sticky moved only some
+        # but may split partition p of the two topics between two members.
+        "partition.assignment.strategy": "range",
     }
     config.update(_client_settings(settings))
     config.update(overrides)
@@ -150,30 +157,147 @@ def consumer_config(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]
 
 
 def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> None:
-    """Create the ingest and dead-letter topics if they do not exist.
+    """Create the ingest, retry and dead-letter topics that do not exist; check those that do.
+
+    New topics get :meth:`KafkaSettings.topic_configs` (the ingest topic compacted, the others
+    time-retained), the broker's default replication, ``topic_partitions`` partitions, except
+    the retry topic: as many as the ingest topic has (a retry must be consumed by the member
+    that owns its id's ingest partition: see ``consumer_config``). An existing topic is never
+    altered: an ingest topic that is not compacted is logged as a warning naming the command
+    that compacts it (changing an existing topic's cleanup policy is an operator's decision,
+    docs/OPERATIONS.md, "The ingest topic").
 
     Raises:
-        BrokerUnavailableError: the cluster did not answer in time.
+        BrokerUnavailableError: the cluster did not answer in time (or did not show a topic
+            within ``timeout_s`` of its creation), or refused a creation.
+        ConfigurationError: the retry topic and the ingest topic have different partition
+            counts (the message says how to fix it).
     """
     admin = AdminClient(_client_settings(settings))
-    try:
-        existing = set(admin.list_topics(timeout=timeout_s).topics)
-    except KafkaException as exc:
-        raise BrokerUnavailableError(f"Kafka {settings.bootstrap_servers}: {exc}") from exc
-    wanted = [
-        NewTopic(topic, num_partitions=settings.topic_partitions, replication_factor=-1)
-        for topic in (settings.topic, settings.dead_letter_topic)
-        if topic not in existing
+    topics = settings.topics()
+    configs = settings.topic_configs()
+    partitions = _partition_counts(admin, settings, timeout_s)
+    if topics.ingest not in partitions:
+        _create(admin, {topics.ingest: settings.topic_partitions}, configs, timeout_s)
+    # The ingest topic's real width (someone else may have made it meanwhile), once the
+    # cluster's metadata shows it, decides the retry topic's.
+    partitions = _partition_counts(admin, settings, timeout_s, waiting_for=[topics.ingest])
+    missing = {
+        topic: partitions[topics.ingest] if topic == topics.retry else settings.topic_partitions
+        for topic in (topics.retry, topics.dead_letter)
+        if topic not in partitions
+    }
+    if missing:
+        _create(admin, missing, configs, timeout_s)
+    partitions = _partition_counts(admin, settings, timeout_s, waiting_for=topics.all)
+    _check_co_partitioned(settings, partitions)
+    _warn_unless_compacted(admin, settings, timeout_s)
+
+
+def _create(
+    admin: AdminClient,
+    partitions: dict[str, int],
+    configs: dict[str, dict[str, str]],
+    timeout_s: float,
+) -> None:
+    """Create each topic with its partition count and configs; one that exists already (made
+    by another worker meanwhile) is no error."""
+    new = [
+        NewTopic(topic, num_partitions=count, replication_factor=-1, config=configs[topic])
+        for topic, count in partitions.items()
     ]
-    if not wanted:
-        return
-    for topic, future in admin.create_topics(wanted, request_timeout=timeout_s).items():
+    for topic, future in admin.create_topics(new, request_timeout=timeout_s).items():
         try:
             future.result(timeout=timeout_s)
-            logger.info("created topic %s", topic)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise BrokerUnavailableError(f"creating topic {topic}: {exc}") from exc
+        else:
+            logger.info("created topic %s (%s)", topic, _config_text(configs[topic]))
+
+
+def _partition_counts(
+    admin: AdminClient,
+    settings: KafkaSettings,
+    timeout_s: float,
+    *,
+    waiting_for: Sequence[str] = (),
+) -> dict[str, int]:
+    """The partition count of each of the settings' topics that exists, once the metadata shows
+    every topic of ``waiting_for`` (just created: the brokers learn of it within moments).
+
+    The whole cluster's metadata, never one topic's: asking for a missing topic by name may make
+    a broker with ``auto.create.topics.enable`` create it, with its defaults.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            metadata = admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+        except KafkaException as exc:
+            raise BrokerUnavailableError(f"Kafka {settings.bootstrap_servers}: {exc}") from exc
+        counts = {
+            name: len(found.partitions)
+            for name in settings.topics().all
+            if (found := metadata.topics.get(name)) is not None
+            and found.error is None
+            and found.partitions
+        }
+        missing = [name for name in waiting_for if name not in counts]
+        if not missing:
+            return counts
+        if time.monotonic() > deadline:
+            raise BrokerUnavailableError(
+                f"Kafka {settings.bootstrap_servers}: topics {missing} not in the cluster's "
+                f"metadata {timeout_s:g}s after they were created"
+            )
+        time.sleep(0.2)
+
+
+def _check_co_partitioned(settings: KafkaSettings, partitions: dict[str, int]) -> None:
+    topics = settings.topics()
+    ingest, retry = partitions.get(topics.ingest), partitions.get(topics.retry)
+    if ingest is None or retry is None or ingest == retry:
+        return
+    smaller, larger = (topics.retry, ingest) if retry < ingest else (topics.ingest, retry)
+    raise ConfigurationError(
+        f"the retry topic {topics.retry} has {retry} partitions and the ingest topic "
+        f"{topics.ingest} has {ingest}: they must have as many (a retried record must reach the "
+        f"worker that owns its id's partition). Add partitions: kafka-topics.sh "
+        f"--bootstrap-server {settings.bootstrap_servers} --alter --topic {smaller} "
+        f'--partitions {larger} (docs/OPERATIONS.md, "Scaling knobs")'
+    )
+
+
+def _warn_unless_compacted(admin: AdminClient, settings: KafkaSettings, timeout_s: float) -> None:
+    topic = settings.topics().ingest
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        entries = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(
+            timeout=timeout_s
+        )
+    except KafkaException as exc:  # e.g. not authorised to describe configs: not ours to fail
+        logger.info("could not check the configuration of topic %s: %s", topic, exc)
+        return
+    policy = entries["cleanup.policy"].value if "cleanup.policy" in entries else None
+    if policy == "compact":
+        return
+    wanted = settings.topic_configs()[topic]
+    logger.warning(
+        "ingest topic %s has cleanup.policy=%s, not compact: reading it from the beginning does "
+        "not give the newest event of every live id, which a rebuild needs. It was not changed; "
+        'to compact it (docs/OPERATIONS.md, "The ingest topic"): kafka-configs.sh '
+        "--bootstrap-server %s --alter --entity-type topics --entity-name %s --add-config %s",
+        topic,
+        policy,
+        settings.bootstrap_servers,
+        topic,
+        _config_text(wanted),
+    )
+
+
+def _config_text(config: dict[str, str]) -> str:
+    """Topic configs as kafka-configs.sh's --add-config takes them."""
+    return ",".join(f"{key}={value}" for key, value in config.items())
 
 
 def broker_problem(settings: KafkaSettings, *, timeout_s: float = 5.0) -> str | None:

@@ -11,6 +11,7 @@ unknown key in any section is an error naming it. Core classes receive the secti
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -43,16 +44,107 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class Topics:
+    """The three topics of one deployment, by role (:meth:`KafkaSettings.topics`).
+
+    ``ingest`` is the source of truth: compacted, written by producers only, so the last record
+    of an id there is the newest one published. ``retry`` takes what the workers re-queue and
+    what ``trident-dlq replay`` republishes (older copies that must never become an id's last
+    word on the ingest topic); time-retained, co-partitioned with ``ingest``. ``dead_letter``
+    keeps what could not be processed.
+    """
+
+    ingest: str
+    retry: str
+    dead_letter: str
+
+    @property
+    def consumed(self) -> tuple[str, str]:
+        """What the workers' group subscribes to: the ingest topic and the retry topic."""
+        return (self.ingest, self.retry)
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        return (self.ingest, self.retry, self.dead_letter)
+
+
+_DAY_MS = 86_400_000
+
+
 class KafkaSettings(_Section):
+    """Where Kafka is, the topics, the group, and how ``ensure_topics`` creates the topics.
+
+    Topic configuration (applied when a topic is created: by the worker's ``ensure_topics``
+    with these values, by the Kubernetes topics Job from the same settings; an existing topic is
+    never altered, see docs/OPERATIONS.md, "The ingest topic"):
+
+    - the ingest topic is **compacted** (``cleanup.policy=compact``): reading it from the
+      beginning yields the newest record of every id, and of a deleted id its tombstone for
+      ``delete_retention_ms``, then nothing. It keeps the newest event of every live id forever,
+      inline images included: about live ids x event size.
+    - the retry topic is time-retained (``retry_retention_ms``), the dead-letter topic too
+      (``dead_letter_retention_ms``).
+    """
+
     bootstrap_servers: str = "127.0.0.1:19092"
-    topic: str = "trident.ingest"
+    topic: str = Field("trident.ingest", description="The ingest topic (compacted).")
+    retry_topic: str = Field(
+        "",
+        description="Where workers re-queue records and trident-dlq replays dead letters, "
+        "consumed by the workers' group with the ingest topic; empty: '<topic>.retry'.",
+    )
     dead_letter_topic: str = "trident.ingest.dlq"
     group_id: str = "trident-workers"
     session_timeout_ms: int = 6000
     # Must exceed the longest batch (including retries) so a slow batch does not cost the
     # partitions: the worker pauses and rewinds long before this.
     max_poll_interval_ms: int = 300_000
-    topic_partitions: int = Field(4, description="Partitions when the worker creates the topic.")
+    topic_partitions: int = Field(
+        4,
+        ge=1,
+        description="Partitions when the worker creates the ingest topic; the retry topic gets "
+        "as many as the ingest topic has.",
+    )
+    compaction_lag_ms: int = Field(
+        3_600_000,
+        ge=0,
+        description="min.compaction.lag.ms of the ingest topic: a record stays uncompacted this "
+        "long, so a worker (or trident-dlq status) that keeps up sees every version published.",
+    )
+    delete_retention_ms: int = Field(
+        7 * _DAY_MS,
+        ge=0,
+        description="delete.retention.ms of the ingest topic: how long a tombstone stays "
+        "readable once compacted; must exceed the longest read of the topic from its beginning "
+        "(a rebuild, a worker lagging or down), or a delete is missed.",
+    )
+    segment_ms: int = Field(
+        _DAY_MS,
+        ge=1,
+        description="segment.ms of the ingest topic: the open segment is never compacted; it "
+        "rolls after this long, so superseded records go within about a day.",
+    )
+    retry_retention_ms: int = Field(
+        7 * _DAY_MS, ge=1, description="retention.ms of the retry topic (transient)."
+    )
+    dead_letter_retention_ms: int = Field(
+        30 * _DAY_MS,
+        ge=1,
+        description="retention.ms of the dead-letter topic (to inspect, replay).",
+    )
+    ingest_topic_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="More configs of the ingest topic when created (e.g. "
+        "min.cleanable.dirty.ratio); they win over the ones above.",
+    )
+    commit_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long one offset commit waits for the group coordinator; past it the "
+        "commit counts as failed (retried, then the worker pauses and rewinds) and the loop "
+        "keeps polling through a broker outage.",
+    )
     connect_timeout_s: float = Field(
         10.0,
         gt=0,
@@ -63,6 +155,48 @@ class KafkaSettings(_Section):
     event_limits: EventLimits = Field(
         default_factory=EventLimits, description="What one ingest event may hold (bytes)."
     )
+
+    @model_validator(mode="after")
+    def _topics_differ(self) -> Self:
+        topics = self.topics()
+        if len(set(topics.all)) != 3:
+            raise ValueError(
+                f"kafka.topic ({topics.ingest!r}), the retry topic ({topics.retry!r}) and "
+                f"kafka.dead_letter_topic ({topics.dead_letter!r}) must be three topics"
+            )
+        return self
+
+    def topics(self) -> Topics:
+        """The topics by role, the retry topic's default (``<topic>.retry``) filled in: the one
+        place that says which topics there are."""
+        return Topics(
+            ingest=self.topic,
+            retry=self.retry_topic or f"{self.topic}.retry",
+            dead_letter=self.dead_letter_topic,
+        )
+
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """Each topic's configuration at creation (``ensure_topics``; the Kubernetes Job passes
+        the same values from the same settings)."""
+        topics = self.topics()
+        ingest = {
+            "cleanup.policy": "compact",
+            "min.compaction.lag.ms": str(self.compaction_lag_ms),
+            "delete.retention.ms": str(self.delete_retention_ms),
+            "segment.ms": str(self.segment_ms),
+            **self.ingest_topic_config,
+        }
+        return {
+            topics.ingest: ingest,
+            topics.retry: {
+                "cleanup.policy": "delete",
+                "retention.ms": str(self.retry_retention_ms),
+            },
+            topics.dead_letter: {
+                "cleanup.policy": "delete",
+                "retention.ms": str(self.dead_letter_retention_ms),
+            },
+        }
 
 
 class TritonSettings(_Section):

@@ -1,6 +1,7 @@
 """``jax-embedding``: the earlier pipeline's command line, on :class:`ImageEmbeddingPipeline`.
 
-Commands: ``embed``, ``insert``, ``search``, ``collection list|create|stats|delete`` and
+Commands: ``embed``, ``insert``, ``search``, ``delete`` (publishes deletes for the workers:
+:meth:`ImageEmbeddingPipeline.delete_images`), ``collection list|create|stats|delete`` and
 ``health``. ``--config`` reads the earlier YAML (:meth:`ServiceConfig.from_yaml`); without it the
 earlier environment variables and the local stack's defaults apply.
 
@@ -116,6 +117,25 @@ def _search(args: argparse.Namespace, config: ServiceConfig) -> int:
             print(f"{rank}. {hit['id']}  score={hit['score']:.4f}  {json.dumps(hit['metadata'])}")
         if not results:
             print("no results")
+    return EXIT_OK
+
+
+def _delete(args: argparse.Namespace, config: ServiceConfig) -> int:
+    with _pipeline(config) as pipeline:
+        published = pipeline.delete_images(args.ids, args.collection)
+    if args.json:
+        print(json.dumps(published, indent=2))
+        return EXIT_OK
+    for item in published:
+        print(
+            f"{item['id']}: delete version {item['version']}, partition {item['partition']} "
+            f"offset {item['offset']}"
+        )
+    collection = published[0]["collection"]
+    print(
+        f"published {len(published)} deletes for {collection} to {config.kafka.topic}: a "
+        "worker removes the images (trident-dlq status ID says when)"
+    )
     return EXIT_OK
 
 
@@ -286,6 +306,15 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--collection", help="collection name (default: milvus.collection_name)")
     search.add_argument("--filter", help='Milvus filter, e.g. \'metadata["category"] == "cat"\'')
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    delete = command(
+        "delete",
+        _delete,
+        "Delete images by id: publish deletes to kafka.topic, which the workers apply.",
+    )
+    delete.add_argument("ids", nargs="+", metavar="ID", help="the id of an image to delete")
+    delete.add_argument("--collection", help="collection name (default: milvus.collection_name)")
+    delete.add_argument("--json", action="store_true", help="print where each delete went as JSON")
 
     collection = command("collection", _no_action, "Manage collections.")
     actions = collection.add_subparsers(title="actions", metavar="ACTION")

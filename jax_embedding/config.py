@@ -134,6 +134,7 @@ class FetchConfig(_Section):
 
 class KafkaConfig(_Section):
     bootstrap_servers: str = "127.0.0.1:19092"
+    topic: str = Field("trident.ingest", description="Where delete_images publishes deletes.")
 
     def _prefix(self) -> str:
         return "kafka."
@@ -200,7 +201,7 @@ class ServiceConfig(_Section):
             )
         side = _square_side(pre.image_size)
         values: dict[str, Any] = {
-            "kafka": {"bootstrap_servers": self.kafka.bootstrap_servers},
+            "kafka": {"bootstrap_servers": self.kafka.bootstrap_servers, "topic": self.kafka.topic},
             "triton": {
                 "url": triton.address(),
                 "protocol": triton.protocol,

@@ -4,7 +4,9 @@ It embeds and stores directly (fetch, decode, preprocess, Triton, Milvus upsert)
 adapters, fetch safety and preprocessing as the streaming worker; the worker remains the
 production route for continuous ingest. :meth:`ImageEmbeddingPipeline.insert_images` returns
 once the rows are searchable under Milvus's default (bounded) consistency, so a search right
-after it sees them.
+after it sees them. :meth:`ImageEmbeddingPipeline.delete_images` is the exception to the direct
+path: it publishes deletes (tombstones on the ingest topic, ``config.kafka``) for the workers to
+apply in order with the ids' upserts, and never removes rows itself.
 
 Errors are the project's (:mod:`engine.errors`): bad inputs are :class:`PermanentError`
 subclasses, an unavailable service a :class:`RetriableError` subclass, a setup that cannot work
@@ -22,11 +24,15 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
 from engine.errors import (
+    BrokerUnavailableError,
     ConfigurationError,
     InvalidQueryError,
+    RetriableError,
     StoreUnavailableError,
+    TridentError,
     UnknownCollectionError,
 )
 from engine.fetch import ImageFetcher
@@ -42,6 +48,9 @@ from engine.preprocess import (
 from engine.records import CollectionInfo, VectorRecord
 from engine.store import ID_MAX_LENGTH, VectorStore
 from jax_embedding.config import ServiceConfig
+from producer.publisher import Delivery, EventPublisher
+from schemas import ContractError, DeleteEvent, EventLimits
+from schemas.events import now_micros
 from schemas.search import COLLECTION_NAME_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ ImageInput = str | Path
 Progress = Callable[[int], object]  # called with the number of images just finished
 # How long insert_images waits for its rows to become visible to searches.
 SEARCHABLE_TIMEOUT_S = 60.0
+# How long delete_images waits for Kafka to acknowledge its deletes.
+PUBLISH_TIMEOUT_S = 30.0
 # What a pipeline user can do about a reference the fetch fence refused: it takes a config.
 PIPELINE_FENCE_HINTS: FenceHints = {
     "path_not_allowed": "add its folder to config.fetch.allowed_roots (fetch.allowed_roots)",
@@ -89,6 +100,7 @@ class ImageEmbeddingPipeline:
         self._fetcher = ImageFetcher(settings.fetch)
         self._embedder = TritonEmbedder(settings.triton)
         self._store = VectorStore(settings.milvus)
+        self._publisher: EventPublisher | None = None  # made by the first delete_images
 
     def __enter__(self) -> Self:
         return self
@@ -97,6 +109,8 @@ class ImageEmbeddingPipeline:
         self.close()
 
     def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close(PUBLISH_TIMEOUT_S)
         self._fetcher.close()
         self._embedder.close()
         self._store.close()
@@ -243,6 +257,52 @@ class ImageEmbeddingPipeline:
         self._wait_until_searchable(names, collection, version)
         return names
 
+    def delete_images(
+        self, ids: Sequence[str], collection_name: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Delete images by id: publish one delete per id (a tombstone on the ingest topic,
+        ``config.kafka.topic``), all of one version, and return once Kafka acknowledged them
+        all, with where each went: dicts with ``id``, ``collection``, ``version``,
+        ``partition`` and ``offset``, in order (an id given twice is deleted once).
+
+        A worker applies them, in order with the ids' inserts: the rows are gone once it has
+        (``trident-dlq status ID`` says ``deleted``), and no insert older than a delete brings
+        its id back. An id that is not stored is no error.
+
+        Raises:
+            InvalidQueryError: no ids, an id that is not valid (empty, a control character, over
+                256 UTF-8 bytes), or not a collection name Milvus can hold; nothing is sent.
+            UnknownCollectionError: no such collection.
+            BrokerUnavailableError: Kafka did not acknowledge every delete in time (the call
+                may be repeated: a delete applied twice deletes once).
+            ConfigurationError: Kafka has no such topic, or refused this client.
+            PermanentError: Kafka refused a delete for another reason.
+            StoreUnavailableError: Milvus could not be asked whether the collection exists.
+        """
+        collection = collection_name or self.settings.milvus.collection
+        self._described(collection)
+        if not ids:
+            raise InvalidQueryError("give at least one id to delete")
+        version = now_micros()
+        limits = self.settings.kafka.event_limits
+        deletes = [_delete_event(str(i), collection, version, limits) for i in dict.fromkeys(ids)]
+        if self._publisher is None:
+            self._publisher = EventPublisher(self.settings.kafka)
+        deliveries = self._publisher.publish_each(deletes, timeout_s=PUBLISH_TIMEOUT_S)
+        failed = [delivery for delivery in deliveries if delivery.error is not None]
+        if failed:
+            raise _first_failure(failed, len(deletes))
+        return [
+            {
+                "id": event.id,
+                "collection": collection,
+                "version": event.version,
+                "partition": delivery.partition,
+                "offset": delivery.offset,
+            }
+            for event, delivery in zip(deletes, deliveries, strict=True)
+        ]
+
     def search_images(
         self,
         query_input: ImageInput,
@@ -351,6 +411,33 @@ def _checked_name(name: str) -> str:
             f"that matches {COLLECTION_NAME_PATTERN}"
         )
     return name
+
+
+def _delete_event(item_id: str, collection: str, version: int, limits: EventLimits) -> DeleteEvent:
+    try:
+        event = DeleteEvent(id=item_id, collection=collection, version=version)
+        limits.check_id(event.id)
+    except (ValidationError, ContractError) as exc:
+        problems = (
+            "; ".join(str(error["msg"]) for error in exc.errors())
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
+        raise InvalidQueryError(
+            f"id {item_id[:80]!r} cannot be deleted ({problems}): ids are 1 to 256 UTF-8 "
+            "bytes without control characters"
+        ) from exc
+    return event
+
+
+def _first_failure(failed: list[Delivery], total: int) -> TridentError:
+    """Unavailable when any delete failed for a transient reason (repeat the call), else the
+    first refusal."""
+    errors = [delivery.error for delivery in failed if delivery.error is not None]
+    summary = f"Kafka did not take {len(failed)} of {total} deletes; {failed[0].key!r}: "
+    if any(isinstance(error, RetriableError) for error in errors):
+        return BrokerUnavailableError(summary + str(errors[0]))
+    return type(errors[0])(summary + str(errors[0]), reason=errors[0].reason)
 
 
 def _l2_normalised(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

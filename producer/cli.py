@@ -3,11 +3,14 @@
 Sources: paths, glob patterns, folders (recursive, ``--include``/``--exclude``), http(s) URLs,
 list files (``--from-file``) and manifests (``--manifest``, JSONL or CSV; see
 ``producer.sources``). Every event is validated and checked against the configured
-``kafka.event_limits`` before it is sent. Before publishing it asks the cluster for metadata
-(for up to ``kafka.connect_timeout_s``): when that goes unanswered it says so in one line and
-publishes nothing. Exit status: 0 when every event was delivered (with ``--dry-run``: is valid);
-1 when some were not, each listed with its reason, or Kafka is unreachable; 2 when the command
-cannot run (bad arguments or settings, an unreadable list file or manifest).
+``kafka.event_limits`` before it is sent. With ``--delete`` the arguments, list-file lines and
+manifests' ``id`` column are ids, each published as a delete (a tombstone: ``schemas.deletes``)
+from ``--collection`` (or a manifest line's own), as of now. Before publishing it asks the
+cluster for metadata (for up to ``kafka.connect_timeout_s``): when that goes unanswered it says
+so in one line and publishes nothing. Exit status: 0 when every event (or delete) was delivered
+(with ``--dry-run``: is valid); 1 when some were not, each listed with its reason, or Kafka is
+unreachable; 2 when the command cannot run (bad arguments or settings, an unreadable list file
+or manifest).
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ from engine.kafka import require_broker
 from engine.settings import Settings
 from producer.progress import progress_bar
 from producer.publisher import Delivery, EventPublisher
-from producer.sources import Entry, EventOptions, build_event, gather
+from producer.sources import (
+    DeleteEntry,
+    Entry,
+    EventOptions,
+    build_delete,
+    build_event,
+    gather,
+    gather_deletes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +81,22 @@ def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trident-produce",
-        description="Publish images as ingest events to Kafka.",
+        description="Publish images as ingest events to Kafka; with --delete, delete ids.",
         epilog="Exit status: 0 all delivered, 1 some not delivered (listed) or Kafka "
-        "unreachable, 2 cannot run.",
+        "unreachable, 2 cannot run. Deletes: the same.",
     )
     add_common_arguments(parser)
     parser.add_argument(
         "sources",
         nargs="*",
-        help="Image files, glob patterns (quoted, ** allowed), folders (recursive) or URLs.",
+        help="Image files, glob patterns (quoted, ** allowed), folders (recursive) or URLs; "
+        "with --delete, ids.",
+    )
+    parser.add_argument(
+        "--delete",
+        action="store_true",
+        help="Delete ids instead: the arguments, --from-file lines (one id a line) and the id "
+        "column of --manifest files, from --collection or a manifest line's collection.",
     )
     parser.add_argument(
         "--from-file",
@@ -137,16 +155,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What only applies to images: refused with --delete rather than silently ignored.
+_IMAGE_ONLY = {
+    "inline": "--inline",
+    "metadata": "--metadata",
+    "id_prefix": "--id-prefix",
+    "generate_ids": "--generate-ids",
+    "include": "--include",
+    "exclude": "--exclude",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not (args.sources or args.from_file or args.manifest):
+    if args.delete:
+        misplaced = [flag for name, flag in _IMAGE_ONLY.items() if getattr(args, name)]
+        if misplaced:
+            parser.error(f"--delete takes ids: {', '.join(misplaced)} do not apply")
+        if not (args.sources or args.from_file or args.manifest):
+            parser.error("give at least one id to delete (or --from-file, --manifest)")
+    elif not (args.sources or args.from_file or args.manifest):
         parser.error("give at least one file, pattern, folder or URL (or --from-file, --manifest)")
     try:
         settings = settings_from_arguments(args)
     except ConfigurationError as exc:
         logger.error("%s", exc)
         return 2
+    if args.delete:
+        return _delete_main(args, settings)
     options = EventOptions(
         inline=args.inline,
         collection=args.collection,
@@ -165,16 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     started = time.monotonic()
-    if not args.dry_run:
-        try:
-            require_broker(settings.kafka, timeout_s=settings.kafka.connect_timeout_s)
-        except BrokerUnavailableError as exc:
-            logger.error("%s", exc)
-            print(
-                f"delivered=0 not_sent={len(entries)} elapsed={time.monotonic() - started:.1f}s "
-                "(Kafka unreachable)"
-            )
-            return 1
+    if not args.dry_run and _broker_unreachable(settings, len(entries), started):
+        return 1
     with progress_bar(len(entries), "validating" if args.dry_run else "publishing") as advance:
         tally = _Tally(advance)
         if args.dry_run:
@@ -183,6 +212,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _publish(entries, options, settings, args.topic, tally)
     _print_summary(tally, time.monotonic() - started, dry_run=args.dry_run)
     return 0 if not tally.failures else 1
+
+
+def _broker_unreachable(settings: Settings, pending: int, started: float) -> bool:
+    """Ask the cluster for metadata first; unanswered, say so in one line and return True."""
+    try:
+        require_broker(settings.kafka, timeout_s=settings.kafka.connect_timeout_s)
+    except BrokerUnavailableError as exc:
+        logger.error("%s", exc)
+        print(
+            f"delivered=0 not_sent={pending} elapsed={time.monotonic() - started:.1f}s "
+            "(Kafka unreachable)"
+        )
+        return True
+    return False
 
 
 def _validate(entries: list[Entry], options: EventOptions, tally: _Tally) -> None:
@@ -211,6 +254,61 @@ def _publish(
                 tally.refused(exc)
                 continue
             publisher.publish(event, on_delivery=functools.partial(tally.answered, entry.origin))
+            tally.queued += 1
+        try:
+            publisher.flush(FLUSH_TIMEOUT_S)
+        except BrokerUnavailableError as exc:
+            tally.failures.append(f"{exc} (their delivery is unknown)")
+
+
+def _delete_main(args: argparse.Namespace, settings: Settings) -> int:
+    """``--delete``: the ids' deletes, validated, then published (or only validated)."""
+    limits = settings.kafka.event_limits
+    try:
+        entries = gather_deletes(args.sources, list_files=args.from_file, manifests=args.manifest)
+    except SourceError as exc:
+        logger.error("%s", exc)
+        return 2
+    entries = entries[: args.limit]
+    started = time.monotonic()
+    if not args.dry_run and _broker_unreachable(settings, len(entries), started):
+        return 1
+    with progress_bar(len(entries), "validating" if args.dry_run else "deleting") as advance:
+        tally = _Tally(advance)
+        if args.dry_run:
+            for entry in entries:
+                try:
+                    build_delete(entry, collection=args.collection, limits=limits)
+                except EntryError as exc:
+                    tally.refused(exc)
+                else:
+                    tally.queued += 1
+                    tally.advance(1)
+        else:
+            _publish_deletes(entries, args.collection, settings, args.topic, tally)
+    _print_summary(tally, time.monotonic() - started, dry_run=args.dry_run)
+    return 0 if not tally.failures else 1
+
+
+def _publish_deletes(
+    entries: list[DeleteEntry],
+    collection: str | None,
+    settings: Settings,
+    topic: str | None,
+    tally: _Tally,
+) -> None:
+    limits = settings.kafka.event_limits
+    with EventPublisher(settings.kafka, topic=topic, limits=limits) as publisher:
+        for entry in entries:
+            try:
+                # Built at its turn: its version is the moment it is published.
+                delete = build_delete(entry, collection=collection, limits=limits)
+            except EntryError as exc:
+                tally.refused(exc)
+                continue
+            publisher.publish_delete(
+                delete, on_delivery=functools.partial(tally.answered, entry.origin)
+            )
             tally.queued += 1
         try:
             publisher.flush(FLUSH_TIMEOUT_S)

@@ -4,10 +4,15 @@
 offset, up to the end it had when the read began) by manual partition assignment: it joins no
 consumer group and commits nothing, so the workers' offsets cannot move, and it only reads.
 
-A replay republishes chosen dead letters to the ingest topic with their key and value unchanged
-(so the event keeps its id and version, and the worker's stale-version guard still applies) and
+A replay republishes chosen dead letters to the retry topic (``kafka.retry_topic``, which the
+workers consume with the ingest topic), never to the ingest topic: that one is compacted and its
+last record of an id must be the newest version published, which a replayed older copy would
+displace. Each record keeps its key and value (so the event keeps its id and version, and the
+worker's stale-version guard still applies: a replay older than what is stored is skipped) and
 the producer's original headers, without the dead-letter headers (a new failure is described
-afresh) and with :data:`~schemas.dead_letter.HEADER_REPLAY_COUNT` one higher. A record whose
+afresh) and with :data:`~schemas.dead_letter.HEADER_REPLAY_COUNT` one higher. It goes to the
+partition number it was dead-lettered from, so the worker owning its id's partition consumes it
+(``engine.kafka.consumer_config``). A record whose
 count has reached the cap is refused, so a record that can never succeed cannot loop. When a
 record failed again after a replay, the topic holds several copies of it (same key and value):
 :func:`plan_replay` keeps only the latest, whose count is the true one.
@@ -108,6 +113,11 @@ class DeadLetterRecord:
     @property
     def source_topic(self) -> str:
         return self.header(HEADER_TOPIC) or "unknown"
+
+    @property
+    def source_partition(self) -> int | None:
+        """The partition the record was read from before it was dead-lettered (None: unknown)."""
+        return _int(self.header(HEADER_PARTITION))
 
     @property
     def replay_count(self) -> int:
@@ -358,9 +368,14 @@ def replay(
     rate_per_s: float | None = None,
     on_delivery: Callable[[DeadLetterRecord, Delivery], None] | None = None,
     timeout_s: float = 150.0,
+    keep_partition: bool = True,
 ) -> DeliveryReport:
     """Republish ``records`` through ``publisher`` (at most ``rate_per_s`` a second); wait for
     every acknowledgement.
+
+    With ``keep_partition`` each record goes to the partition number it was dead-lettered from
+    (its id's partition, when the publisher's topic is co-partitioned with the ingest topic, as
+    the retry topic is); otherwise, or when that is unknown, to the partitioner's choice by key.
 
     Raises:
         BrokerUnavailableError: some were still unacknowledged after ``timeout_s``.
@@ -376,6 +391,13 @@ def replay(
             if on_delivery is not None:
                 on_delivery(record, delivery)
 
-        publisher.publish_raw(record.key, record.value, replay_headers(record), on_delivery=done)
+        source = record.source_partition if keep_partition else None
+        publisher.publish_raw(
+            record.key,
+            record.value,
+            replay_headers(record),
+            on_delivery=done,
+            partition=-1 if source is None or source < 0 else source,
+        )
     publisher.flush(timeout_s)
     return report

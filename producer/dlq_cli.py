@@ -2,8 +2,9 @@
 
 ``inspect`` counts the dead letters by stage and reason, by source topic and by time window,
 shows samples, one record in full (``--offset``, ``--id``), or prints one JSON object per record
-(``--json``). ``replay`` republishes the chosen records to the ingest topic (see
-``producer.dead_letters`` for what is kept and the replay cap). Both read the dead-letter topic
+(``--json``). ``replay`` republishes the chosen records to the retry topic, which the workers
+consume beside the ingest topic (never to the compacted ingest topic: see
+``producer.dead_letters`` for why, what is kept and the replay cap). Both read the dead-letter topic
 without a consumer group and never write to it. Both first ask the cluster for metadata (for up
 to ``kafka.connect_timeout_s``) and, when that goes unanswered, say so in one line. Exit status:
 0 success; 1 something could not be replayed (or ``inspect --offset/--id`` found nothing), or
@@ -130,9 +131,10 @@ def _parser() -> argparse.ArgumentParser:
 
     replay_parser = commands.add_parser(
         "replay",
-        help="Republish chosen dead letters to the ingest topic.",
+        help="Republish chosen dead letters to the retry topic (the workers consume it).",
         description="Republish the chosen dead letters (key, value and original headers) to "
-        "the ingest topic, with a replay count; records at the cap are refused.",
+        "the retry topic, each to the partition it failed in, with a replay count; records at "
+        "the cap are refused.",
     )
     add_common_arguments(replay_parser)
     _add_filters(replay_parser)
@@ -147,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"Refuse records replayed this many times already (default {DEFAULT_MAX_REPLAYS}).",
     )
     replay_parser.add_argument(
-        "--topic", help="Publish to this topic instead of kafka.topic (the ingest topic)."
+        "--topic",
+        help="Publish to this topic instead of the retry topic (kafka.retry_topic, default "
+        "'<kafka.topic>.retry').",
     )
     add_status_command(commands, add_common_arguments)
     return parser
@@ -280,7 +284,8 @@ def _print_record(record: DeadLetterRecord) -> None:
 
 def _replay(args: argparse.Namespace, settings: Settings, records: list[DeadLetterRecord]) -> int:
     plan = plan_replay(records, max_replays=args.max_replays)
-    topic = args.topic or settings.kafka.topic
+    topics = settings.kafka.topics()
+    topic = args.topic or topics.retry
     for record, why in plan.refused:
         print(f"refused [{record.partition}:{record.offset}] {record.id}: {why}")
     if args.dry_run:
@@ -307,7 +312,15 @@ def _replay(args: argparse.Namespace, settings: Settings, records: list[DeadLett
             advance(1)
 
         with EventPublisher(settings.kafka, topic=topic) as publisher:
-            report = replay(plan.replay, publisher, rate_per_s=args.rate, on_delivery=answered)
+            report = replay(
+                plan.replay,
+                publisher,
+                rate_per_s=args.rate,
+                on_delivery=answered,
+                # The failed partition's number is the id's partition in the topics the workers
+                # consume (co-partitioned); another topic may not even have that partition.
+                keep_partition=topic in topics.consumed,
+            )
     for failure in failures:
         print(f"failed {failure}")
     print(

@@ -229,9 +229,15 @@ class _Sender:
         self.producer = Producer(producer_config(settings))
 
     def try_send(
-        self, key: bytes | None, value: bytes | None, headers: Headers | None, done: OnDelivery
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        done: OnDelivery,
+        partition: int = -1,
     ) -> bool:
-        """Queue one message; False when the local queue is full (drain deliveries, retry)."""
+        """Queue one message (to ``partition``, -1: the partitioner's choice); False when the
+        local queue is full (drain deliveries, retry)."""
         name = key.decode(errors="replace") if key is not None else ""
 
         def on_delivery(error: KafkaError | None, message: Message) -> None:
@@ -243,7 +249,12 @@ class _Sender:
 
         try:
             self.producer.produce(
-                self.topic, key=key, value=value, headers=headers, on_delivery=on_delivery
+                self.topic,
+                key=key,
+                value=value,
+                headers=headers,
+                partition=partition,
+                on_delivery=on_delivery,
             )
         except BufferError:
             return False
@@ -253,10 +264,15 @@ class _Sender:
         return True
 
     def send(
-        self, key: bytes | None, value: bytes | None, headers: Headers | None, done: OnDelivery
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        done: OnDelivery,
+        partition: int = -1,
     ) -> None:
         """Queue one message, serving deliveries while the local queue is full (backpressure)."""
-        while not self.try_send(key, value, headers, done):
+        while not self.try_send(key, value, headers, done, partition):
             self.producer.poll(0.5)
         self.producer.poll(0)
 
@@ -349,8 +365,10 @@ class EventPublisher(_Publisher):
         headers: Headers | None = None,
         *,
         on_delivery: OnDelivery | None = None,
+        partition: int = -1,
     ) -> None:
-        """Queue an already-serialised message as it is, unvalidated (replays, tests)."""
+        """Queue an already-serialised message as it is, unvalidated (replays, tests), to
+        ``partition`` (-1: the partitioner's choice, by key)."""
 
         def done(delivery: Delivery) -> None:
             with self._lock:
@@ -358,7 +376,7 @@ class EventPublisher(_Publisher):
             if on_delivery is not None:
                 on_delivery(delivery)
 
-        self._sender.send(key, value, headers, done)
+        self._sender.send(key, value, headers, done, partition)
 
     def publish_and_wait(
         self, events: Sequence[IngestEvent], *, timeout_s: float = 120.0

@@ -10,6 +10,12 @@ to that file's folder.
 Manifests are JSONL (one object a line) or CSV (a header row), told apart by the file suffix.
 Columns: ``source`` (a path or http(s) URL, required), ``id``, ``collection``, ``metadata`` (a
 JSON object); any other column is one metadata entry (empty CSV cells are left out).
+
+Deletes (``trident-produce --delete``) are gathered the same way as :class:`DeleteEntry` items:
+ids on the command line, one id a line in list files (``#`` comments, blank lines skipped,
+surrounding spaces stripped), and the ``id`` column of manifests (required there; ``collection``
+optional; other columns ignored, so a manifest that was published can delete what it names
+when it gives ids). :func:`build_delete` turns one into a :class:`~schemas.DeleteEvent`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from pydantic import ValidationError
 
 from engine.errors import EntryError, SourceError
 from producer.publisher import event_for_reference, folder_metadata, image_files, stable_id
-from schemas import DEFAULT_EVENT_LIMITS, EventLimitError, EventLimits, IngestEvent
+from schemas import (
+    DEFAULT_EVENT_LIMITS,
+    DeleteEvent,
+    EventLimitError,
+    EventLimits,
+    IngestEvent,
+)
+from schemas.errors import validation_problems
 
 MANIFEST_COLUMNS = ("id", "source", "collection", "metadata")
 _JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})
@@ -173,11 +186,13 @@ def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
         yield number, row if isinstance(row, dict) else "a manifest line must be a JSON object"
 
 
-def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _csv_rows(
+    manifest: Path, required: str = "source"
+) -> Iterator[tuple[int, dict[str, Any] | str]]:
     text = "\n".join(_read_lines(manifest))
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    if not reader.fieldnames or "source" not in reader.fieldnames:
-        raise SourceError(f"{manifest}: the CSV header must name a 'source' column")
+    if not reader.fieldnames or required not in reader.fieldnames:
+        raise SourceError(f"{manifest}: the CSV header must name a {required!r} column")
     while True:
         first_line = reader.line_num + 1  # a quoted cell may span lines: report the first
         try:
@@ -251,3 +266,81 @@ def _event_id(entry: Entry, options: EventOptions) -> str | None:
     if entry.id_base is not None and path.is_relative_to(entry.id_base.resolve()):
         name = path.relative_to(entry.id_base.resolve()).as_posix()
     return stable_id(options.id_prefix + name, options.limits)
+
+
+# Deletes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeleteEntry:
+    """One id to delete (from ``collection``, when the line names one), or a line that could not
+    be read (``problem``)."""
+
+    origin: str
+    id: str = ""
+    collection: str | None = None
+    problem: str | None = None
+
+
+def gather_deletes(
+    ids: Sequence[str], *, list_files: Sequence[Path] = (), manifests: Sequence[Path] = ()
+) -> list[DeleteEntry]:
+    """Every id to delete, in order: the command line's, then list files', then manifests'.
+
+    Raises:
+        SourceError: a list file or manifest cannot be read, its suffix is unknown, or a CSV
+            header lacks ``id``.
+    """
+    entries = [DeleteEntry(repr(text), text) for text in ids]  # quoted: "''" reads as empty
+    for list_file in list_files:
+        for number, line in enumerate(_read_lines(list_file), start=1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                entries.append(DeleteEntry(f"{list_file}:{number}", text))
+    for manifest in manifests:
+        suffix = manifest.suffix.lower()
+        if suffix in _JSONL_SUFFIXES:
+            rows = _jsonl_rows(manifest)
+        elif suffix == ".csv":
+            rows = _csv_rows(manifest, required="id")
+        else:
+            raise SourceError(f"{manifest}: a manifest is .jsonl, .ndjson, .json or .csv")
+        entries += [_delete_entry(f"{manifest}:{number}", row) for number, row in rows]
+    return entries
+
+
+def _delete_entry(origin: str, row: dict[str, Any] | str) -> DeleteEntry:
+    if isinstance(row, str):
+        return DeleteEntry(origin, problem=row)
+    event_id, collection = row.get("id"), row.get("collection")
+    if not isinstance(event_id, str) or not event_id:
+        return DeleteEntry(origin, problem="no id on this line (a delete needs one)")
+    if collection is not None and not isinstance(collection, str):
+        return DeleteEntry(origin, problem="collection must be a string")
+    return DeleteEntry(origin, event_id, collection or None)
+
+
+def build_delete(
+    entry: DeleteEntry,
+    *,
+    collection: str | None = None,
+    limits: EventLimits = DEFAULT_EVENT_LIMITS,
+) -> DeleteEvent:
+    """The entry's delete, as of now (its version), from the entry's collection, else
+    ``collection``, else (None) the worker's default.
+
+    Raises:
+        EntryError: the line was bad, or the id or collection is not valid or the id is over
+            ``limits.id_max_bytes``; the message starts with the entry's origin.
+    """
+    if entry.problem is not None:
+        raise EntryError(f"{entry.origin}: {entry.problem}")
+    try:
+        event = DeleteEvent(id=entry.id, collection=entry.collection or collection)
+        limits.check_id(event.id)
+    except ValidationError as exc:
+        problems = validation_problems(exc, whole="<delete>")
+        raise EntryError(f"{entry.origin}: invalid delete: {problems}") from exc
+    except EventLimitError as exc:
+        raise EntryError(f"{entry.origin}: {exc}") from exc
+    return event

@@ -29,7 +29,8 @@ process meanwhile is never missed (a worker writes Milvus or the dead letter bef
 What the deadline cut short is said in the answer (``complete`` false), never guessed.
 
 The index keeps, per (collection, id), the version and place of the newest dead letter only
-(about 250 bytes an id; ``max_entries`` bounds it, evicting the ids dead-lettered longest ago);
+(about 275 bytes an id plus the id; ``max_entries`` bounds it, evicting the ids dead-lettered
+longest ago);
 benchmarks/bench_status.py measures it (docs/OPERATIONS.md, "Item status").
 
 ``trident-dlq status ID`` is the command-line form (:func:`add_status_command`).
@@ -73,7 +74,7 @@ logger = logging.getLogger(__name__)
 Operation = Literal["upsert", "delete"]
 
 STATUS_DEADLINE_S = 5.0
-# Ids the index of the query API keeps (about 250 bytes each plus the id: docs/OPERATIONS.md).
+# Ids the index of the query API keeps (about 275 bytes each plus the id: docs/OPERATIONS.md).
 DEFAULT_MAX_ENTRIES = 1_000_000
 # When the index is full, this share of its entries, dead-lettered longest ago, goes at once.
 _EVICT_SHARE = 0.1
@@ -193,7 +194,9 @@ class DeadLetterIndex:
         self.records_read = 0
         self.evicted = 0
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many ids it holds."""
         with self._changed:
             return len(self._entries)
 
@@ -261,6 +264,10 @@ class DeadLetterIndex:
                 self._poll(0.2)
             except (KafkaException, BrokerUnavailableError) as exc:
                 logger.warning("dead-letter index of %s: %s; trying again", self.topic, exc)
+                self._stop.wait(1.0)
+            except Exception:
+                # A bug must not end the thread: every status would then wait out its deadline.
+                logger.exception("dead-letter index of %s failed; trying again", self.topic)
                 self._stop.wait(1.0)
 
     def _assign(self) -> None:
@@ -352,7 +359,14 @@ class ItemStatusFinder:
         # The worker group's id, to read its committed offsets: it never joins nor commits.
         self._consumer = Consumer(
             consumer_config(
-                settings, **{"enable.auto.commit": False, "enable.auto.offset.store": False}
+                settings,
+                **{
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    # A fetch still waiting for data (500 ms by default) holds up the offset
+                    # requests behind it on the connection: each lookup's scans end in one.
+                    "fetch.wait.max.ms": 20,
+                },
             )
         )
         self._lock = threading.Lock()
@@ -376,7 +390,11 @@ class ItemStatusFinder:
         with self._lock:
             pending, complete = self._pending(item_id, name, deadline)
             ends = _ends(self._consumer, self._settings.dead_letter_topic)
-        index = self._index or DeadLetterIndex(self._settings, only_id=item_id)
+        index = (
+            self._index
+            if self._index is not None
+            else DeadLetterIndex(self._settings, only_id=item_id)
+        )
         try:
             if self._index is None:
                 caught_up = index.read_until(ends, deadline)
@@ -599,18 +617,22 @@ def _scan(
     """The ``wanted`` records of ``topic[partition]`` in ``[start, end)``, and whether the whole
     range was read before the monotonic ``deadline``."""
     found: list[Message] = []
+    position = start
     consumer.assign([TopicPartition(topic, partition, start)])
     try:
-        while True:
+        while position < end:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return found, False
-            for message in consumer.consume(_BATCH, timeout=min(0.2, remaining)):
+            # No more than are left: consume returns once it has them, not at its timeout.
+            wanted_now = max(1, min(_BATCH, end - position))
+            for message in consumer.consume(wanted_now, timeout=min(0.2, remaining)):
                 if message.error() is None and (message.offset() or 0) < end and wanted(message):
                     found.append(message)
-            position = consumer.position([TopicPartition(topic, partition)])[0].offset
-            if position >= end:
-                return found, True
+            # The position passes what no message shows too (transaction markers).
+            at = consumer.position([TopicPartition(topic, partition)])[0].offset
+            position = max(position, at)
+        return found, True
     finally:
         consumer.unassign()
 

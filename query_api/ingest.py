@@ -33,7 +33,7 @@ from engine.kafka import broker_reachable
 from engine.settings import FetchSettings, KafkaSettings
 from engine.store import VectorStore
 from producer.publisher import Delivery, DeliveryReport, EventPublisher, event_for_reference
-from schemas import ContractError, DeleteEvent, IngestEvent
+from schemas import ContractError, DeleteEvent, IngestEvent, reference_from_string
 from schemas.api import DeletePublished, InsertAccepted, InsertRequest, Published, ServiceState
 from schemas.events import now_micros
 
@@ -209,7 +209,9 @@ class IngestGateway:
                 reason=Reason.INVALID_REFERENCE,
             ) from exc
         try:
-            check_reference(event.image, self._fetch)
+            # The reference as sent: the event's path is resolved already (an ftp:// URL
+            # written as a path would read as a path outside the roots).
+            check_reference(reference_from_string(reference), self._fetch)
         except ImageReferenceError as exc:
             hint = _FENCE_HINTS.get(exc.reason)
             raise ImageReferenceError(

@@ -168,15 +168,18 @@ class Worker:
             KafkaException: a fatal consumer error (e.g. fenced by the group coordinator).
             ConfigurationError: Triton refused the requests for its model (see the processor).
         """
+        # The ingest topic and the retry topic, co-partitioned (engine.kafka.consumer_config):
+        # an id's records from either reach the one member that owns partition p of both.
+        topics = list(self._settings.kafka.topics().consumed)
         self._consumer.subscribe(
-            [self._settings.kafka.topic],
+            topics,
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
         self.subscribed = True
         self._pipeline.start()
-        logger.info("worker %s consuming %s", self.worker_id, self._settings.kafka.topic)
+        logger.info("worker %s consuming %s", self.worker_id, " and ".join(topics))
         try:
             while not self._stop.is_set():
                 self._turn()
@@ -365,13 +368,8 @@ class Worker:
         if not positions:
             return
 
-        def commit() -> None:
-            try:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                raise BrokerUnavailableError(f"commit failed: {exc}") from exc
-
-        self._with_retries(commit, Step.COMMIT)
+        timeout_s = self._settings.kafka.commit_timeout_s
+        self._with_retries(lambda: commit_within(self._consumer, offsets, timeout_s), Step.COMMIT)
         self._offsets.mark_committed(positions)
         logger.debug("committed %s", positions)
 
@@ -567,6 +565,34 @@ class Worker:
             with contextlib.suppress(KeyError):  # KeyError: never reported by this member
                 self.metrics.lag.remove(topic, str(partition))
         return fenced
+
+
+def commit_within(
+    consumer: ConsumerClient, offsets: list[TopicPartition], timeout_s: float
+) -> None:
+    """One synchronous commit of ``offsets`` that waits for the group coordinator at most
+    ``timeout_s``.
+
+    librdkafka's synchronous commit has no timeout of its own: while the broker is down it can
+    wait for a coordinator indefinitely, and the loop, stuck in it, would stop polling (no
+    rejoin after the outage, no stop on SIGTERM). Bounded, an unanswered commit is an outage
+    like any other: retried, then the partitions pause and rewind while the loop keeps polling.
+
+    Raises:
+        BrokerUnavailableError: the commit was refused, or not answered within ``timeout_s``
+            (then it is left to finish on its own: a late commit only stores positions this
+            worker had finished).
+    """
+    try:
+        done = _within(
+            lambda: consumer.commit(offsets=offsets, asynchronous=False), timeout_s, name="commit"
+        )
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"commit failed: {exc}") from exc
+    if not done:
+        raise BrokerUnavailableError(
+            f"commit not answered within kafka.commit_timeout_s={timeout_s:g}s"
+        )
 
 
 def _within(fn: Callable[[], object], timeout_s: float, *, name: str) -> bool:

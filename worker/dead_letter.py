@@ -1,4 +1,4 @@
-"""Re-publishing consumed records: to the dead-letter topic, or back to their own partition.
+"""Re-publishing consumed records: to the dead-letter topic, or to the retry topic.
 
 Dead letters keep the original key, value and headers byte for byte, so a replay publishes
 exactly what the producer sent; the headers of ``schemas.dead_letter`` say why (Kafka Connect's
@@ -7,9 +7,10 @@ A tombstone (a delete) stays a tombstone: its null value is kept. One without a 
 gets one, from its original timestamp (``schemas.deletes``): its version came from that
 timestamp, which neither the dead letter nor a replay of it would keep.
 
-A re-queued record (its image host failed transiently) goes back to the end of its own
-partition, unchanged but for the ``trident.retry.attempts`` header: see
-:meth:`RecordPublisher.requeue` for why a header on the record itself.
+A re-queued record (its image host failed transiently) goes to the retry topic
+(``kafka.retry_topic``), to the partition of the number it was read from, unchanged but for the
+``trident.retry.attempts`` header: see :meth:`RecordPublisher.requeue` for why there, and why a
+header on the record itself.
 
 Every publish waits for the brokers' acknowledgement: only then may the consumer commit past
 the original record.
@@ -75,7 +76,9 @@ class RecordPublisher:
     """Publishes dead letters and re-queued records; returns once every one is acknowledged."""
 
     def __init__(self, settings: KafkaSettings, *, worker_id: str, model_version: str) -> None:
-        self._topic = settings.dead_letter_topic
+        topics = settings.topics()
+        self._topic = topics.dead_letter
+        self._retry_topic = topics.retry
         self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self._worker_id = worker_id
         self._model_version = model_version
@@ -95,13 +98,18 @@ class RecordPublisher:
         self._send(records, timeout_s, what=f"dead-letter topic {self._topic}")
 
     def requeue(self, requeues: list[Requeue], *, timeout_s: float = 30.0) -> None:
-        """Append each record again to the end of the partition it was read from.
+        """Append each record again, to the retry topic's partition of the number it was read
+        from (of the ingest topic or of the retry topic itself).
 
-        The attempt count rides in a header of the record itself, not in the worker's memory
-        nor in a separate retry topic: it survives pause/rewind cycles, restarts and rebalances
-        with no state to keep, the record stays on its own partition (after any newer version of
-        its id, which the stale-version guard then keeps), and no other topic needs creating,
-        watching or draining. The backoff is the time the partition takes to come round again.
+        Not to the ingest topic: that one is compacted and is the log's last word for each id, and
+        an older version appended after a newer one would become it (compaction keeps an id's
+        last record). The retry topic has as many partitions as the ingest topic and the group's
+        range assignment gives partition p of both to one member (``engine.kafka``), so the
+        record is consumed by the worker that owns its id, the only writer of that id: the
+        stale-version guard then keeps any newer version, whichever topic brought it. The attempt
+        count rides in a header of the record itself, not in the worker's memory: it survives
+        pause/rewind cycles, restarts and rebalances with no state to keep. The backoff is the
+        time the partition takes to come round.
 
         Raises:
             BrokerUnavailableError: as :meth:`publish`.
@@ -111,8 +119,8 @@ class RecordPublisher:
             message = requeue.message
             headers = _kept_headers(message)
             headers.append((HEADER_RETRY_ATTEMPTS, str(requeue.attempts).encode()))
-            records.append((message.topic() or "", message.partition(), message, headers))
-        self._send(records, timeout_s, what="re-queue")
+            records.append((self._retry_topic, message.partition(), message, headers))
+        self._send(records, timeout_s, what=f"re-queue to {self._retry_topic}")
 
     def _send(
         self,
@@ -158,23 +166,15 @@ class RecordPublisher:
     ) -> None:
         while True:
             try:
-                if partition is None:
-                    self._producer.produce(
-                        topic,
-                        key=message.key(),
-                        value=message.value(),
-                        headers=headers,
-                        on_delivery=self._on_delivery,
-                    )
-                else:  # a re-queued record goes back to its own partition
-                    self._producer.produce(
-                        topic,
-                        key=message.key(),
-                        value=message.value(),
-                        headers=headers,
-                        partition=partition,
-                        on_delivery=self._on_delivery,
-                    )
+                self._producer.produce(
+                    topic,
+                    key=message.key(),
+                    value=message.value(),
+                    headers=headers,
+                    # -1: the partitioner's choice (librdkafka's RD_KAFKA_PARTITION_UA).
+                    partition=-1 if partition is None else partition,
+                    on_delivery=self._on_delivery,
+                )
                 return
             except BufferError:
                 self._producer.poll(0.5)

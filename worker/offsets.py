@@ -2,7 +2,7 @@
 
 A partition's committed position may only move past records that are *terminal*: stored in
 Milvus, skipped as already stored, dead-lettered or re-queued with the dead-letter topic's or the
-ingest topic's acknowledgement. Records finish out of order, and a partition's offsets are not
+retry topic's acknowledgement. Records finish out of order, and a partition's offsets are not
 contiguous: transaction markers, aborted transactions (read_committed) and compaction leave gaps.
 So the tracker works over the offsets actually consumed: the commit position is the last
 finished offset + 1 such that every record consumed before it is terminal too. When nothing is

@@ -23,7 +23,7 @@ It reports, for each record, one outcome:
 - ``DEAD`` (a permanent failure, or a per-record transient one past its retry budget): the
   caller dead-letters it with ``item.dead_letter``;
 - ``REQUEUE`` (its image host failed transiently and the budget is not used up): the caller
-  re-publishes it to its topic with ``item.attempts`` in the ``trident.retry.attempts`` header;
+  re-publishes it to the retry topic, ``item.attempts`` in the ``trident.retry.attempts`` header;
 - ``UNFINISHED`` (a stop was requested mid-way, or its partition is no longer this worker's):
   the record must be consumed again.
 

@@ -170,8 +170,12 @@ class VersionGuard:
         if found is None:
             return None
         version, owner = found
-        # Written in the current assignment of the same partition; anything else is hearsay.
-        if owner.partition != candidate.owner.partition or not self._ownership.owns(owner):
+        # Written in the current assignment of the id's partition; anything else is hearsay.
+        # The id's partition is a number: partition p of the ingest topic and of the retry topic
+        # go to one member together (engine.kafka.consumer_config), so a retried record sees
+        # what this worker wrote from the other topic (its read may predate that write).
+        same = owner.partition[1] == candidate.owner.partition[1]
+        if not same or not self._ownership.owns(owner):
             return None
         self._written.move_to_end((collection, candidate.id))
         return version

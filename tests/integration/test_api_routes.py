@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 from litestar.testing import TestClient
 from PIL import Image
 
@@ -153,11 +153,14 @@ def test_insert_publishes_events_and_answers_202(
     body = {"inputs": [str(image)], "ids": ["red-1"], "metadata": [{"colour": "red"}]}
     accepted = client.post("/insert", json=body)
     assert accepted.status_code == 202, accepted.text
-    assert accepted.json() == {
+    answer = accepted.json()
+    where = answer.pop("items")
+    assert answer == {
         "ids": ["red-1"],
         "collection": settings.milvus.collection,
         "status": "accepted",
     }
+    assert [item["id"] for item in where] == ["red-1"]
     consumer = Consumer(
         consumer_config(settings.kafka, **{"group.id": f"probe-{image.stat().st_ino}"})
     )
@@ -173,6 +176,7 @@ def test_insert_publishes_events_and_answers_202(
     finally:
         consumer.close()
     assert event["id"] == "red-1" and event["collection"] == settings.milvus.collection
+    assert (message.partition(), message.offset()) == (where[0]["partition"], where[0]["offset"])
     assert event["image"] == {"kind": "path", "path": str(image)}
     assert event["metadata"]["colour"] == "red"
 
@@ -183,6 +187,65 @@ def test_insert_publishes_events_and_answers_202(
     assert_error(nul, 400, "invalid_reference")
     unknown = client.post("/insert", json={**body, "collection_name": "never_made_x2"})
     assert_error(unknown, 404, "unknown_collection")
+
+
+def published(settings: Settings) -> int:
+    """How many records the test's ingest topic holds."""
+    consumer = Consumer(consumer_config(settings.kafka, **{"group.id": "probe-published"}))
+    try:
+        topic = settings.kafka.topic
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p)) for p in partitions]
+        return sum(high - low for low, high in ends)
+    finally:
+        consumer.close()
+
+
+def test_insert_refuses_what_it_can_know_and_then_publishes_nothing(
+    client: TestClient[Any], settings: Settings, store: VectorStore, tmp_path: Path, unique: str
+) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(png(32, 32))
+    refused = {
+        "/etc/hostname": "path_not_allowed",
+        str(tmp_path / ".." / "elsewhere.png"): "path_not_allowed",
+        "http://127.0.0.1:8080/a.jpg": "forbidden_address",
+        "http://169.254.169.254/latest/meta-data": "forbidden_address",
+        "http://localhost/a.jpg": "forbidden_address",
+        "ftp://example.com/a.jpg": "unsupported_scheme",
+    }
+    for reference, reason in refused.items():
+        body = assert_error(client.post("/insert", json={"inputs": [reference]}), 400, reason)
+        assert "inputs[0]" in body["detail"], body
+    outside = assert_error(client.post("/insert", json={"inputs": ["/etc/hostname"]}), 400)
+    assert "fetch.allowed_roots" in outside["detail"]
+
+    # All or nothing: one bad input of three, and none of them is published.
+    mixed = {"inputs": [str(good), "http://10.1.2.3/x.jpg", str(good)], "ids": ["a", "b", "c"]}
+    body = assert_error(client.post("/insert", json=mixed), 400, "forbidden_address")
+    assert body["detail"].startswith("1 of 3 inputs refused, so nothing was published")
+    assert "inputs[1]" in body["detail"] and "inputs[0]" not in body["detail"]
+    two = {"inputs": ["/etc/passwd", str(good), "ftp://x/y.jpg"]}
+    body = assert_error(client.post("/insert", json=two), 400, "path_not_allowed")
+    assert "inputs[0]" in body["detail"] and "inputs[2]" in body["detail"]
+    assert "scheme 'ftp' is not supported" in body["detail"]
+    unknown = {"inputs": [str(good)], "collection_name": f"never_made_{unique}"}
+    assert_error(client.post("/insert", json=unknown), 404, "unknown_collection")
+    narrow = f"narrow_{unique}"
+    store.create_collection(narrow, dimension=64)
+    try:
+        other = {"inputs": [str(good)], "collection_name": narrow}
+        body = assert_error(client.post("/insert", json=other), 422, "wrong_dimension")
+        assert "holds 64-d vectors" in body["detail"]
+    finally:
+        store.drop_collection(narrow)
+    assert published(settings) == 0
+
+    # A host name that does not resolve here is the worker's to judge (its DNS may differ).
+    fine = {"inputs": [str(good), "https://images.example/a.jpg"]}
+    accepted = client.post("/insert", json=fine)
+    assert accepted.status_code == 202, accepted.text
+    assert published(settings) == 2
 
 
 def test_auth_on_requires_a_key_except_on_open_routes(
@@ -273,6 +336,15 @@ def test_openapi_is_titled_versioned_and_lists_every_route(client: TestClient[An
         "/embed/upload",
         "/insert",
         "/items/{collection}/{item_path}",
+        "/items/delete",
+    }
+    item = schema["paths"]["/items/{collection}/{item_path}"]
+    assert set(item) == {"get", "delete"}
+    ok = item["get"]["responses"]["200"]["content"]
+    assert set(ok) == {"application/json", "image/jpeg"}
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in ok["application/json"]["schema"]["oneOf"]} == {
+        "ItemRecord",
+        "ItemStatus",
     }
     # The earlier API's path takes both bodies; the multipart one is served by /search/upload.
     for path in ("/search", "/embed"):

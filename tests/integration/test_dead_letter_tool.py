@@ -34,12 +34,12 @@ pytestmark = pytest.mark.stack
 
 
 def group_offsets(settings: Settings) -> dict[tuple[str, int], int]:
-    """The workers' committed offsets on the ingest and dead-letter topics."""
+    """The workers' committed offsets on the ingest, retry and dead-letter topics."""
     probe = Consumer(consumer_config(settings.kafka))  # the workers' group id; never subscribes
     try:
         partitions = [
             TopicPartition(topic, p)
-            for topic in (settings.kafka.topic, settings.kafka.dead_letter_topic)
+            for topic in settings.kafka.topics().all
             for p in end_offsets(settings, topic)
         ]
         return {(tp.topic, tp.partition): tp.offset for tp in probe.committed(partitions, 10)}
@@ -108,17 +108,23 @@ def test_missing_files_are_inspected_replayed_after_the_fix_and_stored(
         assert "fetch / not_found" in out
         assert '"id": "late-1"' in out
 
+        retry = settings.kafka.topics().retry
         ingest_before = end_offsets(settings, settings.kafka.topic)
+        retry_before = end_offsets(settings, retry)
         code, out = run_dlq(["replay", "--dry-run"], config, capsys)
         assert code == 0
         assert "would_replay=3 refused=0" in out
-        assert out.count("would replay") == 3
-        assert end_offsets(settings, settings.kafka.topic) == ingest_before  # nothing published
+        assert out.count(f"to {retry} as replay 1") == 3
+        assert end_offsets(settings, retry) == retry_before  # nothing published
 
         shutil.move(tmp_path / "staging", final)  # the fix: the files appear
         code, out = run_dlq(["replay"], config, capsys)
         assert code == 0, out
-        assert "replayed=3 failed=0 refused=0" in out
+        assert f"replayed=3 failed=0 refused=0 duplicates=0 to {retry}" in out
+        # To the retry topic, never to the compacted ingest topic (its last word of an id must
+        # stay the newest version published).
+        assert end_offsets(settings, settings.kafka.topic) == ingest_before
+        assert len(records_after(settings, retry, retry_before)) == 3
         wait_for(lambda: store.count() == 3, timeout=300, what="3 replayed images stored")
         wait_for(lambda: committed_everything(settings), timeout=60, what="offsets committed")
     stored = {row["id"]: row for row in store.get(["late-0", "late-1", "late-2"])}
@@ -144,12 +150,12 @@ def test_the_replay_cap_stops_a_record_that_keeps_failing(
         assert "replayed=1 failed=0 refused=0 duplicates=1" in out, out
         wait_for(lambda: len(dead_letters(settings)) == 3, timeout=120, what="failed a third time")
 
-        ingest_before = end_offsets(settings, settings.kafka.topic)
+        retry_before = end_offsets(settings, settings.kafka.topics().retry)
         code, out = run_dlq(["replay", "--max-replays", "2"], config, capsys)
         assert code == 1
         assert "replayed 2 times already (the cap is 2)" in out
         assert "replayed=0 failed=0 refused=1 duplicates=2" in out
-        assert end_offsets(settings, settings.kafka.topic) == ingest_before
+        assert end_offsets(settings, settings.kafka.topics().retry) == retry_before
     code, out = run_dlq(["inspect", "--json"], config, capsys)
     assert sorted(r["replay_count"] for r in json_lines(out)) == [0, 1, 2]
 
@@ -212,8 +218,11 @@ def test_filters_select_exactly_and_a_replay_keeps_key_value_and_headers(
     assert f"id:               {in_partition[-1][1]}" in out
     assert run_dlq(["inspect", "--id", "not-there"], config, capsys) == (1, "no such record\n")
 
-    # A real replay of one reason publishes exactly those records, as they were sent.
+    # A real replay of one reason publishes exactly those records, as they were sent, to the
+    # retry topic, each in the partition it failed in (its id's partition).
     ingest_before = end_offsets(settings, settings.kafka.topic)
+    retry = settings.kafka.topics().retry
+    retry_before = end_offsets(settings, retry)
     code, out = run_dlq(
         ["replay", "--reason", "malformed_json", "--reason", "path_not_allowed", "--rate", "20"],
         config,
@@ -221,7 +230,12 @@ def test_filters_select_exactly_and_a_replay_keeps_key_value_and_headers(
     )
     assert code == 0, out
     assert "replayed=3 failed=0 refused=0" in out
-    replayed = records_after(settings, settings.kafka.topic, ingest_before)
+    assert end_offsets(settings, settings.kafka.topic) == ingest_before
+    replayed = records_after(settings, retry, retry_before)
+    failed_in = {row["id"]: row["source"]["partition"] for row in everything}
+    assert {m.key().decode(): m.partition() for m in replayed} == {
+        m.key().decode(): failed_in[m.key().decode()] for m in replayed
+    }
     by_key = {m.key().decode(): m for m in replayed}
     assert sorted(by_key) == ["a-malformed", "a-outside-0", "a-outside-1"]
     assert by_key["a-malformed"].value() == b'{"id": "a-malformed", '

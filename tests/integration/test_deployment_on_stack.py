@@ -98,11 +98,13 @@ def test_workers_wait_for_the_topics_job_which_creates_both_topics_once(
     job_env = {e["name"]: e["value"] for e in job["env"]}
     settings_env = read_env_file(BASE / "settings.env")
     ingest, dead_letters = f"job-{unique}", f"job-{unique}.dlq"
+    retry = f"job-{unique}.retry"
     environment = {
         **settings_env,
         **job_env,
         "TRIDENT_KAFKA__BOOTSTRAP_SERVERS": stack.kafka.bootstrap_servers,
         "TRIDENT_KAFKA__TOPIC": ingest,
+        "TRIDENT_KAFKA__RETRY_TOPIC": retry,
         "TRIDENT_KAFKA__DEAD_LETTER_TOPIC": dead_letters,
         # One broker here: the cluster's replication cannot be had.
         "REPLICATION_FACTOR": "1",
@@ -126,20 +128,24 @@ def test_workers_wait_for_the_topics_job_which_creates_both_topics_once(
 
         topics = admin.list_topics(timeout=10).topics
         partitions = int(settings_env["TRIDENT_KAFKA__TOPIC_PARTITIONS"])
-        for topic in (ingest, dead_letters):
+        for topic in (ingest, retry, dead_letters):
             assert len(topics[topic].partitions) == partitions, topic
         configs = {
             resource.name: future.result(timeout=10)
             for resource, future in admin.describe_configs(
-                [ConfigResource(ResourceType.TOPIC, t) for t in (ingest, dead_letters)]
+                [ConfigResource(ResourceType.TOPIC, t) for t in (ingest, retry, dead_letters)]
             ).items()
         }
-        retention = job_env["DEAD_LETTER_RETENTION_MS"]
+        assert configs[ingest]["cleanup.policy"].value == "compact"
+        assert configs[retry]["cleanup.policy"].value == "delete"
+        retention = settings_env["TRIDENT_KAFKA__DEAD_LETTER_RETENTION_MS"]
         assert configs[dead_letters]["retention.ms"].value == retention
         assert configs[ingest]["retention.ms"].value != retention  # the broker's default
         assert configs[ingest]["min.insync.replicas"].value == "1"
     finally:
-        for future in admin.delete_topics([ingest, dead_letters], operation_timeout=10).values():
+        for future in admin.delete_topics(
+            [ingest, retry, dead_letters], operation_timeout=10
+        ).values():
             try:
                 future.result(timeout=15)
             except KafkaException:  # a topic the Job failed to create

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,17 @@ from engine.errors import EventTooLargeError
 from engine.settings import Settings
 from producer import AsyncEventPublisher, Delivery, EventPublisher
 from producer.cli import main as produce
-from schemas import EventLimitError, EventLimits, IngestEvent, InlineImage, PathImage, decode_event
+from schemas import (
+    HEADER_COLLECTION,
+    HEADER_VERSION,
+    EventLimitError,
+    EventLimits,
+    IngestEvent,
+    InlineImage,
+    PathImage,
+    decode_delete,
+    decode_event,
+)
 from tests.integration.conftest import small_images
 from tests.integration.topics import end_offsets, records_after, settings_file
 
@@ -163,3 +174,62 @@ def test_the_asyncio_publisher_delivers_in_order_and_reports_errors(
     for message in written:
         if message.key().decode() in where:
             assert where[message.key().decode()] == (message.partition(), message.offset())
+
+
+def test_deletes_arrive_as_tombstones_in_their_ids_partitions(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``trident-produce --delete``: ids from the command line, a list file and a manifest become
+    tombstones (key the id, null value, version and collection headers), each in the partition
+    its upserts went to, after them; a bad id fails alone (exit status 1)."""
+    config = settings_file(settings, tmp_path)
+    ids = ["cats/1.png", "dogs/2.png", "猫/3", "list-a", "list-b", "m1", "m2"]
+    before = end_offsets(settings, settings.kafka.topic)
+    with EventPublisher(settings.kafka) as publisher:
+        for event_id in ids:
+            publisher.publish(IngestEvent(id=event_id, image=PathImage(path="/x.png"), version=1))
+        assert publisher.flush().delivered == len(ids)
+    upserted = records_after(settings, settings.kafka.topic, before)
+    partition_of = {m.key().decode(): m.partition() for m in upserted}
+    listed = tmp_path / "ids.txt"
+    listed.write_text("# gone\nlist-a\nlist-b\n")
+    manifest = tmp_path / "gone.csv"
+    manifest.write_text("id,collection,note\nm1,,x\nm2,pets,y\n")
+
+    middle = end_offsets(settings, settings.kafka.topic)
+    started_us = time.time_ns() // 1000
+    code = produce(
+        [
+            "--config",
+            str(config),
+            "--delete",
+            *ids[:3],
+            "--from-file",
+            str(listed),
+            "--manifest",
+            str(manifest),
+            "--collection",
+            "photos",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "delivered=7 failed=0" in out
+    tombstones = records_after(settings, settings.kafka.topic, middle)
+    assert sorted(m.key().decode() for m in tombstones) == sorted(ids)
+    for message in tombstones:
+        event_id = message.key().decode()
+        assert message.value() is None
+        assert message.partition() == partition_of[event_id]  # with its upserts, after them
+        headers = dict(message.headers())
+        assert headers[HEADER_COLLECTION] == (b"pets" if event_id == "m2" else b"photos")
+        version = int(headers[HEADER_VERSION])
+        assert started_us <= version <= time.time_ns() // 1000  # as of now: newer than v1
+        assert decode_delete(message.key(), message.headers(), timestamp_ms=None).id == event_id
+
+    after = end_offsets(settings, settings.kafka.topic)
+    code = produce(["--config", str(config), "--delete", "ok", "é" * 200])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "delivered=1 failed=1" in out and "id_max_bytes" in out
+    assert [m.key() for m in records_after(settings, settings.kafka.topic, after)] == [b"ok"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from PIL import Image
+from pydantic import ValidationError
 
 from engine.errors import (
     BrokerUnavailableError,
@@ -23,13 +24,14 @@ from engine.errors import (
     StoreUnavailableError,
     TridentError,
 )
+from engine.kafka import consumer_config
 from engine.settings import Settings
 from schemas import IngestEvent, InlineImage, UrlImage, encode_event
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from tests.unit.test_pipeline import FakeEmbedder, FakePreprocessor, FakeStore
-from worker.consumer import Worker
-from worker.dead_letter import DeadLetter, Requeue
+from worker.consumer import Worker, commit_within
+from worker.dead_letter import DeadLetter, RecordPublisher, Requeue
 from worker.health import Heartbeat
 from worker.metrics import WorkerMetrics
 from worker.ownership import Owner, Ownership
@@ -667,3 +669,83 @@ def test_a_hung_commit_and_upsert_end_the_revoke_at_its_one_deadline(
     assert "the commit" in gave_up[0] and "the upsert in flight" in gave_up[0]
     assert worker.assigned == set()  # let go all the same
     assert consumer.committed == {}  # nothing committed: the new owner redoes the records
+
+
+# The topics: ingest and retry, co-partitioned ---------------------------------------------
+
+
+def test_the_worker_subscribes_to_the_ingest_and_retry_topics_assigned_by_range() -> None:
+    subscribed: list[list[str]] = []
+    worker, consumer, _sink, _log = make_worker({0: records(0, [0])}, ScriptedProcessor())
+    original = consumer.subscribe
+
+    def subscribe(topics: list[str], **callbacks: Any) -> None:
+        subscribed.append(topics)
+        original(topics, **callbacks)
+
+    consumer.subscribe = subscribe  # type: ignore[method-assign]
+    worker.run()
+    assert subscribed == [["ingest", "ingest.retry"]]
+    # Range assignment gives partition p of both topics (equal counts) to one member: an id's
+    # records from either topic have one writer. Cooperative-sticky would not.
+    assert consumer_config(SETTINGS.kafka)["partition.assignment.strategy"] == "range"
+    named = Settings(kafka={"topic": "in", "retry_topic": "again", "dead_letter_topic": "dlq"})
+    assert named.kafka.topics().consumed == ("in", "again")
+    with pytest.raises(ValidationError, match="must be three topics"):
+        Settings(kafka={"topic": "in", "retry_topic": "in"})
+
+
+class RecordingProducer:
+    """What ``RecordPublisher`` calls on its librdkafka producer; every record acknowledged."""
+
+    def __init__(self) -> None:
+        self.produced: list[tuple[str, int, bytes | None, list[tuple[str, Any]]]] = []
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        self.produced.append((topic, kwargs["partition"], kwargs["value"], kwargs["headers"]))
+
+    def flush(self, timeout: float = -1) -> int:
+        return 0
+
+
+def test_requeued_records_go_to_the_retry_topic_in_the_partition_of_their_number() -> None:
+    publisher = RecordPublisher(SETTINGS.kafka, worker_id="w", model_version="m")
+    recording = RecordingProducer()
+    publisher._producer = recording  # type: ignore[assignment]
+    try:
+        from_ingest = Record(3, 7, b"v1", headers=[("origin", b"cam")])
+        again = Record(1, 2, b"v0", headers=[("origin", b"cam"), (HEADER_RETRY_ATTEMPTS, b"2")])
+        publisher.requeue([Requeue(from_ingest, attempts=2), Requeue(again, attempts=4)])
+        letter = DeadLetter(Record(2, 5, b"bad"), Stage.FETCH, "not_found", ValueError("gone"))
+        publisher.publish([letter])
+    finally:
+        publisher.close(0)
+    assert recording.produced[:2] == [
+        ("ingest.retry", 3, b"v1", [("origin", b"cam"), (HEADER_RETRY_ATTEMPTS, b"2")]),
+        ("ingest.retry", 1, b"v0", [("origin", b"cam"), (HEADER_RETRY_ATTEMPTS, b"4")]),
+    ]
+    topic, partition, value, _headers = recording.produced[2]
+    # Dead letters: the partitioner's choice (-1), never the ingest or retry topic.
+    assert (topic, partition, value) == (SETTINGS.kafka.dead_letter_topic, -1, b"bad")
+
+
+def test_a_commit_the_coordinator_never_answers_ends_at_its_timeout() -> None:
+    # librdkafka's synchronous commit has no deadline: during a broker outage it waited for a
+    # coordinator for good, and the loop stuck in it never polled again (the kafka_restart
+    # fault scenario's stalled worker).
+    release = threading.Event()
+
+    class Unanswered:
+        def commit(
+            self, *, offsets: list[TopicPartition], asynchronous: bool
+        ) -> list[TopicPartition]:
+            release.wait(30)
+            return offsets
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerUnavailableError, match=r"commit_timeout_s=0\.3s"):
+            commit_within(Unanswered(), [TopicPartition(TOPIC, 0, 5)], 0.3)  # type: ignore[arg-type]
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()

@@ -4,16 +4,26 @@ in tests/integration/test_dead_letter_tool.py)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 
-from producer.dead_letters import DeadLetterFilter, DeadLetterRecord, plan_replay, replay_headers
+from producer.dead_letters import (
+    DeadLetterFilter,
+    DeadLetterRecord,
+    plan_replay,
+    replay,
+    replay_headers,
+)
 from producer.dlq_cli import parse_time
+from producer.publisher import Delivery
 from schemas.dead_letter import (
     DEAD_LETTER_HEADERS,
     HEADER_ATTEMPTS,
+    HEADER_PARTITION,
     HEADER_REASON,
     HEADER_REPLAY_COUNT,
     HEADER_STAGE,
@@ -133,3 +143,42 @@ def test_times_are_iso_or_ages() -> None:
     assert before - timedelta(hours=2) <= two_hours_ago <= datetime.now(UTC) - timedelta(hours=2)
     with pytest.raises(argparse.ArgumentTypeError, match="age"):
         parse_time("yesterday")
+
+
+class RecordingPublisher:
+    """The part of ``EventPublisher`` a replay uses; every record acknowledged."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes | None, int]] = []
+
+    def publish_raw(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: object = None,
+        *,
+        on_delivery: Callable[[Delivery], None] | None = None,
+        partition: int = -1,
+    ) -> None:
+        self.sent.append((key, partition))
+        if on_delivery is not None:
+            on_delivery(Delivery((key or b"").decode(), "retry", partition, 0))
+
+    def flush(self, timeout_s: float = 0) -> None:
+        pass
+
+
+def test_a_replay_goes_to_the_partition_it_was_dead_lettered_from() -> None:
+    """The retry topic is co-partitioned with the ingest topic: the partition a record failed in
+    is its id's, whatever partitioner its producer used; unknown, or another topic: by key."""
+    failed_in_3 = replace(letter("a"), headers=(*letter("a").headers, (HEADER_PARTITION, b"3")))
+    unknown = letter("b")
+    publisher = RecordingPublisher()
+    report = replay([failed_in_3, unknown], publisher)  # type: ignore[arg-type]
+    assert publisher.sent == [(b"a", 3), (b"b", -1)]
+    assert report.delivered == 2
+    elsewhere = RecordingPublisher()
+    replay([failed_in_3], elsewhere, keep_partition=False)  # type: ignore[arg-type]
+    assert elsewhere.sent == [(b"a", -1)]
+    assert failed_in_3.source_partition == 3
+    assert unknown.source_partition is None

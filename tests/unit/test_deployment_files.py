@@ -243,6 +243,20 @@ def test_app_services_point_at_the_compose_services(services: dict[str, dict[str
     }
 
 
+def test_compose_topics_are_made_by_the_workers_compacted_never_by_a_first_write(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A producer publishing before any worker ran would otherwise auto-create an uncompacted
+    # ingest topic (and no retry topic).
+    assert _environment(services["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    settings = assert_environment_arrives(monkeypatch, _environment(services["worker"]), "worker")
+    topics = settings.kafka.topics()
+    assert topics.all == ("trident.ingest", "trident.ingest.retry", "trident.ingest.dlq")
+    configs = settings.kafka.topic_configs()
+    assert configs[topics.ingest]["cleanup.policy"] == "compact"
+    assert configs[topics.retry]["cleanup.policy"] == "delete"
+
+
 def test_app_services_share_the_app_image(services: dict[str, dict[str, Any]]) -> None:
     images = set()
     for name in APP_SERVICES:

@@ -13,11 +13,13 @@ of docker/triton.Dockerfile.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -69,7 +71,11 @@ KEDA_KAFKA_METADATA = {
     "awsRegion",
 }
 KEDA_FROM_ENV = {"bootstrapServers", "consumerGroup", "topic"}
-TOPICS = ("TRIDENT_KAFKA__TOPIC", "TRIDENT_KAFKA__DEAD_LETTER_TOPIC")
+TOPICS = (
+    "TRIDENT_KAFKA__TOPIC",
+    "TRIDENT_KAFKA__RETRY_TOPIC",
+    "TRIDENT_KAFKA__DEAD_LETTER_TOPIC",
+)
 
 Objects = list[dict[str, Any]]
 
@@ -383,10 +389,91 @@ def _kafka_script(base: Objects, container: dict[str, Any], *variables: str) -> 
     return script
 
 
-def test_the_topics_job_creates_the_workers_topics(base: Objects) -> None:
+def _run_with_stub_kafka_cli(
+    script: str, environment: dict[str, str], folder: Path, *, ingest_partitions: int
+) -> list[list[str]]:
+    """Run a Kafka CLI container's script with a stub ``kafka-topics.sh`` that records its
+    arguments (one call a list) and describes the ingest topic with ``ingest_partitions``."""
+    calls = folder / "calls"
+    stub = folder / "kafka-topics.sh"
+    stub.write_text(
+        "#!/bin/bash\n"
+        f'printf "%s\\n" "$@" --END-- >> "{calls}"\n'
+        'if [[ " $* " == *" --describe "* ]]; then\n'
+        f'  printf "Topic: t\\tTopicId: x\\tPartitionCount: {ingest_partitions}\\t'
+        'ReplicationFactor: 3\\tConfigs: \\n"\n'
+        "fi\n"
+    )
+    stub.chmod(0o755)
+    result = subprocess.run(
+        ["bash", "-ceu", script.replace("/opt/kafka/bin/", f"{folder}/")],
+        env={"PATH": "/usr/bin:/bin", **environment},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    found: list[list[str]] = [[]]
+    for line in calls.read_text().splitlines():
+        if line == "--END--":
+            found.append([])
+        else:
+            found[-1].append(line)
+    return [call for call in found if call]
+
+
+def _created(calls: list[list[str]]) -> dict[str, tuple[int, dict[str, str]]]:
+    """Each created topic's partitions and configs, from kafka-topics.sh calls."""
+    created = {}
+    for call in calls:
+        if "--create" not in call:
+            continue
+        assert "--if-not-exists" in call, call  # idempotent: never fails on a topic that exists
+        options = list(itertools.pairwise(call))
+        (topic,) = [value for flag, value in options if flag == "--topic"]
+        (partitions,) = [value for flag, value in options if flag == "--partitions"]
+        configs = dict(value.split("=", 1) for flag, value in options if flag == "--config")
+        created[topic] = (int(partitions), configs)
+    return created
+
+
+def test_the_topics_job_creates_the_workers_topics_as_the_worker_would(
+    base: Objects, deployed_settings: Settings, tmp_path: Path
+) -> None:
+    """The Job's script, run with a stub Kafka CLI on the ConfigMap's values, creates exactly
+    the three topics with the configs the worker's own creation uses (KafkaSettings), plus the
+    replication settings, and the retry topic with the ingest topic's real partition count."""
     (job,) = _one(base, "Job", "trident-create-topics")["spec"]["template"]["spec"]["containers"]
     script = _kafka_script(base, job, *TOPICS, "TRIDENT_KAFKA__TOPIC_PARTITIONS")
-    assert "--if-not-exists" in script
+    environment = {
+        **_settings_data(base),
+        **{variable["name"]: variable["value"] for variable in job["env"]},
+    }
+    kafka = deployed_settings.kafka
+    topics = kafka.topics()
+    assert (topics.retry, kafka.retry_topic) == ("trident.ingest.retry", "trident.ingest.retry")
+    wanted = {
+        topic: {**config, "min.insync.replicas": environment["MIN_INSYNC_REPLICAS"]}
+        for topic, config in kafka.topic_configs().items()
+    }
+    assert wanted[topics.ingest]["cleanup.policy"] == "compact"
+    for ingest_partitions in (kafka.topic_partitions, 24):  # new, or an older topic with more
+        folder = tmp_path / str(ingest_partitions)
+        folder.mkdir()
+        calls = _run_with_stub_kafka_cli(
+            script, environment, folder, ingest_partitions=ingest_partitions
+        )
+        created = _created(calls)
+        assert created == {
+            topics.ingest: (kafka.topic_partitions, wanted[topics.ingest]),
+            topics.retry: (ingest_partitions, wanted[topics.retry]),
+            topics.dead_letter: (kafka.topic_partitions, wanted[topics.dead_letter]),
+        }
+        for call in calls:
+            assert call[:2] == ["--bootstrap-server", kafka.bootstrap_servers]
+            if "--create" in call:
+                assert call[call.index("--replication-factor") + 1] == "3"
 
 
 def test_workers_wait_for_the_topics_the_job_creates(base: Objects) -> None:

@@ -23,7 +23,14 @@ from engine.errors import (
 )
 from producer.cli import main as produce
 from producer.publisher import delivery_error, stable_id
-from producer.sources import EventOptions, build_event, gather
+from producer.sources import (
+    DeleteEntry,
+    EventOptions,
+    build_delete,
+    build_event,
+    gather,
+    gather_deletes,
+)
 from schemas import EventLimits
 
 
@@ -224,3 +231,71 @@ def test_dry_run_validates_counts_and_exits_by_the_outcome(
     with pytest.raises(SystemExit) as usage:
         produce(["--config", str(config)])
     assert usage.value.code == 2
+
+
+def test_deletes_are_gathered_from_arguments_list_files_and_manifests(tmp_path: Path) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# to remove\ncats/a.png\n\n  dogs/c.png  \n")
+    jsonl = tmp_path / "gone.jsonl"
+    jsonl.write_text('{"id": "j1", "collection": "pets"}\n{"source": "x.png"}\n{oops\n')
+    csv = tmp_path / "gone.csv"
+    csv.write_text("id,source,collection\nc1,a.png,\nc2,,pets\n,b.png,\n")
+    entries = gather_deletes(["top.png", ""], list_files=[ids], manifests=[jsonl, csv])
+    built: dict[str, tuple[str, str | None]] = {}
+    problems: list[str] = []
+    for entry in entries:
+        try:
+            delete = build_delete(entry, collection="photos")
+        except EntryError as exc:
+            problems.append(str(exc))
+        else:
+            built[entry.origin] = (delete.id, delete.collection)
+    assert built == {
+        "'top.png'": ("top.png", "photos"),
+        f"{ids}:2": ("cats/a.png", "photos"),
+        f"{ids}:4": ("dogs/c.png", "photos"),  # stripped
+        f"{jsonl}:1": ("j1", "pets"),  # the line's collection wins
+        f"{csv}:2": ("c1", "photos"),
+        f"{csv}:3": ("c2", "pets"),
+    }
+    assert problems == [
+        "'': invalid delete: id: String should have at least 1 character",
+        f"{jsonl}:2: no id on this line (a delete needs one)",
+        f"{jsonl}:3: not valid JSON: unexpected character, expected a string key: line 1 "
+        "column 2 (char 1)",
+        f"{csv}:4: no id on this line (a delete needs one)",
+    ]
+    long_id = DeleteEntry("long", "é" * 200)
+    with pytest.raises(EntryError, match=r"long: .*id_max_bytes"):
+        build_delete(long_id, limits=EventLimits())
+    with pytest.raises(EntryError, match="bad: invalid delete: collection"):
+        build_delete(DeleteEntry("bad", "x"), collection="not a name!")
+    no_id_column = tmp_path / "paths.csv"
+    no_id_column.write_text("source\na.png\n")
+    with pytest.raises(SourceError, match="'id' column"):
+        gather_deletes([], manifests=[no_id_column])
+
+
+def test_delete_dry_run_validates_ids_and_refuses_image_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text("kafka: {bootstrap_servers: '127.0.0.1:9'}\n")  # never reached
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a\nb\n")
+    run = ["--config", str(config), "--delete", "--dry-run"]
+    assert produce([*run, "x", "--from-file", str(ids)]) == 0
+    assert "dry run, nothing published: valid=3 invalid=0" in capsys.readouterr().out
+    assert produce([*run, "x", "é" * 200, "--collection", "pets"]) == 1
+    out = capsys.readouterr().out
+    assert "valid=1 invalid=1" in out and "id_max_bytes" in out
+    for image_only in (["--inline"], ["--metadata", "k=v"], ["--include", "*.png"]):
+        with pytest.raises(SystemExit) as usage:
+            produce([*run, "x", *image_only])
+        assert usage.value.code == 2
+    assert f"--delete takes ids: {image_only[0]} do not apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        produce([*run])  # no id at all
+    # Kafka unreachable: one line, nothing sent, exit status 1, as when publishing.
+    assert produce(["--config", str(config), "--delete", "x"]) == 1
+    assert "delivered=0 not_sent=1" in capsys.readouterr().out

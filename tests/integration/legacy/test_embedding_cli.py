@@ -19,6 +19,7 @@ from devstack.stack import LocalStack
 from engine.settings import Settings
 from jax_embedding.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from tests.integration.legacy.conftest import N_IMAGES
+from tests.integration.test_items_api import tombstones
 
 pytestmark = pytest.mark.stack
 
@@ -123,6 +124,46 @@ def test_insert_can_create_its_collection_with_metadata_from_a_file(
     ]
 
 
+def test_delete_publishes_deletes_with_the_cli_exit_codes(
+    stack: LocalStack,
+    images: list[Path],
+    collection: str,
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tmp_path = Path(settings.fetch.allowed_roots[0])  # this test's own folder
+    topic = settings.kafka.topic
+    c = ("--config", str(write_config(tmp_path / "config.yaml", stack, images, topic=topic)))
+    code, _, err = run(capsys, *c, "collection", "create", "--name", collection)
+    assert code == EXIT_OK, err
+    code, out, err = run(capsys, *c, "delete", "cats/1", "dogs/2", "--collection", collection)
+    assert code == EXIT_OK, err
+    lines = out.splitlines()
+    assert lines[0].startswith("cats/1: delete version ") and "partition" in lines[0]
+    assert lines[-1].startswith(f"published 2 deletes for {collection} to {topic}")
+    code, out, err = run(capsys, *c, "delete", "birds/3", "--collection", collection, "--json")
+    assert code == EXIT_OK, err
+    [answer] = json.loads(out)
+    assert (answer["id"], answer["collection"]) == ("birds/3", collection)
+    assert set(tombstones(settings)) == {"cats/1", "dogs/2", "birds/3"}
+
+    code, _, err = run(capsys, *c, "delete", "x", "--collection", "never_made_c1")
+    assert code == EXIT_BAD_INPUT and "no collection named 'never_made_c1'" in err
+    code, _, err = run(capsys, *c, "delete", "tab\tid", "--collection", collection)
+    assert code == EXIT_BAD_INPUT and "cannot be deleted" in err
+    with pytest.raises(SystemExit) as exited:
+        main(["delete"])  # argparse: at least one id
+    assert exited.value.code == EXIT_USAGE
+    assert "the following arguments are required: ID" in capsys.readouterr().err
+    assert len(tombstones(settings)) == 3  # nothing more was published
+
+    down = write_config(tmp_path / "down.yaml", stack, images, bootstrap_servers="127.0.0.1:9")
+    with pytest.MonkeyPatch.context() as patch:  # Kafka down: said after 2 s, not 30
+        patch.setattr("jax_embedding.pipeline.PUBLISH_TIMEOUT_S", 2.0)
+        code, _, err = run(capsys, "--config", str(down), "delete", "x", "--collection", collection)
+    assert code == EXIT_UNAVAILABLE and err.startswith("unavailable: "), err
+
+
 def test_embed_saves_the_pipeline_embeddings(
     config: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -210,7 +251,7 @@ def test_what_milvus_refuses_is_one_line_without_a_traceback(
 def test_the_console_script_is_installed_with_help_everywhere() -> None:
     script = Path(sys.executable).parent / "jax-embedding"
     for argv in ([], ["embed"], ["insert"], ["search"], ["collection"], ["collection", "create"],
-                 ["collection", "stats"], ["health"]):  # fmt: skip
+                 ["collection", "stats"], ["health"], ["delete"]):  # fmt: skip
         done = subprocess.run(
             [str(script), *argv, "--help"], check=False, capture_output=True, text=True, timeout=120
         )

@@ -17,16 +17,23 @@ import pytest
 
 from devstack.samples import derived_image_set
 from devstack.stack import LocalStack
-from engine.errors import ImageReferenceError, InferenceConfigurationError, UnknownCollectionError
+from engine.errors import (
+    ImageReferenceError,
+    InferenceConfigurationError,
+    InvalidQueryError,
+    UnknownCollectionError,
+)
 from engine.models import DEFAULT_MODEL_SPEC
 from engine.settings import Settings
 from engine.store import VectorStore
 from jax_embedding import ImageEmbeddingPipeline, ServiceConfig, TritonClient
 from producer import EventPublisher, events_from_folder
 from query_api import SearchService
+from schemas import HEADER_COLLECTION, HEADER_VERSION
 from schemas.search import SearchOptions
 from tests.integration.conftest import running_worker, wait_for
 from tests.integration.legacy.conftest import N_IMAGES
+from tests.integration.test_items_api import UNICODE_ID, tombstones
 from tests.support.custom_preprocessing import GreyscalePreprocessor
 
 pytestmark = pytest.mark.stack
@@ -129,6 +136,40 @@ def test_each_index_type_end_to_end(
         assert collection not in pipeline.list_collections()
         with pytest.raises(UnknownCollectionError, match="create it first"):
             pipeline.search_images(str(images[0]), collection_name=collection)
+
+
+def test_delete_images_publishes_deletes_that_a_worker_applies(
+    stack: LocalStack, images: list[Path], collection: str, settings: Settings
+) -> None:
+    config = stack_config(stack, images)
+    config.kafka.topic = settings.kafka.topic  # the topic the test's worker reads
+    ids = ["cats/1", UNICODE_ID, "keep"]
+    with ImageEmbeddingPipeline(config) as pipeline:
+        pipeline.create_collection(collection)
+        pipeline.insert_images([str(p) for p in images[:3]], ids=ids, collection_name=collection)
+        with pytest.raises(UnknownCollectionError, match="create it first"):
+            pipeline.delete_images(["cats/1"], "never_made_p1")
+        with pytest.raises(InvalidQueryError, match="cannot be deleted"):
+            pipeline.delete_images(["tab\there"], collection)
+        published = pipeline.delete_images(["cats/1", UNICODE_ID, "cats/1"], collection)
+        assert [item["id"] for item in published] == ["cats/1", UNICODE_ID]
+        found = tombstones(settings)
+        assert set(found) == {"cats/1", UNICODE_ID}  # the refused calls published nothing
+        for item in published:
+            record = found[item["id"]]
+            assert (record.partition, record.offset) == (item["partition"], item["offset"])
+            assert record.header(HEADER_VERSION) == str(item["version"])
+            assert record.header(HEADER_COLLECTION) == collection == item["collection"]
+        # Published, not written: the rows stay until a worker applies the deletes.
+        assert pipeline.get_collection_stats(collection)["row_count"] == 3
+        with running_worker(settings):
+            wait_for(
+                lambda: pipeline.get_collection_stats(collection)["row_count"] == 1,
+                timeout=120,
+                what="the deletes applied",
+            )
+        hits = pipeline.search_images(str(images[0]), topk=3, collection_name=collection)
+        assert [hit["id"] for hit in hits] == ["keep"]
 
 
 def test_the_earlier_readme_yaml_drives_the_pipeline(
