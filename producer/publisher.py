@@ -393,7 +393,26 @@ class EventPublisher(_Publisher):
             BrokerUnavailableError: some of these events were unanswered after ``timeout_s``
                 (whether they are written is unknown).
         """
+        self._check_limits(events)
+        answers = _Answers(len(events))
         for event in events:
+            self._sender.send(event.id.encode(), encode_event(event), None, answers.add)
+        unanswered = answers.wait(self._sender.producer, timeout_s)
+        if unanswered:
+            raise BrokerUnavailableError(
+                f"{unanswered} of {len(events)} events not acknowledged after {timeout_s:.0f}s"
+            )
+        return answers.report
+
+    def _check_limits(self, events: Sequence[IngestEvent | DeleteEvent]) -> None:
+        """Check every ingest event against the limits before anything of a call is sent.
+
+        Raises:
+            EventLimitError: the first event over a limit; the message names its id.
+        """
+        for event in events:
+            if not isinstance(event, IngestEvent):
+                continue
             try:
                 self._limits.check(event)
             except EventLimitError as exc:
@@ -404,15 +423,6 @@ class EventPublisher(_Publisher):
                     size=exc.size,
                     maximum=exc.maximum,
                 ) from exc
-        answers = _Answers(len(events))
-        for event in events:
-            self._sender.send(event.id.encode(), encode_event(event), None, answers.add)
-        unanswered = answers.wait(self._sender.producer, timeout_s)
-        if unanswered:
-            raise BrokerUnavailableError(
-                f"{unanswered} of {len(events)} events not acknowledged after {timeout_s:.0f}s"
-            )
-        return answers.report
 
     def publish_delete(self, event: DeleteEvent, *, on_delivery: OnDelivery | None = None) -> None:
         """Queue the tombstone of ``event`` (``schemas.deletes``): key the id, value null, the
@@ -433,18 +443,7 @@ class EventPublisher(_Publisher):
             BrokerUnavailableError: some of them were unanswered after ``timeout_s`` (whether
                 they are written is unknown).
         """
-        for event in events:
-            if isinstance(event, IngestEvent):
-                try:
-                    self._limits.check(event)
-                except EventLimitError as exc:
-                    raise EventLimitError(
-                        f"event {event.id!r}: {exc}",
-                        reason=exc.reason,
-                        limit=exc.limit,
-                        size=exc.size,
-                        maximum=exc.maximum,
-                    ) from exc
+        self._check_limits(events)
         answers = _Answers(len(events))
         found: list[Delivery | None] = [None] * len(events)
         for index, event in enumerate(events):
