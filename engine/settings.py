@@ -436,6 +436,19 @@ class ApiSettings(_Section):
     )
     thumbnail_size: int = Field(256, ge=16, le=1024, description="Longest side, in pixels.")
     thumbnail_cache_items: int = Field(512, ge=0)
+    status_deadline_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="How long GET /items/{c}/{id}/status searches the topics before it answers "
+        "with what it found (complete: false), besides the Milvus read.",
+    )
+    status_index_max_ids: int = Field(
+        1_000_000,
+        ge=1000,
+        description="Ids whose newest dead letter the API keeps in memory for statuses (about "
+        "300 bytes each); past it the ids dead-lettered longest ago are forgotten.",
+    )
 
 
 class Settings(BaseSettings):

@@ -62,6 +62,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_REPLAYS = 3
 
 
+def record_time(message: Message) -> datetime | None:
+    """A Kafka record's timestamp (None when the broker gives none)."""
+    kind, millis = message.timestamp()
+    return None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(millis / 1000, UTC)
+
+
 @dataclass(frozen=True)
 class DeadLetterRecord:
     """One record of the dead-letter topic: the original record plus why it failed."""
@@ -75,12 +81,10 @@ class DeadLetterRecord:
 
     @classmethod
     def from_message(cls, message: Message) -> DeadLetterRecord:
-        kind, millis = message.timestamp()
-        at = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(millis / 1000, UTC)
         return cls(
             partition=message.partition() or 0,
             offset=message.offset() or 0,
-            dead_lettered_at=at,
+            dead_lettered_at=record_time(message),
             key=message.key(),
             value=message.value(),
             headers=_byte_headers(message),

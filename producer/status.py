@@ -5,21 +5,24 @@ An id is, in a collection:
 - **stored**: Milvus holds its row (the row's version);
 - **deleted**: Milvus keeps the tombstone of a delete newer than any row of it;
 - **dead_lettered**: its newest dead letter (stage, reason, when) is newer than what is stored;
-- **pending**: a record of it on the ingest topic is past the worker group's committed offset
+- **pending**: a record of it on a topic the workers consume (the ingest topic, or the retry
+  topic where re-queued records and replays wait) is past the worker group's committed offset
   of its partition (published, not yet processed), and newer than the above;
 - **unknown**: none of these.
 
 Precedence: the newest version wins among the stored fact and the newest dead letter (the stored
 fact on a tie, or when the dead letter's version cannot be read); a pending record wins when it
 is newer than both, or when its version cannot be read (it is not processed yet, whatever it
-holds); on a tie the settled fact wins (the record was processed between the two reads).
+holds); on a tie the settled fact wins (the record was processed between the two reads), except
+a dead letter that the pending record was published after (its replay, not yet processed).
 
 Each lookup (:meth:`ItemStatusFinder.status`) reads, in this order, so that a record the workers
 process meanwhile is never missed (a worker writes Milvus or the dead letter before it commits):
 
-1. the worker group's committed offsets and the ingest topic's ends; the uncommitted tail of
-   each partition is scanned for the id's key (the partition librdkafka's default partitioner
-   gives the key first; all of them, for records of other partitioners), up to the deadline;
+1. the worker group's committed offsets and the ends of the ingest and retry topics; the
+   uncommitted tail of each partition is scanned for the id's key (the partition librdkafka's
+   default partitioner gives the key first; all of them, for records of other partitioners),
+   up to the deadline;
 2. the dead-letter topic's ends; the dead letters are looked up in a :class:`DeadLetterIndex`
    once it has read up to those ends (the query API keeps one, tailing the topic in the
    background; the command line reads the topic once, keeping the id's records alone), and the
@@ -59,8 +62,8 @@ from engine.errors import (
     RetriableError,
 )
 from engine.kafka import consumer_config
-from engine.settings import KafkaSettings, Settings
-from producer.dead_letters import DeadLetterRecord
+from engine.settings import ApiSettings, KafkaSettings, Settings
+from producer.dead_letters import DeadLetterRecord, record_time
 from schemas import ContractError, decode_delete
 from schemas.api import DeadLetterSummary, ItemStatus, PendingRecord, StoredFact
 from schemas.dead_letter import HEADER_EXCEPTION_MESSAGE
@@ -73,9 +76,11 @@ logger = logging.getLogger(__name__)
 
 Operation = Literal["upsert", "delete"]
 
-STATUS_DEADLINE_S = 5.0
-# Ids the index of the query API keeps (about 275 bytes each plus the id: docs/OPERATIONS.md).
-DEFAULT_MAX_ENTRIES = 1_000_000
+# The query API's settings (api.status_deadline_s, api.status_index_max_ids) say both; the
+# command line takes --deadline.
+STATUS_DEADLINE_S: float = ApiSettings.model_fields["status_deadline_s"].default
+# Ids the index keeps (about 275 bytes each plus the id: docs/OPERATIONS.md).
+DEFAULT_MAX_ENTRIES: int = ApiSettings.model_fields["status_index_max_ids"].default
 # When the index is full, this share of its entries, dead-lettered longest ago, goes at once.
 _EVICT_SHARE = 0.1
 # How often the index looks for new partitions of the dead-letter topic (or for the topic).
@@ -425,9 +430,22 @@ class ItemStatusFinder:
     def _pending(
         self, item_id: str, collection: str, deadline: float
     ) -> tuple[PendingRecord | None, bool]:
-        """The newest unprocessed record of the id on the ingest topic, and whether every
-        partition's uncommitted tail was scanned before the deadline."""
-        topic = self._settings.topic
+        """The newest unprocessed record of the id on the topics the workers consume (the
+        ingest topic, and the retry topic where re-queued records and replays wait), and
+        whether every partition's uncommitted tail was scanned before the deadline."""
+        found: PendingRecord | None = None
+        for topic in self._settings.topics().consumed:
+            record, finished = self._pending_on(topic, item_id, collection, deadline)
+            if record is not None and (found is None or _newer(record, found)):
+                found = record
+            if not finished:
+                return found, False
+        return found, True
+
+    def _pending_on(
+        self, topic: str, item_id: str, collection: str, deadline: float
+    ) -> tuple[PendingRecord | None, bool]:
+        """:meth:`_pending` for one topic."""
         partitions = _partitions(self._consumer, topic, missing_ok=True)
         if not partitions:
             return None, True
@@ -473,8 +491,10 @@ class ItemStatusFinder:
                 candidate = PendingRecord(
                     operation=seen.operation,
                     version=seen.version,
+                    topic=topic,
                     partition=partition,
                     offset=message.offset() or 0,
+                    published_at=record_time(message),
                 )
                 if found is None or _newer(candidate, found):
                     found = candidate
@@ -546,6 +566,7 @@ def decide(
         or pending.version is None
         or settled[1] is None
         or pending.version > settled[1]
+        or (settled[0] == "dead_lettered" and _replayed_after(pending, letter))
     ):
         settled = ("pending", pending.version)
     if settled is not None:
@@ -554,16 +575,29 @@ def decide(
     return answer
 
 
+def _replayed_after(pending: PendingRecord, letter: DeadLetterSummary | None) -> bool:
+    """Whether ``pending`` ties with the dead letter and was published after it was written:
+    the dead letter replayed, not yet processed again (a version tie cannot tell)."""
+    return (
+        letter is not None
+        and pending.version == letter.version
+        and pending.published_at is not None
+        and letter.dead_lettered_at is not None
+        and pending.published_at > letter.dead_lettered_at
+    )
+
+
 def _newer(candidate: PendingRecord, kept: PendingRecord) -> bool:
     """Whether ``candidate`` is the newer of two unprocessed records of one id: the higher
     version (unknown ones count as newest: nothing can be said of them), then the later offset
-    in one partition."""
+    in one partition (on a tie across topics the first kept, the ingest topic's, stays)."""
     unknown = 2**63
     mine = candidate.version if candidate.version is not None else unknown
     theirs = kept.version if kept.version is not None else unknown
     if mine != theirs:
         return mine > theirs
-    return candidate.partition == kept.partition and candidate.offset > kept.offset
+    same_partition = (candidate.topic, candidate.partition) == (kept.topic, kept.partition)
+    return same_partition and candidate.offset > kept.offset
 
 
 # Kafka reads ------------------------------------------------------------------------------------
@@ -703,7 +737,7 @@ def describe(status: ItemStatus) -> list[str]:
     if status.pending is not None:
         p = status.pending
         lines.append(
-            f"  pending:     {p.operation}, version {p.version}, ingest partition "
+            f"  pending:     {p.operation}, version {p.version}, {p.topic} partition "
             f"{p.partition} offset {p.offset}"
         )
     if status.dead_letter is not None:

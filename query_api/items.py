@@ -55,8 +55,11 @@ class ItemService:
     ) -> ItemService:
         """The service on the API's store and producer, with a dead-letter index of its own
         (read from :meth:`start` on)."""
-        index = DeadLetterIndex(settings.kafka)
-        return cls(store, ingest, ItemStatusFinder(settings.kafka, store, index=index), index=index)
+        index = DeadLetterIndex(settings.kafka, max_entries=settings.api.status_index_max_ids)
+        finder = ItemStatusFinder(
+            settings.kafka, store, index=index, deadline_s=settings.api.status_deadline_s
+        )
+        return cls(store, ingest, finder, index=index)
 
     def start(self) -> None:
         """Start following the dead-letter topic (statuses wait until it is read far enough)."""

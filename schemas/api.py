@@ -209,12 +209,15 @@ class StoredFact(BaseModel):
 
 
 class PendingRecord(BaseModel):
-    """The newest record of the id on the ingest topic that the workers have not processed."""
+    """The newest record of the id that the workers have not processed, on the ingest topic or
+    on the retry topic (re-queued by a worker, or replayed from the dead letters)."""
 
     operation: Operation
     version: int | None = Field(description="None when the record cannot be read as an event.")
+    topic: str = Field(description="The ingest topic, or the retry topic.")
     partition: int
     offset: int
+    published_at: datetime | None = Field(None, description="The record's Kafka timestamp.")
 
 
 class DeadLetterSummary(BaseModel):
@@ -235,7 +238,8 @@ class ItemStatus(BaseModel):
     processed), ``dead_lettered`` (stage, reason, when), ``deleted`` or ``unknown``.
 
     The newest version decides among what the store holds and the newest dead letter (the store
-    on a tie); a pending record decides when it is newer than both (or cannot be read).
+    on a tie); a pending record decides when it is newer than both (or cannot be read), or when
+    it ties with a dead letter it was published after (a replay waiting on the retry topic).
     """
 
     id: str

@@ -298,6 +298,15 @@ def test_status_follows_an_item_from_pending_to_stored_to_deleted_and_a_bad_imag
     printed = json.loads(capsys.readouterr().out)
     assert printed == {**lettered, "complete": True}
 
+    # A replay waits on the retry topic, not the ingest topic: still pending, and said where.
+    assert dlq_main(["replay", "--id", "bad/1", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert dlq_main(["status", "bad/1", "--config", str(config), "--json"]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["state"] == "pending" and replayed["complete"], replayed
+    assert replayed["pending"]["topic"] == settings.kafka.topics().retry
+    assert replayed["pending"]["version"] == letter["version"]
+
 
 def test_trident_dlq_status_prints_where_an_item_is(
     settings: Settings, store: VectorStore, stack: LocalStack, capsys: pytest.CaptureFixture[str]

@@ -85,8 +85,17 @@ def test_a_key_goes_to_the_partition_of_librdkafkas_default_partitioner() -> Non
     assert {key_partition(f"k{n}".encode(), 4) for n in range(50)} == {0, 1, 2, 3}
 
 
-def pending(version: int | None, operation: str = "upsert") -> PendingRecord:
-    return PendingRecord(operation=operation, version=version, partition=1, offset=42)  # type: ignore[arg-type]
+def pending(
+    version: int | None, operation: str = "upsert", published_at: datetime | None = None
+) -> PendingRecord:
+    return PendingRecord(
+        operation=operation,  # type: ignore[arg-type]
+        version=version,
+        topic="trident.ingest",
+        partition=1,
+        offset=42,
+        published_at=published_at,
+    )
 
 
 def letter(version: int | None) -> DeadLetterSummary:
@@ -128,6 +137,17 @@ TOMBSTONE = StoredVersion.tombstone(10)
         (ROW, pending(13, "delete"), letter(12), "pending", 13),
         (ROW, pending(11), letter(12), "dead_lettered", 12),
         (None, pending(1), letter(None), "pending", 1),
+        # A tie with a dead letter: its replay when published after it, else settled.
+        (None, pending(3, published_at=datetime(2026, 1, 3, tzinfo=UTC)), letter(3), "pending", 3),
+        (
+            None,
+            pending(3, published_at=datetime(2026, 1, 1, tzinfo=UTC)),
+            letter(3),
+            "dead_lettered",
+            3,
+        ),
+        (None, pending(3), letter(3), "dead_lettered", 3),
+        (ROW, pending(10, published_at=datetime(2026, 1, 3, tzinfo=UTC)), None, "stored", 10),
     ],
 )
 def test_the_newest_fact_decides_the_state(
