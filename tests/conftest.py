@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,20 +32,75 @@ TEST_STACK_CONFIG = StackConfig(
 )
 
 
+class _BackgroundStart:
+    """The test stack's installation and start, run in a thread from the end of collection.
+
+    Tests that need no stack run first (:func:`pytest_collection_modifyitems`), so a fresh
+    machine installs and starts Kafka, Triton and Milvus while the unit tests run instead of
+    before the first stack test. The ``stack`` fixture joins the thread and re-raises what it
+    raised.
+    """
+
+    def __init__(self, local: LocalStack) -> None:
+        self.local = local
+        self.already_up = all(service.healthy() for service in local.services)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-stack-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.local.up()
+        except BaseException as exc:  # handed to every test that needs the stack
+            self.error = exc
+
+    def wait(self) -> LocalStack:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.local
+
+
+_START = pytest.StashKey[_BackgroundStart]()
+
+
+def _needs_stack(item: pytest.Item) -> bool:
+    return "stack" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: only what will run counts
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests that need no stack first (stable: each group keeps its order), and start
+    the stack in the background if any selected test needs it."""
+    items.sort(key=_needs_stack)
+    if config.option.collectonly:
+        return
+    if _START not in config.stash and any(_needs_stack(item) for item in items):
+        logging.getLogger("devstack").setLevel(logging.INFO)
+        config.stash[_START] = _BackgroundStart(LocalStack(TEST_STACK_CONFIG))
+
+
 @pytest.fixture(scope="session")
-def stack() -> Iterator[LocalStack]:
-    """The real stack, started for the session and stopped after it (if it started it).
+def stack(request: pytest.FixtureRequest) -> LocalStack:
+    """The real stack, started for the session (in the background from collection on) and
+    stopped after it if the session started it (:func:`pytest_sessionfinish`).
 
     A service that cannot be installed or started fails every test that uses it, loudly,
     with the service's name and log in the error.
     """
-    logging.getLogger("devstack").setLevel(logging.INFO)
-    local = LocalStack(TEST_STACK_CONFIG)
-    already_up = all(service.healthy() for service in local.services)
-    local.up()
-    yield local
-    if not already_up:
-        local.down()
+    if _START not in request.config.stash:
+        request.config.stash[_START] = _BackgroundStart(LocalStack(TEST_STACK_CONFIG))
+    return request.config.stash[_START].wait()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the stack the session started, even one no test waited for."""
+    start = session.config.stash.get(_START, None)
+    if start is None or start.already_up:
+        return
+    with contextlib.suppress(BaseException):  # a start that failed was reported by its tests
+        start.wait()
+    start.local.down()
 
 
 @pytest.fixture

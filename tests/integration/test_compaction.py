@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -45,6 +44,7 @@ from schemas import (
 from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.deletes import HEADER_VERSION
 from tests.integration.conftest import dead_letters, running_worker, small_images, wait_for
+from tests.support.http_host import LoopbackHost, Reply
 
 pytestmark = pytest.mark.stack
 
@@ -299,36 +299,14 @@ def test_existing_topics_are_checked_never_changed(
         ensure_topics(narrow)
 
 
-class StallingServer:
+class StallingServer(LoopbackHost):
     """A loopback image host answering 503 until ``release`` is set, then a PNG."""
 
     def __init__(self, png: bytes) -> None:
         self.release = threading.Event()
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests += 1
-                if not outer.release.is_set():
-                    self.send_error(503)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(png)))
-                self.end_headers()
-                self.wfile.write(png)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(
+            lambda _path, _nth: Reply(200, png) if self.release.is_set() else Reply(503)
+        )
 
 
 @pytest.fixture

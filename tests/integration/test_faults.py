@@ -9,11 +9,9 @@ from __future__ import annotations
 import io
 import re
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -43,6 +41,7 @@ from tests.integration.conftest import (
     worker_metric,
     worker_processes,
 )
+from tests.support.http_host import Reply, loopback_host
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 
@@ -258,27 +257,10 @@ def image_server() -> Iterator[str]:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format="PNG")
     body = buffer.getvalue()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/ok.png":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            else:
-                self.send_error(404)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_host(
+        lambda path, _nth: Reply(200, body) if path == "/ok.png" else Reply(404)
+    ) as host:
+        yield host.url
 
 
 def _pixel_bomb() -> bytes:
@@ -415,26 +397,8 @@ POISON_GOOD = 240
 @pytest.fixture
 def unwell_server() -> Iterator[str]:
     """A loopback HTTP server: /500 answers 500 forever, /hang never answers (until shutdown)."""
-    closing = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.startswith("/hang"):
-                closing.wait(60)
-                return
-            self.send_error(500)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    closing.set()
-    server.shutdown()
-    server.server_close()
+    with loopback_host(lambda path, _nth: None if path.startswith("/hang") else Reply(500)) as host:
+        yield host.url
 
 
 def _raw_event(event_id: str, image: dict[str, str], **extra: object) -> bytes:

@@ -14,12 +14,10 @@ whose stored state is not their last word) and a line of what the scenario did.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -50,6 +48,7 @@ from tests.integration.test_compaction import (
     roll_segments,
 )
 from tests.integration.topics import settings_file
+from tests.support.http_host import LoopbackHost, Reply
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 
@@ -67,44 +66,16 @@ FAILURES_PER_URL = 3
 RETRY = {"attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "pause_s": 0.5}
 
 
-class FlakyServer:
+def flaky_host(png: bytes) -> LoopbackHost:
     """A loopback image host: each path answers 503 ``FAILURES_PER_URL`` times, then a PNG."""
-
-    def __init__(self, png: bytes) -> None:
-        self.served: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with outer._lock:
-                    outer.served[self.path] += 1
-                    failing = outer.served[self.path] <= FAILURES_PER_URL
-                if failing:
-                    self.send_error(503)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(png)))
-                self.end_headers()
-                self.wfile.write(png)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    return LoopbackHost(
+        lambda _path, nth: Reply(503) if nth <= FAILURES_PER_URL else Reply(200, png)
+    )
 
 
 @pytest.fixture
-def flaky_server(tmp_path: Path) -> Iterator[FlakyServer]:
-    server = FlakyServer(small_images(tmp_path / "served", 1)[0].read_bytes())
+def flaky_server(tmp_path: Path) -> Iterator[LoopbackHost]:
+    server = flaky_host(small_images(tmp_path / "served", 1)[0].read_bytes())
     yield server
     server.close()
 
@@ -124,7 +95,7 @@ class Published:
 class Life:
     """The seeded script: which record each id gets next."""
 
-    def __init__(self, tmp_path: Path, images: list[Path], server: FlakyServer) -> None:
+    def __init__(self, tmp_path: Path, images: list[Path], server: LoopbackHost) -> None:
         self.rng = random.Random(SEED)
         self.images = images
         self.late_folder = tmp_path / "late"
@@ -199,7 +170,7 @@ def test_the_collection_is_the_logs_last_word_through_kills_retries_and_replays(
     tmp_path: Path,
     *,
     unique: str,
-    flaky_server: FlakyServer,
+    flaky_server: LoopbackHost,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     started = time.monotonic()
@@ -336,7 +307,7 @@ def test_the_collection_is_the_logs_last_word_through_kills_retries_and_replays(
             f"deletes={sum(p.value is None for p in published)} live={len(live)} "
             f"deleted={len(deleted)} retry_copies={len(copies)} "
             f"replayed_last_word={replayed[True]} replayed_stale={replayed[False]} "
-            f"requeued_urls={sum(n > FAILURES_PER_URL for n in flaky_server.served.values())} "
+            f"requeued_urls={sum(n > FAILURES_PER_URL for n in flaky_server.requests.values())} "
             f"killed_at={killed_at} compacted={len(published)}->{len(fresh_data)} "
             f"elapsed={time.monotonic() - started:.0f}s"
         )
@@ -346,7 +317,7 @@ def test_the_collection_is_the_logs_last_word_through_kills_retries_and_replays(
     # newer version beat, images fetched after a re-queue, and compaction.
     assert copies
     assert replayed[True] and replayed[False], replayed
-    assert max(flaky_server.served.values()) > FAILURES_PER_URL
+    assert max(flaky_server.requests.values()) > FAILURES_PER_URL
     assert len(fresh_data) < len(published), "nothing was compacted"
     assert len(letters) == len(first_letters), "a replayed record failed again"
 

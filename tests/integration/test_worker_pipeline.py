@@ -6,10 +6,8 @@ is downloaded shows, even when the guard still keeps it from being written.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +25,16 @@ from tests.integration.conftest import (
     small_images,
     wait_for,
 )
+from tests.support.http_host import LoopbackHost, Reply, loopback_host
 
 pytestmark = pytest.mark.stack
 
 
-class CountingServer:
-    """A loopback HTTP server that answers 404 to everything and counts the requests."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-        counter = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                counter.requests.append(self.path)
-                self.send_error(404)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.fixture
-def counting_server() -> Iterator[CountingServer]:
-    server = CountingServer()
-    yield server
-    server.close()
+def counting_server() -> Iterator[LoopbackHost]:
+    """A loopback HTTP host that answers 404 to everything and counts the requests."""
+    with loopback_host(lambda _path, _nth: Reply(404)) as host:
+        yield host
 
 
 def _publish(settings: Settings, events: list[IngestEvent], partition: int | None = None) -> None:
@@ -73,7 +48,7 @@ def _publish(settings: Settings, events: list[IngestEvent], partition: int | Non
     assert producer.flush(30) == 0
 
 
-def _stale(server: CountingServer, event_id: str, version: int) -> IngestEvent:
+def _stale(server: LoopbackHost, event_id: str, version: int) -> IngestEvent:
     url = UrlImage.model_validate({"url": f"{server.url}/{event_id}-v{version}.png"})
     return IngestEvent(id=event_id, image=url, version=version)
 
@@ -100,7 +75,7 @@ def test_session_reads_see_this_process_s_own_writes_at_once(
 
 
 def test_stale_versions_are_skipped_before_any_download_in_flight_or_stored(
-    settings: Settings, store: VectorStore, tmp_path: Path, counting_server: CountingServer
+    settings: Settings, store: VectorStore, tmp_path: Path, counting_server: LoopbackHost
 ) -> None:
     settings = _allowing_loopback(settings)
     images = small_images(tmp_path / "images", settings.batch.max_size + 1)
@@ -118,14 +93,14 @@ def test_stale_versions_are_skipped_before_any_download_in_flight_or_stored(
         _publish(settings, [_stale(counting_server, "photo", 4)])
         wait_for(lambda: committed_everything(settings), timeout=120, what="the replay done")
         stale = worker.metrics.skipped.labels("stale_version")._value.get()
-    assert counting_server.requests == [], "a stale event was downloaded"
+    assert counting_server.total == 0, "a stale event was downloaded"
     assert stale == 2
     assert store.get(["photo"])[0]["event_version"] == 5
     assert store.count() == len(fillers) + 1
 
 
 def test_a_new_owner_after_a_rebalance_never_writes_older_versions(
-    settings: Settings, store: VectorStore, tmp_path: Path, counting_server: CountingServer
+    settings: Settings, store: VectorStore, tmp_path: Path, counting_server: LoopbackHost
 ) -> None:
     """Worker A stores version 5 of ids on every partition; worker B joins the group and takes
     some partitions over; then older versions of every id arrive. B has never written: it must
@@ -152,6 +127,6 @@ def test_a_new_owner_after_a_rebalance_never_writes_older_versions(
             skipped = sum(w.metrics.skipped.labels("stale_version")._value.get() for w in (a, b))
     assert moved, "the rebalance gave worker B no partition"
     assert b_reads >= 1, "worker B never read Strong after it was assigned"
-    assert counting_server.requests == [], "an older version was downloaded"
+    assert counting_server.total == 0, "an older version was downloaded"
     assert skipped == len(ids)
     assert {row["event_version"] for row in store.get(ids)} == {5}
