@@ -8,7 +8,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install up down status reset test lint typecheck unit bench bench-quick
+.PHONY: install up down status reset test lint typecheck unit bench bench-quick bench-growing \
+  bench-scale
 
 $(VENV)/.installed: pyproject.toml
 	@command -v java >/dev/null || { echo "error: a JDK 17+ is needed (java not found)"; exit 1; }
@@ -82,7 +83,23 @@ bench: install $(STAMPS)
 	$(BIN)/python benchmarks/bench_milvus.py --uri $(BENCH_MILVUS) $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_search.py $(BENCH_STACK) --api-key '$(BENCH_API_KEY)' $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_STACK) --api-key '$(BENCH_API_KEY)' $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_models.py $(BENCH_STACK) $(BENCH_ARGS)
 	$(BIN)/python benchmarks/charts.py bench/results/latest.json
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick
+
+# Issue 25, not part of `make bench` (each takes long on 2 cores): search after a 100k bulk write
+# for each variant of Milvus settings (private Milvus servers from the stack's cached binary)
+# and while a worker ingests (bench_growing.py, ~40 min); Milvus at scale in stages up to 1M
+# vectors (bench_scale.py, hours on 2 cores: pick the stages with BENCH_SCALE_SIZES). Both merge
+# their sections into bench/results/latest.json without starting it afresh.
+BENCH_GROWING_VARIANTS ?= interim_off stack
+BENCH_SCALE_SIZES ?= 100000 250000 500000 1000000
+bench-growing: install
+	$(BIN)/python benchmarks/bench_growing.py bulk --variants $(BENCH_GROWING_VARIANTS) \
+	  --kafka $(BENCH_KAFKA) --triton-grpc $(BENCH_TRITON_GRPC) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_growing.py ingest $(BENCH_STACK) $(BENCH_ARGS)
+
+bench-scale: install
+	$(BIN)/python benchmarks/bench_scale.py --sizes $(BENCH_SCALE_SIZES) $(BENCH_ARGS)

@@ -145,7 +145,11 @@ def naive(settings: Settings, paths: Sequence[Path]) -> float:
             wait_ready(embedder)
             began = time.perf_counter()
             for n, path in enumerate(paths):
-                pixels = decode_image(path.read_bytes(), max_pixels=settings.fetch.max_pixels)
+                pixels = decode_image(
+                    path.read_bytes(),
+                    max_pixels=settings.fetch.max_pixels,
+                    target_short_side=settings.model.resize_short_side,
+                )
                 # The default model takes the cropped uint8 pixels (issue 12.3).
                 tensor = reference_pixels(pixels.pixels)[np.newaxis]
                 vector = embedder.embed(tensor)[0]

@@ -46,6 +46,7 @@ from skimage import data as skdata
 
 import benchlib
 from engine.images import decode_image
+from engine.models import UINT8_MODEL_SPEC
 from engine.resampling import MEAN, STD, JaxPreprocessor, reference_preprocess, resized_size
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def reference_batch(images: Sequence[Pixels]) -> Batch:
 
 def decode_batch(jpegs: Sequence[bytes]) -> list[Pixels]:
     """Decode a batch of JPEGs with the service's decoder."""
-    return [decode_image(j, max_pixels=50_000_000).pixels for j in jpegs]
+    side = UINT8_MODEL_SPEC.resize_short_side  # as the worker decodes for the model
+    return [decode_image(j, max_pixels=50_000_000, target_short_side=side).pixels for j in jpegs]
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -173,7 +175,14 @@ def measure_large(count: int) -> dict[str, float]:
     out = {}
     for name, decode in (
         ("full decode", full),
-        ("draft decode (decode_image)", lambda d: decode_image(d, max_pixels=50_000_000)),
+        (
+            "draft decode (decode_image)",
+            lambda d: decode_image(
+                d,
+                max_pixels=50_000_000,
+                target_short_side=UINT8_MODEL_SPEC.resize_short_side,
+            ),
+        ),
     ):
         decode(jpegs[0])
         seconds = sum(timed(partial(decode, data)) for data in jpegs)

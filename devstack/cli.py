@@ -5,6 +5,10 @@ trident-stack quickstart  up + a worker + the query API + sample images, then a 
 trident-stack status      what runs where
 trident-stack down        stop everything (data kept)
 trident-stack reset       stop everything and delete the data
+
+``--models A,B`` (up, install, quickstart): Triton also serves these built-in models, e.g.
+``efficientnet_lite1_embedding_uint8,efficientnet_lite2_embedding_uint8``; remembered for the
+stack's root until another ``--models`` (``--models ""``: Lite0 alone).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from devstack.errors import StackError
 from devstack.samples import copy_samples
 from devstack.stack import LocalStack
 from engine.cli_support import configure_logging
+from engine.errors import UnknownModelError
 from engine.kafka import ensure_topics
+from engine.models import SERVED_MODEL_SPECS
 from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder
@@ -104,10 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--root", type=Path, default=Path(".stack"), help="Folder for data and logs."
     )
     parser.add_argument("--api-port", type=int, default=8080)
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="built-in models Triton serves besides EfficientNet-Lite0's, comma-separated "
+        '(remembered; "" for none): ' + ", ".join(sorted(set(SERVED_MODEL_SPECS))),
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    stack = LocalStack(StackConfig(root=args.root))
+    # None: the stack's remembered choice; a list, even empty, is a new choice.
+    models = None
+    if args.models is not None:
+        models = [name.strip() for name in args.models.split(",") if name.strip()]
+    try:
+        stack = LocalStack(StackConfig(root=args.root), models=models)
+    except UnknownModelError as exc:
+        parser.error(str(exc))
     try:
         if args.command == "install":
             stack.install()

@@ -6,14 +6,22 @@ logs and pid file under ``StackConfig.root``, and is started and stopped idempot
 stops only the processes it started (pid files, working directories under its root): several
 stacks, e.g. the quick start and the tests, share one install cache but never each other's
 processes.
+
+Triton serves EfficientNet-Lite0 (its uint8- and float32-input models) and, when asked, other
+built-in models of the registry (``LocalStack(models=...)``, ``trident-stack up --models``). The
+choice is remembered in ``<root>/triton/extra_models.json``, so a later ``up`` without a choice
+(``make up``, the tests' fixture) serves the same models instead of restarting Triton without
+them; an empty choice goes back to Lite0 alone. Models no longer asked for leave the repository
+(and Triton, which is restarted when the repository changes).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +34,7 @@ from devstack.errors import StackError
 from devstack.kafka import KafkaService
 from devstack.milvus import MilvusService
 from devstack.triton import TritonService
+from engine.models import model_spec
 from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,15 +51,38 @@ class Service(Protocol):
 
 
 class LocalStack:
-    """Install, start, inspect and stop the local services and application processes."""
+    """Install, start, inspect and stop the local services and application processes.
 
-    def __init__(self, config: StackConfig | None = None) -> None:
+    ``models``: the built-in models (Triton names, :func:`engine.models.model_registry`) that
+    Triton serves besides Lite0's two; ``None`` keeps the last choice made for this root.
+
+    Raises:
+        UnknownModelError: a name in ``models`` is not a built-in model.
+    """
+
+    def __init__(
+        self, config: StackConfig | None = None, *, models: Sequence[str] | None = None
+    ) -> None:
         self.config = config or StackConfig()
         self.kafka = KafkaService(self.config)
         self.milvus = MilvusService(self.config)
         self.model_repository = self.config.folder("triton") / "models"
         self.triton = TritonService(self.config, self.model_repository)
         self.apps_folder = self.config.folder("apps")
+        self._models_choice = self.config.folder("triton") / "extra_models.json"
+        # Checked now: an unknown name fails before anything is installed or started.
+        self._asked = None if models is None else [model_spec(name).name for name in models]
+
+    @property
+    def extra_models(self) -> list[str]:
+        """The models served besides Lite0's: those asked for, else the remembered choice."""
+        if self._asked is not None:
+            return list(dict.fromkeys(self._asked))
+        try:
+            remembered = json.loads(self._models_choice.read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [str(name) for name in remembered] if isinstance(remembered, list) else []
 
     @property
     def services(self) -> list[Service]:
@@ -75,14 +107,26 @@ class LocalStack:
     def build_model_repository(self) -> Path:
         """Convert the models and write the Triton model repository (no-op when up to date).
 
-        Writes every model the applications use (uint8- and float32-input); a running Triton
-        that loaded another repository content is restarted by ``up()`` (see
+        Writes Lite0's models (uint8- and float32-input) and :attr:`extra_models`, removes the
+        built-in models no longer asked for, and remembers the choice. A running Triton that
+        loaded another repository content is restarted by ``up()`` (see
         :meth:`TritonService.start`).
+
+        Raises:
+            UnknownModelError: a remembered model is no longer in the registry.
+            ConfigurationError, TorchPickleError, OSError: as ``write_served_models``.
         """
         # onnx (the model extra) is needed only here, not by the other stack commands.
-        from model_build.triton_repository import write_served_models  # noqa: PLC0415
+        from model_build.triton_repository import (  # noqa: PLC0415
+            builtin_specs,
+            remove_builtin_models,
+            write_served_models,
+        )
 
-        write_served_models(self.model_repository, backend="python")
+        extra = builtin_specs(self.extra_models)
+        folders = write_served_models(self.model_repository, backend="python", extra=extra)
+        remove_builtin_models(self.model_repository, keep=[folder.name for folder in folders])
+        self._models_choice.write_text(json.dumps([spec.name for spec in extra]))
         return self.model_repository
 
     def up(self) -> None:

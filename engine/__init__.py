@@ -10,7 +10,8 @@ Modules:
 - :mod:`engine.fetch`, :mod:`engine.images`: following image references, decoding them;
 - :mod:`engine.preprocess`: the preprocessors the settings describe (``build_preprocessor``),
   on :mod:`engine.resampling`, the JAX resize, crop and normalise kernel (jit + vmap);
-- :mod:`engine.models`: the one description of each served model (:class:`ModelSpec`);
+- :mod:`engine.models`: the model registry, one description of each servable model
+  (:class:`ModelSpec`, ``model_registry``, ``model_spec``);
 - :mod:`engine.inference`: the Triton adapter (:class:`TritonEmbedder`);
 - :mod:`engine.store`, :mod:`engine.records`, :mod:`engine.indexes`: the Milvus adapter, the
   records it stores, the index types and their parameter ranges;
@@ -28,17 +29,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.errors import (
         ConfigurationError,
+        ModelMismatchError,
+        ModelSpecError,
         PermanentError,
         Reason,
         RetriableError,
         Stage,
         TridentError,
+        UnknownModelError,
     )
     from engine.fetch import ImageFetcher
     from engine.images import DecodedImage, decode_image
     from engine.indexes import IndexSpec
     from engine.inference import TritonEmbedder
-    from engine.models import ModelSpec
+    from engine.models import ModelSpec, model_registry, model_spec
     from engine.preprocess import BaseJAXPreprocessor, JAXImagePreprocessor, build_preprocessor
     from engine.records import Hit, VectorRecord
     from engine.settings import Settings, load_settings
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "ConfigurationError": "engine.errors",
+    "ModelMismatchError": "engine.errors",
+    "ModelSpecError": "engine.errors",
+    "UnknownModelError": "engine.errors",
     "PermanentError": "engine.errors",
     "Reason": "engine.errors",
     "RetriableError": "engine.errors",
@@ -57,6 +64,8 @@ _EXPORTS = {
     "IndexSpec": "engine.indexes",
     "TritonEmbedder": "engine.inference",
     "ModelSpec": "engine.models",
+    "model_registry": "engine.models",
+    "model_spec": "engine.models",
     "BaseJAXPreprocessor": "engine.preprocess",
     "JAXImagePreprocessor": "engine.preprocess",
     "build_preprocessor": "engine.preprocess",
@@ -75,7 +84,9 @@ __all__ = [
     "ImageFetcher",
     "IndexSpec",
     "JAXImagePreprocessor",
+    "ModelMismatchError",
     "ModelSpec",
+    "ModelSpecError",
     "PermanentError",
     "Reason",
     "RetriableError",
@@ -83,11 +94,14 @@ __all__ = [
     "Stage",
     "TridentError",
     "TritonEmbedder",
+    "UnknownModelError",
     "VectorRecord",
     "VectorStore",
     "build_preprocessor",
     "decode_image",
     "load_settings",
+    "model_registry",
+    "model_spec",
 ]
 
 

@@ -48,6 +48,9 @@ code::
     │       ├── InferenceConfigurationError Triton refused the request itself
     │       ├── StoreAuthenticationError    Milvus refused the credentials
     │       ├── TorchPickleError            unreadable model weights
+    │       ├── UnknownModelError           a model name the registry does not have
+    │       ├── ModelSpecError              a model spec (file) or an ONNX file that is wrong
+    │       ├── ModelMismatchError          the served model is not what its spec says
     │       └── SourceError                 (also ValueError) an unreadable producer source
     └── BatchAbandonedError                 the worker's cancel signal, never a record's error
     ValueError
@@ -136,6 +139,10 @@ class Reason(StrEnum):
     # A collection that exists, but not as asked: another dimension, or no vector index.
     COLLECTION_CONFLICT = "collection_conflict"
     NO_VECTOR_INDEX = "no_vector_index"
+    # A collection bound to another model than the worker's (its vectors would be mixed) or
+    # than the query API can serve (Triton does not serve the collection's model).
+    COLLECTION_MODEL_MISMATCH = "collection_model_mismatch"
+    MODEL_NOT_SERVED = "model_not_served"
     # Searches and the query API.
     INVALID_QUERY = "invalid_query"
     INVALID_FILTER = "invalid_filter"
@@ -168,6 +175,9 @@ class Reason(StrEnum):
     KAFKA_UNAVAILABLE = "kafka_unavailable"
     # Deployment.
     MODEL_WEIGHTS = "model_weights"
+    UNKNOWN_MODEL = "unknown_model"
+    MODEL_SPEC = "model_spec"
+    MODEL_MISMATCH = "model_mismatch"
     MILVUS_AUTHENTICATION = "milvus_authentication"
 
 
@@ -251,8 +261,10 @@ class UnknownCollectionError(PermanentError):
 
 
 class CollectionConflictError(PermanentError):
-    """A collection of that name exists, but not as asked: created with another dimension, or
-    without a vector index (made elsewhere). Drop it, or use another name."""
+    """A collection of that name exists, but not as asked: created with another dimension or
+    model, without a vector index (made elsewhere), or bound to a model this process cannot
+    embed with (``collection_model_mismatch``, ``model_not_served``). Drop it, use another
+    name, or run a worker (or Triton) serving the collection's model."""
 
     reason: str = Reason.COLLECTION_CONFLICT
 
@@ -302,6 +314,26 @@ class TorchPickleError(ConfigurationError):
     """The file is not a readable legacy torch state dict (wrong format, corrupt, unsafe)."""
 
     reason = Reason.MODEL_WEIGHTS
+
+
+class UnknownModelError(ConfigurationError):
+    """A model name the registry (``engine.models``) does not have; the message lists it."""
+
+    reason = Reason.UNKNOWN_MODEL
+
+
+class ModelSpecError(ConfigurationError):
+    """A model spec that cannot be used: an unreadable or invalid spec file, a name taken twice,
+    or an ONNX file whose tensors do not match its spec."""
+
+    reason = Reason.MODEL_SPEC
+
+
+class ModelMismatchError(ConfigurationError):
+    """The model Triton serves under the configured name is not the one its spec describes
+    (tensor names, dims, data types): the repository and the settings disagree."""
+
+    reason = Reason.MODEL_MISMATCH
 
 
 class SourceError(ConfigurationError, ValueError):

@@ -28,7 +28,6 @@ from engine.errors import (
     TruncatedImageError,
     UnsupportedModeError,
 )
-from engine.models import DEFAULT_MODEL_SPEC
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +82,17 @@ class DecodedImage:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int, target_short_side: int = DEFAULT_MODEL_SPEC.resize_short_side
+    data: bytes, *, max_pixels: int, target_short_side: int | None = None
 ) -> DecodedImage:
     """Decode ``data`` (JPEG, PNG, WebP, GIF, BMP, TIFF) to upright RGB uint8 pixels.
 
     The pixel count in the header is checked against ``max_pixels`` (``fetch.max_pixels``)
     before any pixel is decoded, and before Pillow's own decompression-bomb limit, so that the
     error names ours.
-    JPEGs are decoded in draft mode (DCT-domain downscaling by 2, 4 or 8) to the smallest size
-    whose shorter side is still at least ``target_short_side``. Transparent images are composited
+    Given ``target_short_side`` (the shorter side the model's preprocessing resizes to, e.g. a
+    preprocessor's ``decode_short_side``), JPEGs are decoded in draft mode (DCT-domain
+    downscaling by 2, 4 or 8) to the smallest size whose shorter side is still at least that;
+    without it, at full size. Transparent images are composited
     on white; 16-bit images keep their 8 most significant bits; only the first frame of animations
     is used.
 
@@ -118,7 +119,11 @@ def decode_image(
             f"{width}x{height} = {width * height} pixels exceeds the decoder's limit of "
             f"{Image.MAX_IMAGE_PIXELS} (fetch.max_pixels={max_pixels} is set above it)"
         )
-    if image.format in ("JPEG", "MPO") and min(width, height) > target_short_side:
+    if (
+        target_short_side is not None
+        and image.format in ("JPEG", "MPO")
+        and min(width, height) > target_short_side
+    ):
         scale = target_short_side / min(width, height)
         image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     _load(image, data, max_pixels)

@@ -14,7 +14,9 @@ server's repository index, never by a "not found" alone, which a loading server 
 
 Readiness (:meth:`TritonEmbedder.check_ready`) asks with a deadline on a client of its own;
 :meth:`TritonEmbedder.wait_until_ready` is what the worker and the query API do at start-up
-(``triton.ready_timeout_s``).
+(``triton.ready_timeout_s``). Given the model's spec, it then checks that the served model is
+that one (:meth:`TritonEmbedder.check_model`: Triton's model metadata, tensor names, dims and
+data types), and refuses with :class:`ModelMismatchError` otherwise.
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from engine.errors import InferenceConfigurationError, InferenceUnavailableError, Reason, Stage
-from engine.models import ModelBatch
+from engine.errors import (
+    InferenceConfigurationError,
+    InferenceUnavailableError,
+    ModelMismatchError,
+    Reason,
+    Stage,
+)
+from engine.models import (
+    ModelBatch,
+    ModelSpec,
+    TensorDescription,
+    input_is_channels_last,
+    input_is_pixels,
+    tensor_problems,
+)
 from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -65,8 +80,11 @@ class TritonEmbedder:
     closes them all. Readiness probes (:meth:`check_ready`) use a short-lived client of their own.
     """
 
-    def __init__(self, settings: TritonSettings) -> None:
+    def __init__(self, settings: TritonSettings, *, model: ModelSpec | None = None) -> None:
+        """``model``: the spec the served model must match (``Settings.model``), checked by
+        :meth:`wait_until_ready`; None checks only that it is served."""
         self._settings = settings
+        self._model = model
         self._clients: dict[threading.Thread, Any] = {}
         self._lock = threading.Lock()
 
@@ -157,6 +175,28 @@ class TritonEmbedder:
             f"model {s.model_name!r} on {where} is not ready ({served[s.model_name]})"
         )
 
+    def served_models(self, timeout_s: float | None = None) -> dict[str, str]:
+        """Every model Triton's repository index lists, with its state (``READY``,
+        ``UNAVAILABLE <reason>``, ...), asked on a client of its own within ``timeout_s``
+        (default ``request_timeout_s``).
+
+        Raises:
+            InferenceUnavailableError: the server did not answer in time, or is unreachable.
+        """
+        timeout = timeout_s if timeout_s is not None else self._settings.request_timeout_s
+        deadline = {"client_timeout": timeout} if self._settings.protocol == "grpc" else {}
+        client = self._new_client(timeout)
+        try:
+            return self._served_models(client, deadline)
+        except Exception as exc:  # any failure to answer means "unavailable"
+            s = self._settings
+            why = str(exc) or type(exc).__name__
+            raise InferenceUnavailableError(
+                f"Triton at {s.url} ({s.protocol}) did not answer: {why}"
+            ) from exc
+        finally:
+            _close_quietly(client)
+
     def _served_models(self, client: Any, deadline: dict[str, float]) -> dict[str, str]:
         """The repository index: every model the server knows (loaded or not) and its state."""
         if self._settings.protocol == "grpc":
@@ -185,14 +225,22 @@ class TritonEmbedder:
         """Block until the model is ready, for at most ``timeout_s`` (``triton.ready_timeout_s``;
         0 does not wait, nor ask). Logs once when it has to wait, and when the wait is over.
 
+        Then, given the model's spec, checks the served model against it (:meth:`check_model`).
+
         Raises:
             InferenceConfigurationError: the server is up and does not know the model (at once:
                 waiting cannot help).
+            ModelMismatchError: the served model is not the one its spec describes.
             InferenceUnavailableError: not ready within ``timeout_s``; the message names the
                 model, the URL and the last reason.
         """
         if timeout_s <= 0:
             return
+        self._wait_for_model(timeout_s, poll_s)
+        if self._model is not None:
+            self.check_model(self._model, min(_READY_PROBE_TIMEOUT_S, timeout_s))
+
+    def _wait_for_model(self, timeout_s: float, poll_s: float) -> None:
         s = self._settings
         began = time.monotonic()
         deadline = began + timeout_s
@@ -227,6 +275,58 @@ class TritonEmbedder:
                     time.monotonic() - began,
                 )
             return
+
+    def served_tensors(
+        self, timeout_s: float | None = None
+    ) -> tuple[list[TensorDescription], list[TensorDescription]]:
+        """The served model's inputs and outputs as Triton's model metadata describes them.
+
+        Raises:
+            InferenceUnavailableError: Triton did not answer (in ``timeout_s``, default
+                ``request_timeout_s``).
+            InferenceConfigurationError: Triton refused the question (e.g. an unknown model).
+        """
+        s = self._settings
+        timeout = timeout_s if timeout_s is not None else s.request_timeout_s
+        client = self._new_client(timeout)
+        try:
+            with self._translated_errors():
+                if s.protocol == "grpc":
+                    metadata = client.get_model_metadata(
+                        s.model_name, s.model_version, as_json=True, client_timeout=timeout
+                    )
+                else:
+                    metadata = client.get_model_metadata(s.model_name, s.model_version)
+        finally:
+            _close_quietly(client)
+
+        def tensors(key: str) -> list[TensorDescription]:
+            # gRPC's JSON writes int64 dims as strings.
+            return [
+                (str(t["name"]), str(t["datatype"]), tuple(int(d) for d in t.get("shape", [])))
+                for t in metadata.get(key, [])
+            ]
+
+        return tensors("inputs"), tensors("outputs")
+
+    def check_model(self, spec: ModelSpec, timeout_s: float | None = None) -> None:
+        """Return when the model Triton serves under ``triton.model_name`` has ``spec``'s
+        tensors (names, dims, data types: :func:`engine.models.tensor_problems`).
+
+        Raises:
+            ModelMismatchError: it does not; the message lists every difference.
+            InferenceUnavailableError, InferenceConfigurationError: as :meth:`served_tensors`.
+        """
+        inputs, outputs = self.served_tensors(timeout_s)
+        problems = tensor_problems(spec, inputs, outputs)
+        if problems:
+            s = self._settings
+            raise ModelMismatchError(
+                f"Triton at {s.url} serves model {s.model_name!r} unlike its spec "
+                f"({spec.family}, tag {spec.model_version_tag}): {'; '.join(problems)}. Serve the "
+                "model the spec describes (trident-models add checks one), or fix the spec or "
+                "the settings naming it"
+            )
 
     # Embedding ------------------------------------------------------------------------------
 
@@ -264,8 +364,10 @@ class TritonEmbedder:
 
     def _as_model_input(self, batch: ModelBatch) -> ModelBatch:
         fmt = self._settings.input_format
-        if fmt == "uint8_nhwc":
-            fits = batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[-1] == 3
+        pixels = input_is_pixels(fmt)
+        if pixels:
+            channels = batch.shape[-1] if input_is_channels_last(fmt) else batch.shape[1]
+            fits = batch.dtype == np.uint8 and batch.ndim == 4 and channels == 3
         else:
             fits = bool(np.issubdtype(batch.dtype, np.floating))
         if not fits:
@@ -274,7 +376,7 @@ class TritonEmbedder:
                 f"{list(batch.shape)}: the preprocessing does not match triton.input_format",
                 stage=Stage.EMBED,
             )
-        return np.ascontiguousarray(batch, dtype=np.uint8 if fmt == "uint8_nhwc" else np.float32)
+        return np.ascontiguousarray(batch, dtype=np.uint8 if pixels else np.float32)
 
     def _inputs(self, data: ModelBatch, input_name: str, output_name: str) -> tuple[Any, Any]:
         module: Any = grpcclient if self._settings.protocol == "grpc" else httpclient

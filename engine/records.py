@@ -6,13 +6,16 @@ store (which sends them) both depend on this module, never on each other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from engine.errors import UnknownModelError
 from engine.indexes import IndexSpec
+from engine.models import ModelSpec
 
 VECTOR_FIELD = "embedding"
 # Scalar fields stored beside each vector (see VectorRecord).
@@ -99,12 +102,50 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class CollectionInfo:
-    """What a collection was created with."""
+    """What a collection was created with.
+
+    ``model_name`` and ``model_tag``: the model the collection is bound to (its vectors are that
+    model's). Collections made before models were recorded by name have a tag only, and
+    collections made elsewhere (or by a caller that named no model) neither: see
+    :meth:`bound_model`.
+    """
 
     name: str
     dimension: int
     index: IndexSpec
     description: str = ""
     model_tag: str = ""
+    model_name: str = ""
     # A dynamic schema (made elsewhere: ours are not) takes undeclared keys in "$meta".
     dynamic_field: bool = False
+
+    def bound_model(self, registry: Mapping[str, ModelSpec], configured: ModelSpec) -> ModelSpec:
+        """The spec of the model whose vectors this collection holds.
+
+        The recorded name when there is one. Otherwise (a collection made before names were
+        recorded) the ``configured`` model when the recorded tag is its tag or no tag was
+        recorded at all (today's default, as before), else the first model of ``registry``
+        with that tag.
+
+        Raises:
+            UnknownModelError: the collection's model is not in ``registry``; the message names
+                it and says what to do.
+        """
+        if self.model_name:
+            spec = registry.get(self.model_name)
+            if spec is not None:
+                return spec
+            missing = f"model {self.model_name!r} (tag {self.model_tag!r})"
+        else:
+            if not self.model_tag or self.model_tag == configured.model_version_tag:
+                return configured
+            tagged = (s for s in registry.values() if s.model_version_tag == self.model_tag)
+            found = next(tagged, None)
+            if found is not None:
+                return found
+            missing = f"a model of tag {self.model_tag!r}"
+        raise UnknownModelError(
+            f"collection {self.name!r} holds vectors of {missing}, which the model registry does "
+            "not have: add the model (trident-models add) and point triton.model_repository at "
+            "its repository"
+        )

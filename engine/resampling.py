@@ -1,14 +1,18 @@
 """Batch preprocessing for the embedding model, in JAX: resize, centre crop, normalise.
 
 Per image: shorter side resized to ``resize_short_side`` with Pillow's bicubic filter
-(antialiased when downscaling), centre crop ``image_size`` square, then one of two outputs
-(``output``, the served model's :data:`~engine.models.InputFormat`):
+(antialiased when downscaling), centre crop ``image_size`` square, then the served model's
+input (``output``, an :data:`~engine.models.InputFormat`):
 
-- ``"float32_nchw"``: ``(x - mean) / std`` per channel (the model's 127 and 128 by default),
-  NCHW float32 (602 KB an image at 224);
-- ``"uint8_nhwc"``: the cropped pixels as they are, uint8 NHWC (150 KB an image), for the model
-  that normalises inside its graph. The float32 output is exactly this one normalised: the
-  resampling rounds to uint8 after each pass, as Pillow does.
+- ``"float32_nchw"`` / ``"float32_nhwc"``: ``(x - mean) / std`` per channel, float32
+  (4 bytes a value);
+- ``"uint8_nhwc"`` / ``"uint8_nchw"``: the cropped pixels as they are, uint8 (a quarter of the
+  bytes), for a model that normalises inside its graph. The float32 output is exactly this one
+  normalised: the resampling rounds to uint8 after each pass, as Pillow does.
+
+Sizes and normalisation are a model's (:class:`~engine.models.ModelSpec`):
+:meth:`JaxPreprocessor.for_model` takes them from a spec; the keyword defaults are the default
+model's (:data:`~engine.models.DEFAULT_MODEL_SPEC`, the earlier API's).
 
 :func:`reference_pixels` / :func:`reference_preprocess` do the same with Pillow and numpy and
 are the definition the JAX path is tested against. Both take the two passes in the order
@@ -47,18 +51,27 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES, InputFormat, ModelBatch
+from engine.models import (
+    DEFAULT_MODEL_SPEC,
+    INPUT_FORMATS,
+    PREPROCESS_BATCH_SIZES,
+    InputFormat,
+    ModelBatch,
+    ModelSpec,
+    input_is_channels_last,
+    input_is_pixels,
+)
 
 logger = logging.getLogger(__name__)
 
-# Per-channel (R, G, B) normalisation on the 0-255 scale; the model's own by default.
+# Per-channel (R, G, B) normalisation on the 0-255 scale; the default model's by default.
 Channels = tuple[float, float, float]
 MODEL_MEAN: Channels = DEFAULT_MODEL_SPEC.input_mean
 MODEL_STD: Channels = DEFAULT_MODEL_SPEC.input_std
-# The model's normalisation is the same for every channel: these are its one mean and std.
+# The default model's normalisation is the same for every channel: its one mean and std.
 MEAN = MODEL_MEAN[0]
 STD = MODEL_STD[0]
-# The model's input size and the shorter side it is cropped from.
+# The default model's input size and the shorter side it is cropped from.
 _SIZE = DEFAULT_MODEL_SPEC.image_size
 _SHORT_SIDE = DEFAULT_MODEL_SPEC.resize_short_side
 DEFAULT_SCALE_BUCKETS = (1.0, 2.0, 4.0, 8.0)
@@ -182,8 +195,8 @@ class JaxPreprocessor:
         """Choose sizes, batch sizes, scale buckets, normalisation, output and the device.
 
         ``device``: "gpu" needs a GPU, "auto" uses one when JAX sees one, "cpu" never does.
-        ``mean`` and ``std`` are per RGB channel, on the 0-255 scale; the ``"uint8_nhwc"``
-        output ignores them (the model normalises).
+        ``mean`` and ``std`` are per RGB channel, on the 0-255 scale; the uint8 outputs ignore
+        them (the model normalises).
 
         Raises:
             ValueError: inconsistent sizes, batch sizes or buckets.
@@ -201,8 +214,8 @@ class JaxPreprocessor:
             raise ValueError(f"scale_buckets must be positive, got {scale_buckets!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"need 3 means and 3 positive stds, got {mean!r}, {std!r}")
-        if output not in ("float32_nchw", "uint8_nhwc"):
-            raise ValueError(f"output must be 'float32_nchw' or 'uint8_nhwc', got {output!r}")
+        if output not in INPUT_FORMATS:
+            raise ValueError(f"output must be one of {INPUT_FORMATS}, got {output!r}")
         self.output: InputFormat = output
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(d) for d in std)
@@ -218,6 +231,23 @@ class JaxPreprocessor:
             "preprocessing on %s; buckets (max scale, canvas, taps, batch sizes): %s",
             self.device,
             [(b.max_scale, b.canvas, b.taps, b.batch_sizes) for b in self._buckets],
+        )
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, **options: Any) -> JaxPreprocessor:
+        """The preprocessing ``spec``'s model takes: its sizes, normalisation and input format.
+        ``options``: ``batch_sizes``, ``device``, ``scale_buckets``.
+
+        Raises:
+            ValueError, RuntimeError: as the constructor.
+        """
+        return cls(
+            image_size=spec.image_size,
+            resize_short_side=spec.resize_short_side,
+            mean=spec.input_mean,
+            std=spec.input_std,
+            output=spec.input_format,
+            **options,
         )
 
     @property
@@ -245,8 +275,8 @@ class JaxPreprocessor:
         )
 
     def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> ModelBatch:
-        """The model's input batch for RGB uint8 ``[h, w, 3]`` images: float32
-        ``[n, 3, s, s]`` or uint8 ``[n, s, s, 3]`` (``output``), ``s = image_size``.
+        """The model's input batch for RGB uint8 ``[h, w, 3]`` images in ``output``'s dtype and
+        layout: ``[n, s, s, 3]`` or ``[n, 3, s, s]``, ``s = image_size``.
 
         Row ``i`` belongs to ``images[i]``; padding rows never reach the result.
 
@@ -254,11 +284,11 @@ class JaxPreprocessor:
             ValueError: an image is not a non-empty uint8 ``[h, w, 3]`` array.
         """
         out = self.image_size
-        pixels = self.output == "uint8_nhwc"
-        shape = (len(images), out, out, 3) if pixels else (len(images), 3, out, out)
-        result = np.empty(shape, dtype=np.uint8 if pixels else np.float32)
+        last = input_is_channels_last(self.output)
+        shape = (len(images), out, out, 3) if last else (len(images), 3, out, out)
+        result = np.empty(shape, dtype=np.uint8 if input_is_pixels(self.output) else np.float32)
         # A transposed placement comes back with height and width swapped.
-        swapped = (1, 0, 2) if pixels else (0, 2, 1)
+        swapped = (1, 0, 2) if last else (0, 2, 1)
         groups: dict[int, list[tuple[int, _Placement]]] = {}
         for row, image in enumerate(images):
             placement = self._place(image)
@@ -351,7 +381,8 @@ class JaxPreprocessor:
                     _resize_crop_normalise,
                     out=self.image_size,
                     taps=bucket.taps,
-                    normalise=(self.mean, self.std) if self.output == "float32_nchw" else None,
+                    normalise=None if input_is_pixels(self.output) else (self.mean, self.std),
+                    channels_first=not input_is_channels_last(self.output),
                 )
                 self._executables[key] = (
                     jax.jit(jax.vmap(_pack_pixels)).lower(canvas).compile(),
@@ -509,9 +540,11 @@ def _resize_crop_normalise(
     out: int,
     taps: int,
     normalise: tuple[tuple[float, ...], tuple[float, ...]] | None,
+    channels_first: bool,
 ) -> jax.Array:
-    """One image: packed canvas uint32 ``[c, c]`` -> ``(x - mean) / std`` float32
-    ``[3, out, out]`` with ``normalise=(mean, std)``, else the uint8 pixels ``[out, out, 3]``."""
+    """One image: packed canvas uint32 ``[c, c]`` -> ``(x - mean) / std`` float32 with
+    ``normalise=(mean, std)``, else the uint8 pixels; ``[3, out, out]`` if ``channels_first``,
+    else ``[out, out, 3]``."""
     side = words.shape[0]
     y_index, y_weights = _axis_taps(params[0:4], out=out, taps=taps, canvas=side)
     x_index, x_weights = _axis_taps(params[4:8], out=out, taps=taps, canvas=side)
@@ -520,7 +553,8 @@ def _resize_crop_normalise(
     rows = _transpose_pixels(jax.lax.bitcast_convert_type(horizontal, jnp.uint32))  # [y, x, 4]
     vertical = _to_uint8(_tap_sum(rows[:, :, :3], y_index, y_weights))
     if normalise is None:
-        return vertical.astype(jnp.uint8)
-    mean, std = normalise
-    normalised = (vertical - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return jnp.transpose(normalised, (2, 0, 1))
+        result = vertical.astype(jnp.uint8)
+    else:
+        mean, std = normalise
+        result = (vertical - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return jnp.transpose(result, (2, 0, 1)) if channels_first else result

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -28,14 +28,21 @@ from engine.errors import ConfigurationError
 from engine.indexes import IndexSpec, IndexType, Metric
 from engine.models import (
     DEFAULT_MODEL_SPEC,
+    MODEL_SPEC_FILE,
     PREPROCESS_BATCH_SIZES,
-    SERVED_MODEL_SPECS,
     UINT8_MODEL_SPEC,
     InputFormat,
+    ModelSpec,
+    input_is_pixels,
+    model_registry,
+    model_spec,
     project_model_for,
+    repository_model_specs,
 )
 from schemas import EventLimits
 from schemas.errors import validation_problems
+
+_S = TypeVar("_S", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -202,58 +209,123 @@ class KafkaSettings(_Section):
 class TritonSettings(_Section):
     """Where the embedding model is served, which model, and what it takes.
 
-    ``model_name`` defaults to the uint8-pixel model; in a :class:`Settings` it follows the
-    preprocessing when not given (see :class:`Settings`). ``input_format`` is what the model
-    takes; when not given it is known for the project's own models
-    (:data:`~engine.models.SERVED_MODEL_SPECS`) and ``float32_nchw`` for any other.
+    ``model_name`` names a model of the registry (:func:`engine.models.model_registry`: the
+    built-in models, and the user models whose spec files lie in ``model_repository``); the
+    keys below it follow from that model's spec when not given, and a given one that
+    contradicts the spec is an error naming both. In a :class:`Settings`, ``model_name`` itself
+    follows the preprocessing when not given (see :class:`Settings`).
+
+    A name the registry does not have is an *unregistered* model, described by these keys (the
+    earlier configurations' way): it takes ``float32_nchw`` unless ``input_format`` says
+    otherwise, and the other keys keep the default model's values unless given.
     """
 
     url: str = "127.0.0.1:18001"
     protocol: Literal["grpc", "http"] = "grpc"
     model_name: str = UINT8_MODEL_SPEC.name
+    model_repository: Path | None = Field(
+        None,
+        description="A Triton model repository holding models added by trident-models add: "
+        "their spec files (<dir>/<name>/" + MODEL_SPEC_FILE + ") join the registry.",
+    )
     input_format: InputFormat = UINT8_MODEL_SPEC.input_format
     model_version: str = ""
-    input_name: str = DEFAULT_MODEL_SPEC.input_name
-    output_name: str = DEFAULT_MODEL_SPEC.output_name
-    max_batch_size: int = DEFAULT_MODEL_SPEC.max_batch_size
-    model_tag: str = Field(DEFAULT_MODEL_SPEC.model_version_tag, description="Stored with vectors.")
+    input_name: str = UINT8_MODEL_SPEC.input_name
+    output_name: str = UINT8_MODEL_SPEC.output_name
+    max_batch_size: int = Field(UINT8_MODEL_SPEC.max_batch_size, ge=1)
+    model_tag: str = Field(UINT8_MODEL_SPEC.model_version_tag, description="Stored with vectors.")
     request_timeout_s: float = 30.0
     ready_timeout_s: float = 120.0
     # A batch goes out as this many equal requests at once (more if a part would exceed
     # max_batch_size), so that each of the model's instances (ModelSpec.instance_count) runs
     # a part: docs/PERFORMANCE.md, "Triton tuning".
     parallel_requests: int = Field(
-        DEFAULT_MODEL_SPEC.instance_count,
+        UINT8_MODEL_SPEC.instance_count,
         ge=1,
         le=64,
         description="Requests one batch is split into, sent at once (one per model instance).",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _format_of_a_named_model(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "model_name" in data and "input_format" not in data:
-            known = SERVED_MODEL_SPECS.get(str(data["model_name"]))
-            # Any other model is taken to be like the float32 one, as every model was before.
-            data = {**data, "input_format": known.input_format if known else "float32_nchw"}
-        return data
+    _registry: dict[str, ModelSpec] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _format_fits_a_known_model(self) -> Self:
-        known = SERVED_MODEL_SPECS.get(self.model_name)
-        if known is not None and known.input_format != self.input_format:
+    def _follow_the_named_model(self) -> Self:
+        """Read the registry once, then take the named model's values for the keys not given.
+
+        Raises (besides ValueError): ModelSpecError for an unreadable spec file.
+        """
+        user = repository_model_specs(self.model_repository) if self.model_repository else ()
+        self._registry = model_registry(user)
+        if "model_name" not in self.model_fields_set and "input_format" in self.model_fields_set:
+            # A format without a name: the default model's variant taking it.
+            _fill(self, "model_name", project_model_for(self.input_format).name)
+        return self.following(self._registry.get(self.model_name))
+
+    def registry(self) -> dict[str, ModelSpec]:
+        """Every servable model by name: the built-in ones and those of ``model_repository``."""
+        return dict(self._registry)
+
+    def following(self, spec: ModelSpec | None) -> Self:
+        """Fill the keys not given from ``spec`` (``None``: an unregistered model), after
+        checking that the given ones agree with it (tensor names given are kept: they are what
+        is sent). Returns ``self``, filled.
+
+        Raises:
+            ValueError: a given key contradicts the spec, naming both.
+        """
+        given = self.model_fields_set
+        if spec is None:
+            if "input_format" not in given:
+                _fill(self, "input_format", "float32_nchw")  # as every model was before
+            return self
+        derived = _triton_values(spec)
+        # Tensor names given are what is sent (the earlier API's per-model names): they are
+        # the model as these settings address it (Settings.model), checked against what Triton
+        # serves at start. What the model is (input, tag) must be the spec's.
+        for key in ("input_format", "model_tag"):
+            if key in given and getattr(self, key) != derived[key]:
+                raise ValueError(
+                    f"triton.{key} {getattr(self, key)!r} does not fit model {spec.name!r}, "
+                    f"whose spec says {derived[key]!r}: drop triton.{key} (it follows "
+                    "triton.model_name)"
+                )
+        if "max_batch_size" in given and self.max_batch_size > spec.max_batch_size:
             raise ValueError(
-                f"triton.input_format {self.input_format!r} does not fit model "
-                f"{self.model_name!r}, which takes {known.input_format!r}"
+                f"triton.max_batch_size {self.max_batch_size} exceeds model {spec.name!r}'s "
+                f"{spec.max_batch_size}"
             )
+        for key, value in derived.items():
+            if key not in given:
+                _fill(self, key, value)
         return self
+
+
+def _triton_values(spec: ModelSpec) -> dict[str, Any]:
+    """The triton keys a model's spec decides."""
+    return {
+        "input_format": spec.input_format,
+        "input_name": spec.input_name,
+        "output_name": spec.output_name,
+        "max_batch_size": spec.max_batch_size,
+        "model_tag": spec.model_version_tag,
+    }
+
+
+def _fill(section: BaseModel, key: str, value: Any) -> None:
+    """Set a key that was not given, leaving it not given (``model_fields_set`` unchanged):
+    what a section was told and what it derived stay apart, so a later derivation (a
+    :class:`Settings` choosing the model) can still replace it."""
+    section.__dict__[key] = value
 
 
 class MilvusSettings(_Section):
     uri: str = "http://127.0.0.1:19530"
     token: str = ""
     collection: str = Field("images", description="The default collection, created by the worker.")
-    dimension: int = DEFAULT_MODEL_SPEC.output_dim
+    dimension: int = Field(
+        UINT8_MODEL_SPEC.output_dim,
+        ge=1,
+        description="Of new collections; in a Settings it follows the model (triton.model_name).",
+    )
     metric: Metric = "COSINE"
     index_type: IndexType = "HNSW"
     # Empty means the index type's defaults (see engine/indexes.py).
@@ -303,65 +375,46 @@ class PreprocessSettings(_Section):
     ``mean``, ``std``). Worker and query API use the same one, so queries are embedded exactly
     as stored images were.
 
-    ``output`` is what the preprocessing hands to the model: ``uint8_nhwc`` pixels (the built-in
-    preprocessing with the model's own normalisation, which the uint8 model applies itself) or
-    ``float32_nchw``. When not given it is ``float32_nchw`` for a custom class or a custom
-    ``mean``/``std``, and in a :class:`Settings` it follows an explicitly chosen model.
+    In a :class:`Settings`, ``image_size``, ``resize_short_side``, ``output`` and the
+    normalisation follow the model (``triton.model_name``'s spec) when not given; given ones
+    must fit it (``mean``/``std`` may differ only for a model taking float32 input, which the
+    preprocessing normalises). ``output`` is what the preprocessing hands to the model, the
+    model's :data:`~engine.models.InputFormat`. On its own (no model), ``output`` is
+    ``float32_nchw`` for a custom class or a ``mean``/``std`` other than the default model's.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     device: Literal["auto", "cpu", "gpu"] = "auto"
     batch_sizes: tuple[int, ...] = PREPROCESS_BATCH_SIZES
-    image_size: int = Field(DEFAULT_MODEL_SPEC.image_size, ge=1)
-    resize_short_side: int = Field(DEFAULT_MODEL_SPEC.resize_short_side, ge=1)
+    image_size: int = Field(UINT8_MODEL_SPEC.image_size, ge=1)
+    resize_short_side: int = Field(UINT8_MODEL_SPEC.resize_short_side, ge=1)
     mean: tuple[float, float, float] = Field(
-        DEFAULT_MODEL_SPEC.input_mean, description="0-255 scale."
+        UINT8_MODEL_SPEC.input_mean, description="0-255 scale."
     )
-    std: tuple[float, float, float] = Field(
-        DEFAULT_MODEL_SPEC.input_std, description="0-255 scale."
-    )
+    std: tuple[float, float, float] = Field(UINT8_MODEL_SPEC.input_std, description="0-255 scale.")
     class_: str = Field("", alias="class", pattern=r"^$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the custom class."
     )
-    output: InputFormat = "uint8_nhwc"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _float32_unless_built_in(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "output" not in data and not _model_normalisation(data):
-            data = {**data, "output": "float32_nchw"}
-        return data
+    output: InputFormat = UINT8_MODEL_SPEC.input_format
 
     @model_validator(mode="after")
-    def _uint8_needs_the_models_normalisation(self) -> Self:
-        if (
-            self.output == "uint8_nhwc"
-            and not self.class_
-            and not _model_normalisation({"mean": self.mean, "std": self.std})
+    def _float32_unless_built_in(self) -> Self:
+        if "output" not in self.model_fields_set and (
+            self.class_ or not self.normalises_like(UINT8_MODEL_SPEC)
         ):
-            raise ValueError(
-                "preprocess.output 'uint8_nhwc' leaves normalisation to the model, whose own is "
-                f"mean {UINT8_MODEL_SPEC.input_mean}, std {UINT8_MODEL_SPEC.input_std}: another "
-                "mean/std needs output 'float32_nchw' (and a model taking it)"
-            )
+            _fill(self, "output", "float32_nchw")
         return self
 
-
-def _model_normalisation(values: dict[str, Any]) -> bool:
-    """True when raw section values keep the built-in preprocessing with the model's mean/std."""
-    if values.get("class") or values.get("class_"):
-        return False
-    spec = UINT8_MODEL_SPEC
-    # Close, not equal: the earlier config writes them as 127 / 255 * 255.
-    return all(
-        all(
-            math.isclose(float(v), d, abs_tol=1e-6)
-            for v, d in zip(values.get(key, default), default, strict=True)
-        )
-        for key, default in (("mean", spec.input_mean), ("std", spec.input_std))
-    )
+    def normalises_like(self, spec: ModelSpec) -> bool:
+        """True when ``mean`` and ``std`` are ``spec``'s (close: the earlier config writes them
+        as 127 / 255 * 255)."""
+        pairs = [
+            *zip(self.mean, spec.input_mean, strict=True),
+            *zip(self.std, spec.input_std, strict=True),
+        ]
+        return all(math.isclose(a, b, abs_tol=1e-6) for a, b in pairs)
 
 
 class BatchSettings(_Section):
@@ -468,44 +521,67 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
-    @model_validator(mode="after")
-    def _preprocessing_fits_the_model(self) -> Self:
-        """The model follows the preprocessing unless chosen, else the preprocessing follows it.
+    _model: ModelSpec = PrivateAttr(default=UINT8_MODEL_SPEC)
 
-        Explicit on both sides and different, or a preprocessing that cannot produce what an
-        explicitly chosen model takes, is an error here, at startup, naming both.
+    @property
+    def model(self) -> ModelSpec:
+        """The spec of the model these settings serve: the registry's for ``triton.model_name``
+        (with the tensor names the settings send, where they give others), or, for an
+        unregistered name, the one the triton, preprocess and milvus keys describe."""
+        return self._model
+
+    @model_validator(mode="after")
+    def _derive_the_model(self) -> Self:
+        """The one derivation of everything the model decides, from its spec.
+
+        The model is ``triton.model_name``; when not given it follows the preprocessing (the
+        default model's variant taking ``preprocess.output``, or ``triton.input_format`` when
+        that is given): a custom class or normalisation gets the float32 one. Then the
+        triton keys, ``milvus.dimension`` and the preprocessing's sizes, normalisation and
+        output not given are the spec's; given ones that contradict it are an error here, at
+        startup, naming both.
+
+        Raises (besides ValueError): ModelSpecError for an unreadable user spec file.
         """
-        triton, preprocess = self.triton, self.preprocess
-        model_chosen = bool({"model_name", "input_format"} & triton.model_fields_set)
-        if triton.input_format != preprocess.output:
-            if not model_chosen:
-                model = project_model_for(preprocess.output)
-                self.triton = TritonSettings.model_validate(
-                    {
-                        **triton.model_dump(),
-                        "model_name": model.name,
-                        "input_format": model.input_format,
-                    }
-                )
-            elif "output" not in preprocess.model_fields_set:
-                self.preprocess = PreprocessSettings.model_validate(
-                    {**preprocess.model_dump(by_alias=True), "output": triton.input_format}
-                )
-        if self.triton.input_format != self.preprocess.output:
-            pre = self.preprocess
-            if pre.class_:
-                why = f"preprocess.class {pre.class_!r}"
-            elif "output" in pre.model_fields_set and pre.output == "float32_nchw":
-                why = "preprocess.output or a mean/std other than the model's"
-            else:
-                why = "preprocess.output"
-            raise ValueError(
-                f"triton model {self.triton.model_name!r} takes {self.triton.input_format!r} but "
-                f"the preprocessing outputs {pre.output!r} (because of {why}): choose a model "
-                f"taking it (the float32 one is {DEFAULT_MODEL_SPEC.name!r}) or leave "
-                "triton.model_name unset"
-            )
+        triton, pre, milvus = self.triton.model_copy(), self.preprocess, self.milvus
+        if "model_name" not in triton.model_fields_set:
+            fmt = triton.input_format if "input_format" in triton.model_fields_set else pre.output
+            _fill(triton, "model_name", project_model_for(fmt).name)
+        registered = triton.registry().get(triton.model_name)
+        triton.following(registered)  # the name may have changed: its keys follow again
+        spec = _addressed(registered, triton) if registered else None
+        spec = spec or _unregistered_spec(triton, pre, milvus)
+        _check_preprocessing(pre, spec)
+        _check_dimension(milvus, spec)
+        self.triton = triton
+        self.preprocess = _filled(pre, _preprocess_values(spec, pre))
+        self.milvus = _filled(milvus, {"dimension": spec.output_dim})
+        self._model = spec
         return self
+
+    def for_model(self, name: str) -> Settings:
+        """These settings serving the model ``name`` instead: the model's keys (the triton
+        tensor keys, ``milvus.dimension``, the preprocessing's sizes, normalisation and output)
+        derived afresh from its spec, everything else (addresses, timeouts, batching, device,
+        a custom preprocessing class) kept. For holding one embedder per model.
+
+        Raises:
+            UnknownModelError: ``name`` is not in the registry (built-in and repository models).
+            ConfigurationError: the model does not fit the kept keys (e.g. a custom class
+                for a model taking pixels).
+        """
+        spec = model_spec(name, self.triton.registry())
+        values = self.model_dump(by_alias=True, exclude_unset=True)
+        triton = {k: v for k, v in values.get("triton", {}).items() if k not in _MODEL_KEYS}
+        pre = {k: v for k, v in values.get("preprocess", {}).items() if k not in _MODEL_KEYS}
+        milvus = {k: v for k, v in values.get("milvus", {}).items() if k != "dimension"}
+        values.update(triton={**triton, "model_name": spec.name}, preprocess=pre, milvus=milvus)
+        try:
+            return Settings(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"model {name!r}: {validation_problems(exc, whole='settings')}"
+            ) from exc
 
     @model_validator(mode="after")
     def _revoke_fits_the_poll_interval(self) -> Self:
@@ -529,6 +605,123 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Only what the caller passes: the environment is read by load_settings alone.
         return (init_settings,)
+
+
+# The keys a model's spec decides, in the triton and preprocess sections.
+_MODEL_KEYS = frozenset(
+    {
+        "model_name",
+        "input_format",
+        "input_name",
+        "output_name",
+        "max_batch_size",
+        "model_tag",
+        "image_size",
+        "resize_short_side",
+        "mean",
+        "std",
+        "output",
+    }
+)
+
+
+def _filled(section: _S, values: dict[str, Any]) -> _S:
+    """A copy of ``section`` with the keys of ``values`` it was not given set to them."""
+    copy = section.model_copy()
+    for key, value in values.items():
+        if key not in section.model_fields_set:
+            _fill(copy, key, value)
+    return copy
+
+
+def _preprocess_values(spec: ModelSpec, pre: PreprocessSettings) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "output": spec.input_format,
+        "image_size": spec.image_size,
+        "resize_short_side": spec.resize_short_side,
+    }
+    if not ({"mean", "std"} & pre.model_fields_set):
+        values.update(mean=spec.input_mean, std=spec.input_std)
+    return values
+
+
+def _addressed(spec: ModelSpec, triton: TritonSettings) -> ModelSpec:
+    """``spec`` with the tensor names the settings send, when they give others."""
+    names = {key: getattr(triton, key) for key in ("input_name", "output_name")}
+    if all(getattr(spec, key) == value for key, value in names.items()):
+        return spec
+    return spec.model_copy(update=names)
+
+
+def _unregistered_spec(
+    triton: TritonSettings, pre: PreprocessSettings, milvus: MilvusSettings
+) -> ModelSpec:
+    """The spec a model the registry does not have gets from the settings' keys."""
+    try:
+        return ModelSpec(
+            name=triton.model_name,
+            family="unregistered",
+            input_name=triton.input_name,
+            input_format=triton.input_format,
+            image_size=pre.image_size,
+            resize_short_side=pre.resize_short_side,
+            input_mean=pre.mean,
+            input_std=pre.std,
+            output_name=triton.output_name,
+            output_dim=milvus.dimension,
+            model_version_tag=triton.model_tag,
+            max_batch_size=triton.max_batch_size,
+            preferred_batch_sizes=tuple(
+                b for b in DEFAULT_MODEL_SPEC.preferred_batch_sizes if b <= triton.max_batch_size
+            ),
+        )
+    except ValidationError as exc:
+        raise ValueError(
+            f"triton.model_name {triton.model_name!r} is not in the registry, and the settings "
+            f"do not describe a usable model: {validation_problems(exc, whole='model')}"
+        ) from exc
+
+
+def _check_preprocessing(pre: PreprocessSettings, spec: ModelSpec) -> None:
+    """A preprocessing whose given keys cannot feed the model is an error naming both."""
+    given, fmt = pre.model_fields_set, spec.input_format
+    leave = "leave triton.model_name unset for the default model's float32 variant"
+    if pre.class_ and fmt != "float32_nchw":
+        raise ValueError(
+            f"triton model {spec.name!r} takes {fmt!r} but preprocess.class {pre.class_!r} "
+            f"outputs 'float32_nchw': choose a model taking it (the default one's is "
+            f"{DEFAULT_MODEL_SPEC.name!r}) or {leave}"
+        )
+    if input_is_pixels(fmt) and {"mean", "std"} & given and not pre.normalises_like(spec):
+        raise ValueError(
+            f"a preprocess.mean/std other than the model's own normalisation (model "
+            f"{spec.name!r} takes {fmt!r} pixels and normalises them itself with mean "
+            f"{spec.input_mean}, std {spec.input_std}): drop preprocess.mean/std, or choose a "
+            f"model taking float32 input, or {leave}"
+        )
+    if "output" in given and pre.output != fmt:
+        raise ValueError(
+            f"triton model {spec.name!r} takes {fmt!r} but preprocess.output is "
+            f"{pre.output!r}: drop preprocess.output (it follows the model), or {leave}"
+        )
+    if spec.family == "unregistered":
+        return  # the keys describe the model: nothing to contradict
+    for key in ("image_size", "resize_short_side"):
+        if key in given and getattr(pre, key) != getattr(spec, key):
+            if key == "resize_short_side" and pre.class_:
+                continue  # a custom class resizes as it likes
+            raise ValueError(
+                f"preprocess.{key} {getattr(pre, key)} does not fit model {spec.name!r}, whose "
+                f"spec says {getattr(spec, key)}: drop preprocess.{key} (it follows the model)"
+            )
+
+
+def _check_dimension(milvus: MilvusSettings, spec: ModelSpec) -> None:
+    if "dimension" in milvus.model_fields_set and milvus.dimension != spec.output_dim:
+        raise ValueError(
+            f"milvus.dimension {milvus.dimension} does not fit model {spec.name!r}, whose "
+            f"vectors have {spec.output_dim}: drop milvus.dimension (it follows the model)"
+        )
 
 
 def read_yaml_mapping(path: Path | str, what: str) -> dict[str, Any]:

@@ -204,17 +204,15 @@ _WRITES = frozenset({_Operation.WRITE, _Operation.DELETE})
 
 
 def _description_of(text: str) -> dict[str, str]:
-    # Collections made elsewhere have a plain description; ours hold JSON (see _create).
+    # Collections made elsewhere have a plain description; ours hold JSON (see
+    # collection_schema). Those made before models were recorded by name have no model_name.
     try:
         parsed = orjson.loads(text) if text.startswith("{") else None
     except orjson.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        return {"description": text, "model_tag": ""}
-    return {
-        "description": str(parsed.get("description", "")),
-        "model_tag": str(parsed.get("model_tag", "")),
-    }
+        return {"description": text, "model_tag": "", "model_name": ""}
+    return {key: str(parsed.get(key, "")) for key in ("description", "model_tag", "model_name")}
 
 
 class VectorStore:
@@ -371,17 +369,22 @@ class VectorStore:
         index: IndexSpec | None = None,
         description: str = "",
         model_tag: str = "",
+        model_name: str = "",
     ) -> bool:
         """Create and load a collection unless it exists; return True if it was created.
 
-        ``dimension`` and ``index`` default to the settings'. An existing collection of that
-        dimension is left as it is (its index is not compared): creation is idempotent, so several
-        workers may start at once. A creation Milvus refuses leaves no collection behind.
+        ``dimension`` and ``index`` default to the settings'. ``model_name`` and ``model_tag``
+        bind the collection to the model whose vectors it will hold (recorded in its
+        description; ``CollectionInfo.bound_model``). An existing collection of that dimension
+        and model tag (or with no tag recorded, or none asked) is left as it is (its index is
+        not compared): creation is idempotent, so several workers may start at once. A
+        creation Milvus refuses leaves no collection behind.
 
         Raises:
-            CollectionConflictError: the collection exists with another dimension
-                (``collection_conflict``), or without a vector index (``no_vector_index``), or
-                the name ends in ``TOMBSTONE_SUFFIX`` (reserved; ``collection_conflict``).
+            CollectionConflictError: the collection exists with another dimension or bound to a
+                model of another tag (``collection_conflict``), or without a vector index
+                (``no_vector_index``), or the name ends in ``TOMBSTONE_SUFFIX`` (reserved;
+                ``collection_conflict``).
             InvalidQueryError: (``invalid_index``) Milvus refused the index parameters.
             StoreAuthenticationError: Milvus refused ``milvus.token``.
             StoreUnavailableError: Milvus is unreachable or not ready.
@@ -392,15 +395,25 @@ class VectorStore:
                 "tombstones of deletes; use another name"
             )
         wanted = dimension or self._settings.dimension
+        schema = collection_schema(
+            wanted, description=description, model_tag=model_tag, model_name=model_name
+        )
         created = not self.collection_exists(name) and self._create(
-            name, wanted, index or self._settings.index_spec(), description, model_tag
+            name, schema, index or self._settings.index_spec()
         )
         if not created:
-            existing = self._described_once_indexed(name).dimension
-            if existing != wanted:
+            existing = self._described_once_indexed(name)
+            if existing.dimension != wanted:
                 raise CollectionConflictError(
-                    f"collection {name!r} already exists with dimension {existing}, not "
-                    f"{wanted}: use another name, or drop it first"
+                    f"collection {name!r} already exists with dimension {existing.dimension}, "
+                    f"not {wanted}: use another name, or drop it first"
+                )
+            if model_tag and existing.model_tag and existing.model_tag != model_tag:
+                bound = existing.model_name or "a model"
+                raise CollectionConflictError(
+                    f"collection {name!r} already exists, bound to {bound} of tag "
+                    f"{existing.model_tag!r}, not {model_name or 'a model'} of tag "
+                    f"{model_tag!r}: use another name, or drop it first"
                 )
         self._call(_Operation.ADMIN, f"load {name}", "load_collection", name)
         self._collections.pop(name, None)
@@ -419,15 +432,12 @@ class VectorStore:
                     raise
             time.sleep(0.2)
 
-    def _create(
-        self, name: str, dimension: int, spec: IndexSpec, description: str, model_tag: str
-    ) -> bool:
+    def _create(self, name: str, schema: CollectionSchema, spec: IndexSpec) -> bool:
         """Create the collection, then its index; False if another client created it first.
 
         The two are separate calls so that a collection whose index Milvus refuses is dropped
         again: without an index it can be neither loaded nor searched.
         """
-        schema = collection_schema(dimension, description=description, model_tag=model_tag)
         try:
             self._call(
                 _Operation.ADMIN,
@@ -452,9 +462,7 @@ class VectorStore:
         except TridentError:
             self._drop_unindexed(name)
             raise
-        logger.info(
-            "created collection %s (%s, %s, dim %d)", name, spec.index_type, spec.metric, dimension
-        )
+        logger.info("created collection %s (%s, %s)", name, spec.index_type, spec.metric)
         return True
 
     def _drop_unindexed(self, name: str) -> None:
@@ -1059,15 +1067,18 @@ class VectorStore:
 
 
 def collection_schema(
-    dimension: int, *, description: str = "", model_tag: str = ""
+    dimension: int, *, description: str = "", model_tag: str = "", model_name: str = ""
 ) -> CollectionSchema:
-    """The schema of the store's collections: the fields of
-    :class:`VectorRecord`, no dynamic field."""
+    """The schema of the store's collections: the fields of :class:`VectorRecord`, no dynamic
+    field, and in its description (JSON) the collection's own description and the name and tag
+    of the model it is bound to (its dimension is the vector field's)."""
+    bound = {"description": description, "model_tag": model_tag, "model_name": model_name}
     schema = MilvusClient.create_schema(
         auto_id=False,
         enable_dynamic_field=False,
-        # The model tag rides in the description so that stats can name it on any server.
-        description=orjson.dumps({"description": description, "model_tag": model_tag}).decode(),
+        # The model rides in the description so that stats, the query API and the workers
+        # can read it on any server (Milvus has no other per-collection property we can rely on).
+        description=orjson.dumps(bound).decode(),
     )
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
     schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dimension)

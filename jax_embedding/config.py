@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigurationError
 from engine.indexes import IndexType, Metric, build_parameter_names, search_parameter_names
-from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES
+from engine.models import DEFAULT_MODEL_SPEC, PREPROCESS_BATCH_SIZES, model_registry
 from engine.preprocess import MODEL_MEAN, MODEL_STD
 from engine.records import VECTOR_FIELD
 from engine.settings import Settings, merged_sections, read_yaml_mapping
@@ -200,6 +200,15 @@ class ServiceConfig(_Section):
                 VECTOR_FIELD,
             )
         side = _square_side(pre.image_size)
+        # The named model's spec decides its tensors, sizes, normalisation, dimension and tag:
+        # only what this configuration says explicitly is passed on (and must fit the spec).
+        # An unregistered model is described by every key, defaults included, as before.
+        registered = triton.model_name in model_registry()
+        spec_or_default = model_registry().get(triton.model_name, DEFAULT_MODEL_SPEC)
+
+        def given(section: _Section, *keys: str) -> bool:
+            return not registered or bool(set(keys) & section.model_fields_set)
+
         values: dict[str, Any] = {
             "kafka": {"bootstrap_servers": self.kafka.bootstrap_servers, "topic": self.kafka.topic},
             "triton": {
@@ -207,17 +216,18 @@ class ServiceConfig(_Section):
                 "protocol": triton.protocol,
                 "model_name": triton.model_name,
                 "model_version": triton.model_version,
-                "input_name": triton.input_name,
-                "output_name": triton.output_name,
                 "request_timeout_s": triton.timeout,
-                "model_tag": _model_tag(triton),
+                **({"input_name": triton.input_name} if given(triton, "input_name") else {}),
+                **({"output_name": triton.output_name} if given(triton, "output_name") else {}),
+                # Vectors carry the model they came from; another model must not pass as ours.
+                **({} if registered else {"model_tag": _model_tag(triton)}),
             },
             "milvus": {
                 "uri": f"http://{milvus.host}:{milvus.port}",
                 "token": milvus.token or _user_token(milvus),
                 "collection": milvus.collection_name,
                 "timeout_s": milvus.timeout,
-                "dimension": milvus.embedding_dim,
+                **({"dimension": milvus.embedding_dim} if given(milvus, "embedding_dim") else {}),
                 "metric": milvus.metric_type,
                 "index_type": milvus.index_type,
                 **_index_parameters(milvus),
@@ -231,10 +241,22 @@ class ServiceConfig(_Section):
             "preprocess": {
                 "device": "auto" if pre.use_gpu and pre.jax_platform != "cpu" else "cpu",
                 "batch_sizes": _batch_sizes(pre.batch_size),
-                "image_size": side,
-                "resize_short_side": DEFAULT_MODEL_SPEC.resize_short_side_for(side),
-                "mean": tuple(m * 255 for m in pre.mean),
-                "std": tuple(s * 255 for s in pre.std),
+                **(
+                    {
+                        "image_size": side,
+                        "resize_short_side": spec_or_default.resize_short_side_for(side),
+                    }
+                    if given(pre, "image_size")
+                    else {}
+                ),
+                **(
+                    {
+                        "mean": tuple(m * 255 for m in pre.mean),
+                        "std": tuple(s * 255 for s in pre.std),
+                    }
+                    if given(pre, "mean", "std")
+                    else {}
+                ),
             },
             "batch": {"max_size": pre.batch_size},
         }
@@ -261,6 +283,9 @@ def _explain(
     lines = []
     for error in exc.errors():
         key = prefix + ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
+        if not key:  # the settings as a whole (a model that does not fit, named in the text)
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
         if error["type"] in ("extra_forbidden", "no_such_attribute"):
             lines.append(f"unknown key {key}")
             continue
@@ -290,9 +315,7 @@ def _user_token(milvus: MilvusConfig) -> str:
 
 
 def _model_tag(triton: TritonConfig) -> str:
-    # Vectors carry the model they came from; another model must not pass as the default one.
-    if triton.model_name == DEFAULT_MODEL_SPEC.name:
-        return DEFAULT_MODEL_SPEC.model_version_tag
+    """An unregistered model's vector tag: its name and version."""
     return f"{triton.model_name}:{triton.model_version or 'latest'}"
 
 

@@ -15,11 +15,13 @@ from typing import Literal, Self
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
 from engine.errors import ConfigurationError
 from engine.inference import TritonEmbedder
 from engine.models import DEFAULT_MODEL_SPEC
 from engine.settings import TritonSettings
+from schemas.errors import validation_problems
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +45,34 @@ class TritonClient:
         url: str | None = None,
         model_name: str = DEFAULT_MODEL_SPEC.name,
         protocol: Literal["http", "grpc"] = "http",
-        input_name: str = DEFAULT_MODEL_SPEC.input_name,
-        output_name: str = DEFAULT_MODEL_SPEC.output_name,
+        input_name: str | None = None,
+        output_name: str | None = None,
         *,
         model_version: str = "",
         timeout: float = 30.0,
     ) -> None:
         """``url`` is ``host:port`` (default: the local stack's port for ``protocol``).
+        ``input_name`` and ``output_name`` default to the model's own (its spec's in the
+        registry, ``engine.models``; the default model's for a model the registry lacks).
 
         Raises:
-            ConfigurationError: an unknown protocol.
+            ConfigurationError: an unknown protocol, or a tensor name that contradicts the
+                model's spec.
         """
         if protocol not in TRITON_PORTS:
             raise ConfigurationError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
-        self._settings = TritonSettings(
-            url=url or f"127.0.0.1:{TRITON_PORTS[protocol]}",
-            protocol=protocol,
-            model_name=model_name,
-            model_version=model_version,
-            input_name=input_name,
-            output_name=output_name,
-            request_timeout_s=timeout,
-        )
+        names = {"input_name": input_name, "output_name": output_name}
+        try:
+            self._settings = TritonSettings(
+                url=url or f"127.0.0.1:{TRITON_PORTS[protocol]}",
+                protocol=protocol,
+                model_name=model_name,
+                model_version=model_version,
+                request_timeout_s=timeout,
+                **{key: value for key, value in names.items() if value is not None},
+            )
+        except ValidationError as exc:  # a tensor name the model's spec contradicts
+            raise ConfigurationError(validation_problems(exc, whole="Triton client")) from exc
         # Thread-safe, with a connection per thread: the background thread has its own.
         self._embedder = TritonEmbedder(self._settings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-async")

@@ -1,8 +1,10 @@
 """Write the Triton model repository for the embedding models, each from one :class:`ModelSpec`.
 
-:func:`write_served_models` writes every model the services use, from one set of weights:
-the uint8-input model (the worker's and query API's default) and the float32-input one (the
-earlier pipeline's API, custom preprocessors), and on request the int8 one.
+:func:`write_served_models` writes every model the services use: EfficientNet-Lite0's
+uint8-input model (the worker's and query API's default) and float32-input one (the earlier
+pipeline's API, custom preprocessors), and on request any other built-in model of the registry
+(:func:`engine.models.model_registry`: Lite1, Lite2, the int8 one), each converted from its
+spec's weights. :func:`write_model_repository` writes one model from any spec.
 
 Two backends serve the same model.onnx under the same name, tensors, shapes and batching:
 
@@ -21,15 +23,25 @@ import argparse
 import hashlib
 import logging
 import os
+import shutil
 import string
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 import onnx
 
-from engine.models import DEFAULT_MODEL_SPEC, INT8_MODEL_SPEC, UINT8_MODEL_SPEC, ModelSpec
+from engine.errors import ConfigurationError
+from engine.models import (
+    DEFAULT_MODEL_SPEC,
+    INT8_MODEL_SPEC,
+    SERVED_MODEL_SPECS,
+    UINT8_MODEL_SPEC,
+    ModelSpec,
+    model_spec,
+)
 from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
 
 logger = logging.getLogger(__name__)
@@ -165,6 +177,7 @@ def write_model_repository(
     *,
     backend: Backend,
     model: onnx.ModelProto | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``<root>/<name>/config.pbtxt`` and ``<root>/<name>/<version>/model.onnx`` (+ model.py).
 
@@ -176,20 +189,24 @@ def write_model_repository(
         root: the Triton model repository folder (created if missing).
         spec: the model description.
         backend: ``"python"`` (local tritonserver) or ``"onnxruntime"`` (NVIDIA container).
-        model: a prebuilt ONNX model; by default it is built from the packaged weights.
+        model: a prebuilt ONNX model; by default it is built from the spec's packaged weights
+            (an EfficientNet-Lite spec's ``weights_package``/``weights_file``).
+        extra_files: more files for the model's folder, by name, written before the config
+            (a user model's spec file, ``trident-models add``).
 
     Returns:
         The model's folder, ``<root>/<name>``.
 
     Raises:
         ValueError: unknown backend.
-        ConfigurationError: the weights package is missing or does not fit the architecture.
+        ConfigurationError: no ``model`` and the spec names no packaged weights, the weights
+            package is missing, or its weights do not fit the architecture.
         TorchPickleError: the packaged weights file is corrupt.
         OSError: the repository cannot be written.
     """
     config = render_config(spec, backend)
     if model is None:
-        model = build_embedding_model(load_packaged_weights(), spec)
+        model = build_embedding_model(load_packaged_weights(spec), spec)
     model_dir = root / spec.name
     version_dir = model_dir / str(spec.version)
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +218,8 @@ def write_model_repository(
     elif python_model.exists():
         logger.info("removing %s: not used by the onnxruntime backend", python_model)
         python_model.unlink()
+    for name, content in (extra_files or {}).items():
+        _write_if_changed(model_dir / name, content)
     # Config last: a Triton polling the repository sees a complete version when it sees it.
     _write_if_changed(model_dir / CONFIG_FILE, config.encode())
     return model_dir
@@ -237,37 +256,100 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also write the int8 model (its own name and vector tag; needs onnxruntime)",
     )
+    parser.add_argument(
+        "--models",
+        default="",
+        help="also write these built-in models, comma-separated; the registry has "
+        + ", ".join(SERVED_MODEL_SPECS),
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    for folder in write_served_models(args.root, backend=args.backend, int8=args.int8):
+    try:
+        extra = builtin_specs(split_names(args.models))
+    except ConfigurationError as exc:
+        parser.error(str(exc))
+    if args.int8:
+        extra.append(INT8_MODEL_SPEC)
+    for folder in write_served_models(args.root, backend=args.backend, extra=extra):
         print(folder)
     return 0
 
 
-def write_served_models(root: Path, *, backend: Backend, int8: bool = False) -> list[Path]:
-    """Write the uint8- and float32-input models (and the int8 one if asked) into ``root``.
+def split_names(text: str) -> list[str]:
+    """Model names from a comma-separated list (blanks ignored)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
-    One weights file, read once; idempotent like :func:`write_model_repository`.
+
+def builtin_specs(names: Sequence[str]) -> list[ModelSpec]:
+    """The built-in specs named, in order, without repeats.
+
+    Raises:
+        UnknownModelError: a name is not a built-in model (the message lists them).
+    """
+    specs: list[ModelSpec] = []
+    for name in names:
+        spec = model_spec(name)
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def write_served_models(
+    root: Path, *, backend: Backend, int8: bool = False, extra: Sequence[ModelSpec] = ()
+) -> list[Path]:
+    """Write Lite0's uint8- and float32-input models, and the ``extra`` ones, into ``root``.
+
+    Each weights file is read once, whatever number of specs use it; ``extra`` specs of the
+    default pair are not written twice; :data:`~engine.models.INT8_MODEL_SPEC` (also written by
+    ``int8``) is quantized from Lite0's float32 model. Idempotent like
+    :func:`write_model_repository`.
 
     Returns:
         The models' folders.
 
     Raises:
         ConfigurationError, TorchPickleError, OSError: as :func:`write_model_repository`;
-            ImportError for ``int8`` without onnxruntime.
+            ImportError for the int8 model without onnxruntime.
     """
-    weights = load_packaged_weights()
-    folders = [
-        write_model_repository(
-            root, spec, backend=backend, model=build_embedding_model(weights, spec)
-        )
-        for spec in (UINT8_MODEL_SPEC, DEFAULT_MODEL_SPEC)
-    ]
-    if int8:
-        float32 = build_embedding_model(weights, DEFAULT_MODEL_SPEC)
+    specs = [UINT8_MODEL_SPEC, DEFAULT_MODEL_SPEC]
+    specs += [spec for spec in extra if spec not in specs and spec != INT8_MODEL_SPEC]
+    weights: dict[tuple[str | None, str | None], dict[str, np.ndarray]] = {}
+    folders = []
+    for spec in specs:
+        source = (spec.weights_package, spec.weights_file)
+        if source not in weights:
+            weights[source] = load_packaged_weights(spec)
+        model = build_embedding_model(weights[source], spec)
+        folders.append(write_model_repository(root, spec, backend=backend, model=model))
+    if int8 or INT8_MODEL_SPEC in extra:
+        lite0 = weights[(DEFAULT_MODEL_SPEC.weights_package, DEFAULT_MODEL_SPEC.weights_file)]
+        float32 = build_embedding_model(lite0, DEFAULT_MODEL_SPEC)
         folders.append(write_int8_model(root, backend=backend, model=float32))
     return folders
+
+
+def remove_builtin_models(root: Path, keep: Sequence[str]) -> list[str]:
+    """Remove from ``root`` the folders of built-in models not named in ``keep``.
+
+    Only folders named after a built-in model (:data:`~engine.models.SERVED_MODEL_SPECS`) are
+    touched: a user's model (``trident-models add``) or anything else stays. For a repository
+    that serves exactly a chosen set (the local stack's Triton loads every folder).
+
+    Returns:
+        The names removed.
+
+    Raises:
+        OSError: a folder cannot be removed.
+    """
+    removed = []
+    for name in sorted(set(SERVED_MODEL_SPECS) - set(keep)):
+        folder = root / name
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            logger.info("removed %s: not asked for", folder)
+            removed.append(name)
+    return removed
 
 
 def write_int8_model(root: Path, *, backend: Backend, model: onnx.ModelProto | None = None) -> Path:

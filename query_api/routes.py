@@ -203,7 +203,9 @@ async def metrics(metrics: NamedDependency[ApiMetrics]) -> bytes:
 def create_collection(
     data: JSONBody[CreateCollectionRequest], service: NamedDependency[SearchService]
 ) -> Response[CollectionCreated]:
-    """Create a collection (201), or leave an existing one as it is (200)."""
+    """Create a collection bound to ``model`` (default: the configured model) (201), or leave an
+    existing one of that dimension and model as it is (200). An unknown model or a ``dim``
+    other than the model's is 422; an existing collection of another dimension or model 409."""
     created = service.create_collection(data)
     return Response(
         CollectionCreated(name=data.name, created=created), status_code=201 if created else 200
@@ -212,10 +214,9 @@ def create_collection(
 
 @get("/collections", tags=["collections"], sync_to_thread=True, responses=ERROR_RESPONSES)
 def list_collections(service: NamedDependency[SearchService]) -> CollectionList:
-    """Every collection's name, and the one searched by default."""
-    return CollectionList(
-        collections=service.store.list_collections(), default=service.store.default_collection
-    )
+    """Every collection's name and model (name, tag, dimension), and the one searched by
+    default."""
+    return service.collections()
 
 
 @get(
@@ -227,7 +228,8 @@ def list_collections(service: NamedDependency[SearchService]) -> CollectionList:
 def collection_stats(
     name: FromPath[str], service: NamedDependency[SearchService]
 ) -> CollectionStats:
-    """Row count, dimension, metric, index and its parameters, model tag; 404 if unknown."""
+    """Row count, dimension, metric, index and its parameters, model (name, tag, dimension);
+    404 if unknown."""
     return service.collection_stats(name)
 
 

@@ -2,10 +2,20 @@
 
 :class:`SearchService` turns a query (image bytes, an image reference, a vector or a stored id)
 into a vector, searches Milvus with paging, filters and a score threshold, manages collections
-and renders thumbnails of stored items. It raises engine/errors.py's errors only; the HTTP layer
-maps them to statuses. Every query method takes the request's :class:`StageTimings` and times
-each stage it runs in it (query_api.timing). Its methods are called from worker threads, several
-at once: the clients it holds are thread-safe.
+and renders thumbnails of stored items.
+
+A collection is bound to the model whose vectors it holds (``CollectionInfo.bound_model``): an
+image query is embedded with the model of the collection it searches, so several models are
+served at once. The configured model's preprocessor and Triton client are built at start; any
+other model's are built on the first query of one of its collections (from
+``Settings.for_model``, checked against what Triton serves) and kept. A model with the
+configured model's tag makes the same vectors (same weights: ``engine.models``), so its
+collections are searched with the configured model.
+
+It raises engine/errors.py's errors only; the HTTP layer maps them to statuses. Every query
+method takes the request's :class:`StageTimings` and times each stage it runs in it
+(query_api.timing). Its methods are called from worker threads, several at once: the clients
+it holds are thread-safe.
 """
 
 from __future__ import annotations
@@ -14,27 +24,40 @@ import io
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 from pydantic import ValidationError
 
-from engine.errors import ImageReferenceError, InvalidQueryError
+from engine.errors import (
+    CollectionConflictError,
+    ConfigurationError,
+    ImageReferenceError,
+    InferenceConfigurationError,
+    InvalidQueryError,
+    Reason,
+    UnknownCollectionError,
+    UnknownModelError,
+)
 from engine.fetch import ImageFetcher
 from engine.health import HEALTH_DEADLINE_S, Probe, Prober, milvus_probe, triton_probe
 from engine.images import decode_image
 from engine.indexes import IndexSpec
 from engine.inference import TritonEmbedder
+from engine.models import ModelSpec, model_spec
 from engine.preprocess import BaseJAXPreprocessor, build_preprocessor
-from engine.records import Hit
+from engine.records import CollectionInfo, Hit
 from engine.settings import Settings
 from engine.store import VectorStore
 from query_api.filters import combined_filter
 from query_api.timing import StageTimings
 from schemas import PathImage, UrlImage, reference_from_string
 from schemas.api import (
+    CollectionList,
+    CollectionModel,
     CollectionStats,
     CreateCollectionRequest,
     Embedding,
@@ -44,6 +67,27 @@ from schemas.api import (
 from schemas.search import MAX_RESULT_WINDOW, SearchHit, SearchOptions, SearchRequest
 
 logger = logging.getLogger(__name__)
+
+# How long a query waits for Triton to have another model ready, the first time one of its
+# collections is searched (the configured model is waited for at start instead).
+MODEL_READY_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """What embeds a query image with one model: its preprocessing and its Triton client."""
+
+    preprocessor: BaseJAXPreprocessor
+    embedder: TritonEmbedder
+
+
+def runtime_from_settings(settings: Settings) -> ModelRuntime:
+    """The preprocessor (batches of one) and the Triton client of ``settings.model``."""
+    return ModelRuntime(
+        preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),
+        # Checked against the model's spec when it is waited for.
+        embedder=TritonEmbedder(settings.triton, model=settings.model),
+    )
 
 
 class SearchService:
@@ -61,12 +105,18 @@ class SearchService:
         embedder: TritonEmbedder,
         preprocessor: BaseJAXPreprocessor,
         fetcher: ImageFetcher,
+        runtime_factory: Callable[[Settings], ModelRuntime] = runtime_from_settings,
     ) -> None:
         self._settings = settings
         self.store = store
         self.embedder = embedder
         self._preprocessor = preprocessor
         self._fetcher = fetcher
+        # One runtime per model name, the configured one first; the others made on demand.
+        self._runtime_factory = runtime_factory
+        self._runtimes = {settings.model.name: ModelRuntime(preprocessor, embedder)}
+        self._runtimes_lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
         self._thumbnails = _ThumbnailCache(settings.api.thumbnail_cache_items)
         self._prober = Prober()
         self._started = False
@@ -74,11 +124,13 @@ class SearchService:
     @classmethod
     def from_settings(cls, settings: Settings) -> SearchService:
         """The service with its clients built from settings (the one place they are built)."""
+        # The configured model's, checked at start against its spec (start() waits for it).
+        configured = runtime_from_settings(settings)
         return cls(
             settings,
             store=VectorStore(settings.milvus),
-            embedder=TritonEmbedder(settings.triton),
-            preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),
+            embedder=configured.embedder,
+            preprocessor=configured.preprocessor,
             fetcher=ImageFetcher(settings.fetch),
         )
 
@@ -99,8 +151,95 @@ class SearchService:
     def close(self) -> None:
         self._prober.close()
         self._fetcher.close()
-        self.embedder.close()
+        with self._runtimes_lock:
+            runtimes = list(self._runtimes.values())
+        for runtime in runtimes:
+            runtime.embedder.close()
         self.store.close()
+
+    # Models -----------------------------------------------------------------------------------
+
+    def collection_model(self, collection: str) -> ModelSpec:
+        """The model a search of ``collection`` embeds its query image with: the collection's
+        own (``CollectionInfo.bound_model``), or the configured one when the two share a tag
+        (the same vectors).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: (``model_not_served``) the collection's model is not in
+                the registry.
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        info = self.store.describe_collection(collection)
+        configured = self._settings.model
+        try:
+            spec = info.bound_model(self._settings.triton.registry(), configured)
+        except UnknownModelError as exc:
+            raise CollectionConflictError(str(exc), reason=Reason.MODEL_NOT_SERVED) from exc
+        return configured if spec.model_version_tag == configured.model_version_tag else spec
+
+    def runtime_for(self, collection: str | None) -> ModelRuntime:
+        """What embeds a query of ``collection`` (``None``: the configured model, not bound to
+        a collection), made and checked against Triton on first use, then kept.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: (``model_not_served``) Triton does not serve the
+                collection's model (or serves another model under its name); the message
+                names the model to serve.
+            InferenceUnavailableError: Triton did not have the model ready in time.
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        if collection is None:
+            return self._runtimes[self._settings.model.name]
+        spec = self.collection_model(collection)
+        with self._runtimes_lock:
+            found = self._runtimes.get(spec.name)
+            building = self._building.setdefault(spec.name, threading.Lock())
+        if found is not None:
+            return found
+        with building:  # one build per model; queries of other models go on meanwhile
+            with self._runtimes_lock:
+                found = self._runtimes.get(spec.name)
+            if found is None:
+                found = self._start_runtime(spec, collection)
+                with self._runtimes_lock:
+                    self._runtimes[spec.name] = found
+        return found
+
+    def _start_runtime(self, spec: ModelSpec, collection: str) -> ModelRuntime:
+        bound = f"collection {collection!r} is bound to model {spec.name!r} "
+        bound += f"(tag {spec.model_version_tag!r}, {spec.output_dim} dimensions)"
+        try:
+            runtime = self._runtime_factory(self._settings.for_model(spec.name))
+        except ConfigurationError as exc:
+            raise CollectionConflictError(
+                f"{bound}, which these settings cannot serve: {exc}",
+                reason=Reason.MODEL_NOT_SERVED,
+            ) from exc
+        try:
+            runtime.preprocessor.warmup()
+            runtime.embedder.wait_until_ready(
+                min(self._settings.triton.ready_timeout_s, MODEL_READY_WAIT_S)
+            )
+        except ConfigurationError as exc:  # not served, or served unlike its spec
+            runtime.embedder.close()
+            served = (
+                "serves it unlike its spec"
+                if not isinstance(exc, InferenceConfigurationError)
+                else "does not serve it"
+            )
+            raise CollectionConflictError(
+                f"{bound}, and Triton at {self._settings.triton.url} {served} ({exc}): serve "
+                f"{spec.name!r} there (trident-stack up --models {spec.name}, or "
+                "trident-models add for a model of your own), or search another collection",
+                reason=Reason.MODEL_NOT_SERVED,
+            ) from exc
+        except BaseException:
+            runtime.embedder.close()
+            raise
+        logger.info("query images of %s are embedded with model %s", collection, spec.name)
+        return runtime
 
     # Health ---------------------------------------------------------------------------------
 
@@ -131,37 +270,46 @@ class SearchService:
     # Embeddings -----------------------------------------------------------------------------
 
     def embed_image(
-        self, data: bytes, timings: StageTimings | None = None
+        self, data: bytes, timings: StageTimings | None = None, collection: str | None = None
     ) -> npt.NDArray[np.float32]:
-        """The embedding of one encoded image.
+        """The embedding of one encoded image, by the model of ``collection`` (``None``: the
+        configured model).
 
         Raises:
             ImageContentError: the bytes are not a usable image (``too_many_pixels`` above
                 ``fetch.max_pixels``).
             InferenceUnavailableError: Triton is unavailable.
+            and, given a collection, the errors of :meth:`runtime_for`.
         """
         timings = _untimed_if_none(timings)
+        runtime = self.runtime_for(collection)  # cached: a dictionary lookup after the first
         with timings.stage("decode"):
-            pixels = decode_image(data, max_pixels=self._settings.fetch.max_pixels).pixels
+            pixels = decode_image(
+                data,
+                max_pixels=self._settings.fetch.max_pixels,
+                target_short_side=runtime.preprocessor.decode_short_side,
+            ).pixels
         with timings.stage("preprocess"):
-            batch = self._preprocessor.preprocess([pixels])
+            batch = runtime.preprocessor.preprocess([pixels])
         with timings.stage("embed"):
-            embedding: npt.NDArray[np.float32] = self.embedder.embed(batch)[0]
+            embedding: npt.NDArray[np.float32] = runtime.embedder.embed(batch)[0]
         return embedding
 
     def embed_reference(
-        self, reference: str, timings: StageTimings | None = None
+        self, reference: str, timings: StageTimings | None = None, collection: str | None = None
     ) -> npt.NDArray[np.float32]:
-        """The embedding of the image at a path (under the allowed roots) or http(s) URL.
+        """The embedding of the image at a path (under the allowed roots) or http(s) URL, by
+        the model of ``collection`` (``None``: the configured model).
 
         Raises:
             ImageReferenceError: forbidden, malformed or missing reference.
-            ImageContentError, InferenceUnavailableError, FetchUnavailableError.
+            ImageContentError, InferenceUnavailableError, FetchUnavailableError, and those of
+            :meth:`embed_image`.
         """
         timings = _untimed_if_none(timings)
         with timings.stage("fetch"):
             data = self._fetcher.fetch(_reference(reference))
-        return self.embed_image(data, timings)
+        return self.embed_image(data, timings, collection)
 
     def embedding(self, vector: npt.NDArray[np.float32]) -> Embedding:
         """The wire form of an embedding, naming the model that made it."""
@@ -197,7 +345,8 @@ class SearchService:
             ImageReferenceError, ImageContentError, RetriableError (a service is down).
         """
         if request.query_input is not None:
-            vector = self.embed_reference(request.query_input, timings)
+            collection = request.collection_name or self._settings.milvus.collection
+            vector = self.embed_reference(request.query_input, timings, collection)
             return self.search(vector, request, timings)
         if request.id is not None:
             vector = self.vector_of(request.id, request.collection_name, timings)
@@ -209,13 +358,16 @@ class SearchService:
     def search_image(
         self, data: bytes, options: SearchOptions, timings: StageTimings | None = None
     ) -> list[SearchHit]:
-        """The hits of an encoded image (embedded as the workers embed what they store).
+        """The hits of an encoded image (embedded as the workers embed what they store, by the
+        searched collection's model).
 
         Raises:
             ImageContentError, InferenceUnavailableError, UnknownCollectionError,
-            InvalidQueryError, StoreUnavailableError.
+            InvalidQueryError, StoreUnavailableError, CollectionConflictError
+            (``model_not_served``: see :meth:`runtime_for`).
         """
-        return self.search(self.embed_image(data, timings), options, timings)
+        collection = options.collection_name or self._settings.milvus.collection
+        return self.search(self.embed_image(data, timings, collection), options, timings)
 
     def search(
         self,
@@ -272,13 +424,25 @@ class SearchService:
     # Collections ----------------------------------------------------------------------------
 
     def create_collection(self, request: CreateCollectionRequest) -> bool:
-        """Create a collection unless it exists; True if it was created.
+        """Create a collection bound to ``request.model`` (default: the configured model)
+        unless it exists; True if it was created.
 
         Raises:
             InvalidQueryError: (``invalid_index``) a parameter the index type does not take, or
-                out of range.
+                out of range; (``unknown_model``) a model the registry does not have (the
+                message lists the known ones); (``wrong_dimension``) a ``dim`` other than the
+                model's.
+            CollectionConflictError: the collection exists with another dimension or model.
             StoreUnavailableError: Milvus is unavailable.
         """
+        model = self._requested_model(request.model)
+        if request.dim is not None and request.dim != model.output_dim:
+            raise InvalidQueryError(
+                f"dim {request.dim} does not fit model {model.name!r}, whose vectors have "
+                f"{model.output_dim} dimensions: leave dim out (it follows the model), or name "
+                "a model of that dimension",
+                reason=Reason.WRONG_DIMENSION,
+            )
         try:
             index = IndexSpec(
                 index_type=request.index_type,
@@ -291,14 +455,24 @@ class SearchService:
             raise InvalidQueryError(messages, reason="invalid_index") from exc
         return self.store.create_collection(
             request.name,
-            dimension=request.dim or self._settings.milvus.dimension,
+            dimension=model.output_dim,
             index=index,
             description=request.description,
-            model_tag=self._settings.triton.model_tag,
+            model_tag=model.model_version_tag,
+            model_name=model.name,
         )
 
+    def _requested_model(self, name: str | None) -> ModelSpec:
+        configured = self._settings.model
+        if name is None or name == configured.name:
+            return configured
+        try:
+            return model_spec(name, self._settings.triton.registry())
+        except UnknownModelError as exc:
+            raise InvalidQueryError(str(exc), reason=Reason.UNKNOWN_MODEL) from exc
+
     def collection_stats(self, name: str) -> CollectionStats:
-        """Row count, dimension, index and model tag of a collection.
+        """Row count, dimension, index and model of a collection.
 
         Raises:
             UnknownCollectionError: no such collection.
@@ -312,7 +486,37 @@ class SearchService:
             index=IndexDescription.model_validate(info.index.describe()),
             description=info.description,
             model_tag=info.model_tag,
+            model=self._model_of(info),
         )
+
+    def collections(self) -> CollectionList:
+        """Every collection's name and model, and the one searched by default. Collections
+        made elsewhere (no vector field or index) are listed without a model.
+
+        Raises:
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        names = self.store.list_collections()
+        models = {}
+        for name in names:
+            try:
+                info = self.store.describe_collection(name)
+            except (UnknownCollectionError, CollectionConflictError):
+                continue  # dropped meanwhile, or made elsewhere
+            models[name] = self._model_of(info)
+        return CollectionList(
+            collections=names, default=self.store.default_collection, models=models
+        )
+
+    def _model_of(self, info: CollectionInfo) -> CollectionModel:
+        """The model a collection is bound to, as recorded (name, tag), or for a collection
+        made before names were recorded, the one its tag names (``bound_model``)."""
+        try:
+            spec = info.bound_model(self._settings.triton.registry(), self._settings.model)
+            name, tag = info.model_name or spec.name, info.model_tag or spec.model_version_tag
+        except UnknownModelError:  # shown as recorded; searching it says what to do
+            name, tag = info.model_name, info.model_tag
+        return CollectionModel(name=name, tag=tag, dim=info.dimension)
 
     # Thumbnails -----------------------------------------------------------------------------
 

@@ -35,11 +35,20 @@ Metric = Literal["COSINE", "IP", "L2"]
 
 
 class CreateCollectionRequest(BaseModel):
-    """A new collection: its dimension (default: the model's), metric and index."""
+    """A new collection: the model it is bound to (default: the API's configured model), its
+    dimension (default: the model's; when given it must be the model's), metric and index."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: CollectionName
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="A model of the registry (trident-models list); default: the configured one. "
+        "The collection holds that model's vectors: workers of another model refuse to write "
+        "into it, and searches by image embed with it.",
+    )
     dim: int | None = Field(default=None, ge=2, le=32_768)
     description: str = Field(default="", max_length=1024)
     metric: Metric = "COSINE"
@@ -60,6 +69,14 @@ class IndexDescription(BaseModel):
     search_params: dict[str, int]
 
 
+class CollectionModel(BaseModel):
+    """The model a collection is bound to: its vectors are that model's."""
+
+    name: str = Field(description="The model's registry name (Triton's).")
+    tag: str = Field(description="Its version tag, stored with every vector.")
+    dim: int = Field(description="The collection's vector dimension (the model's output).")
+
+
 class CollectionStats(BaseModel):
     name: str
     row_count: int
@@ -67,11 +84,17 @@ class CollectionStats(BaseModel):
     index: IndexDescription
     description: str
     model_tag: str
+    model: CollectionModel = Field(description="The model it is bound to.")
 
 
 class CollectionList(BaseModel):
     collections: list[str]
     default: str = Field(description="The collection searched when none is named.")
+    models: dict[str, CollectionModel] = Field(
+        default_factory=dict,
+        description="Each collection's model, by collection name (collections made elsewhere, "
+        "whose model cannot be told, are left out).",
+    )
 
 
 class CollectionCreated(BaseModel):

@@ -219,6 +219,7 @@ class BatchProcessor:
         embedder: Embedder,
         store: Store,
         ownership: Ownership,
+        decode_short_side: int | None = None,
         fetch_settings: FetchSettings,
         retry_settings: RetrySettings,
         model_version: str,
@@ -227,9 +228,12 @@ class BatchProcessor:
         version_cache_size: int = 50_000,
         should_stop: Callable[[], bool] = lambda: False,
         event_limits: EventLimits = DEFAULT_EVENT_LIMITS,
+        collection_model_tag: Callable[[str], str] | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._preprocessor = preprocessor
+        # JPEGs are draft-decoded no smaller than the model's preprocessing needs.
+        self._decode_short_side = decode_short_side
         self._embedder = embedder
         self._store = store
         self._ownership = ownership
@@ -237,6 +241,11 @@ class BatchProcessor:
         self._fetch_settings = fetch_settings
         self._retry = retry_settings
         self._model_version = model_version
+        # The model tag each collection is bound to ("" when none was recorded): rows are
+        # written only into collections of this worker's model. Read once per collection (a
+        # collection's model never changes); None: the collections are not checked.
+        self._collection_model_tag = collection_model_tag
+        self._bound_tags: dict[str, str] = {}
         self._default_collection = default_collection
         self._metrics = metrics
         metrics.versions_remembered.set_function(self._versions.remembered_count)
@@ -398,9 +407,20 @@ class BatchProcessor:
 
         Collections are created on purpose: the items of one that does not exist are
         dead-lettered (``unknown_collection``), never written, and so are those of one made
-        elsewhere without a vector index (``no_vector_index``).
+        elsewhere without a vector index (``no_vector_index``). The ingest events of a
+        collection bound to another model than the worker's are dead-lettered too
+        (``collection_model_mismatch``): its vectors are never mixed with another model's.
         """
-        for collection, group in self._by_collection(batch.items).items():
+        for collection, named in self._by_collection(batch.items).items():
+            try:
+                self._refuse_other_models(collection, named, batch)
+            except _UNUSABLE_COLLECTION as exc:
+                for item in named:
+                    item.fail(exc, Stage.UPSERT)
+                continue
+            group = [item for item in named if item.pending]
+            if not group:
+                continue
             candidates = [
                 Candidate(item.event.id, item.event.version, item.owner)
                 for item in group
@@ -421,6 +441,35 @@ class BatchProcessor:
                     item.skip("stale_version")
                     if item.is_delete:
                         self._metrics.deletes.labels("stale").inc()
+
+    def _refuse_other_models(self, collection: str, group: list[Item], batch: Batch) -> None:
+        """Dead-letter the ingest events of ``group`` when ``collection`` is bound to a model of
+        another tag than this worker's; deletes (no vectors) go on.
+
+        Raises:
+            UnknownCollectionError, CollectionConflictError: the collection cannot be described.
+            StoreUnavailableError: Milvus stayed unavailable through the retries.
+        """
+        if self._collection_model_tag is None or not any(item.ingest for item in group):
+            return
+        tag = self._bound_tags.get(collection)
+        if tag is None:
+            read = functools.partial(self._collection_model_tag, collection)
+            tag = self._with_retries(read, Step.VERSION_LOOKUP, "collection model", batch)
+            self._bound_tags[collection] = tag
+        if not tag or tag == self._model_version:
+            return
+        error = CollectionConflictError(
+            f"collection {collection!r} is bound to model tag {tag!r}, and this worker embeds "
+            f"with model tag {self._model_version!r}: its vectors would be mixed with another "
+            "model's, so nothing was written; run a worker serving the collection's model "
+            "(triton.model_name), then replay this dead letter",
+            reason=Reason.COLLECTION_MODEL_MISMATCH,
+            stage=Stage.UPSERT,
+        )
+        for item in group:
+            if item.ingest:
+                item.fail(error, Stage.UPSERT)
 
     def _version_reader(
         self, collection: str, batch: Batch
@@ -570,7 +619,11 @@ class BatchProcessor:
     def _decode_one(self, item: Item) -> None:
         assert item.data is not None
         try:
-            item.pixels = decode_image(item.data, max_pixels=self._fetch_settings.max_pixels).pixels
+            item.pixels = decode_image(
+                item.data,
+                max_pixels=self._fetch_settings.max_pixels,
+                target_short_side=self._decode_short_side,
+            ).pixels
         except ImageDecodeError as exc:
             item.fail(exc, Stage.DECODE_IMAGE)
 

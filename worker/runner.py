@@ -58,7 +58,8 @@ class WorkerRuntime:
         self._liveness_bound = settings.worker.liveness_timeout_s
         stop = threading.Event()
         fetcher = self._owned(ImageFetcher(settings.fetch), "close")
-        embedder = self._owned(TritonEmbedder(settings.triton), "close")
+        # Checked at start against the model's spec (wait_until_ready below).
+        embedder = self._owned(TritonEmbedder(settings.triton, model=settings.model), "close")
         store = self._owned(VectorStore(settings.milvus), "close")
         self._probe_embedder = self._owned(TritonEmbedder(settings.triton), "close")
         self._probe_store = self._owned(VectorStore(settings.milvus), "close")
@@ -75,6 +76,7 @@ class WorkerRuntime:
             BatchProcessor(
                 fetcher=fetcher,
                 preprocessor=preprocessor,
+                decode_short_side=preprocessor.decode_short_side,
                 embedder=embedder,
                 store=store,
                 ownership=ownership,
@@ -86,6 +88,8 @@ class WorkerRuntime:
                 version_cache_size=settings.worker.version_cache_size,
                 should_stop=stop.is_set,
                 event_limits=settings.kafka.event_limits,
+                # Rows go only into collections of this worker's model (or of none recorded).
+                collection_model_tag=lambda name: store.describe_collection(name).model_tag,
             ),
             "close",
         )
@@ -93,7 +97,9 @@ class WorkerRuntime:
         # collection are dead-lettered unless it was created beforehand (API, CLI).
         call_with_retries(
             lambda: store.create_collection(
-                settings.milvus.collection, model_tag=settings.triton.model_tag
+                settings.milvus.collection,
+                model_tag=settings.triton.model_tag,
+                model_name=settings.model.name,
             ),
             settings.retry,
             what=f"creating collection {settings.milvus.collection}",
@@ -171,6 +177,8 @@ def build_worker(settings: Settings, *, worker_id: str | None = None) -> WorkerR
 
     Raises:
         StoreUnavailableError: Milvus stayed unreachable while creating the default collection.
+        CollectionConflictError: the default collection exists with another dimension, or bound
+            to another model than the worker's (``milvus.collection``: name another).
         InferenceUnavailableError: Triton's model was not ready within ``triton.ready_timeout_s``.
         InferenceConfigurationError: Triton does not serve the configured model.
         ConfigurationError: the settings are inconsistent.

@@ -126,14 +126,21 @@ def test_collections_are_created_described_and_dropped_on_purpose(
     client: TestClient[Any], store: VectorStore, unique: str
 ) -> None:
     name = f"made_{unique}"
-    spec = {"name": name, "dim": 64, "description": "d", "index_type": "HNSW", "params": {"M": 8}}
+    # No dim: it follows the model the collection is bound to (the configured one here).
+    spec = {"name": name, "description": "d", "index_type": "HNSW", "params": {"M": 8}}
     try:
         assert client.post("/collections/create", json=spec).status_code == 201
         again = client.post("/collections/create", json=spec)
         assert (again.status_code, again.json()["created"]) == (200, False)
         assert name in client.get("/collections").json()["collections"]
         stats = client.get(f"/collections/{name}/stats").json()
-        assert stats["dimension"] == 64 and stats["row_count"] == 0
+        model = client.app.state.search_service.collection_model(name)
+        assert stats["dimension"] == model.output_dim and stats["row_count"] == 0
+        assert stats["model"] == {
+            "name": model.name,
+            "tag": model.model_version_tag,
+            "dim": model.output_dim,
+        }
         assert stats["index"]["index_type"] == "HNSW" and stats["index"]["params"]["M"] == 8
         bad = {**spec, "name": f"bad_{unique}", "params": {"nlist": 8}}
         assert_error(client.post("/collections/create", json=bad), 422, "invalid_index")

@@ -67,7 +67,9 @@ class FakeService(SearchService):
         with timings.stage("search"):
             return [SearchHit(id="a", score=0.5)]
 
-    def embed_image(self, data: bytes, timings: StageTimings) -> np.ndarray[Any, Any]:
+    def embed_image(
+        self, data: bytes, timings: StageTimings, collection: str | None = None
+    ) -> np.ndarray[Any, Any]:
         self.calls.append(("embed_image", data))
         with timings.stage("embed"):
             return np.ones(4, dtype=np.float32)

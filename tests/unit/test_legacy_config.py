@@ -185,7 +185,14 @@ def test_user_and_password_become_the_token() -> None:
 
 
 def test_normalisation_and_sizes_map_onto_the_preprocess_settings() -> None:
-    config = ServiceConfig(preprocess={"image_size": 256, "mean": [0.5] * 3, "std": [0.25] * 3})
+    # A size other than the registered model's needs a model of its own (one the registry
+    # lacks, described by these keys): the registered one refuses it, naming the key.
+    with pytest.raises(ConfigurationError, match=r"preprocess\.image_size 256 does not fit"):
+        ServiceConfig(preprocess={"image_size": 256}).to_settings()
+    config = ServiceConfig(
+        triton={"model_name": "my_model"},
+        preprocess={"image_size": 256, "mean": [0.5] * 3, "std": [0.25] * 3},
+    )
     settings = config.to_settings().preprocess
     # The model's resize ratio (ModelSpec), 256 for 224: round(256 * 256 / 224).
     assert (settings.image_size, settings.resize_short_side) == (256, 293)

@@ -394,7 +394,13 @@ def test_configs_of_both_backends_agree(base: ModelSpec, dtype: str, dims: list[
 
 def test_spec_rejects_inconsistent_batching() -> None:
     with pytest.raises(ValueError, match="preferred_batch_sizes"):
-        ModelSpec(max_batch_size=16, preferred_batch_sizes=(8, 32))
+        ModelSpec(
+            **{
+                **DEFAULT_MODEL_SPEC.model_dump(),
+                "max_batch_size": 16,
+                "preferred_batch_sizes": (8, 32),
+            }
+        )
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from engine.errors import (
     UnsupportedModeError,
 )
 from engine.images import DecodedImage, decode_image
+from engine.models import UINT8_MODEL_SPEC
 from engine.resampling import (
     STD,
     JaxPreprocessor,
@@ -392,8 +393,11 @@ def test_exif_orientation_is_applied() -> None:
 
 def test_jpeg_draft_decodes_just_large_enough() -> None:
     big = Image.fromarray(photo(1536, 2048))
-    decoded = decode_image(encode(big, "JPEG"), max_pixels=MAX_PIXELS)
+    short = UINT8_MODEL_SPEC.resize_short_side  # the model's resize: 256
+    decoded = decode_image(encode(big, "JPEG"), max_pixels=MAX_PIXELS, target_short_side=short)
     assert decoded.original_size == (2048, 1536)
     assert decoded.pixels.shape == (384, 512, 3)  # DCT-scaled by 4; by 8 would be < 256
+    # Without a target (no model named), the full size.
+    assert decode_image(encode(big, "JPEG"), max_pixels=MAX_PIXELS).pixels.shape == (1536, 2048, 3)
     small = decode_image(encode(big, "JPEG"), max_pixels=MAX_PIXELS, target_short_side=1536)
     assert small.pixels.shape == (1536, 2048, 3)

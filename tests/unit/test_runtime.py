@@ -8,6 +8,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from engine.models import UINT8_MODEL_SPEC
 from engine.settings import Settings
 from worker import runner
 from worker.health import HealthServer, Heartbeat
@@ -17,6 +18,8 @@ CLOSED: list[str] = []
 
 class _Adapter:
     """Stands in for every adapter class the runtime builds; records what gets closed."""
+
+    decode_short_side = UINT8_MODEL_SPEC.resize_short_side  # as a preprocessor has
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.name = type(self).__name__

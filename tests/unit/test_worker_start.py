@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from engine.errors import InferenceUnavailableError
+from engine.models import UINT8_MODEL_SPEC, ModelSpec
 from engine.settings import Settings
 from worker import runner
 
@@ -19,6 +20,8 @@ CLOSED: list[str] = []
 
 class _Adapter:
     """Stands in for every adapter but Triton's; records what is built and closed."""
+
+    decode_short_side = UINT8_MODEL_SPEC.resize_short_side  # as a preprocessor has
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         BUILT.append(type(self).__name__)
@@ -69,9 +72,17 @@ def test_a_worker_starts_once_the_model_is_ready(monkeypatch: pytest.MonkeyPatch
         if not ready.is_set():
             raise InferenceUnavailableError("model loading")
 
+    checked: list[ModelSpec] = []
+
+    def check_model(self: Any, spec: ModelSpec, timeout_s: float | None = None) -> None:
+        checked.append(spec)  # the served model's metadata against its spec, once ready
+
     monkeypatch.setattr(runner.TritonEmbedder, "check_ready", check_ready)
-    runtime = runner.build_worker(Settings(triton={"ready_timeout_s": 30}), worker_id="w")
+    monkeypatch.setattr(runner.TritonEmbedder, "check_model", check_model)
+    settings = Settings(triton={"ready_timeout_s": 30})
+    runtime = runner.build_worker(settings, worker_id="w")
     try:
         assert ready.is_set() and "Consumer" in BUILT
+        assert checked == [settings.model]
     finally:
         runtime.close()
