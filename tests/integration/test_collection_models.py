@@ -38,7 +38,13 @@ from tests.integration.conftest import (
     running_worker,
     wait_for,
 )
-from tests.support.own_model import FLOAT_NCHW, build_model, spec_of, write_files
+from tests.support.own_model import (
+    FLOAT_NCHW,
+    build_model,
+    second_triton,
+    spec_of,
+    write_files,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -58,22 +64,8 @@ def two_models_triton(
     added = ["add", str(spec_file), str(onnx_file), "--repository", str(repository)]
     assert trident_models(added) == 0
     shutil.copytree(stack.model_repository / LITE0.name, repository / LITE0.name)
-    base = stack.config
-    config = base.model_copy(
-        update={
-            "root": root / "stack",
-            "cache": base.cache_folder("triton").parent,  # the stack's install, shared
-            "triton_http_port": base.triton_http_port + 20,
-            "triton_grpc_port": base.triton_http_port + 21,
-            "triton_metrics_port": base.triton_http_port + 22,
-        }
-    )
-    triton = TritonService(config, repository)
-    triton.start()
-    try:
+    with second_triton(stack, root / "stack", repository, port_shift=20) as triton:
         yield triton, repository
-    finally:
-        triton.stop()
 
 
 def _on(settings: Settings, triton: TritonService, repository: Path, model: str) -> Settings:

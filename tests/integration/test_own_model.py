@@ -33,7 +33,13 @@ from model_build.models_cli import main as trident_models
 from producer import EventPublisher, events_from_folder
 from query_api import create_app
 from tests.integration.conftest import committed_everything, running_worker, wait_for
-from tests.support.own_model import FLOAT_NCHW, build_model, spec_of, write_files
+from tests.support.own_model import (
+    FLOAT_NCHW,
+    build_model,
+    second_triton,
+    spec_of,
+    write_files,
+)
 from worker import build_worker
 
 pytestmark = pytest.mark.stack
@@ -59,22 +65,8 @@ def own_triton(
         trident_models(["add", str(spec_file), str(onnx_file), "--repository", str(repository)])
         == 0
     )
-    base = stack.config
-    config = base.model_copy(
-        update={
-            "root": root / "stack",
-            "cache": base.cache_folder("triton").parent,  # the stack's install, shared
-            "triton_http_port": base.triton_http_port + 10,
-            "triton_grpc_port": base.triton_http_port + 11,
-            "triton_metrics_port": base.triton_http_port + 12,
-        }
-    )
-    triton = TritonService(config, repository)
-    triton.start()
-    try:
+    with second_triton(stack, root / "stack", repository, port_shift=10) as triton:
         yield triton, repository
-    finally:
-        triton.stop()
 
 
 def _own_settings(settings: Settings, triton: TritonService, repository: Path) -> Settings:

@@ -8,6 +8,8 @@ of it get the same vector, other images other ones), so searches by image find t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
+from devstack.stack import LocalStack
+from devstack.triton import TritonService
 from engine.models import ModelSpec, input_is_channels_last, input_is_pixels
 
 GRID = 8
@@ -112,3 +116,28 @@ def write_files(folder: Path, values: dict[str, Any], model: onnx.ModelProto) ->
     spec_file.write_text(yaml.safe_dump(plain, sort_keys=False))
     onnx.save(model, str(onnx_file))
     return spec_file, onnx_file
+
+
+@contextmanager
+def second_triton(
+    stack: LocalStack, root: Path, repository: Path, *, port_shift: int
+) -> Iterator[TritonService]:
+    """A real Triton of the stack's install serving ``repository`` on the stack's HTTP port
+    plus ``port_shift`` (gRPC and metrics on the next two), data under ``root``; stopped after.
+    The session's Triton keeps its own models (other tests assert on them)."""
+    base = stack.config
+    config = base.model_copy(
+        update={
+            "root": root,
+            "cache": base.cache_folder("triton").parent,  # the stack's install, shared
+            "triton_http_port": base.triton_http_port + port_shift,
+            "triton_grpc_port": base.triton_http_port + port_shift + 1,
+            "triton_metrics_port": base.triton_http_port + port_shift + 2,
+        }
+    )
+    triton = TritonService(config, repository)
+    triton.start()
+    try:
+        yield triton
+    finally:
+        triton.stop()
