@@ -35,6 +35,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,27 @@ _COMPONENTS = (
     "dataCoord",
     "dataNode",
 )
+# Search while Milvus indexes and compacts (issue 25, docs/PERFORMANCE.md "Search while the
+# collection grows"): measured with benchmarks/bench_growing.py, each against the stack's
+# previous settings in the same run.
+SEARCH_UNDER_LOAD: dict[str, Any] = {
+    # A temporary IVF index (nlist 128, nprobe 16) for segments whose own index is not built
+    # yet (sealed, not yet indexed: after a bulk write, most of the rows for minutes). Without
+    # it every search scanned them by brute force: in the 5 minutes after 100k writes, by
+    # vector p50 172 -> 28 ms, p99 785 -> 414 ms, by image p99 879 -> 507 ms (recall@10
+    # 1.000 -> 0.992), benchmarks/bench_growing.py on the shared machine at load ~15, same run.
+    # It had been turned off for cheaper writes, a gain within the spread between runs.
+    "queryNode.segcore.interimIndex.enableIndex": True,
+}
+SERVER_ENVIRONMENT: dict[str, str] = {
+    # Go's collector at its default (GOGC=100) kept the heap small and the kernel busy zeroing
+    # the pages it gave back and faulted in again: 19 % of the server's CPU while it took writes
+    # (perf). A 5x heap goal, and freed pages kept until the kernel wants them, cut that to 1 %;
+    # writes and searches during an ingest got faster for ~1 GB more RSS at 100k vectors
+    # (docs/PERFORMANCE.md, "Write path").
+    "GOGC": "400",
+    "GODEBUG": "madvdontneed=0",
+}
 # The health probe goes straight to loopback, whatever http_proxy the caller has set.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _PLACEHOLDER = re.compile(r"\{\{\s*\w+(?:\(\w+\))?\s*(?::\s*([^}]*?))?\s*\}\}")
@@ -92,8 +114,19 @@ class MilvusService:
 
     name = "milvus"
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        """``settings`` (dotted ``milvus.yaml`` keys) and ``environment`` are applied over the
+        stack's own at each start: benchmarks compare Milvus settings with them
+        (``benchmarks/bench_growing.py``); the stack itself passes neither."""
         self.config = config
+        self.extra_settings = dict(settings or {})
+        self.extra_environment = dict(environment or {})
         self.folder = config.folder(self.name)
         self._refused_rounds = 0
         # The wheel's venv and the unpacked server are shared by every stack on this machine.
@@ -371,13 +404,8 @@ class MilvusService:
             "MILVUSCONF": f"{self.configs}/",
             "METRICS_PORT": str(self.ports["metrics"]),
             "MILVUS_RUN_DIR": str(self.folder / "run"),
-            # Go's collector at its default (GOGC=100) kept the heap small and the kernel busy
-            # zeroing the pages it gave back and faulted in again: 19 % of the server's CPU
-            # while it took writes (perf). A 5x heap goal, and freed pages kept until the
-            # kernel wants them, cut that to 1 %; writes and searches during an ingest got
-            # faster for ~1 GB more RSS at 100k vectors (docs/PERFORMANCE.md, "Write path").
-            "GOGC": "400",
-            "GODEBUG": "madvdontneed=0",
+            **SERVER_ENVIRONMENT,
+            **self.extra_environment,
         }
 
     def _write_configs(self) -> None:
@@ -414,12 +442,9 @@ class MilvusService:
             "dataCoord.gc.missingTolerance": 600,
             "rocksmq.retentionTimeInMinutes": 60,
             "rocksmq.retentionSizeInMB": 1024,
-            # Cheaper writes, measured together with GOGC above (docs/PERFORMANCE.md): no
-            # temporary IVF index on growing segments (rebuilt as rows arrive; searches scan the
-            # unsealed rows instead, at most one segment's worth), an uncompressed write-ahead
-            # log (it is local and retained 1 h), and a 64 MiB insert buffer instead of 16, so
-            # the data node flushes fewer, larger binlogs.
-            "queryNode.segcore.interimIndex.enableIndex": False,
+            # Cheaper writes, measured together with GOGC above (docs/PERFORMANCE.md): an
+            # uncompressed write-ahead log (it is local and retained 1 h), and a 64 MiB insert
+            # buffer instead of 16, so the data node flushes fewer, larger binlogs.
             "rocksmq.compressionTypes": [0, 0, 0, 0, 0],
             "dataNode.segment.insertBufSize": 64 * 1024 * 1024,
             # Only stdout, which ManagedProcess sends to milvus.log.
@@ -434,6 +459,8 @@ class MilvusService:
             # Its gRPC ports listen on every interface: nobody gets in without the secret.
             "common.security.authorizationEnabled": True,
             **{f"{component}.ip": host for component in _COMPONENTS},
+            **SEARCH_UNDER_LOAD,
+            **self.extra_settings,
         }
         for dotted, value in overrides.items():
             *parents, leaf = dotted.split(".")
