@@ -46,3 +46,9 @@ def test_the_running_server_reads_the_adopted_settings(stack: LocalStack) -> Non
     rendered = yaml.safe_load(config.read_text())
     for dotted, value in SEARCH_UNDER_LOAD.items():
         assert _get(rendered, dotted) == value, dotted
+    # The measured settings themselves, written out: docs/PERFORMANCE.md's figures come from
+    # them, and a stack started without them would quietly measure (and test) another server.
+    assert environment["GOGC"] == "400" and environment["GODEBUG"] == "madvdontneed=0"
+    assert rendered["queryNode"]["segcore"]["interimIndex"]["enableIndex"] is True
+    assert rendered["rocksmq"]["compressionTypes"] == [0, 0, 0, 0, 0]
+    assert rendered["dataNode"]["segment"]["insertBufSize"] == 64 * 1024 * 1024
