@@ -250,6 +250,7 @@ def run_list(settings: Settings, timeout_s: float) -> int:
         lines = served_lines(settings, timeout_s)
     except InferenceUnavailableError as exc:
         print(f"  Triton is unreachable within {timeout_s:g} s: {exc}")
+        print("  (start it, e.g. `make up` for the local stack, or point triton.url at it)")
         return 1
     for line in lines:
         print(line)
