@@ -152,8 +152,7 @@ class TritonEmbedder:
     def _check_ready(self, client: Any, timeout_s: float) -> None:
         s = self._settings
         where = f"Triton at {s.url} ({s.protocol})"
-        # The HTTP client's deadline is its network_timeout; gRPC's is given per call.
-        deadline = {"client_timeout": timeout_s} if s.protocol == "grpc" else {}
+        deadline = self._call_deadline(timeout_s)
         try:
             if not client.is_server_ready(**deadline):
                 raise InferenceUnavailableError(f"{where} is not ready (starting or stopping)")
@@ -163,8 +162,7 @@ class TritonEmbedder:
         except InferenceUnavailableError:
             raise
         except Exception as exc:  # any failure to answer means "unavailable"
-            why = str(exc) or type(exc).__name__
-            raise InferenceUnavailableError(f"{where} did not answer: {why}") from exc
+            raise self._unanswered(exc) from exc
         if s.model_name not in served:
             listed = ", ".join(sorted(served)) or "none"
             raise InferenceConfigurationError(
@@ -184,18 +182,24 @@ class TritonEmbedder:
             InferenceUnavailableError: the server did not answer in time, or is unreachable.
         """
         timeout = timeout_s if timeout_s is not None else self._settings.request_timeout_s
-        deadline = {"client_timeout": timeout} if self._settings.protocol == "grpc" else {}
         client = self._new_client(timeout)
         try:
-            return self._served_models(client, deadline)
+            return self._served_models(client, self._call_deadline(timeout))
         except Exception as exc:  # any failure to answer means "unavailable"
-            s = self._settings
-            why = str(exc) or type(exc).__name__
-            raise InferenceUnavailableError(
-                f"Triton at {s.url} ({s.protocol}) did not answer: {why}"
-            ) from exc
+            raise self._unanswered(exc) from exc
         finally:
             _close_quietly(client)
+
+    def _call_deadline(self, timeout_s: float) -> dict[str, float]:
+        """The per-call deadline keyword: the HTTP client's deadline is its network_timeout
+        (set when it was made); gRPC's is given per call."""
+        return {"client_timeout": timeout_s} if self._settings.protocol == "grpc" else {}
+
+    def _unanswered(self, exc: BaseException) -> InferenceUnavailableError:
+        """What any failure to answer a probe means: the server is unavailable."""
+        s = self._settings
+        why = str(exc) or type(exc).__name__
+        return InferenceUnavailableError(f"Triton at {s.url} ({s.protocol}) did not answer: {why}")
 
     def _served_models(self, client: Any, deadline: dict[str, float]) -> dict[str, str]:
         """The repository index: every model the server knows (loaded or not) and its state."""
@@ -291,12 +295,10 @@ class TritonEmbedder:
         client = self._new_client(timeout)
         try:
             with self._translated_errors():
-                if s.protocol == "grpc":
-                    metadata = client.get_model_metadata(
-                        s.model_name, s.model_version, as_json=True, client_timeout=timeout
-                    )
-                else:
-                    metadata = client.get_model_metadata(s.model_name, s.model_version)
+                json = {"as_json": True} if s.protocol == "grpc" else {}
+                metadata = client.get_model_metadata(
+                    s.model_name, s.model_version, **json, **self._call_deadline(timeout)
+                )
         finally:
             _close_quietly(client)
 
