@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install up down status reset test lint typecheck unit bench bench-quick bench-growing \
+.PHONY: install up down status reset test lint typecheck unit bench bench-quick bench-growing bench-reembed \
   bench-scale
 
 $(VENV)/.installed: pyproject.toml
@@ -44,9 +44,14 @@ unit: install
 	$(BIN)/pytest -m "not stack and not faults" $(PYTEST_ARGS)
 
 # The full suite: the session fixture installs and starts the test stack (.stack-test/, its
-# own ports) and stops it at the end.
+# own ports) and stops it at the end. TEST_WORKERS pytest processes (pytest-xdist; 0: this one
+# alone) share it: the stack tests mostly wait on Kafka, Milvus and Triton, so more processes
+# than CI's 2 cores. Each file runs in one process, in the suite's order (its module fixtures
+# built once); the tests that stop a service run while no other stack test does, during the
+# unit tests (tests/conftest.py). Figures: docs/PERFORMANCE.md, "The test suite's duration".
+TEST_WORKERS ?= 3
 test: lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Needs the quick-start stack running (make up); each script prints figures and ratios against
 # a baseline measured in the same run, and merges its section into bench/results/latest.json
@@ -103,3 +108,9 @@ bench-growing: install
 
 bench-scale: install
 	$(BIN)/python benchmarks/bench_scale.py --sizes $(BENCH_SCALE_SIZES) $(BENCH_ARGS)
+
+# Issue 23, not part of `make bench`: a rebuild from Lite0 to Lite2 (trident-reembed) on the quick
+# start (its own topic and collections, removed at the end): rebuild rate against the ingest rate
+# of the same run, searches before, during and after the switch. ~6 min (--quick: ~3).
+bench-reembed: install
+	$(BIN)/python benchmarks/bench_reembed.py $(BENCH_ARGS)

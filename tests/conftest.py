@@ -7,12 +7,14 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devstack.config import StackConfig
 from devstack.stack import LocalStack
+from tests.support.stack_gate import StackGate, exclusive_file_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +51,13 @@ class _BackgroundStart:
         self._thread.start()
 
     def _run(self) -> None:
+        # Under pytest-xdist every worker process starts the stack: the first installs and
+        # starts it, the others wait for it and find it up.
+        lock = self.local.config.root / ".test-stack-start.lock"
         try:
-            self.local.up()
+            with exclusive_file_lock(lock, timeout_s=_START_TIMEOUT_S, what="the stack's start"):
+                if not all(service.healthy() for service in self.local.services):
+                    self.local.up()
         except BaseException as exc:  # handed to every test that needs the stack
             self.error = exc
 
@@ -61,18 +68,62 @@ class _BackgroundStart:
         return self.local
 
 
+# A first install on a slow machine included; up() itself has a deadline for each service.
+_START_TIMEOUT_S = 1800.0
+# Longer than a test stopping a service holds the stack; pytest-timeout (600 s for a test's
+# setup, call and teardown together) stops a longer wait first.
+_GATE_TIMEOUT_S = 590.0
 _START = pytest.StashKey[_BackgroundStart]()
+_GATE = pytest.StashKey[StackGate]()
+# Set in the process that runs no tests, the pytest-xdist controller: was the stack up before?
+_UP_BEFORE = pytest.StashKey[bool]()
+_STOPS_SERVICES = "stops_services"
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return not _is_xdist_worker(config) and getattr(config.option, "dist", "no") != "no"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{_STOPS_SERVICES}: stops or kills a service of the shared test stack; runs while no "
+        "other stack test runs (pytest-xdist workers included)",
+    )
+    if _is_xdist_controller(config) and not config.option.collectonly:
+        local = LocalStack(TEST_STACK_CONFIG)
+        config.stash[_UP_BEFORE] = all(service.healthy() for service in local.services)
 
 
 def _needs_stack(item: pytest.Item) -> bool:
     return "stack" in getattr(item, "fixturenames", ())
 
 
+def _order(item: pytest.Item, *, parallel: bool) -> int:
+    """Tests that need no stack first (they run while it starts), then the fault scenarios
+    (the longest modules: started early, they do not end the run alone), then the rest.
+
+    Under pytest-xdist (``parallel``) the tests that stop a service come before all: their
+    file goes to one worker at once, which waits for the stack and runs them while the other
+    workers run the unit tests, so that nobody waits at the gate for them (:class:`StackGate`).
+    """
+    if parallel and item.get_closest_marker(_STOPS_SERVICES):
+        return 0
+    if not _needs_stack(item):
+        return 1
+    return 2 if item.get_closest_marker("faults") else 3
+
+
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: only what will run counts
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests that need no stack first (stable: each group keeps its order), and start
-    the stack in the background if any selected test needs it."""
-    items.sort(key=_needs_stack)
+    """Order the tests (:func:`_order`, stable: each group keeps its order), and start the
+    stack in the background if any selected test needs it."""
+    parallel = _is_xdist_worker(config)
+    items.sort(key=lambda item: _order(item, parallel=parallel))
     if config.option.collectonly:
         return
     if _START not in config.stash and any(_needs_stack(item) for item in items):
@@ -93,9 +144,44 @@ def stack(request: pytest.FixtureRequest) -> LocalStack:
     return request.config.stash[_START].wait()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """A stack test enters the gate before its fixtures are set up (module fixtures
+    included): shared, or alone when it stops a service (:class:`StackGate`)."""
+    if _needs_stack(item):
+        if _GATE not in item.config.stash:
+            item.config.stash[_GATE] = StackGate(TEST_STACK_CONFIG.root, timeout_s=_GATE_TIMEOUT_S)
+        exclusive = item.get_closest_marker(_STOPS_SERVICES) is not None
+        item.config.stash[_GATE].enter(exclusive=exclusive)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """The gate is left once the test's fixtures are torn down."""
+    try:
+        return (yield)
+    finally:
+        gate = item.config.stash.get(_GATE, None)
+        if gate is not None and _needs_stack(item):
+            gate.leave()
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop the stack the session started, even one no test waited for."""
-    start = session.config.stash.get(_START, None)
+    """Stop the stack the session started, even one no test waited for.
+
+    Under pytest-xdist the controller stops it, after every worker finished, if it was not up
+    before the run.
+    """
+    config = session.config
+    if _is_xdist_worker(config):
+        return
+    if _is_xdist_controller(config):
+        local = LocalStack(TEST_STACK_CONFIG)
+        if not config.stash.get(_UP_BEFORE, True) and any(s.healthy() for s in local.services):
+            local.down()
+        return
+    start = config.stash.get(_START, None)
     if start is None or start.already_up:
         return
     with contextlib.suppress(BaseException):  # a start that failed was reported by its tests

@@ -138,6 +138,7 @@ def test_worker_killed_mid_stream_then_restarted(
     assert_stream_complete("worker_kill9", ids, settings, store)
 
 
+@pytest.mark.stops_services
 @pytest.mark.parametrize(
     ("service", "down_s", "scenario"),
     [
@@ -183,6 +184,7 @@ def test_service_outage_during_ingest(
     )
 
 
+@pytest.mark.stops_services
 def test_milvus_killed_mid_ingest_keeps_every_acknowledged_upsert(
     stack: LocalStack, settings: Settings, store: VectorStore, tmp_path: Path
 ) -> None:

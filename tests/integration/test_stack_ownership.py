@@ -9,13 +9,13 @@ import pytest
 
 from devstack.config import StackConfig
 from devstack.stack import LocalStack
-from tests.conftest import TEST_STACK_CONFIG
+from tests.conftest import PORT_OFFSET, TEST_STACK_CONFIG
 
 pytestmark = pytest.mark.stack
 
 
 def _stack(root: Path, base: int) -> LocalStack:
-    """A stack in ``root`` on ports base..base+11 (all in 29700-29799), sharing the test cache."""
+    """A stack in ``root`` on ports base..base+11, sharing the test cache."""
     return LocalStack(
         StackConfig(
             root=root,
@@ -34,8 +34,11 @@ def test_a_quick_start_stays_healthy_while_a_test_stack_starts_and_stops(
     stack: LocalStack, tmp_path: Path
 ) -> None:
     # ``stack`` (the session's) has installed everything into the shared cache.
-    quick = _stack(tmp_path / "quick", 29700)
-    tests = _stack(tmp_path / "tests", 29720)
+    # Moved like the test stack's ports, so runs on stacks whose offsets differ by hundreds
+    # never share them; 29703-29720 and 29756-29773 miss every port such a stack takes (Kafka
+    # x92-x93, Milvus x29-x40) and test_faults.py's failover cluster (29750-29755).
+    quick = _stack(tmp_path / "quick", 29703 + PORT_OFFSET)
+    tests = _stack(tmp_path / "tests", 29756 + PORT_OFFSET)
     try:
         for service in (quick.kafka, quick.milvus):
             service.start()

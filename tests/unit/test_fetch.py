@@ -73,13 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         with self.server.lock:
             self.server.seen.append(self.path)
-            self.server.inflight += 1
-            self.server.max_inflight = max(self.server.max_inflight, self.server.inflight)
-        try:
-            self._route(self.path.partition("?")[0])
-        finally:
-            with self.server.lock:
-                self.server.inflight -= 1
+        self._route(self.path.partition("?")[0])
 
     def _route(self, path: str) -> None:
         statuses = {"/missing": 404, "/gone": 410, "/error": 500, "/busy": 429, "/denied": 403}
@@ -100,7 +94,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/image":
             self._reply(200, PNG)
         elif path == "/slow-image":
+            # Counted until the answer starts: a client gets its answer only after that, so a
+            # request still "in flight" here is one the client really has open at once (a
+            # count kept to the handler's end saw the next request before its own exit).
+            with self.server.lock:
+                self.server.inflight += 1
+                self.server.max_inflight = max(self.server.max_inflight, self.server.inflight)
             time.sleep(0.15)
+            with self.server.lock:
+                self.server.inflight -= 1
             self._reply(200, PNG)
         elif path == "/slow":
             self.server.stopping.wait(1.0)
