@@ -35,7 +35,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,36 @@ def memory_and_search(
     }
 
 
+def memory_phase(
+    args: argparse.Namespace,
+    fresh: Callable[..., Settings],
+    folder: Path,
+    memory: list[Path],
+    warmup: list[Path],
+) -> dict[str, Any]:
+    """Phase 4 (memory + search during ingest), printed."""
+    mem = memory_and_search(
+        fresh(api={"host": "127.0.0.1", "port": args.api_port}),
+        folder,
+        memory,
+        warmup,
+        port=args.api_port,
+        api_key=args.api_key,
+    )
+    print(
+        f"memory over {mem['images']} images: worker RSS {mem['worker_rss_first_batch_mib']}"
+        f" MiB after the first batch, {mem['worker_rss_after_warmup_mib']} after the warm-up"
+        f" ({mem['warmup_images']} images), by quarter {mem['worker_rss_by_quarter_mib']}"
+        f" -> {mem['worker_rss_end_mib']} MiB (x{mem['worker_rss_growth_ratio']}; "
+        f"x{mem['worker_rss_growth_from_first_batch']} from the first batch), API max "
+        f"{mem['api_rss_max_mib']} MiB; search by vector during ingest p50 "
+        f"{mem['search_vector_p50_ms_during_ingest']} ms, p99 "
+        f"{mem['search_vector_p99_ms_during_ingest']} ms "
+        f"({mem['search_during_ingest_queries']} queries)"
+    )
+    return mem
+
+
 def main() -> int:
     """Run every phase, print, record; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -298,6 +328,9 @@ def main() -> int:
     parser.add_argument("--memory-images", type=int, default=10_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=32, help="worker batch = ceiling batch")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the memory + search-during-ingest phase"
+    )
     parser.add_argument("--quick", action="store_true", help="a few hundred images in all")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args()
@@ -343,25 +376,7 @@ def main() -> int:
                 f"x{rate['vga'] / slow:.2f} naive); "
                 f"{len(large)} 12-MP at {rate['12mp']:.1f} images/s"
             )
-        mem = memory_and_search(
-            fresh(api={"host": "127.0.0.1", "port": args.api_port}),
-            folder,
-            memory,
-            warmup,
-            port=args.api_port,
-            api_key=args.api_key,
-        )
-        print(
-            f"memory over {mem['images']} images: worker RSS {mem['worker_rss_first_batch_mib']}"
-            f" MiB after the first batch, {mem['worker_rss_after_warmup_mib']} after the warm-up"
-            f" ({mem['warmup_images']} images), by quarter {mem['worker_rss_by_quarter_mib']}"
-            f" -> {mem['worker_rss_end_mib']} MiB (x{mem['worker_rss_growth_ratio']}; "
-            f"x{mem['worker_rss_growth_from_first_batch']} from the first batch), API max "
-            f"{mem['api_rss_max_mib']} MiB; search by vector during ingest p50 "
-            f"{mem['search_vector_p50_ms_during_ingest']} ms, p99 "
-            f"{mem['search_vector_p99_ms_during_ingest']} ms "
-            f"({mem['search_during_ingest_queries']} queries)"
-        )
+        mem = None if args.no_memory else memory_phase(args, fresh, folder, memory, warmup)
         top_after = ceiling(args.batch, rounds)
         top = max(top_before, top_after)
     print(
@@ -387,7 +402,7 @@ def main() -> int:
             "e2e_over_ceiling": round(best / top, 3),
             "e2e_over_naive": round(best / slow, 3),
             "e2e_12mp_images_per_s": round(max(r["12mp"] for r in runs.values()), 1),
-            "worker_rss_growth_ratio": mem["worker_rss_growth_ratio"],
+            **({} if mem is None else {"worker_rss_growth_ratio": mem["worker_rss_growth_ratio"]}),
         },
         sampler=load,
         quick=args.quick,

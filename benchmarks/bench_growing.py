@@ -27,7 +27,10 @@ settings): a collection of ``--count`` vectors is written and settled, then a
 while the API answers searches in a loop (by vector and by image in turn), for each ``--nice``
 value given to the worker process (and, with ``--nice-triton``, to Triton's processes, set
 back afterwards). ``ingest_rate_ratio_during_search`` = images/s while searched / images/s
-alone, same nice.
+alone, same nice. With ``--serving before stack``, each nice value runs once per way of serving
+the model (reloaded in the running Triton between them): ``before``, the config as it was before
+issue 25 (one instance per part of a batch, no priority levels), and ``stack``, the repository's
+config (an instance kept for queries, queries' requests first; figures under ``nice_<n>``).
 
 Every variant records what else ran on the machine (``top``, before and after) and the load.
 Results merge into ``bench/results/latest.json`` (section ``growing_bulk`` / ``growing_ingest``;
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +61,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
+import tritonclient.grpc as grpcclient
 from apps import (
     AppProcess,
     bench_settings,
@@ -76,6 +81,7 @@ from bench_search import settle, stages_of
 import benchlib
 from devstack.config import StackConfig
 from devstack.milvus import SEARCH_UNDER_LOAD, MilvusService
+from engine.priorities import INGEST_PRIORITY, PRIORITY_LEVELS, QUERY_INSTANCES
 from engine.records import VectorRecord
 from engine.settings import Settings
 from engine.store import VectorStore
@@ -569,6 +575,33 @@ def niced(pids: list[int], value: int) -> Iterator[None]:
             renice(pid, was)
 
 
+SERVING = ("before", "stack")
+
+
+def serve_as(grpc_url: str, settings: Settings, serving: str) -> None:
+    """Reload the ingest model in the running Triton: its repository config (``stack``), or
+    that config as it was before issue 25 (``before``: one instance per part of a batch, no
+    priority levels)."""
+    client = grpcclient.InferenceServerClient(grpc_url)
+    name = settings.triton.model_name
+    try:
+        # Both ways as an override: a load naming no config keeps a running model as it is.
+        config = client.get_model_config(name, as_json=True, client_timeout=10)["config"]
+        batching = config["dynamic_batching"]
+        instances = settings.model.instance_count
+        if serving == "stack":
+            batching["priority_levels"] = PRIORITY_LEVELS
+            batching["default_priority_level"] = INGEST_PRIORITY
+            instances += QUERY_INSTANCES
+        else:
+            for key in ("priority_levels", "default_priority_level"):
+                batching.pop(key, None)
+        config["instance_group"][0]["count"] = instances
+        client.load_model(name, config=json.dumps(config), client_timeout=120)
+    finally:
+        client.close()
+
+
 def ingest_phase(
     store: VectorStore,
     settings: Settings,
@@ -612,7 +645,8 @@ def ingest(args: argparse.Namespace) -> int:
     ):
         folder = Path(tmp)
         paths = []
-        for n, jpeg in enumerate(make_jpegs(args.images * 2 * len(args.nice) + 64, seed=9)):
+        phases = 2 * len(args.nice) * len(args.serving)
+        for n, jpeg in enumerate(make_jpegs(args.images * phases + 64, seed=9)):
             paths.append(folder / f"ingest-{n:05d}.jpg")
             paths[-1].write_bytes(jpeg)
         common = {"kafka": args.kafka, "triton_grpc": args.triton_grpc, "milvus": args.milvus}
@@ -645,7 +679,8 @@ def ingest(args: argparse.Namespace) -> int:
                 figures["settled"] = summarise(settled)
                 figures["top_before"] = top_snapshot()
                 cursor = 64
-                for value in args.nice:
+                for serving, value in [(s, v) for v in args.nice for s in args.serving]:
+                    serve_as(args.triton_grpc, ingesting, serving)
                     pids = [worker.process.pid] + (triton_pids() if args.nice_triton else [])
                     row: dict[str, Any] = {}
                     with niced(pids, value):
@@ -658,8 +693,11 @@ def ingest(args: argparse.Namespace) -> int:
                     row["ingest_rate_ratio_during_search"] = round(
                         row["searched"]["images_per_s"] / row["alone"]["images_per_s"], 3
                     )
-                    figures[f"nice_{value}"] = row
+                    prefix = "" if serving == "stack" else f"{serving}_"
+                    figures[f"{prefix}nice_{value}"] = row
+                    print(f"serving {serving}:", end=" ")
                     print_ingest(value, row)
+                serve_as(args.triton_grpc, ingesting, "stack")
                 figures["top_after"] = top_snapshot()
         finally:
             for name in (target, ingesting.milvus.collection):
@@ -667,12 +705,18 @@ def ingest(args: argparse.Namespace) -> int:
                     if store.collection_exists(name):
                         store.drop_collection(name)
             store.close()
-    first = figures[f"nice_{args.nice[0]}"]
+    first = figures.get(f"nice_{args.nice[0]}") or figures[f"before_nice_{args.nice[0]}"]
     print("settled:", figures["settled"])
     print(load.describe())
     benchlib.record(
         "growing_ingest",
-        {"count": args.count, "images": args.images, "nice_triton": args.nice_triton, **figures},
+        {
+            "count": args.count,
+            "images": args.images,
+            "nice_triton": args.nice_triton,
+            "serving": args.serving,
+            **figures,
+        },
         headline={
             "search_vector_p99_ms_during_ingest": first["searched"]["vector"]["p99_ms"],
             "search_image_p99_ms_during_ingest": first["searched"]["image"]["p99_ms"],
@@ -736,6 +780,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1_500, help="ingest mode: per phase")
     parser.add_argument("--nice", type=int, nargs="+", default=[0, 10])
     parser.add_argument("--nice-triton", action="store_true")
+    parser.add_argument(
+        "--serving",
+        nargs="+",
+        default=["stack"],
+        choices=SERVING,
+        help="ingest mode: ways of serving the model, each measured (see the module docstring)",
+    )
     parser.add_argument("--quick", action="store_true", help="5,000 vectors, short windows")
     parser.add_argument("--results", type=Path, default=benchlib.DEFAULT_RESULTS)
     args = parser.parse_args(argv)

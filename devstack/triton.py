@@ -12,9 +12,12 @@ model repository the caller built (python-backend ``model.py`` running onnxrunti
 Layout: the install in the shared cache ``<cache>/triton``: ``venv/``, ``bin/tritonserver``,
 ``backends/python/`` (backend library, its utils module and the stub), ``install.json``
 (marker), ``pip.log``; the running server's ``triton.log``/``triton.pid`` under ``<root>/triton``,
-and ``loaded.json``: the fingerprint of the model repository it was started on. The server loads
-the repository once (no polling), so ``start()`` restarts a running server whose repository has
-changed since (new or rebuilt models), or that was started before fingerprints were recorded.
+and ``loaded.json``: the command line the server runs with and the fingerprint of the model
+repository it serves. The server runs with explicit model control: it loads the repository's
+models at start (``--load-model``), polls nothing, and loads more when asked
+(:meth:`TritonService.load_models`, which records the new state). ``start()`` restarts a running
+server whose record differs from what a fresh start would be (models rebuilt or added behind its
+back, other flags, or a server started before this record existed).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 REQUIREMENTS = ("numpy<2", "nvidia-pytriton==0.7.0", "onnxruntime")
 START_TIMEOUT = 120.0
+# A model loaded into the running server: its python-backend stubs start and build their sessions.
+LOAD_TIMEOUT = 120.0
 # Triton drains in-flight requests for at most this long on SIGTERM; ManagedProcess kills later.
 EXIT_TIMEOUT = 10
 _STOP_TIMEOUT = 20.0
@@ -201,9 +206,8 @@ class TritonService:
             raise StackError(f"triton: tritonclient[http] cannot be imported: {exc}") from exc
         if not self.models:
             raise StackError(f"triton: no model (*/config.pbtxt) in {self.model_repository}")
-        fingerprint = self.repository_fingerprint()
-        if self.process.is_running() and self._loaded_fingerprint() != fingerprint:
-            logger.info("triton: the model repository changed since it started; restarting")
+        if self.process.is_running() and self._loaded_record() != self._expected_record():
+            logger.info("triton: its models or flags changed since it started; restarting")
             self.stop()
         if not self.process.is_running():
             ports = (
@@ -218,8 +222,9 @@ class TritonService:
                     self.process.log_file,
                 )
             self._remove_stale_shm()
-            self.process.start(self._argv(), env=self._env(info), cwd=self.folder)
-            self.loaded_marker.write_text(json.dumps(fingerprint, indent=1))
+            record = self._expected_record()
+            self.process.start(record["argv"], env=self._env(info), cwd=self.folder)
+            self._write_record(record)
         started = time.monotonic()
         try:
             wait_until(self._probe, timeout=START_TIMEOUT, what="triton", process=self.process)
@@ -288,16 +293,121 @@ class TritonService:
             for stat in [path.stat()]
         }
 
-    def _loaded_fingerprint(self) -> dict[str, list[int]] | None:
+    def load_models(self, names: Sequence[str], *, timeout: float = LOAD_TIMEOUT) -> list[str]:
+        """Load models of the repository into the running server, without a restart.
+
+        The models it serves already keep answering while the others load. Then records the
+        server's state, so that the next ``start()`` keeps it running.
+
+        Returns:
+            The names that were not ready before, in order.
+
+        Raises:
+            StackError: the server is not running, it was started with other flags or models
+                than a start would use now (``start()`` restarts it), a name has no folder in
+                the repository, Triton refused a model (its message), or the loads took longer
+                than ``timeout`` seconds.
+        """
+        self.check_loadable()
+        missing = [name for name in names if not (self.model_repository / name).is_dir()]
+        if missing:
+            raise StackError(f"triton: no model {missing} in {self.model_repository}")
+        deadline = time.monotonic() + timeout
+        newly = self._load(names, deadline)
+        self._write_record(self._expected_record())
+        return newly
+
+    def check_loadable(self) -> None:
+        """Return if the running server can load models now (:meth:`load_models`).
+
+        Raises:
+            StackError: the server is not running, or was started with other flags than a
+                start would use now (e.g. before it could load models; ``start()`` restarts it).
+        """
+        if not self.process.is_running():
+            raise StackError("triton: not running; start the stack first (trident-stack up)")
+        loaded = self._loaded_record()
+        if loaded is None or loaded["argv"] != self._argv(self._started_models(loaded)):
+            raise StackError(
+                "triton: this server was started with other flags (before models could be "
+                "loaded into it); restart it with trident-stack up",
+                self.process.log_file,
+            )
+
+    def model_states(self, *, timeout: float = 5.0) -> dict[str, str]:
+        """Every model of the repository with Triton's state for it (``READY``, ``UNAVAILABLE``,
+        or ``not loaded``).
+
+        Raises:
+            StackError: the server did not answer within ``timeout`` seconds.
+        """
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
-            loaded: dict[str, list[int]] = json.loads(self.loaded_marker.read_text())
+            index = client.get_model_repository_index(as_json=True, client_timeout=timeout)
+        except InferenceServerException as exc:
+            raise StackError(f"triton at {self.grpc_url} did not answer: {exc.message()}") from exc
+        finally:
+            client.close()
+        return {
+            str(entry["name"]): str(entry.get("state") or "not loaded")
+            for entry in index.get("models", [])
+        }
+
+    def _load(self, names: Sequence[str], deadline: float) -> list[str]:
+        # gRPC: its client_timeout bounds each call; the HTTP client's timeouts are per socket.
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        newly: list[str] = []
+        try:
+            for name in dict.fromkeys(names):
+                if client.is_model_ready(name, client_timeout=5.0):
+                    continue
+                started = time.monotonic()
+                remaining = deadline - started
+                if remaining <= 0:
+                    raise StackError(f"triton: no time left to load {name!r}")
+                try:
+                    client.load_model(name, client_timeout=remaining)
+                except InferenceServerException as exc:
+                    raise StackError(
+                        f"triton: could not load {name!r}: {exc.message()}", self.process.log_file
+                    ) from exc
+                logger.info("triton: loaded %s in %.1fs", name, time.monotonic() - started)
+                newly.append(name)
+        finally:
+            client.close()
+        return newly
+
+    def _expected_record(self) -> dict[str, Any]:
+        """What :attr:`loaded_marker` holds for a server started now on the repository."""
+        return {"argv": self._argv(self.models), "files": self.repository_fingerprint()}
+
+    @staticmethod
+    def _started_models(record: dict[str, Any]) -> list[str]:
+        prefix = "--load-model="
+        return [arg.removeprefix(prefix) for arg in record["argv"] if arg.startswith(prefix)]
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        self.loaded_marker.write_text(json.dumps(record, indent=1))
+
+    def _loaded_record(self) -> dict[str, Any] | None:
+        """The running server's record; None if missing or from before records held argv."""
+        try:
+            loaded = json.loads(self.loaded_marker.read_text())
         except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("argv"), list):
             return None
         return loaded
 
     # ---------------------------------------------------------------- internals
 
-    def _argv(self) -> list[str]:
+    def _argv(self, models: Sequence[str]) -> list[str]:
         host = self.config.host
         return [
             str(self.binary),
@@ -312,8 +422,10 @@ class TritonService:
             "--allow-gpu-metrics=false",
             # No GPU: the pinned pool only produces a CUDA warning at start.
             "--pinned-memory-pool-byte-size=0",
-            # The repository is fixed while the server runs: load everything once, no polling.
-            "--model-control-mode=none",
+            # No polling: the server loads these models at start, and more only when asked
+            # (load_models), so a model written into the repository never half-loads.
+            "--model-control-mode=explicit",
+            *(f"--load-model={model}" for model in models),
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--exit-timeout-secs={EXIT_TIMEOUT}",

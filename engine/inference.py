@@ -51,6 +51,7 @@ from engine.models import (
     input_is_pixels,
     tensor_problems,
 )
+from engine.priorities import PRIORITY, Role
 from engine.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,16 @@ class TritonEmbedder:
     closes them all. Readiness probes (:meth:`check_ready`) use a short-lived client of their own.
     """
 
-    def __init__(self, settings: TritonSettings, *, model: ModelSpec | None = None) -> None:
+    def __init__(
+        self, settings: TritonSettings, *, model: ModelSpec | None = None, role: Role = "ingest"
+    ) -> None:
         """``model``: the spec the served model must match (``Settings.model``), checked by
-        :meth:`wait_until_ready`; None checks only that it is served."""
+        :meth:`wait_until_ready`; None checks only that it is served. ``role``: whom the
+        requests are for; a ``"query"`` embedder's requests leave Triton's queue before the
+        ingest's (:mod:`engine.priorities`)."""
         self._settings = settings
         self._model = model
+        self._priority = PRIORITY[role]
         self._clients: dict[threading.Thread, Any] = {}
         self._lock = threading.Lock()
 
@@ -400,11 +406,16 @@ class TritonEmbedder:
                     [tensor],
                     model_version=s.model_version,
                     outputs=[output],
+                    priority=self._priority,
                     client_timeout=s.request_timeout_s,
                 )
             else:
                 result = client.infer(
-                    s.model_name, [tensor], model_version=s.model_version, outputs=[output]
+                    s.model_name,
+                    [tensor],
+                    model_version=s.model_version,
+                    outputs=[output],
+                    priority=self._priority,
                 )
         return self._embeddings(result, output_name, data.shape[0])
 
@@ -425,13 +436,18 @@ class TritonEmbedder:
                         partial(results.answer, n),
                         model_version=s.model_version,
                         outputs=[output],
+                        priority=self._priority,
                         client_timeout=s.request_timeout_s,
                     )
                 answers = results.wait()
             else:
                 pending = [
                     client.async_infer(
-                        s.model_name, [tensor], model_version=s.model_version, outputs=[output]
+                        s.model_name,
+                        [tensor],
+                        model_version=s.model_version,
+                        outputs=[output],
+                        priority=self._priority,
                     )
                     for tensor, output in requests
                 ]

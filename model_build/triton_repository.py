@@ -42,6 +42,7 @@ from engine.models import (
     ModelSpec,
     model_spec,
 )
+from engine.priorities import INGEST_PRIORITY, PRIORITY_LEVELS, QUERY_INSTANCES
 from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
 
 logger = logging.getLogger(__name__)
@@ -140,8 +141,12 @@ def render_config(spec: ModelSpec, backend: Backend) -> str:
         "dynamic_batching {",
         *([f"  preferred_batch_size: [ {preferred} ]"] if preferred else []),
         f"  max_queue_delay_microseconds: {spec.max_queue_delay_microseconds}",
+        # Searches (engine.priorities) leave the queue before ingest batches.
+        f"  priority_levels: {PRIORITY_LEVELS}",
+        f"  default_priority_level: {INGEST_PRIORITY}",
         "}",
-        f"instance_group [ {{ count: {spec.instance_count}, kind: {kind} }} ]",
+        # One instance more than a batch is split over: a search finds it free.
+        f"instance_group [ {{ count: {spec.instance_count + QUERY_INSTANCES}, kind: {kind} }} ]",
     ]
     lines += [
         f'parameters {{ key: "{key}", value: {{ string_value: "{value}" }} }}'

@@ -5,6 +5,7 @@ threads at once."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from devstack.stack import LocalStack
 from engine.errors import InferenceConfigurationError, InferenceUnavailableError
 from engine.inference import TritonEmbedder
 from engine.models import DEFAULT_MODEL_SPEC, UINT8_MODEL_SPEC
+from engine.priorities import INGEST_PRIORITY, PRIORITY_LEVELS, QUERY_INSTANCES
 from engine.resampling import JaxPreprocessor
 from engine.settings import TritonSettings
 from jax_embedding.triton_client import TritonClient
@@ -42,6 +44,17 @@ def photos() -> list[npt.NDArray[np.uint8]]:
 def pixels(photos: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.uint8]:
     """The photos as the uint8 model takes them."""
     return JaxPreprocessor(batch_sizes=(16,), output="uint8_nhwc").preprocess(photos)
+
+
+# What the session's Triton serves at least: models loaded into it since (serve_models) may join.
+LITE0 = {DEFAULT_MODEL_SPEC.name, UINT8_MODEL_SPEC.name}
+
+
+def _listed_as_served(message: str) -> set[str]:
+    """The models an "it serves: A, B" message names."""
+    found = re.search(r"it serves: ([^)]*)\)", message)
+    assert found, message
+    return set(found.group(1).split(", "))
 
 
 def _url(stack: LocalStack, protocol: str) -> str:
@@ -126,16 +139,16 @@ def test_a_model_triton_does_not_serve_is_a_configuration_error(
         input_format="uint8_nhwc",
         parallel_requests=2,
     )
-    served = f"it serves: {DEFAULT_MODEL_SPEC.name}, {UINT8_MODEL_SPEC.name}"
     with TritonEmbedder(settings) as embedder:
         for batch in (pixels, pixels[:1]):  # parts sent at once, and a single request
             with pytest.raises(InferenceConfigurationError, match="'not_served_here'") as raised:
                 embedder.embed(batch)
-            assert served in str(raised.value)
+            assert _listed_as_served(str(raised.value)) >= LITE0
         assert not embedder.is_ready()
         began = time.monotonic()
-        with pytest.raises(InferenceConfigurationError, match=served):
+        with pytest.raises(InferenceConfigurationError) as raised:
             embedder.wait_until_ready(60.0)
+        assert _listed_as_served(str(raised.value)) >= LITE0
         assert time.monotonic() - began < 5.0  # waiting cannot make it appear: no wait
 
 
@@ -190,3 +203,28 @@ def test_one_embedder_serves_many_threads_at_once(
         for got_whole, got_single in per_thread:
             np.testing.assert_allclose(got_whole, whole, atol=1e-5)
             np.testing.assert_allclose(got_single, single, atol=1e-5)
+
+
+def test_searches_get_an_instance_of_their_own_and_go_first(
+    stack: LocalStack, pixels: npt.NDArray[np.uint8]
+) -> None:
+    """Issue 25: the served config keeps an instance beyond a batch's parts and gives the
+    query's requests the higher priority level; a query embedder's vectors are the ingest's."""
+    settings = TritonSettings(url=stack.config.triton_grpc_url, protocol="grpc")
+    client = grpcclient.InferenceServerClient(settings.url)
+    try:
+        config = client.get_model_config(settings.model_name, as_json=True)["config"]
+    finally:
+        client.close()
+    assert [int(group["count"]) for group in config["instance_group"]] == [
+        UINT8_MODEL_SPEC.instance_count + QUERY_INSTANCES
+    ]
+    batching = config["dynamic_batching"]
+    assert int(batching["priority_levels"]) == PRIORITY_LEVELS
+    assert int(batching["default_priority_level"]) == INGEST_PRIORITY
+    with (
+        TritonEmbedder(settings) as ingest,
+        TritonEmbedder(settings, role="query") as query,
+    ):
+        np.testing.assert_allclose(query.embed(pixels[:1]), ingest.embed(pixels[:1]), atol=1e-5)
+        np.testing.assert_allclose(query.embed(pixels), ingest.embed(pixels), atol=1e-5)

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from engine.errors import InferenceConfigurationError, InferenceUnavailableError
 from engine.inference import TritonEmbedder
+from engine.priorities import INGEST_PRIORITY, PRIORITY, PRIORITY_LEVELS, Role
 from engine.settings import TritonSettings
 
 
@@ -35,6 +36,7 @@ class FakeGrpcClient:
     def __init__(self, fail_part: int | None = None) -> None:
         self.fail_part = fail_part
         self.sizes: list[int] = []
+        self.priorities: list[int] = []
         self.most_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -48,6 +50,7 @@ class FakeGrpcClient:
         part = len(self.sizes)
         rows = self._embeddings(inputs)
         self.sizes.append(rows.shape[0])
+        self.priorities.append(kwargs["priority"])
         with self._lock:
             self._in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self._in_flight)
@@ -68,15 +71,18 @@ class FakeGrpcClient:
     def infer(self, model: str, inputs: list[Any], **kwargs: Any) -> _Answer:
         rows = self._embeddings(inputs)
         self.sizes.append(rows.shape[0])
+        self.priorities.append(kwargs["priority"])
         return _Answer(rows)
 
     def close(self) -> None:
         pass
 
 
-def embedder_with(client: FakeGrpcClient, parallel: int, max_batch: int = 64) -> TritonEmbedder:
+def embedder_with(
+    client: FakeGrpcClient, parallel: int, max_batch: int = 64, role: Role = "ingest"
+) -> TritonEmbedder:
     settings = TritonSettings(parallel_requests=parallel, max_batch_size=max_batch)
-    embedder = TritonEmbedder(settings)
+    embedder = TritonEmbedder(settings, role=role)
     connect_to(embedder, lambda: client)
     return embedder
 
@@ -111,6 +117,17 @@ def test_parts_are_equal_sent_at_once_and_come_back_in_order(
     assert client.sizes == sizes
     np.testing.assert_array_equal(got[:, 0], np.arange(rows))
     assert client.most_in_flight == (len(sizes) if len(sizes) > 1 else 0)
+
+
+def test_a_query_embedder_asks_for_the_higher_priority_the_ingest_for_none() -> None:
+    for role, expected in (("query", PRIORITY["query"]), ("ingest", 0)):
+        client = FakeGrpcClient()
+        embedder = embedder_with(client, 2, role=role)
+        embedder.embed(numbered(1))  # one request, blocking
+        embedder.embed(numbered(8))  # parts sent at once
+        assert client.priorities == [expected] * 3, role
+    # Lower numbers first: queries leave Triton's queue before the model's default (ingest).
+    assert 0 < PRIORITY["query"] < INGEST_PRIORITY <= PRIORITY_LEVELS
 
 
 def test_one_failed_part_fails_the_batch_as_retriable() -> None:

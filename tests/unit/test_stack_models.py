@@ -4,6 +4,8 @@ removed (a user's model left alone); the repository writer and its command line 
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import onnx
@@ -11,6 +13,7 @@ import pytest
 
 from devstack.cli import main as stack_main
 from devstack.config import StackConfig
+from devstack.errors import StackError
 from devstack.stack import LocalStack
 from engine.errors import UnknownModelError
 from engine.models import (
@@ -20,6 +23,8 @@ from engine.models import (
     MODEL_SPEC_FILE,
     UINT8_MODEL_SPEC,
 )
+from engine.priorities import INGEST_PRIORITY, PRIORITY_LEVELS, QUERY_INSTANCES
+from model_build.triton_repository import Backend, render_config
 from model_build.triton_repository import main as repository_main
 
 LITE0 = {UINT8_MODEL_SPEC.name, DEFAULT_MODEL_SPEC.name}
@@ -92,3 +97,113 @@ def test_repository_command_writes_the_models_asked_for(tmp_path: Path) -> None:
     assert f"dims: [ {dims} ]" in config and "TYPE_UINT8" in config
     with pytest.raises(SystemExit):
         repository_main([str(root), "--models", "nope"])
+
+
+# ------------------------------------------------ models loaded into a running Triton (no restart)
+
+
+def _pretend_running(stack: LocalStack) -> None:
+    """The stack's Triton pid file names a live process (this one): "running" to the stack."""
+    stack.triton.process.pid_file.write_text(str(os.getpid()))
+
+
+def test_triton_starts_in_explicit_mode_loading_the_repository_models(tmp_path: Path) -> None:
+    stack = LocalStack(StackConfig(root=tmp_path), models=[LITE1_MODEL_SPEC.name])
+    stack.build_model_repository()
+    record = stack.triton._expected_record()
+    argv = record["argv"]
+    assert "--model-control-mode=explicit" in argv
+    loads = {arg.removeprefix("--load-model=") for arg in argv if arg.startswith("--load-model=")}
+    assert loads == LITE0 | {LITE1_MODEL_SPEC.name}
+    assert record["files"] == stack.triton.repository_fingerprint()
+
+
+def test_serving_more_models_needs_a_running_triton_that_can_load_them(tmp_path: Path) -> None:
+    config = StackConfig(root=tmp_path)
+    stack = LocalStack(config)
+    stack.build_model_repository()
+    with pytest.raises(StackError, match="not running"):
+        stack.serve_models([LITE2_MODEL_SPEC.name])
+    _pretend_running(stack)
+    # A server started before explicit model control (its record: a bare fingerprint).
+    stack.triton.loaded_marker.write_text(json.dumps(stack.triton.repository_fingerprint()))
+    with pytest.raises(StackError, match="trident-stack up"):
+        stack.serve_models([LITE2_MODEL_SPEC.name])
+    # Refused before anything is written or remembered.
+    assert _served(stack.model_repository) == LITE0
+    assert LocalStack(config).extra_models == []
+
+
+def test_serving_an_unknown_model_names_the_registry(tmp_path: Path) -> None:
+    stack = LocalStack(StackConfig(root=tmp_path))
+    with pytest.raises(StackError, match=f"unknown model 'lite9'.*{LITE2_MODEL_SPEC.name}"):
+        stack.serve_models(["lite9"])
+
+
+def test_a_model_that_fails_to_load_is_forgotten_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = StackConfig(root=tmp_path)
+    stack = LocalStack(config, models=[LITE1_MODEL_SPEC.name])
+    stack.build_model_repository()
+    _pretend_running(stack)
+    stack.triton._write_record(stack.triton._expected_record())
+
+    def refuse(names: list[str], deadline: float) -> list[str]:
+        raise StackError(f"triton: could not load {names[0]!r}: out of memory")
+
+    monkeypatch.setattr(stack.triton, "_load", refuse)
+    with pytest.raises(StackError, match="out of memory"):
+        stack.serve_models([LITE2_MODEL_SPEC.name])
+    assert _served(stack.model_repository) == LITE0 | {LITE1_MODEL_SPEC.name}
+    assert LocalStack(config).extra_models == [LITE1_MODEL_SPEC.name]
+
+
+def test_a_loaded_model_is_remembered_and_recorded_as_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = StackConfig(root=tmp_path)
+    stack = LocalStack(config)
+    stack.build_model_repository()
+    _pretend_running(stack)
+    stack.triton._write_record(stack.triton._expected_record())
+    asked: list[list[str]] = []
+
+    def load(names: list[str], deadline: float) -> list[str]:
+        asked.append(names)
+        return names
+
+    monkeypatch.setattr(stack.triton, "_load", load)
+    assert stack.serve_models([LITE2_MODEL_SPEC.name]) == [LITE2_MODEL_SPEC.name]
+    assert asked == [[LITE2_MODEL_SPEC.name]]
+    assert LocalStack(config).extra_models == [LITE2_MODEL_SPEC.name]
+    # What a start would run is what runs: the next `up` keeps this server.
+    assert stack.triton._loaded_record() == LocalStack(config).triton._expected_record()
+
+
+def test_models_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(tmp_path)
+    for argv in (["models"], ["models", "add"], ["models", "drop", "x"], ["up", "x"]):
+        with pytest.raises(SystemExit) as exited:
+            stack_main([*argv, "--root", root])
+        assert exited.value.code == 2, argv
+    with pytest.raises(SystemExit) as exited:
+        stack_main(["models", "add", "lite9", "--root", root])
+    assert exited.value.code == 2
+    assert "unknown model 'lite9'" in capsys.readouterr().err
+    assert stack_main(["models", "add", LITE2_MODEL_SPEC.name, "--root", root]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: triton: not running; start the stack first (trident-stack up)"
+    ]
+    assert stack_main(["models", "list", "--root", root]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert listed[LITE2_MODEL_SPEC.name] == "not in the repository"
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_configs_keep_an_instance_for_searches_and_let_them_go_first(backend: Backend) -> None:
+    config = render_config(UINT8_MODEL_SPEC, backend)
+    count = UINT8_MODEL_SPEC.instance_count + QUERY_INSTANCES
+    assert f"instance_group [ {{ count: {count}, kind:" in config
+    assert f"  priority_levels: {PRIORITY_LEVELS}\n" in config
+    assert f"  default_priority_level: {INGEST_PRIORITY}\n" in config
