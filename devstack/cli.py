@@ -5,10 +5,13 @@ trident-stack quickstart  up + a worker + the query API + sample images, then a 
 trident-stack status      what runs where
 trident-stack down        stop everything (data kept)
 trident-stack reset       stop everything and delete the data
+trident-stack models add NAME...  the running Triton serves these built-in models too (no restart)
+trident-stack models list         the built-in models and what the running Triton does with each
 
 ``--models A,B`` (up, install, quickstart): Triton also serves these built-in models, e.g.
 ``efficientnet_lite1_embedding_uint8,efficientnet_lite2_embedding_uint8``; remembered for the
-stack's root until another ``--models`` (``--models ""``: Lite0 alone).
+stack's root until another ``--models`` (``--models ""``: Lite0 alone). ``models add`` remembers
+its models the same way.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from devstack.stack import LocalStack
 from engine.cli_support import configure_logging
 from engine.errors import UnknownModelError
 from engine.kafka import ensure_topics
-from engine.models import SERVED_MODEL_SPECS
+from engine.models import SERVED_MODEL_SPECS, model_spec
 from engine.settings import Settings
 from engine.store import VectorStore
 from producer import EventPublisher, events_from_folder
+from reembed.local import start_all
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,10 @@ def quickstart(stack: LocalStack, *, api_port: int, timeout_s: float = 600) -> N
     # Before the first publish: the broker would otherwise make an uncompacted ingest topic.
     ensure_topics(settings.kafka)
     worker = stack.start_worker(settings_file)
+    # The workers of a rebuild (trident-reembed) write its new version, once switched the only
+    # one of the collection's model: they come back with the stack.
+    if restarted := start_all(stack.reembed_folder):
+        print(f"started {restarted} rebuild worker(s) of trident-reembed again")
     stack.start_api(settings_file, port=api_port)
 
     with EventPublisher(settings.kafka) as publisher:
@@ -99,13 +107,36 @@ def _wait_searchable(
     raise StackError(f"only {count}/{expected} samples stored after {timeout_s:.0f}s", worker_log)
 
 
+def _valid_models_action(action: Sequence[str]) -> bool:
+    return (bool(action) and action[0] == "add" and len(action) > 1) or list(action) == ["list"]
+
+
+def _models_command(stack: LocalStack, action: Sequence[str]) -> None:
+    """``models add NAME...`` and ``models list``.
+
+    Raises:
+        StackError: as :meth:`LocalStack.serve_models`; for ``list``, Triton did not answer.
+    """
+    if action[0] == "add":
+        loaded = stack.serve_models(action[1:])
+        print(f"loaded: {', '.join(loaded) or 'nothing (all served already)'}")
+        return
+    if stack.triton.process.is_running():
+        states = stack.triton.model_states()
+    else:
+        states = dict.fromkeys(stack.triton.models, "in the repository, triton not running")
+    for name in sorted({*SERVED_MODEL_SPECS, *states}):
+        print(f"{name:45s} {states.get(name, 'not in the repository')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trident-stack", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     parser.add_argument(
-        "command", choices=["install", "up", "quickstart", "status", "down", "reset"]
+        "command", choices=["install", "up", "quickstart", "status", "down", "reset", "models"]
     )
+    parser.add_argument("action", nargs="*", help="models: add NAME... | list")
     parser.add_argument(
         "--root", type=Path, default=Path(".stack"), help="Folder for data and logs."
     )
@@ -119,6 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    if args.command != "models" and args.action:
+        parser.error(f"{args.command} takes no more arguments (got {' '.join(args.action)})")
+    if args.command == "models" and not _valid_models_action(args.action):
+        parser.error("use: models add NAME... | models list")
+    try:  # an unknown name is a usage error, as for --models
+        for name in args.action[1:]:
+            model_spec(name)
+    except UnknownModelError as exc:
+        parser.error(str(exc))
     # None: the stack's remembered choice; a list, even empty, is a new choice.
     models = None
     if args.models is not None:
@@ -136,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             quickstart(stack, api_port=args.api_port)
         elif args.command == "down":
             stack.down()
+        elif args.command == "models":
+            _models_command(stack, args.action)
         elif args.command == "reset":
             stack.down()
             for service in (stack.kafka, stack.milvus):

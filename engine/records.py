@@ -101,6 +101,18 @@ class Hit:
 
 
 @dataclass(frozen=True, slots=True)
+class RegionHit:
+    """An item's best region for a search: its score, the region's normalised box
+    ``(x0, y0, x1, y1)`` and the item version the region was made from (always the version
+    the item's row had when the search checked it)."""
+
+    id: str
+    score: float
+    box: tuple[float, float, float, float]
+    event_version: int
+
+
+@dataclass(frozen=True, slots=True)
 class CollectionInfo:
     """What a collection was created with.
 
@@ -118,6 +130,8 @@ class CollectionInfo:
     model_name: str = ""
     # A dynamic schema (made elsewhere: ours are not) takes undeclared keys in "$meta".
     dynamic_field: bool = False
+    # Region vectors (issue 24), chosen at creation: a companion collection holds them.
+    regions: bool = False
 
     def bound_model(self, registry: Mapping[str, ModelSpec], configured: ModelSpec) -> ModelSpec:
         """The spec of the model whose vectors this collection holds.

@@ -332,6 +332,20 @@ class MilvusSettings(_Section):
     index_params: dict[str, int] = Field(default_factory=dict)
     search_params: dict[str, int] = Field(default_factory=dict)
     timeout_s: float = 30.0
+    missing_recheck_s: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="How long a collection found missing is looked for again before it is "
+        "called unknown: a migration renames a collection, then makes its name an alias "
+        "(0.1-0.8 s measured on the local stack).",
+    )
+    alias_cache_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a collection's description (and where an alias points) is "
+        "cached for reads and writes by its name.",
+    )
 
     @model_validator(mode="after")
     def _index_is_valid(self) -> Self:
@@ -437,6 +451,15 @@ class RetrySettings(_Section):
     )
 
 
+class RebuildTarget(_Section):
+    """What a rebuild worker writes: the events of the ``sources`` collections (an alias and
+    the collection it pointed to) go into ``target``, a version bound to the worker's model;
+    every other event is skipped (``trident-reembed``)."""
+
+    sources: list[str] = Field(min_length=1)
+    target: str = Field(min_length=1)
+
+
 class WorkerSettings(_Section):
     health_host: str = "127.0.0.1"
     health_port: int = Field(
@@ -467,6 +490,48 @@ class WorkerSettings(_Section):
         ge=1,
         description="Versions of ids this worker wrote, remembered (LRU) so that the stale-version "
         "guard needs no Strong read for them; ~0.5 KB each.",
+    )
+    rebuild: RebuildTarget | None = Field(
+        None,
+        description="Set by trident-reembed for its rebuild workers: write only the events of "
+        "these source collections, into this target (no default collection is created).",
+    )
+    routing_cache_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long the worker keeps where an alias's events go (which version of it "
+        "is bound to its model) before it looks again.",
+    )
+    progress_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a rebuild worker reads its group's offsets for the "
+        "trident_reembed_* gauges.",
+    )
+
+
+class ReembedSettings(_Section):
+    """``trident-reembed``: where it keeps its state and how it judges a rebuild caught up."""
+
+    state_dir: Path = Field(
+        Path(".stack/reembed"),
+        description="Rebuild state, compare reports, and the local rebuild workers' settings, "
+        "logs and pid files.",
+    )
+    max_lag: int = Field(
+        0, ge=0, description="Records of the topics the rebuild may still lack at a switch."
+    )
+    max_missing: int = Field(
+        0,
+        ge=0,
+        description="Rows by which the new collection's count may differ from the old one's at "
+        "a switch.",
+    )
+    compare_sample: int = Field(
+        20, ge=1, description="Queries of the quick compare a switch runs when there is none."
+    )
+    stop_timeout_s: float = Field(
+        30.0, gt=0, description="How long a local rebuild worker gets to stop before SIGKILL."
     )
 
 
@@ -520,6 +585,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    reembed: ReembedSettings = Field(default_factory=ReembedSettings)
 
     _model: ModelSpec = PrivateAttr(default=UINT8_MODEL_SPEC)
 

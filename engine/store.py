@@ -30,6 +30,16 @@ both), is never listed, and its name is reserved. ``stored_versions`` answers th
 row and the tombstone of each id; ``delete`` writes the tombstones, then removes the rows;
 ``get_record``, ``tombstone`` and ``ids_matching`` serve an item's page and delete-by-filter.
 
+**Aliases.** A name may be a Milvus alias of a collection (a rebuilt collection's name is one:
+its versions are the concrete collections :func:`version_collection`, ``images_v2``). Every
+read and write by name works through an alias: it is resolved to the concrete collection
+(:meth:`VectorStore.resolve_alias`; a name's description is cached ``milvus.alias_cache_s`` at
+most, since a name can become an alias and an alias move), whose data and tombstone companion
+are used. A name found missing is
+looked for again for ``milvus.missing_recheck_s`` before :class:`UnknownCollectionError`,
+and a data call that finds its collection gone (renamed under it) is made once more by name:
+the window of a migration (``rename_collection``, then ``create_alias``) fails nothing.
+
 Ids are written into expressions JSON-quoted (``_ids_expr``), which Milvus's parser reads with
 the same escapes: an id holding quotes or backslashes names itself and nothing else.
 
@@ -52,8 +62,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -82,12 +93,14 @@ from engine.errors import (
     UnknownCollectionError,
 )
 from engine.indexes import IndexSpec
+from engine.models import Box, ModelSpec
 from engine.records import (
     RECORD_FIELDS,
     VECTOR_FIELD,
     CollectionInfo,
     Consistency,
     Hit,
+    RegionHit,
     StoredRecord,
     StoredVersion,
     VectorRecord,
@@ -99,6 +112,8 @@ from schemas.events import METADATA_MAX_BYTES as SCHEMA_METADATA_MAX_BYTES
 from schemas.search import COLLECTION_NAME_PATTERN
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Milvus counts VARCHAR max_length in UTF-8 bytes, not characters: both limits are in bytes. The
 # event contract's ceilings are these sizes, so what a valid event holds always fits.
@@ -115,14 +130,48 @@ UPSERT_IN_FLIGHT = 4
 # How long create_collection waits for a creator beside it (workers starting at once) to index
 # the collection it has just made, before calling it a collection without an index.
 INDEX_WAIT_S = 5.0
+# How often a name found missing is looked up again within milvus.missing_recheck_s.
+_RECHECK_EVERY_S = 0.1
 
 _COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 _COLLECTION_NAME_MAX = 255
+# A rebuilt collection's name is an alias; its versions are the concrete collections
+# ``<alias>_v<N>`` (version_collection, version_number: the one place of that pattern).
+_VERSION_INFIX = "_v"
 
 # The companion collection of tombstones (module docstring): its name's suffix, reserved, and
 # its fields. Milvus 2.3 cannot hold a collection without a vector field, nor load one without
 # an index: a constant 2-d vector under a FLAT index costs 8 bytes a row and no index build.
 TOMBSTONE_SUFFIX = "__tombstones"
+# The companion collection of region vectors (issue 24) of a collection made with regions: one
+# row per region of an item's version (REGION_FIELDS, the box as four floats, the vector), its
+# id "<version>:<region>:<item id>". Made with its collection, reserved like the tombstones'.
+REGION_SUFFIX = "__regions"
+REGION_FIELDS = ("id", "item_id", "event_version", "box_x0", "box_y0", "box_x1", "box_y1")
+_REGION_BOX = REGION_FIELDS[3:]
+# Room for "<version>:<region>:" before the item's id in a region's primary key.
+_REGION_ID_EXTRA = 48
+# A region search fetches this many region hits per item asked for, per query vector, before
+# grouping them by item (each item has at most its recipe's regions of one version, plus, for
+# a bounded window, those of a version being replaced), up to QUERY_LIMIT_MAX.
+REGION_OVER_FETCH = 20
+# Candidates whose version one read checks beyond the ``limit`` asked for.
+REGION_CHECK_SLACK = 10
+# Items whose older regions one delete request removes (an expression of one clause each).
+_REGION_DELETES_PER_REQUEST = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRegions:
+    """One item's regions at one version: ``boxes[i]``'s vector is ``vectors[i]``."""
+
+    item_id: str
+    version: int
+    boxes: Sequence[Box]
+    vectors: npt.NDArray[np.float32]
+
+
+COMPANION_SUFFIXES = (TOMBSTONE_SUFFIX, REGION_SUFFIX)
 TOMBSTONE_FIELDS = ("id", "event_version", "deleted_at_ms")
 _TOMBSTONE_VECTOR = "_tombstone"
 _TOMBSTONE_DIM = 2
@@ -242,7 +291,9 @@ class VectorStore:
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._retired: list[tuple[MilvusClient, float]] = []
-        self._collections: dict[str, CollectionInfo] = {}
+        # name -> (description, until when it may be used: ``milvus.alias_cache_s``, since a
+        # name may become an alias, or an alias move; None: for good, set by tests).
+        self._collections: dict[str, tuple[CollectionInfo, float | None]] = {}
         # Companion collections of tombstones this store found (or made) and loaded.
         self._tombstones: set[str] = set()
 
@@ -354,7 +405,7 @@ class VectorStore:
         Raises:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        if not _COLLECTION_NAME.fullmatch(name) or is_tombstone_collection(name):
+        if not _COLLECTION_NAME.fullmatch(name) or is_companion_collection(name):
             return False
         return self._has(name)
 
@@ -370,8 +421,14 @@ class VectorStore:
         description: str = "",
         model_tag: str = "",
         model_name: str = "",
+        regions: bool = False,
     ) -> bool:
         """Create and load a collection unless it exists; return True if it was created.
+
+        ``regions``: the collection holds region vectors too (issue 24), in its companion
+        :func:`region_collection` (made with it, with the same index; recorded in its
+        description, ``CollectionInfo.regions``). An existing collection asked for regions
+        must have been made with them; one made with them is left so when not asked.
 
         ``dimension`` and ``index`` default to the settings'. ``model_name`` and ``model_tag``
         bind the collection to the model whose vectors it will hold (recorded in its
@@ -383,24 +440,28 @@ class VectorStore:
         Raises:
             CollectionConflictError: the collection exists with another dimension or bound to a
                 model of another tag (``collection_conflict``), or without a vector index
-                (``no_vector_index``), or the name ends in ``TOMBSTONE_SUFFIX`` (reserved;
+                (``no_vector_index``), or without regions when they are asked, or the name
+                ends in a companion's suffix (``COMPANION_SUFFIXES``: reserved;
                 ``collection_conflict``).
             InvalidQueryError: (``invalid_index``) Milvus refused the index parameters.
             StoreAuthenticationError: Milvus refused ``milvus.token``.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        if is_tombstone_collection(name):
+        if is_companion_collection(name):
             raise CollectionConflictError(
-                f"collection {name!r}: names ending in {TOMBSTONE_SUFFIX!r} are reserved for the "
-                "tombstones of deletes; use another name"
+                f"collection {name!r}: names ending in {' or '.join(COMPANION_SUFFIXES)} are "
+                "reserved for the tombstones of deletes and region vectors; use another name"
             )
         wanted = dimension or self._settings.dimension
         schema = collection_schema(
-            wanted, description=description, model_tag=model_tag, model_name=model_name
+            wanted,
+            description=description,
+            model_tag=model_tag,
+            model_name=model_name,
+            regions=regions,
         )
-        created = not self.collection_exists(name) and self._create(
-            name, schema, index or self._settings.index_spec()
-        )
+        spec = index or self._settings.index_spec()
+        created = not self.collection_exists(name) and self._create(name, schema, spec)
         if not created:
             existing = self._described_once_indexed(name)
             if existing.dimension != wanted:
@@ -415,6 +476,13 @@ class VectorStore:
                     f"{existing.model_tag!r}, not {model_name or 'a model'} of tag "
                     f"{model_tag!r}: use another name, or drop it first"
                 )
+            if regions and not existing.regions:
+                raise CollectionConflictError(
+                    f"collection {name!r} already exists without region vectors (chosen at "
+                    "creation): use another name, or drop it first"
+                )
+        if regions:
+            self._create_regions(name, wanted, spec)
         self._call(_Operation.ADMIN, f"load {name}", "load_collection", name)
         self._collections.pop(name, None)
         return created
@@ -508,11 +576,10 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         cached = self._collections.get(name)
-        if cached is not None:
-            return cached
-        if not self.collection_exists(name):  # a companion of tombstones is no collection
-            raise UnknownCollectionError(f"no collection named {name!r}")
-        described = self._call(_Operation.READ, f"describe {name}", "describe_collection", name)
+        if cached is not None and (cached[1] is None or cached[1] > time.monotonic()):
+            return cached[0]
+        described = self._described(name)
+        concrete = str(described.get("collection_name") or name)
         dimension = next(
             (
                 int(f.get("params", {}).get("dim", 0))
@@ -539,14 +606,252 @@ class VectorStore:
             # The configured search parameters apply to every collection with that index type.
             spec = spec.model_copy(update={"search_params": self._settings.search_params})
         info = CollectionInfo(
-            name=name,
+            name=concrete,
             dimension=dimension,
             index=spec,
             dynamic_field=bool(described.get("enable_dynamic_field", False)),
+            regions=_records_regions(str(described.get("description", ""))),
             **_description_of(str(described.get("description", ""))),
         )
-        self._collections[name] = info
+        self._collections[name] = (info, time.monotonic() + self._settings.alias_cache_s)
         return info
+
+    def _described(self, name: str) -> dict[str, Any]:
+        """Milvus's description of the collection (or alias) ``name``.
+
+        A name found missing is looked for again for ``milvus.missing_recheck_s``: a
+        migration renames a collection, then makes its old name an alias of it.
+
+        Raises:
+            UnknownCollectionError: no such collection or alias (a companion of tombstones is
+                none either).
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        # A name Milvus refuses to look up, or a companion's (reserved), names no collection.
+        if not _COLLECTION_NAME.fullmatch(name) or is_companion_collection(name):
+            raise UnknownCollectionError(f"no collection named {name!r}")
+        # One call when the name exists (an alias's description names its collection): this
+        # runs on every search through an alias.
+        try:
+            return dict(
+                self._call(_Operation.READ, f"describe {name}", "describe_collection", name)
+            )
+        except UnknownCollectionError:
+            # Missing, or moved in a migration's window: once more, if it appears again.
+            if not self._appears(name):
+                raise UnknownCollectionError(f"no collection named {name!r}") from None
+            return dict(
+                self._call(_Operation.READ, f"describe {name}", "describe_collection", name)
+            )
+
+    def _appears(self, name: str) -> bool:
+        """Whether the missing ``name`` appears within ``milvus.missing_recheck_s`` (looked up
+        every ``_RECHECK_EVERY_S``): a migration's window is a few hundred milliseconds."""
+        if not _COLLECTION_NAME.fullmatch(name) or is_companion_collection(name):
+            return False
+        deadline = time.monotonic() + self._settings.missing_recheck_s
+        while time.monotonic() < deadline:
+            time.sleep(min(_RECHECK_EVERY_S, max(0.0, deadline - time.monotonic())))
+            if self.collection_exists(name):
+                return True
+        return False
+
+    def resolve_alias(self, name: str) -> str:
+        """The concrete collection ``name`` points to: itself when it is a collection (never
+        cached: an alias moves).
+
+        Raises:
+            UnknownCollectionError: no collection or alias of that name.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        return str(self._described(name).get("collection_name") or name)
+
+    def aliases(self) -> dict[str, str]:
+        """Every alias and the concrete collection it points to.
+
+        Raises:
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        found: dict[str, str] = {}
+        for name in self.list_collections():
+            try:
+                described = self._call(
+                    _Operation.READ, f"describe {name}", "describe_collection", name
+                )
+            except UnknownCollectionError:
+                continue  # dropped since it was listed
+            for alias in described.get("aliases") or []:
+                found[str(alias)] = name
+        return found
+
+    def create_alias(self, alias: str, collection: str) -> None:
+        """Make ``alias`` a name of ``collection``.
+
+        Raises:
+            CollectionConflictError: ``alias`` names a collection or another alias already.
+            UnknownCollectionError: no collection ``collection``.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        if self.collection_exists(alias):
+            raise CollectionConflictError(
+                f"cannot make {alias!r} an alias of {collection!r}: that name is taken"
+            )
+        self._existing_concrete(collection)
+        self._call(_Operation.ADMIN, f"alias {alias}", "create_alias", collection, alias)
+        self._forget(alias)
+        logger.info("alias %s -> %s", alias, collection)
+
+    def alter_alias(self, alias: str, collection: str) -> None:
+        """Point the alias ``alias`` at ``collection`` (atomic: every call by that name after
+        it reaches the new collection).
+
+        Raises:
+            UnknownCollectionError: no such alias or collection.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        self._existing_alias(alias)
+        self._existing_concrete(collection)
+        self._call(_Operation.ADMIN, f"alter alias {alias}", "alter_alias", collection, alias)
+        self._forget(alias)
+        logger.info("alias %s -> %s", alias, collection)
+
+    def drop_alias(self, alias: str) -> None:
+        """Drop the alias ``alias`` (never its collection).
+
+        Raises:
+            UnknownCollectionError: no such alias.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        self._existing_alias(alias)
+        self._call(_Operation.ADMIN, f"drop alias {alias}", "drop_alias", alias)
+        self._forget(alias)
+
+    def rename_collection(self, old: str, new: str, *, alias_old_name: bool = False) -> float:
+        """Rename a collection, and its companion of tombstones with it; with
+        ``alias_old_name``, make ``old`` an alias of ``new`` at once (a migration). Returns how
+        long ``old`` named nothing (seconds; the two calls between, nothing else).
+
+        Raises:
+            UnknownCollectionError: no collection ``old`` (an alias is none).
+            CollectionConflictError: ``new`` is taken.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        self._existing_concrete(old)
+        companions_taken = any(self._has(c(new)) for c in (tombstone_collection, region_collection))
+        if self.collection_exists(new) or companions_taken:
+            raise CollectionConflictError(f"cannot rename {old!r} to {new!r}: that name is taken")
+        companion = tombstone_collection(old)
+        has_companion = self._has(companion)
+        self._tombstones.discard(companion)
+        began = time.monotonic()
+        self._call(_Operation.ADMIN, f"rename {old}", "rename_collection", old, new)
+        if alias_old_name:
+            self._call(_Operation.ADMIN, f"alias {old}", "create_alias", new, old)
+        missing_s = time.monotonic() - began
+        self._forget(old)
+        # The companions follow; until they have, readers of ``old``'s tombstones find the name
+        # renamed and look it up again (``_still_concrete``).
+        regions = region_collection(old)
+        if self._has(regions):
+            renamed_regions = region_collection(new)
+            self._call(
+                _Operation.ADMIN, f"rename {regions}", "rename_collection", regions, renamed_regions
+            )
+        if has_companion:
+            renamed = tombstone_collection(new)
+            self._call(
+                _Operation.ADMIN, f"rename {companion}", "rename_collection", companion, renamed
+            )
+        logger.info("renamed collection %s to %s (%.3fs without the name)", old, new, missing_s)
+        return missing_s
+
+    def create_version(self, like: str, name: str, model: ModelSpec) -> bool:
+        """Create (unless it exists) the collection ``name`` bound to ``model``, of its
+        dimension, with the index and description of the collection ``like``; True if created.
+
+        Raises:
+            UnknownCollectionError: no collection ``like``.
+            CollectionConflictError: ``name`` exists with another dimension or model.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        info = self.describe_collection(like)
+        return self.create_collection(
+            name,
+            dimension=model.output_dim,
+            index=info.index.model_copy(update={"search_params": {}}),
+            description=info.description,
+            model_tag=model.model_version_tag,
+            model_name=model.name,
+        )
+
+    def copy_tombstones(self, source: str, target: str) -> int:
+        """Copy the tombstones kept for ``source`` to ``target``'s companion; return how many.
+
+        Raises:
+            UnknownCollectionError: no collection ``source`` or ``target``.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        source, target = self._existing(source), self._existing(target)
+        companion = self._companion(source, create=False)
+        if companion is None:
+            return 0
+
+        def read(client: MilvusClient) -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = []
+            iterator = client.query_iterator(
+                companion,
+                batch_size=IDS_PER_REQUEST,
+                filter="",
+                output_fields=[*TOMBSTONE_FIELDS, _TOMBSTONE_VECTOR],
+                consistency_level="Strong",
+                timeout=self._settings.timeout_s,
+            )
+            try:
+                while page := iterator.next():
+                    rows += [dict(row) for row in page]
+            finally:
+                iterator.close()
+            return rows
+
+        rows = list(self._run(_Operation.READ, f"read tombstones of {source}", read))
+        if rows:
+            self._write_tombstones(target, rows)
+        return len(rows)
+
+    def _still_concrete(self, name: str) -> None:
+        """Raise UnknownCollectionError unless ``name`` is (still) a collection, not an alias."""
+        if self.resolve_alias(name) != name:
+            raise UnknownCollectionError(f"collection {name!r} was renamed; it is an alias now")
+
+    def _existing_concrete(self, name: str) -> None:
+        if self.resolve_alias(name) != name:
+            raise CollectionConflictError(f"{name!r} is an alias, not a collection")
+
+    def _existing_alias(self, alias: str) -> None:
+        if self.resolve_alias(alias) == alias:
+            raise CollectionConflictError(f"{alias!r} is a collection, not an alias")
+
+    def _forget(self, name: str) -> None:
+        """Drop what is cached of ``name`` (and, for an alias, of where it pointed)."""
+        cached = self._collections.pop(name, None)
+        if cached is not None:
+            self._tombstones.discard(tombstone_collection(cached[0].name))
+        self._tombstones.discard(tombstone_collection(name))
+
+    def _by_name(self, collection: str | None, call: Callable[[str], T]) -> T:
+        """``call`` on the concrete collection ``collection`` (default: the settings') names,
+        made once more by name when that collection went away under it (renamed, an alias
+        moved): see the module docstring.
+
+        Raises:
+            UnknownCollectionError: no such collection, twice.
+        """
+        name = collection or self._settings.collection
+        try:
+            return call(self._existing(name))
+        except UnknownCollectionError:
+            self._forget(name)
+            return call(self._existing(name))
 
     def list_collections(self) -> list[str]:
         """The collections' names, sorted; companion collections of tombstones are left out.
@@ -555,7 +860,7 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         names = self._call(_Operation.READ, "list collections", "list_collections")
-        return sorted(name for name in names if not is_tombstone_collection(name))
+        return sorted(name for name in names if not is_companion_collection(name))
 
     def ping(self, timeout_s: float) -> None:
         """Return when Milvus answers a request within ``timeout_s`` (the health probe).
@@ -573,14 +878,23 @@ class VectorStore:
 
         Raises:
             UnknownCollectionError: no such collection.
+            CollectionConflictError: ``name`` is an alias (drop the alias, or the collection it
+                points to, by their own names).
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         if not self.collection_exists(name):
             raise UnknownCollectionError(f"no collection named {name!r}")
+        target = self.resolve_alias(name)
+        if target != name:
+            raise CollectionConflictError(
+                f"{name!r} is an alias of collection {target!r}: it is dropped with "
+                "trident-reembed (finish, cancel), never through its alias"
+            )
         companion = tombstone_collection(name)
         self._tombstones.discard(companion)
-        if self._has(companion):
-            self._call(_Operation.ADMIN, f"drop {companion}", "drop_collection", companion)
+        for each in (companion, region_collection(name)):
+            if self._has(each):
+                self._call(_Operation.ADMIN, f"drop {each}", "drop_collection", each)
         self._call(_Operation.ADMIN, f"drop {name}", "drop_collection", name)
         self._collections.pop(name, None)
 
@@ -591,8 +905,12 @@ class VectorStore:
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        name = self._existing(collection)
-        rows = self._strong_query(name, f"count {name}", filter="", output_fields=["count(*)"])
+        rows = self._by_name(
+            collection,
+            lambda name: self._strong_query(
+                name, f"count {name}", filter="", output_fields=["count(*)"]
+            ),
+        )
         return int(rows[0]["count(*)"]) if rows else 0
 
     def _strong_query(self, name: str, what: str, **query: Any) -> Any:
@@ -600,10 +918,9 @@ class VectorStore:
         return self._call(_Operation.READ, what, "query", name, consistency_level="Strong", **query)
 
     def _existing(self, collection: str | None) -> str:
-        """The collection's name, once it is known to exist (a read never creates one)."""
-        name = collection or self._settings.collection
-        self.describe_collection(name)
-        return name
+        """The concrete collection's name (``collection`` or the one its alias points to), once
+        it is known to exist (a read never creates one)."""
+        return self.describe_collection(collection or self._settings.collection).name
 
     # Writes --------------------------------------------------------------------------------
 
@@ -651,8 +968,10 @@ class VectorStore:
         """
         if not records:
             return 0
-        info = self.describe_collection(collection or self._settings.collection)
-        name = info.name
+        return self._by_name(collection, lambda name: self._upsert_into(name, records))
+
+    def _upsert_into(self, name: str, records: Sequence[VectorRecord]) -> int:
+        info = self.describe_collection(name)
         # Everything is packed before anything is sent: a row that cannot be packed fails the
         # call without writing any of it.
         requests = [
@@ -749,9 +1068,10 @@ class VectorStore:
                     stage=Stage.DELETE,
                 )
             versions[record_id] = max(version, versions.get(record_id, version))
-        if not versions:
-            return
-        name = self._existing(collection)
+        if versions:
+            self._by_name(collection, lambda name: self._delete_from(name, versions))
+
+    def _delete_from(self, name: str, versions: dict[str, int]) -> None:
         deleted_at_ms = int(time.time() * 1000)
         rows = [
             {
@@ -818,7 +1138,11 @@ class VectorStore:
         """
         if not ids:
             return {}
-        name = self._existing(collection)
+        return self._by_name(collection, lambda name: self._versions_in(name, ids, consistency))
+
+    def _versions_in(
+        self, name: str, ids: Sequence[str], consistency: Consistency
+    ) -> dict[str, StoredVersion]:
         fields = ["id", "event_version", "content_sha256", "model_version", "ingested_at_ms"]
         rows = self._query_ids(name, ids, fields, consistency, f"get versions from {name}")
         tombstones = self._read_tombstones(name, ids, consistency)
@@ -844,9 +1168,10 @@ class VectorStore:
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        name = self._existing(collection)
         fields = [*RECORD_FIELDS, VECTOR_FIELD] if with_vectors else list(RECORD_FIELDS)
-        rows = self._query_ids(name, ids, fields, None, f"get from {name}")
+        rows = self._by_name(
+            collection, lambda name: self._query_ids(name, ids, fields, None, f"get from {name}")
+        )
         return [dict(row) for row in rows]
 
     def get_record(self, record_id: str, collection: str | None = None) -> StoredRecord | None:
@@ -880,8 +1205,9 @@ class VectorStore:
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
-        name = self._existing(collection)
-        found = self._read_tombstones(name, [record_id], None).get(record_id)
+        found = self._by_name(
+            collection, lambda name: self._read_tombstones(name, [record_id], None)
+        ).get(record_id)
         return StoredVersion.tombstone(found[0]) if found else None
 
     def ids_matching(
@@ -901,16 +1227,18 @@ class VectorStore:
             raise InvalidQueryError("a filter expression is required", reason=Reason.INVALID_FILTER)
         if not 1 <= limit <= QUERY_LIMIT_MAX:
             raise InvalidQueryError(f"limit {limit} is outside 1 to {QUERY_LIMIT_MAX}")
-        name = self._existing(collection)
-        rows = self._call(
-            _Operation.SEARCH,
-            f"ids matching a filter in {name}",
-            "query",
-            name,
-            filter=filter_expr,
-            output_fields=["id"],
-            limit=limit,
-            consistency_level="Strong",
+        rows = self._by_name(
+            collection,
+            lambda name: self._call(
+                _Operation.SEARCH,
+                f"ids matching a filter in {name}",
+                "query",
+                name,
+                filter=filter_expr,
+                output_fields=["id"],
+                limit=limit,
+                consistency_level="Strong",
+            ),
         )
         return [str(row["id"]) for row in rows]
 
@@ -966,7 +1294,9 @@ class VectorStore:
                 companion, ids, list(TOMBSTONE_FIELDS), consistency, what, guarantee_from=[name]
             )
         except UnknownCollectionError:
-            # Dropped with its collection by another process since it was found: look again.
+            # Dropped with its collection by another process since it was found, or renamed
+            # with it (a migration: the caller looks the name up again): look again.
+            self._still_concrete(name)
             companion = self._companion(name, create=False)
             if companion is None:
                 return {}
@@ -984,6 +1314,9 @@ class VectorStore:
         if companion in self._tombstones:
             return companion
         if not self._has(companion):
+            # Missing because ``name`` was renamed with it since it was described (a
+            # migration)? Then its tombstones are its new name's: the caller looks again.
+            self._still_concrete(name)
             if not create:
                 return None
             self._create_tombstones(companion)
@@ -1011,6 +1344,225 @@ class VectorStore:
         self._call(_Operation.ADMIN, f"index {companion}", "create_index", companion, index)
         logger.info("created collection %s (the tombstones of deletes)", companion)
 
+    # Regions (issue 24) ---------------------------------------------------------------------
+
+    def _create_regions(self, name: str, dimension: int, spec: IndexSpec) -> None:
+        """Make (idempotently, beside other creators) and load ``name``'s region companion."""
+        companion = region_collection(name)
+        if not self._has(companion):
+            try:
+                self._call(
+                    _Operation.ADMIN,
+                    f"create collection {companion}",
+                    "create_collection",
+                    companion,
+                    schema=region_schema(dimension),
+                )
+            except StoreUnavailableError:
+                if not self._has(companion):  # else another creator made it first
+                    raise
+        if self._vector_index(companion) is None:
+            self._call(
+                _Operation.INDEX,
+                f"create the {spec.index_type} index of {companion}",
+                "create_index",
+                companion,
+                _index_params(spec.model_copy(update={"search_params": {}})),
+            )
+            logger.info("created collection %s (region vectors)", companion)
+        self._call(_Operation.ADMIN, f"load {companion}", "load_collection", companion)
+
+    def _regions_of(self, collection: str | None) -> tuple[str, CollectionInfo]:
+        """The concrete collection's name and description, once it is known to have regions.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: it was made without regions.
+        """
+        info = self.describe_collection(self._existing(collection))
+        if not info.regions:
+            raise CollectionConflictError(
+                f"collection {info.name!r} was made without region vectors (chosen at creation)"
+            )
+        return info.name, info
+
+    def upsert_regions(
+        self,
+        item_id: str,
+        version: int,
+        boxes: Sequence[Box],
+        vectors: npt.NDArray[np.float32],
+        collection: str | None = None,
+    ) -> int:
+        """Make ``boxes`` / ``vectors`` (one row each) the regions of ``item_id`` at
+        ``version``: :meth:`upsert_regions_of` for one item.
+
+        Raises:
+            As :meth:`upsert_regions_of`.
+        """
+        return self.upsert_regions_of([ItemRegions(item_id, version, boxes, vectors)], collection)
+
+    def upsert_regions_of(self, items: Sequence[ItemRegions], collection: str | None = None) -> int:
+        """Make each item's boxes / vectors (one row each) its regions at its version: write
+        them all (``UPSERT_CHUNK_ROWS`` rows a request), then delete the items' rows of older
+        versions (one request a chunk of items). Returns how many rows were written.
+
+        Rows of a newer version are kept (a late write of an older version never removes
+        them); its own rows are garbage then, never returned (:meth:`search_regions` checks
+        versions) and removed by the item's next upsert or delete. Idempotent; a failure
+        between the writes and the deletes leaves both versions' rows, and the newer version's
+        next write (or the item's delete) removes the older ones.
+
+        Raises:
+            InvalidRowError: an empty or too long id, a version outside 0 to 2**63 - 1, boxes
+                and vectors of other counts, a vector of another dimension or not finite (nothing
+                is written then).
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: the collection was made without regions.
+            StoreUnavailableError: Milvus is unreachable, throttling or timed out.
+        """
+        for item in items:
+            validate_id(item.item_id)
+        if not items:
+            return 0
+        name, info = self._regions_of(collection)
+        rows = [
+            row
+            for item in items
+            for row in _region_rows(
+                item.item_id, item.version, item.boxes, item.vectors, info.dimension
+            )
+        ]
+        companion = region_collection(name)
+        for start in range(0, len(rows), self._chunk_rows):
+            chunk = rows[start : start + self._chunk_rows]
+            self._call(
+                _Operation.WRITE,
+                f"write {len(chunk)} regions into {companion}",
+                "upsert",
+                companion,
+                data=chunk,
+            )
+        newest: dict[str, int] = {}
+        for item in items:
+            newest[item.item_id] = max(item.version, newest.get(item.item_id, item.version))
+        pairs = list(newest.items())
+        for start in range(0, len(pairs), _REGION_DELETES_PER_REQUEST):
+            chunk_pairs = pairs[start : start + _REGION_DELETES_PER_REQUEST]
+            self._call(
+                _Operation.DELETE,
+                f"delete older regions of {len(chunk_pairs)} items from {companion}",
+                "delete",
+                companion,
+                filter=" or ".join(
+                    f"(item_id == {_quoted(item_id)} and event_version < {version})"
+                    for item_id, version in chunk_pairs
+                ),
+            )
+        return len(rows)
+
+    def delete_regions(self, ids: Sequence[str], collection: str | None = None) -> None:
+        """Delete every region of the items ``ids`` (of any version).
+
+        Raises:
+            InvalidRowError: (stage ``delete``) an id empty or too long.
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: the collection was made without regions.
+            StoreUnavailableError: Milvus is unreachable, throttling or timed out.
+        """
+        for item_id in ids:
+            validate_id(item_id, stage=Stage.DELETE)
+        name, _ = self._regions_of(collection)
+        companion = region_collection(name)
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), IDS_PER_REQUEST):
+            chunk = unique[start : start + IDS_PER_REQUEST]
+            self._call(
+                _Operation.DELETE,
+                f"delete the regions of {len(chunk)} items from {companion}",
+                "delete",
+                companion,
+                filter=f"item_id in [{', '.join(map(_quoted, chunk))}]",
+            )
+
+    def search_regions(
+        self,
+        vectors: Sequence[npt.NDArray[np.float32]],
+        limit: int,
+        collection: str | None = None,
+    ) -> list[RegionHit]:
+        """The ``limit`` items whose regions best match any of ``vectors`` (e.g. a query
+        embedded at the global and at the region size), best first, each with its best
+        region's score and box.
+
+        Fetches ``limit * REGION_OVER_FETCH`` region hits per vector (at most
+        ``QUERY_LIMIT_MAX``), keeps each item's best, then, best first, ``limit +
+        REGION_CHECK_SLACK`` items a read, keeps only items whose stored row has the region's
+        version (read at the collection's default consistency, as a
+        whole-image search reads): a region of a replaced or deleted version is never
+        returned once the replacement or delete is visible to searches.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: the collection was made without regions.
+            InvalidQueryError: a vector of another dimension.
+            StoreUnavailableError: Milvus is unreachable or not ready.
+        """
+        if not vectors or limit < 1:
+            return []
+        return self._by_name(collection, lambda name: self._search_regions_in(name, vectors, limit))
+
+    def _search_regions_in(
+        self, name: str, vectors: Sequence[npt.NDArray[np.float32]], limit: int
+    ) -> list[RegionHit]:
+        name, info = self._regions_of(name)
+        queries = [np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]
+        for query in queries:
+            if query.shape[0] != info.dimension:
+                raise InvalidQueryError(
+                    f"vector has {query.shape[0]} dimensions; collection {name!r} holds "
+                    f"{info.dimension}",
+                    reason=Reason.WRONG_DIMENSION,
+                    stage=Stage.SEARCH,
+                )
+        fetch = min(limit * REGION_OVER_FETCH, QUERY_LIMIT_MAX)
+        companion = region_collection(name)
+        results = self._call(
+            _Operation.SEARCH,
+            f"search {companion}",
+            "search",
+            companion,
+            data=[q.tolist() for q in queries],
+            limit=fetch,
+            output_fields=list(REGION_FIELDS[1:]),
+            search_params={
+                "metric_type": info.index.metric,
+                "params": info.index.query_params(window=fetch),
+            },
+        )
+        higher = info.index.metric != "L2"
+        best = _best_per_item(results or [], higher_is_better=higher)
+        ranked = sorted(best.values(), key=lambda hit: hit.score, reverse=higher)
+        # Best first, a few more than asked at a time: most candidates are current, so one
+        # small read usually settles it (reading every candidate's version cost more).
+        found: list[RegionHit] = []
+        step = limit + REGION_CHECK_SLACK
+        for start in range(0, len(ranked), step):
+            chunk = ranked[start : start + step]
+            current = self._current_versions(name, [hit.id for hit in chunk])
+            found += [hit for hit in chunk if current.get(hit.id) == hit.event_version]
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    def _current_versions(self, name: str, ids: list[str]) -> dict[str, int]:
+        """``id -> event_version`` of the stored rows of ``ids`` (the collection's default
+        consistency: what a search of it sees)."""
+        rows = self._query_ids(
+            name, ids, ["id", "event_version"], None, f"check region versions in {name}"
+        )
+        return {str(row["id"]): int(row["event_version"]) for row in rows}
+
     def search(
         self,
         vector: npt.NDArray[np.float32] | Sequence[float],
@@ -1028,6 +1580,18 @@ class VectorStore:
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         name = collection or self._settings.collection
+        return self._by_name(
+            name, lambda concrete: self._search_in(concrete, vector, top_k, filter_expr, offset)
+        )
+
+    def _search_in(
+        self,
+        name: str,
+        vector: npt.NDArray[np.float32] | Sequence[float],
+        top_k: int,
+        filter_expr: str | None,
+        offset: int,
+    ) -> list[Hit]:
         info = self.describe_collection(name)
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         if query.shape[0] != info.dimension:
@@ -1067,12 +1631,24 @@ class VectorStore:
 
 
 def collection_schema(
-    dimension: int, *, description: str = "", model_tag: str = "", model_name: str = ""
+    dimension: int,
+    *,
+    description: str = "",
+    model_tag: str = "",
+    model_name: str = "",
+    regions: bool = False,
 ) -> CollectionSchema:
     """The schema of the store's collections: the fields of :class:`VectorRecord`, no dynamic
     field, and in its description (JSON) the collection's own description and the name and tag
-    of the model it is bound to (its dimension is the vector field's)."""
-    bound = {"description": description, "model_tag": model_tag, "model_name": model_name}
+    of the model it is bound to (its dimension is the vector field's), and ``"regions": true``
+    for a collection with region vectors."""
+    bound: dict[str, Any] = {
+        "description": description,
+        "model_tag": model_tag,
+        "model_name": model_name,
+    }
+    if regions:
+        bound["regions"] = True
     schema = MilvusClient.create_schema(
         auto_id=False,
         enable_dynamic_field=False,
@@ -1091,6 +1667,99 @@ def collection_schema(
     return schema
 
 
+def region_schema(dimension: int) -> CollectionSchema:
+    """The schema of a companion collection of region vectors (see ``REGION_SUFFIX``)."""
+    schema = MilvusClient.create_schema(
+        auto_id=False,
+        enable_dynamic_field=False,
+        description="trident: the region vectors of the items of the collection of that name",
+    )
+    schema.add_field(
+        "id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH + _REGION_ID_EXTRA
+    )
+    schema.add_field("item_id", DataType.VARCHAR, max_length=ID_MAX_LENGTH)
+    schema.add_field("event_version", DataType.INT64)
+    for field in _REGION_BOX:
+        schema.add_field(field, DataType.FLOAT)
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
+    return schema
+
+
+def _region_rows(
+    item_id: str,
+    version: int,
+    boxes: Sequence[Box],
+    vectors: npt.NDArray[np.float32],
+    dimension: int,
+) -> list[dict[str, Any]]:
+    """The companion's rows of one item's regions.
+
+    Raises:
+        InvalidRowError: counts, dimension, finiteness or version out of range.
+    """
+    matrix = np.asarray(vectors, dtype=np.float32)
+    problem = None
+    if not 0 <= version <= VERSION_MAX:
+        problem = (Reason.ROW_REJECTED, f"version {version} is outside 0 to 2**63 - 1")
+    elif matrix.ndim != 2 or matrix.shape != (len(boxes), dimension):
+        problem = (
+            Reason.WRONG_DIMENSION,
+            f"{len(boxes)} boxes need vectors [{len(boxes)}, {dimension}], got {matrix.shape}",
+        )
+    elif not np.isfinite(matrix).all():
+        problem = (Reason.NOT_FINITE, "a region vector is not finite")
+    if problem is not None:
+        reason, detail = problem
+        raise InvalidRowError(
+            f"regions of {item_id[:80]!r}: {detail}", reason=reason, stage=Stage.UPSERT
+        )
+    return [
+        {
+            "id": f"{version}:{index}:{item_id}",
+            "item_id": item_id,
+            "event_version": version,
+            **dict(zip(_REGION_BOX, (float(c) for c in box), strict=True)),
+            VECTOR_FIELD: row.tolist(),
+        }
+        for index, (box, row) in enumerate(zip(boxes, matrix, strict=True))
+    ]
+
+
+def _best_per_item(results: Sequence[Any], *, higher_is_better: bool) -> dict[str, RegionHit]:
+    """Each item's best region hit over every query vector's hits (of one version: the best
+    one's; the version check keeps or drops it)."""
+    best: dict[str, RegionHit] = {}
+    for per_query in results:
+        for found in per_query:
+            entity = dict(found.get("entity", {}))
+            item = str(entity["item_id"])
+            score = float(found["distance"])
+            kept = best.get(item)
+            if kept is not None and (
+                score <= kept.score if higher_is_better else score >= kept.score
+            ):
+                continue
+            box = tuple(round(float(entity[f]), 6) for f in _REGION_BOX)
+            best[item] = RegionHit(
+                item, score, (box[0], box[1], box[2], box[3]), int(entity["event_version"])
+            )
+    return best
+
+
+def _records_regions(text: str) -> bool:
+    """Whether a collection's description records region vectors (``collection_schema``)."""
+    try:
+        parsed = orjson.loads(text) if text.startswith("{") else None
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("regions") is True
+
+
+def _quoted(value: str) -> str:
+    # JSON-quoted, as _ids_expr writes ids: Milvus's parser reads the same escapes.
+    return orjson.dumps(value).decode()
+
+
 def tombstone_schema() -> CollectionSchema:
     """The schema of a companion collection of tombstones (see the module docstring)."""
     schema = MilvusClient.create_schema(
@@ -1105,21 +1774,37 @@ def tombstone_schema() -> CollectionSchema:
     return schema
 
 
-def tombstone_collection(name: str) -> str:
-    """The name of the companion collection that keeps the tombstones of collection ``name``:
-    ``name + TOMBSTONE_SUFFIX``, or, where that would exceed Milvus's 255 characters, a prefix
-    of ``name`` and a digest of all of it before the suffix."""
-    companion = name + TOMBSTONE_SUFFIX
+def _companion_name(name: str, suffix: str) -> str:
+    """``name + suffix``, or, where that would exceed Milvus's 255 characters, a prefix of
+    ``name`` and a digest of all of it before the suffix."""
+    companion = name + suffix
     if len(companion) <= _COLLECTION_NAME_MAX:
         return companion
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    keep = _COLLECTION_NAME_MAX - len(TOMBSTONE_SUFFIX) - len(digest) - 1
-    return f"{name[:keep]}_{digest}{TOMBSTONE_SUFFIX}"
+    keep = _COLLECTION_NAME_MAX - len(suffix) - len(digest) - 1
+    return f"{name[:keep]}_{digest}{suffix}"
+
+
+def tombstone_collection(name: str) -> str:
+    """The name of the companion collection that keeps the tombstones of collection ``name``:
+    ``name + TOMBSTONE_SUFFIX`` (shortened as :func:`_companion_name` says)."""
+    return _companion_name(name, TOMBSTONE_SUFFIX)
+
+
+def region_collection(name: str) -> str:
+    """The name of the companion collection that keeps the region vectors of collection
+    ``name``: ``name + REGION_SUFFIX`` (shortened as :func:`_companion_name` says)."""
+    return _companion_name(name, REGION_SUFFIX)
 
 
 def is_tombstone_collection(name: str) -> bool:
     """Whether ``name`` is (reserved for) a companion collection of tombstones."""
     return name.endswith(TOMBSTONE_SUFFIX)
+
+
+def is_companion_collection(name: str) -> bool:
+    """Whether ``name`` is (reserved for) a companion collection: tombstones or regions."""
+    return name.endswith(COMPANION_SUFFIXES)
 
 
 def validate_id(record_id: str, *, stage: Stage = Stage.UPSERT) -> None:
@@ -1289,3 +1974,15 @@ def _close_quietly(client: MilvusClient) -> None:
         client.close()
     except Exception as exc:  # closing a dead channel may fail; nothing is lost
         logger.debug("closing Milvus client failed: %s", exc)
+
+
+def version_collection(alias: str, number: int) -> str:
+    """The concrete collection of version ``number`` of the alias ``alias``: ``<alias>_v<N>``."""
+    return f"{alias}{_VERSION_INFIX}{number}"
+
+
+def version_number(alias: str, name: str) -> int | None:
+    """The version number ``name`` has as a version of ``alias`` (``images_v2``: 2), or None."""
+    prefix = alias + _VERSION_INFIX
+    rest = name[len(prefix) :] if name.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() and not rest.startswith("0") else None

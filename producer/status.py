@@ -414,7 +414,11 @@ class ItemStatusFinder:
             with self._lock:
                 letter = self._read_back(entry, deadline)
             caught_up = caught_up and letter is not None
-        stored = self._store.stored_versions([item_id], name, consistency="Strong").get(item_id)
+        # Where the name points now (an alias moves; the store's descriptions are cached).
+        stored_in = self._store.resolve_alias(name)
+        stored = self._store.stored_versions([item_id], stored_in, consistency="Strong").get(
+            item_id
+        )
         return decide(
             item_id,
             name,

@@ -143,7 +143,7 @@ class IngestGateway:
                 as :meth:`insert`.
         """
         name = collection or self._store.default_collection
-        self._store.describe_collection(name)
+        self._store.describe_collection(self._store.resolve_alias(name))
         version = now_micros()  # one version for the whole call
         deletes: list[DeleteEvent] = []
         for item_id in ids:
@@ -185,7 +185,8 @@ class IngestGateway:
         return deliveries
 
     def _check_collection(self, collection: str) -> None:
-        info = self._store.describe_collection(collection)
+        # An alias is checked by the collection it points at; the events name it as given.
+        info = self._store.describe_collection(self._store.resolve_alias(collection))
         if self._dimension is not None and info.dimension != self._dimension:
             raise InvalidQueryError(
                 f"collection {collection!r} holds {info.dimension}-d vectors but the model makes "

@@ -73,14 +73,16 @@ class ItemService:
 
     def record(self, collection: str, item_id: str) -> ItemRecord:
         """The stored record of ``item_id`` (at the collection's default consistency: a row
-        stored in the last seconds may not be seen yet).
+        stored in the last seconds may not be seen yet), in ``collection`` or in the one it
+        points at as an alias (``stored_in``).
 
         Raises:
-            UnknownCollectionError: no such collection.
+            UnknownCollectionError: no such collection or alias.
             InvalidQueryError: (``unknown_id``) no such item stored.
             StoreUnavailableError: Milvus is unavailable.
         """
-        found = self._store.get_record(item_id, collection)
+        stored_in = self._store.resolve_alias(collection)
+        found = self._store.get_record(item_id, stored_in)
         if found is None:
             raise InvalidQueryError(
                 f"no item with id {item_id!r} is stored in collection {collection!r}: "
@@ -97,6 +99,7 @@ class ItemService:
             model_tag=found.model_version,
             content_sha256=found.content_sha256,
             stored_at=datetime.fromtimestamp(found.ingested_at_ms / 1000, UTC),
+            stored_in=stored_in if stored_in != collection else None,
         )
 
     def delete(self, collection: str, item_id: str) -> DeletePublished:
@@ -126,7 +129,9 @@ class ItemService:
             ids = list(dict.fromkeys(request.ids))  # the first of duplicates, in order
         else:
             expression = combined_filter(request.filter_expr, request.filter)
-            found = self._store.ids_matching(expression, collection, limit=request.max_items + 1)
+            # Read where the name points now; the deletes name it as given (as the producers do).
+            stored_in = self._store.resolve_alias(collection)
+            found = self._store.ids_matching(expression, stored_in, limit=request.max_items + 1)
             truncated = len(found) > request.max_items
             ids = sorted(found[: request.max_items])
             if truncated and not request.dry_run:

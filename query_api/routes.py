@@ -29,7 +29,7 @@ from urllib.parse import unquote_to_bytes
 import anyio
 import orjson
 from litestar import MediaType, Request, Response, delete, get, post
-from litestar.datastructures import State, UploadFile
+from litestar.datastructures import ResponseHeader, State, UploadFile
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import (
@@ -50,7 +50,7 @@ from query_api.ingest import IngestGateway
 from query_api.items import ItemService
 from query_api.metrics import ApiMetrics
 from query_api.security import CONSUMES, PUBLIC
-from query_api.service import SearchService
+from query_api.service import SearchAnswer, SearchService
 from query_api.timing import SERVER_TIMING, StageTimings
 from query_api.validation import EXPECTS
 from schemas.api import (
@@ -110,6 +110,37 @@ def _timed(metrics: ApiMetrics) -> Iterator[StageTimings]:
 
 def _server_timing(timings: StageTimings) -> dict[str, str]:
     return {SERVER_TIMING: timings.header()}
+
+
+# What answered a search, also when it found nothing (every hit says it too).
+ANSWERED_BY = "Trident-Collection"
+ANSWERED_MODEL = "Trident-Model"
+ANSWERED_MODEL_TAG = "Trident-Model-Tag"
+_SEARCH_HEADERS = [
+    ResponseHeader(
+        name=ANSWERED_BY,
+        description="The collection that answered: the one the name searched (a collection or "
+        "an alias) pointed at when the search began.",
+        documentation_only=True,
+    ),
+    ResponseHeader(
+        name=ANSWERED_MODEL,
+        description="The model whose vectors that collection holds, which embedded the query.",
+        documentation_only=True,
+    ),
+    ResponseHeader(name=ANSWERED_MODEL_TAG, description="Its tag.", documentation_only=True),
+]
+
+
+def _answer(answer: SearchAnswer, timings: StageTimings) -> Response[list[SearchHit]]:
+    target = answer.target
+    headers = {
+        **_server_timing(timings),
+        ANSWERED_BY: target.collection,
+        ANSWERED_MODEL: target.model.name,
+        ANSWERED_MODEL_TAG: target.model.tag,
+    }
+    return Response(answer.hits, headers=headers)
 
 
 # Health ---------------------------------------------------------------------------------------
@@ -237,8 +268,9 @@ def collection_stats(
     "/collections/{name:str}", tags=["collections"], sync_to_thread=True, responses=ERROR_RESPONSES
 )
 def drop_collection(name: FromPath[str], service: NamedDependency[SearchService]) -> None:
-    """Drop a collection and its data; 404 if unknown."""
-    service.store.drop_collection(name)
+    """Drop a collection and its data; 404 if unknown, 409 for an alias (what it points at
+    serves: ``trident-reembed finish`` drops a replaced collection)."""
+    service.drop_collection(name)
 
 
 # Search and embed -----------------------------------------------------------------------------
@@ -250,6 +282,7 @@ def drop_collection(name: FromPath[str], service: NamedDependency[SearchService]
     operation_class=_also_multipart("SearchUpload"),
     tags=["search"],
     status_code=200,
+    response_headers=_SEARCH_HEADERS,
     sync_to_thread=True,
     responses=ERROR_RESPONSES,
 )
@@ -262,10 +295,15 @@ def search(
 
     A multipart form with the image in field ``file`` is accepted here too (see
     ``POST /search/upload``). ``Server-Timing`` says how long each stage took.
+
+    ``collection_name`` may be an alias: the search runs on the collection it points at when
+    the search begins, the query embedded by that collection's model. Each hit, and the
+    ``Trident-Collection``, ``Trident-Model`` and ``Trident-Model-Tag`` headers, name that
+    collection and model.
     """
     with _timed(metrics) as timings:
-        hits = service.query(data, timings)
-    return Response(hits, headers=_server_timing(timings))
+        answer = service.query(data, timings)
+    return _answer(answer, timings)
 
 
 @dataclass
@@ -311,6 +349,7 @@ def _json_or_text(text: str) -> Any:
     opt=MULTIPART_BODY,
     tags=["search"],
     status_code=200,
+    response_headers=_SEARCH_HEADERS,
     responses=ERROR_RESPONSES,
 )
 async def search_upload(
@@ -320,13 +359,14 @@ async def search_upload(
 ) -> Response[list[SearchHit]]:
     """Search by an uploaded image (multipart field ``file``); hits best first.
 
-    ``Server-Timing`` says how long each stage took.
+    ``Server-Timing`` says how long each stage took; the collection and model that answered
+    are named as by ``POST /search``.
     """
     options = data.options()
     image = await data.file.read()
     with _timed(metrics) as timings:
-        hits = await anyio.to_thread.run_sync(service.search_image, image, options, timings)
-    return Response(hits, headers=_server_timing(timings))
+        answer = await anyio.to_thread.run_sync(service.search_image, image, options, timings)
+    return _answer(answer, timings)
 
 
 @post(

@@ -12,6 +12,17 @@ other model's are built on the first query of one of its collections (from
 configured model's tag makes the same vectors (same weights: ``engine.models``), so its
 collections are searched with the configured model.
 
+A name a request gives may be a Milvus alias (a rebuilt collection's public name, moved by
+``trident-reembed switch``): every request resolves it once, when it begins
+(:meth:`SearchService.target`), and then embeds its query with the model of the collection the
+alias pointed at and searches that collection, so an answer never mixes two models' vectors and
+the first request that resolves after a switch uses the new model. The resolution is a Milvus
+lookup (``VectorStore.resolve_alias``: 7-11 ms median on the loaded 2-core test machine, the
+``resolve`` stage of ``Server-Timing``); it is not cached, since a cached target would outlive
+the switch (docs/OPERATIONS.md, "Changing the model"). Should the
+collection an alias pointed at be dropped under a request (``trident-reembed finish`` right
+after a switch), the request is resolved and run once more.
+
 It raises engine/errors.py's errors only; the HTTP layer maps them to statuses. Every query
 method takes the request's :class:`StageTimings` and times each stage it runs in it
 (query_api.timing). Its methods are called from worker threads, several at once: the clients
@@ -26,6 +37,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +80,8 @@ from schemas.search import MAX_RESULT_WINDOW, SearchHit, SearchOptions, SearchRe
 
 logger = logging.getLogger(__name__)
 
+_Answer = TypeVar("_Answer")
+
 # How long a query waits for Triton to have another model ready, the first time one of its
 # collections is searched (the configured model is waited for at start instead).
 MODEL_READY_WAIT_S = 10.0
@@ -81,12 +95,34 @@ class ModelRuntime:
     embedder: TritonEmbedder
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one request searches: the ``name`` it gave (a collection or an alias), the
+    ``collection`` that name pointed at when the request began, and that collection's model."""
+
+    name: str
+    collection: str
+    model: CollectionModel
+
+    @property
+    def is_alias(self) -> bool:
+        return self.name != self.collection
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """The hits of one search and what answered it."""
+
+    hits: list[SearchHit]
+    target: Target
+
+
 def runtime_from_settings(settings: Settings) -> ModelRuntime:
     """The preprocessor (batches of one) and the Triton client of ``settings.model``."""
     return ModelRuntime(
         preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),
         # Checked against the model's spec when it is waited for.
-        embedder=TritonEmbedder(settings.triton, model=settings.model),
+        embedder=TritonEmbedder(settings.triton, model=settings.model, role="query"),
     )
 
 
@@ -156,6 +192,46 @@ class SearchService:
         for runtime in runtimes:
             runtime.embedder.close()
         self.store.close()
+
+    # Collections and aliases ----------------------------------------------------------------
+
+    def target(self, name: str | None, timings: StageTimings | None = None) -> Target:
+        """What a request naming ``name`` (``None``: the default collection) searches now: the
+        collection it is, or that it points at as an alias, and that collection's model.
+
+        Raises:
+            UnknownCollectionError: no such collection or alias.
+            CollectionConflictError: the collection was made elsewhere (no vector field or
+                index).
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        public = name or self.store.default_collection
+        with _untimed_if_none(timings).stage("resolve"):
+            collection = self.store.resolve_alias(public)
+            info = self.store.describe_collection(collection)  # cached by the store
+        return Target(name=public, collection=collection, model=self._model_of(info))
+
+    def _on_target(
+        self,
+        name: str | None,
+        timings: StageTimings | None,
+        run: Callable[[Target], _Answer],
+    ) -> tuple[_Answer, Target]:
+        """``run`` on what ``name`` names now; once more, resolved again, should the collection
+        an alias pointed at be dropped under it (a ``finish`` right after a ``switch``)."""
+        target = self.target(name, timings)
+        try:
+            return run(target), target
+        except UnknownCollectionError:
+            if not target.is_alias:
+                raise
+            logger.info(
+                "collection %s was dropped under a request: resolving %s again",
+                target.collection,
+                target.name,
+            )
+            target = self.target(name, timings)
+            return run(target), target
 
     # Models -----------------------------------------------------------------------------------
 
@@ -337,37 +413,48 @@ class SearchService:
 
     # Search ---------------------------------------------------------------------------------
 
-    def query(self, request: SearchRequest, timings: StageTimings | None = None) -> list[SearchHit]:
-        """Answer a JSON search (by reference, vector or id), best first.
+    def query(self, request: SearchRequest, timings: StageTimings | None = None) -> SearchAnswer:
+        """Answer a JSON search (by reference, vector or id), best first, on the collection the
+        named collection or alias is when the request begins (:meth:`target`).
 
         Raises:
             UnknownCollectionError, InvalidQueryError (unknown id, wrong dimension, bad filter),
-            ImageReferenceError, ImageContentError, RetriableError (a service is down).
+            ImageReferenceError, ImageContentError, RetriableError (a service is down),
+            CollectionConflictError (``model_not_served``: see :meth:`runtime_for`).
         """
-        if request.query_input is not None:
-            collection = request.collection_name or self._settings.milvus.collection
-            vector = self.embed_reference(request.query_input, timings, collection)
-            return self.search(vector, request, timings)
-        if request.id is not None:
-            vector = self.vector_of(request.id, request.collection_name, timings)
-            exclude = None if request.include_self else request.id
-            return self.search(vector, request, timings, exclude_id=exclude)
-        assert request.vector is not None  # SearchRequest holds exactly one query
-        return self.search(request.vector, request, timings)
+
+        def run(target: Target) -> list[SearchHit]:
+            if request.query_input is not None:
+                vector = self.embed_reference(request.query_input, timings, target.collection)
+                return self.search(vector, request, timings, target=target)
+            if request.id is not None:
+                vector = self.vector_of(request.id, target.collection, timings)
+                exclude = None if request.include_self else request.id
+                return self.search(vector, request, timings, exclude_id=exclude, target=target)
+            assert request.vector is not None  # SearchRequest holds exactly one query
+            return self.search(request.vector, request, timings, target=target)
+
+        hits, target = self._on_target(request.collection_name, timings, run)
+        return SearchAnswer(hits, target)
 
     def search_image(
         self, data: bytes, options: SearchOptions, timings: StageTimings | None = None
-    ) -> list[SearchHit]:
+    ) -> SearchAnswer:
         """The hits of an encoded image (embedded as the workers embed what they store, by the
-        searched collection's model).
+        model of the collection searched: see :meth:`query`).
 
         Raises:
             ImageContentError, InferenceUnavailableError, UnknownCollectionError,
             InvalidQueryError, StoreUnavailableError, CollectionConflictError
             (``model_not_served``: see :meth:`runtime_for`).
         """
-        collection = options.collection_name or self._settings.milvus.collection
-        return self.search(self.embed_image(data, timings, collection), options, timings)
+
+        def run(target: Target) -> list[SearchHit]:
+            vector = self.embed_image(data, timings, target.collection)
+            return self.search(vector, options, timings, target=target)
+
+        hits, target = self._on_target(options.collection_name, timings, run)
+        return SearchAnswer(hits, target)
 
     def search(
         self,
@@ -376,23 +463,28 @@ class SearchService:
         timings: StageTimings | None = None,
         *,
         exclude_id: str | None = None,
+        target: Target | None = None,
     ) -> list[SearchHit]:
-        """The hits of ``vector`` on the page ``options`` asks for, ``exclude_id`` left out.
+        """The hits of ``vector`` on the page ``options`` asks for, ``exclude_id`` left out, in
+        ``target`` (default: what ``options.collection_name`` names now).
 
         Raises:
             UnknownCollectionError, InvalidQueryError, StoreUnavailableError.
         """
         timings = _untimed_if_none(timings)
+        if target is None:
+            target = self.target(options.collection_name, timings)
         with timings.stage("search"):
-            return self._search(vector, options, exclude_id)
+            return self._search(vector, options, exclude_id, target)
 
     def _search(
         self,
         vector: npt.NDArray[np.float32] | Sequence[float],
         options: SearchOptions,
         exclude_id: str | None,
+        target: Target,
     ) -> list[SearchHit]:
-        collection = options.collection_name or self.store.default_collection
+        collection = target.collection
         expression = combined_filter(options.filter_expr, options.filter)
         if exclude_id is None:
             hits = self.store.search(
@@ -414,7 +506,7 @@ class SearchService:
             hits = kept[options.offset : options.offset + options.topk]
         if options.score_threshold is not None:
             hits = self._above_threshold(hits, options.score_threshold, collection)
-        return [_hit(hit, options.output_fields) for hit in hits]
+        return [_hit(hit, options.output_fields, target) for hit in hits]
 
     def _above_threshold(self, hits: list[Hit], threshold: float, collection: str) -> list[Hit]:
         if self.store.describe_collection(collection).index.metric == "L2":  # a distance
@@ -472,16 +564,19 @@ class SearchService:
             raise InvalidQueryError(str(exc), reason=Reason.UNKNOWN_MODEL) from exc
 
     def collection_stats(self, name: str) -> CollectionStats:
-        """Row count, dimension, index and model of a collection.
+        """Row count, dimension, index and model of a collection, or of the one an alias points
+        at (``alias_of`` names it).
 
         Raises:
-            UnknownCollectionError: no such collection.
+            UnknownCollectionError: no such collection or alias.
             StoreUnavailableError: Milvus is unavailable.
         """
-        info = self.store.describe_collection(name)
+        collection = self.store.resolve_alias(name)
+        info = self.store.describe_collection(collection)
         return CollectionStats(
             name=name,
-            row_count=self.store.count(name),
+            alias_of=collection if collection != name else None,
+            row_count=self.store.count(collection),
             dimension=info.dimension,
             index=IndexDescription.model_validate(info.index.describe()),
             description=info.description,
@@ -490,8 +585,9 @@ class SearchService:
         )
 
     def collections(self) -> CollectionList:
-        """Every collection's name and model, and the one searched by default. Collections
-        made elsewhere (no vector field or index) are listed without a model.
+        """Every collection's name and model, every alias and the collection it points at, and
+        the name searched by default. Collections made elsewhere (no vector field or index) are
+        listed without a model.
 
         Raises:
             StoreUnavailableError: Milvus is unavailable.
@@ -505,8 +601,28 @@ class SearchService:
                 continue  # dropped meanwhile, or made elsewhere
             models[name] = self._model_of(info)
         return CollectionList(
-            collections=names, default=self.store.default_collection, models=models
+            collections=names,
+            default=self.store.default_collection,
+            models=models,
+            aliases=self.store.aliases(),
         )
+
+    def drop_collection(self, name: str) -> None:
+        """Drop a collection and its data; never through an alias (what it points at serves).
+
+        Raises:
+            UnknownCollectionError: no such collection.
+            CollectionConflictError: ``name`` is an alias (the message says what to do).
+            StoreUnavailableError: Milvus is unavailable.
+        """
+        collection = self.store.resolve_alias(name)
+        if collection != name:
+            raise CollectionConflictError(
+                f"{name!r} is an alias of collection {collection!r}, which it serves: move it "
+                "back or drop it with trident-reembed (rollback, finish), or drop the "
+                "collection by its own name"
+            )
+        self.store.drop_collection(name)
 
     def _model_of(self, info: CollectionInfo) -> CollectionModel:
         """The model a collection is bound to, as recorded (name, tag), or for a collection
@@ -533,6 +649,7 @@ class SearchService:
                 nothing to fetch; or its source can no longer be followed.
             ImageContentError, FetchUnavailableError, StoreUnavailableError.
         """
+        collection = self.store.resolve_alias(collection)
         rows = self.store.get([item_id], collection)
         if not rows:
             raise _unknown_id(item_id)
@@ -594,13 +711,16 @@ def _reference(text: str) -> PathImage | UrlImage:
         ) from exc
 
 
-def _hit(hit: Hit, output_fields: Sequence[str]) -> SearchHit:
+def _hit(hit: Hit, output_fields: Sequence[str], target: Target) -> SearchHit:
     return SearchHit(
         id=hit.id,
         score=hit.score,
         metadata=hit.metadata,
         source=str(hit.fields.get("source", "")),
         fields={name: hit.fields[name] for name in output_fields if name in hit.fields},
+        collection=target.collection,
+        model=target.model.name,
+        model_tag=target.model.tag,
     )
 
 

@@ -1,7 +1,8 @@
 """Where a search's time goes: the stages of one request, timed.
 
 A handler makes one :class:`StageTimings` per request and hands it to the service, which times
-each stage it runs (``fetch``, ``decode``, ``preprocess``, ``embed``, ``lookup``, ``search``).
+each stage it runs (``resolve``: which collection an alias names, ``fetch``, ``decode``,
+``preprocess``, ``embed``, ``lookup``, ``search``).
 The handler then answers the stages in a ``Server-Timing`` header (milliseconds, in the order
 they ran: ``decode;dur=2.9, preprocess;dur=4.1, embed;dur=21.3, search;dur=5.2``) and records
 them in the ``trident_api_stage_seconds`` histogram, so a slow answer says which step made it
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-Stage = Literal["fetch", "decode", "preprocess", "embed", "lookup", "search"]
+Stage = Literal["resolve", "fetch", "decode", "preprocess", "embed", "lookup", "search"]
 SERVER_TIMING = "Server-Timing"
 
 

@@ -85,6 +85,11 @@ class CollectionStats(BaseModel):
     description: str
     model_tag: str
     model: CollectionModel = Field(description="The model it is bound to.")
+    alias_of: str | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,  # left out for a collection: as it was
+        description="When name is an alias: the collection it points at, whose figures these are.",
+    )
 
 
 class CollectionList(BaseModel):
@@ -94,6 +99,11 @@ class CollectionList(BaseModel):
         default_factory=dict,
         description="Each collection's model, by collection name (collections made elsewhere, "
         "whose model cannot be told, are left out).",
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each alias and the collection it points at (a rebuilt collection's name is "
+        "an alias: trident-reembed).",
     )
 
 
@@ -157,6 +167,13 @@ class ItemRecord(BaseModel):
     model_tag: str = Field(description="The model that made its vector.")
     content_sha256: str = Field(description="SHA-256 of the image bytes, hex.")
     stored_at: datetime = Field(description="When a worker stored it (UTC).")
+    stored_in: str | None = Field(
+        default=None,
+        # Left out unless set: the record of an item named by its collection is as it was.
+        exclude_if=lambda value: value is None,
+        description="When the collection named is an alias: the collection it points at, "
+        "which holds the item.",
+    )
 
 
 class DeletePublished(BaseModel):

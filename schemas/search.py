@@ -193,6 +193,17 @@ class SearchHit(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     source: str = Field(default="", description="Where the stored image came from.")
     fields: dict[str, Any] = Field(default_factory=dict, description="The output_fields asked.")
+    collection: str | None = Field(
+        default=None,
+        description="The collection that answered: the one the searched name (a collection or "
+        "an alias) pointed at when the search began. Every hit of an answer has the same.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="The model whose vectors that collection holds (the query image, if any, "
+        "was embedded by it): its registry name.",
+    )
+    model_tag: str | None = Field(default=None, description="That model's version tag.")
 
 
 AllOf.model_rebuild()

@@ -142,3 +142,45 @@ class WorkerMetrics:
             "Seconds since the consumer loop last reported progress.",
             registry=r,
         )
+
+
+class RebuildMetrics:
+    """The ``trident_reembed_*`` gauges a rebuild worker exports (``worker.progress``),
+    labelled by the collection being rebuilt (the new version, e.g. ``images_v2``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.done = Gauge(
+            "trident_reembed_done",
+            "Records of the topics the rebuild's group has passed (committed).",
+            ["collection"],
+            registry=r,
+        )
+        self.total = Gauge(
+            "trident_reembed_total", "Records of the topics to read.", ["collection"], registry=r
+        )
+        self.lag = Gauge(
+            "trident_reembed_lag",
+            "Records the rebuild has still to read.",
+            ["collection"],
+            registry=r,
+        )
+        self.rate = Gauge(
+            "trident_reembed_rate",
+            "Records per second over the last minute.",
+            ["collection"],
+            registry=r,
+        )
+        self.eta = Gauge(
+            "trident_reembed_eta_seconds",
+            "Seconds until caught up at that rate (+Inf: not moving).",
+            ["collection"],
+            registry=r,
+        )
+
+    def set(self, collection: str, done: int, total: int, rate: float, eta_s: float) -> None:
+        self.done.labels(collection).set(done)
+        self.total.labels(collection).set(total)
+        self.lag.labels(collection).set(total - done)
+        self.rate.labels(collection).set(rate)
+        self.eta.labels(collection).set(eta_s)

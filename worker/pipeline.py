@@ -4,7 +4,8 @@
 for a batch, on any thread (``worker.stages`` runs each on its own, overlapping batches):
 
 - :meth:`~BatchProcessor.prepare`: decode the records (a record with a null value, a tombstone,
-  is a delete: ``schemas.deletes``; any other an ingest event), screen them against the
+  is a delete: ``schemas.deletes``; any other an ingest event), route each to the collection
+  its rows go into, or skip it (``worker.routing``: aliases, rebuilds), screen them against the
   stale-version guard (before any download: ``worker.versions``), fetch the images, skip or
   reuse what is already stored, decode the images, preprocess them into the model's input batch;
 - :meth:`~BatchProcessor.embed`: run the model on that batch (Triton);
@@ -85,6 +86,7 @@ from worker.dead_letter import DeadLetter
 from worker.metrics import Step, WorkerMetrics
 from worker.ownership import Owner, Ownership
 from worker.retry import call_with_retries, retry_rounds
+from worker.routing import Route
 from worker.versions import Candidate, Known, VersionGuard
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,10 @@ class Preprocessor(Protocol):
     # The batch is the model's input, whatever its dtype (float32, or uint8 when the model
     # normalises itself): the pipeline only hands it on.
     def preprocess(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[Any]: ...
+
+
+class Router(Protocol):
+    def route(self, collection: str) -> Route: ...
 
 
 class Embedder(Protocol):
@@ -146,6 +152,8 @@ class Item:
     owner: Owner
     # What the record asks for: an ingest event, or a delete (the record was a tombstone).
     event: IngestEvent | DeleteEvent | None = None
+    # Where its rows go (``worker.routing``); empty until routed: the collection it names.
+    collection: str = ""
     known: Known | None = None
     data: bytes | None = None
     content_sha256: str = ""
@@ -229,6 +237,7 @@ class BatchProcessor:
         should_stop: Callable[[], bool] = lambda: False,
         event_limits: EventLimits = DEFAULT_EVENT_LIMITS,
         collection_model_tag: Callable[[str], str] | None = None,
+        router: Router | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._preprocessor = preprocessor
@@ -246,6 +255,8 @@ class BatchProcessor:
         # collection's model never changes); None: the collections are not checked.
         self._collection_model_tag = collection_model_tag
         self._bound_tags: dict[str, str] = {}
+        # Where each named collection's rows go (None: the collection named).
+        self._router = router
         self._default_collection = default_collection
         self._metrics = metrics
         metrics.versions_remembered.set_function(self._versions.remembered_count)
@@ -282,6 +293,7 @@ class BatchProcessor:
             self._decode_events(items)
         self._drop_revoked(items)
         with self._timed(Step.VERSION_LOOKUP):
+            self._route(batch)
             self._screen(batch)
         with self._timed(Step.FETCH):
             self._fetch(batch)
@@ -400,6 +412,31 @@ class BatchProcessor:
         for item in items:
             if item.pending and not self._ownership.owns(item.owner):
                 item.outcome = Outcome.UNFINISHED
+
+    def _route(self, batch: Batch) -> None:
+        """Give each pending item the collection its rows go into, or skip it (``worker.routing``).
+
+        A collection that cannot be looked up is left as named: the screen dead-letters its
+        items (``unknown_collection``).
+
+        Raises:
+            StoreUnavailableError: Milvus stayed unavailable through the retries.
+        """
+        if self._router is None:
+            return
+        router = self._router
+        for named, group in self._by_collection(batch.items).items():
+            try:
+                route = self._with_retries(
+                    functools.partial(router.route, named), Step.VERSION_LOOKUP, "routing", batch
+                )
+            except _UNUSABLE_COLLECTION:
+                continue
+            for item in group:
+                if route.collection is None:
+                    item.skip(route.skip)
+                else:
+                    item.collection = route.collection
 
     def _screen(self, batch: Batch) -> None:
         """The stale-version guard, before any download: an older event than what is stored or
@@ -762,6 +799,8 @@ class BatchProcessor:
         return self._should_stop() or batch.cancelled.is_set()
 
     def _collection(self, item: Item) -> str:
+        if item.collection:
+            return item.collection
         return (item.event.collection if item.event else None) or self._default_collection
 
     def _by_collection(self, items: list[Item]) -> dict[str, list[Item]]:

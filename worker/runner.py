@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ from typing import TypeVar
 
 from confluent_kafka import Consumer
 
+from engine.errors import UnknownCollectionError
 from engine.fetch import ImageFetcher
 from engine.health import HEALTH_DEADLINE_S, Prober, milvus_probe, triton_probe
 from engine.inference import TritonEmbedder
@@ -23,10 +25,12 @@ from engine.store import VectorStore
 from worker.consumer import Worker
 from worker.dead_letter import RecordPublisher
 from worker.health import HealthServer, Heartbeat
-from worker.metrics import WorkerMetrics
+from worker.metrics import RebuildMetrics, WorkerMetrics
 from worker.ownership import Ownership
 from worker.pipeline import BatchProcessor
+from worker.progress import ProgressReporter, read_offsets
 from worker.retry import call_with_retries
+from worker.routing import CollectionRouter
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +94,26 @@ class WorkerRuntime:
                 event_limits=settings.kafka.event_limits,
                 # Rows go only into collections of this worker's model (or of none recorded).
                 collection_model_tag=lambda name: store.describe_collection(name).model_tag,
+                router=CollectionRouter(
+                    store,
+                    model_tag=settings.triton.model_tag,
+                    rebuild=settings.worker.rebuild,
+                    cache_s=settings.worker.routing_cache_s,
+                ),
             ),
             "close",
         )
-        # The default collection is created on purpose, here; events naming any other
-        # collection are dead-lettered unless it was created beforehand (API, CLI).
-        call_with_retries(
-            lambda: store.create_collection(
-                settings.milvus.collection,
-                model_tag=settings.triton.model_tag,
-                model_name=settings.model.name,
-            ),
-            settings.retry,
-            what=f"creating collection {settings.milvus.collection}",
-        )
+        if settings.worker.rebuild is None:
+            # The default collection is created on purpose, here; events naming any other
+            # collection are dead-lettered unless it was created beforehand (API, CLI). A
+            # rebuild worker writes only into its target, made by trident-reembed.
+            call_with_retries(
+                lambda: _ensure_default_collection(store, settings),
+                settings.retry,
+                what=f"creating collection {settings.milvus.collection}",
+            )
+        else:
+            self._report_progress(settings, settings.worker.rebuild.target)
         # Compile every batch shape now, not on the first records.
         preprocessor.warmup()
         # Then the model: a worker that cannot embed must not join the group and take
@@ -124,6 +134,20 @@ class WorkerRuntime:
             worker_id=worker_id,
         )
         return self._owned(worker, "close")
+
+    def _report_progress(self, settings: Settings, target: str) -> None:
+        """Keep the ``trident_reembed_*`` gauges of the rebuild into ``target`` current."""
+        kafka = settings.kafka
+        reporter = ProgressReporter(
+            RebuildMetrics(self.metrics.registry),
+            collection=target,
+            read=lambda: read_offsets(
+                kafka, kafka.group_id, kafka.topics().consumed, timeout_s=kafka.connect_timeout_s
+            ),
+            interval_s=settings.worker.progress_interval_s,
+        )
+        reporter.start()
+        self._owned(reporter, "stop")
 
     def _owned(self, adapter: T, close: str) -> T:
         self._closers.append(getattr(adapter, close))
@@ -168,6 +192,24 @@ class WorkerRuntime:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _ensure_default_collection(store: VectorStore, settings: Settings) -> None:
+    """Create the default collection for this worker's model, unless its name is an alias: a
+    collection rebuilt by ``trident-reembed``, whose versions exist and whose events routing
+    sends to the version of this worker's model, or skips (``worker.routing``).
+
+    Raises:
+        CollectionConflictError: a plain collection of that name is bound to another model.
+        StoreUnavailableError: Milvus is unavailable.
+    """
+    name = settings.milvus.collection
+    with contextlib.suppress(UnknownCollectionError):
+        if store.resolve_alias(name) != name:
+            return
+    store.create_collection(
+        name, model_tag=settings.triton.model_tag, model_name=settings.model.name
+    )
 
 
 def build_worker(settings: Settings, *, worker_id: str | None = None) -> WorkerRuntime:

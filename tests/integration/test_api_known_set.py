@@ -188,7 +188,7 @@ def test_simultaneous_image_searches_each_get_their_own_answer(known: KnownSet) 
         assert response.status_code == 200, response.text
         assert ids_of(response.json()) == known.ranked(known.vectors[item])[:3]
         stages = [part.split(";")[0] for part in response.headers["server-timing"].split(", ")]
-        assert stages == ["decode", "preprocess", "embed", "search"]
+        assert stages == ["resolve", "decode", "preprocess", "embed", "search"]
 
 
 def test_searches_and_embeds_time_their_stages(known: KnownSet) -> None:
@@ -196,7 +196,7 @@ def test_searches_and_embeds_time_their_stages(known: KnownSet) -> None:
     by_id = known.client.post("/search", json={"id": item, "collection_name": known.collection})
     by_path = known.client.post("/embed", json={"query_input": str(known.paths[item])})
     for response, expected in (
-        (by_id, ["lookup", "search"]),
+        (by_id, ["resolve", "lookup", "search"]),
         (by_path, ["fetch", "decode", "preprocess", "embed"]),
     ):
         assert response.status_code == 200, response.text

@@ -68,7 +68,8 @@ def two_models_triton(
         yield triton, repository
 
 
-def _on(settings: Settings, triton: TritonService, repository: Path, model: str) -> Settings:
+def on_triton(settings: Settings, triton: TritonService, repository: Path, model: str) -> Settings:
+    """``settings`` on ``triton`` (serving ``repository``), its configured model ``model``."""
     values = settings.model_dump(by_alias=True, exclude_unset=True)
     values["triton"] = {
         **values.get("triton", {}),
@@ -93,7 +94,7 @@ def test_collections_are_bound_to_their_model_end_to_end(
     tmp_path: Path,
     unique: str,
 ) -> None:
-    lite0 = _on(settings, *two_models_triton, LITE0.name)
+    lite0 = on_triton(settings, *two_models_triton, LITE0.name)
     own = f"own_{unique}"
     default = lite0.milvus.collection
     images = derived_image_set(tmp_path / "images", N_IMAGES)
@@ -161,7 +162,7 @@ def _own_worker_settings(
     lite0: Settings, own: str, triton: tuple[TritonService, Path], unique: str
 ) -> Settings:
     """The user model's worker: topics and group of its own, its collection as default."""
-    values = _on(lite0, *triton, OWN.name).model_dump(by_alias=True, exclude_unset=True)
+    values = on_triton(lite0, *triton, OWN.name).model_dump(by_alias=True, exclude_unset=True)
     values["milvus"] = {**values.get("milvus", {}), "collection": own}
     values["kafka"] = {
         **values.get("kafka", {}),

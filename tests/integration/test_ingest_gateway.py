@@ -24,6 +24,9 @@ class Collections:
 
     default_collection = "images"
 
+    def resolve_alias(self, name: str) -> str:
+        return name
+
     def describe_collection(self, name: str) -> None:
         pass
 

@@ -30,14 +30,20 @@ from engine.settings import Settings
 from query_api import SearchService, create_app
 from query_api.ingest import IngestGateway
 from query_api.items import ItemService
+from query_api.service import SearchAnswer, Target
 from query_api.timing import StageTimings
-from schemas.api import ServiceState
+from schemas.api import CollectionModel, ServiceState
 from schemas.search import (
     FILTER_SHAPE,
     QUERY_EXPECTED,
     SearchHit,
     SearchOptions,
     SearchRequest,
+)
+
+# What every fake search answers on: an alias and the collection it points at.
+TARGET = Target(
+    name="images", collection="images_v2", model=CollectionModel(name="m", tag="t", dim=4)
 )
 
 
@@ -59,13 +65,16 @@ class FakeService(SearchService):
     def probes(self) -> dict[str, Probe]:
         return {"triton": lambda: None, "milvus": lambda: None}
 
-    def query(self, request: SearchRequest, timings: StageTimings) -> list[SearchHit]:
+    def target(self, name: str | None, timings: StageTimings | None = None) -> Target:
+        return TARGET
+
+    def query(self, request: SearchRequest, timings: StageTimings) -> SearchAnswer:
         self.calls.append(("query", request))
         with timings.stage("lookup"):
             if self.failure is not None:
                 raise self.failure
         with timings.stage("search"):
-            return [SearchHit(id="a", score=0.5)]
+            return SearchAnswer([SearchHit(id="a", score=0.5)], TARGET)
 
     def embed_image(
         self, data: bytes, timings: StageTimings, collection: str | None = None
@@ -81,6 +90,7 @@ class FakeService(SearchService):
         timings: StageTimings,
         *,
         exclude_id: str | None = None,
+        target: Target | None = None,
     ) -> list[SearchHit]:
         self.calls.append(("search", options))
         with timings.stage("search"):
@@ -126,6 +136,9 @@ def test_a_multipart_search_is_served_by_the_upload_route(
     )
     assert response.status_code == 200, response.text
     assert response.json()[0]["id"] == "b"
+    # What answered, named also when no hit could (an empty answer).
+    assert response.headers["trident-collection"] == TARGET.collection
+    assert (response.headers["trident-model"], response.headers["trident-model-tag"]) == ("m", "t")
     assert fake.calls[0] == ("embed_image", b"image bytes")
     options = fake.calls[1][1]
     assert (options.topk, options.offset, options.filter.field) == (7, 2, "k")

@@ -71,6 +71,9 @@ class FakeStore:
         self.asked.append((expression, limit))
         return self.matching[:limit]
 
+    def resolve_alias(self, name: str) -> str:
+        return name
+
     def describe_collection(self, name: str) -> CollectionInfo:
         return CollectionInfo(name=name, dimension=self.dimension, index=IndexSpec())
 

@@ -139,6 +139,9 @@ class _Store:
     def list_collections(self) -> list[str]:
         return sorted(self.infos)
 
+    def aliases(self) -> dict[str, str]:
+        return {}
+
     def create_collection(self, name: str, **kwargs: Any) -> bool:
         self.created.append({"name": name, **kwargs})
         return True

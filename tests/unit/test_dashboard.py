@@ -1,9 +1,9 @@
 """deploy/grafana/embedding-trident.json: a Grafana dashboard over the series the code exports.
 
-Every series a query names must be exported: the worker's come from its real registry
-(worker/metrics.py), Triton's are checked against a running Triton in
-tests/integration/test_dashboard_metrics.py, and the query API's are the names agreed for its
-/metrics (QUERY_API_SERIES).
+Every series a query names must be exported: the workers' come from their real registries
+(worker/metrics.py: the ingest workers' and the rebuild workers' ``trident_reembed_*``),
+Triton's are checked against a running Triton in tests/integration/test_dashboard_metrics.py,
+and the query API's are the names agreed for its /metrics (QUERY_API_SERIES).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from tests.unit.deployment_support import REPO
-from worker.metrics import WorkerMetrics
+from worker.metrics import RebuildMetrics, WorkerMetrics
 
 DASHBOARD = REPO / "deploy" / "grafana" / "embedding-trident.json"
 # The query API's /metrics: requests by route, method and status, a latency histogram by route,
@@ -31,13 +31,18 @@ TRITON_PREFIX = "nv_"
 
 
 def worker_series() -> dict[str, set[str]]:
-    """Series name -> label names, for every metric the worker's registry holds.
+    """Series name -> label names, for every metric a worker's registry holds (a rebuild
+    worker's too).
 
     prometheus_client has no public accessor for a metric's label names, and ``collect()``
     shows no series for labelled metrics before they are used: read the collectors.
     """
     series: dict[str, set[str]] = {}
-    for collector in vars(WorkerMetrics(CollectorRegistry())).values():
+    collectors = {
+        **vars(WorkerMetrics(CollectorRegistry())),
+        **{f"rebuild_{k}": v for k, v in vars(RebuildMetrics(CollectorRegistry())).items()},
+    }
+    for collector in collectors.values():
         if not isinstance(collector, MetricWrapperBase):
             continue
         name, labels = collector._name, set(collector._labelnames)
@@ -88,6 +93,10 @@ def test_the_dashboard_covers_what_operators_watch(dashboard: dict[str, Any]) ->
         "Dead letters by reason",
         "Stage latency",
         "Search latency",
+        "Re-embedding progress",
+        "Re-embedding lag",
+        "Re-embedding rate",
+        "Re-embedding ETA",
     ):
         assert topic in titles
     assert dashboard["uid"] and dashboard["title"] == "Embedding Trident"

@@ -19,7 +19,7 @@ import model_build.torch_pickle
 from engine.errors import Reason, TridentError
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("schemas", "engine", "worker", "query_api", "producer", "devstack")
+PACKAGES = ("schemas", "engine", "worker", "query_api", "producer", "devstack", "reembed")
 # reason="x", reason = "x", and the two branches of reason = "x" if ... else "y"
 _LITERAL = re.compile(r"""\breason\s*[:=][^=\n]*?["']([a-z0-9_]+)["']""")
 _ELSE = re.compile(r"""\breason\s*=.*\belse\s+["']([a-z0-9_]+)["']""")
@@ -65,6 +65,7 @@ ALL_PACKAGES = (
     "jax_embedding",
     "model_build",
     "devstack",
+    "reembed",
 )
 ERROR_MODULES = ("engine/errors.py", "schemas/errors.py", "devstack/errors.py")
 # A base named like this is an exception of a library (grpc.RpcError, httpx.HTTPError, ...).

@@ -31,6 +31,8 @@ from devstack.config import StackConfig
 from engine.kafka import consumer_config
 from engine.models import UINT8_MODEL_SPEC
 from engine.settings import Settings
+from engine.store import version_collection
+from reembed.plan import rebuild_group
 from tests.unit.deployment_support import (
     REPO,
     SCHEMAS,
@@ -43,7 +45,7 @@ from tests.unit.deployment_support import (
 
 DEPLOY = REPO / "deploy" / "kubernetes"
 BASE = DEPLOY / "base"
-KUSTOMIZATIONS = ("base", "overlays/gpu")
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/reembed")
 # The oldest Kubernetes still commonly run (managed clusters' extended support) and the newest
 # that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
@@ -615,6 +617,58 @@ def test_the_gpu_overlay_only_gives_triton_a_gpu(rendered: dict[str, Objects]) -
     assert differing == [("Deployment", "trident-triton")]
     assert "nvidia.com/gpu" not in _container(base, "trident-triton")["resources"]["limits"]
     assert _container(gpu, "trident-triton")["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def _env_overrides(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_the_reembed_overlay_adds_a_rebuild_worker_of_the_new_model_and_its_scaler(
+    rendered: dict[str, Objects], settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, reembed = rendered["base"], rendered["overlays/reembed"]
+
+    def key(o: dict[str, Any]) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    # Everything of the base stays as it is; three objects are added.
+    assert [o for o in reembed if key(o) in {key(b) for b in base}] == base
+    added = {key(o) for o in reembed} - {key(o) for o in base}
+    name = "trident-reembed-worker"
+    assert added == {("Deployment", name), ("PodDisruptionBudget", name), ("ScaledObject", name)}
+    rebuild, ingest = _container(reembed, name), _container(base, "trident-worker")
+    assert rebuild["image"] == ingest["image"] and rebuild["command"] == ingest["command"]
+    assert "replicas" not in _one(reembed, "Deployment", name)["spec"]  # KEDA's
+    # Its settings as the pod loads them: the base's, then its own overrides.
+    environment = {**settings_env, **read_env_file(BASE / "secrets.env.example")}
+    served = assert_environment_arrives(
+        monkeypatch, {**environment, **_env_overrides(rebuild)}, name
+    )
+    ingesting = assert_environment_arrives(
+        monkeypatch, {**environment, **_env_overrides(ingest)}, "trident-worker"
+    )
+    alias = assert_environment_arrives(monkeypatch, environment, "base").milvus.collection
+    assert served.model.name != ingesting.model.name  # what the API searches: the alias
+    # The ingest workers fill version 1; the rebuild writes version 2 in its own group.
+    old = ingesting.milvus.collection
+    assert old == version_collection(alias, 1)
+    assert served.worker.rebuild is not None
+    assert served.worker.rebuild.sources == [alias, old]
+    assert served.worker.rebuild.target == version_collection(alias, 2)
+    assert served.kafka.group_id == rebuild_group(alias, 2) != ingesting.kafka.group_id
+    assert (served.kafka.topic, served.milvus.uri) == (ingesting.kafka.topic, ingesting.milvus.uri)
+    # KEDA watches that group's lag, on the same topic, within the partitions.
+    scaled = _one(reembed, "ScaledObject", name)["spec"]
+    assert scaled["scaleTargetRef"]["name"] == name
+    (trigger,) = scaled["triggers"]
+    metadata: dict[str, str] = trigger["metadata"]
+    resolved = {**_settings_data(reembed), **_env_overrides(rebuild)}
+    assert resolved[metadata["consumerGroupFromEnv"]] == served.kafka.group_id
+    assert resolved[metadata["topicFromEnv"]] == served.kafka.topic
+    assert {k.removesuffix("FromEnv") for k in metadata} <= KEDA_KAFKA_METADATA
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    assert scaled["maxReplicaCount"] <= served.kafka.topic_partitions
+    assert _port(rebuild, "health") == served.worker.health_port
 
 
 def test_one_kafka_version_everywhere(base: Objects) -> None:

@@ -25,6 +25,7 @@ PACKAGES = (
     "engine",
     "jax_embedding",
     "model_build",
+    "reembed",
     "devstack",
 )
 DEPLOYMENT = ("deploy", "docker", "compose.yaml", "Makefile")
@@ -47,6 +48,9 @@ ALLOWED = (
     ("engine/settings.py", "thumbnail_size: int = Field(256", "a thumbnail's longest side"),
     ("jax_embedding/config.py", "batch_size: int = Field(32, ge=1, le=256)", "a batch size cap"),
     ("model_build/models_cli.py", "rng.integers(0, 256", "the uint8 range of a trial batch"),
+    ("engine/resampling.py", "_CANVAS_BUDGET_BYTES = 128 << 20", "a memory budget in MiB"),
+    ("engine/store.py", "MODEL_VERSION_MAX_BYTES = 128", "a model tag's length in bytes"),
+    ("engine/store_requests.py", "value & 0x7F | 0x80", "a varint's continuation bit"),
 )
 _WORD = re.compile(r"(?<![\w.])(\d+)(?![\w.])")
 _COMMENT = re.compile(r"(^|\s)#.*$")
@@ -115,7 +119,7 @@ def _allowed(file: str, text: str) -> bool:
 
 
 def test_the_scan_knows_the_models_literals() -> None:
-    assert {224, 256, 1280, 240, 274, 260, 297} <= LITERALS
+    assert {224, 256, 1280, 240, 274, 260, 297, 128, 146} <= LITERALS
 
 
 def test_no_model_size_or_dimension_outside_the_specs() -> None:

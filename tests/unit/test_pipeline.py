@@ -43,7 +43,7 @@ from schemas.dead_letter import HEADER_RETRY_ATTEMPTS
 from schemas.events import ImageRef
 from worker.metrics import WorkerMetrics
 from worker.ownership import Owner, Ownership
-from worker.pipeline import Batch, BatchProcessor, Outcome
+from worker.pipeline import Batch, BatchProcessor, Outcome, Router
 
 DIM = 8
 PARTITION = ("ingest", 0)
@@ -276,6 +276,7 @@ def make_processor(
     record_attempts: int = 7,
     ownership: Ownership | None = None,
     backoff_s: float = 0.0,
+    router: Router | None = None,
 ) -> BatchProcessor:
     """A processor whose worker owns partition 0 of topic ``ingest`` (unless told otherwise)."""
     if ownership is None:
@@ -297,6 +298,7 @@ def make_processor(
         model_version="m1",
         default_collection="images",
         metrics=WorkerMetrics(),
+        router=router,
     )
 
 

@@ -249,6 +249,14 @@ class _Client:
     def close(self) -> None:
         self.closed = True
 
+    def has_collection(self, name: str, **_: object) -> bool:
+        # Looked up again after a write found its collection missing (renamed under it): it
+        # is gone for good here.
+        return False
+
+    def describe_collection(self, name: str, **_: object) -> dict[str, Any]:
+        raise MilvusException(code=100, message=f"collection not found[collection={name}]")
+
 
 def _answer(code: int = 0, reason: str = "") -> milvus_pb2.MutationResult:
     return milvus_pb2.MutationResult(
@@ -259,10 +267,14 @@ def _answer(code: int = 0, reason: str = "") -> milvus_pb2.MutationResult:
 def _writing_store(
     answers: list[object], *, chunk_rows: int = 3, in_flight: int = 2
 ) -> tuple[VectorStore, _Client]:
-    store = VectorStore(MilvusSettings(), upsert_chunk_rows=chunk_rows, upsert_in_flight=in_flight)
+    store = VectorStore(
+        MilvusSettings(missing_recheck_s=0),
+        upsert_chunk_rows=chunk_rows,
+        upsert_in_flight=in_flight,
+    )
     client = _Client(_Stub(answers))
     store._client = client  # type: ignore[assignment]
-    store._collections["c"] = CollectionInfo(name="c", dimension=4, index=IndexSpec())
+    store._collections["c"] = (CollectionInfo(name="c", dimension=4, index=IndexSpec()), None)
     return store, client
 
 

@@ -4,7 +4,7 @@ Run by the Job trident-milvus-alias (milvus-alias-job.yaml) with the app image a
 settings: TRIDENT_MILVUS__COLLECTION names the workers' collection (the workers create it when
 they start; this waits up to COLLECTION_WAIT_S seconds for it), SEARCH_ALIAS the alias the
 query API reads. An alias that exists already is left where it points, so running this again
-after a model upgrade never moves searches back; see docs/OPERATIONS.md "Upgrading the model".
+after a model change never moves searches back; see docs/OPERATIONS.md "Changing the model".
 Exit status 1 when the alias name is taken by a collection or the collection never appears.
 """
 

@@ -1,0 +1,1 @@
+"""``trident-reembed``: rebuild a collection with another model while it keeps serving."""
