@@ -1325,18 +1325,22 @@ class VectorStore:
         self._tombstones.add(companion)
         return companion
 
-    def _create_tombstones(self, companion: str) -> None:
+    def _create_companion(self, companion: str, schema: CollectionSchema) -> None:
+        """Create a companion collection; one another worker made first is no error."""
         try:
             self._call(
                 _Operation.ADMIN,
                 f"create collection {companion}",
                 "create_collection",
                 companion,
-                schema=tombstone_schema(),
+                schema=schema,
             )
         except StoreUnavailableError:
             if not self._has(companion):  # else another worker made it first
                 raise
+
+    def _create_tombstones(self, companion: str) -> None:
+        self._create_companion(companion, tombstone_schema())
         index = MilvusClient.prepare_index_params()
         index.add_index(field_name=_TOMBSTONE_VECTOR, index_type="FLAT", metric_type="L2")
         # Idempotent: the same index again is no error. Any refusal of this constant index is
@@ -1350,17 +1354,7 @@ class VectorStore:
         """Make (idempotently, beside other creators) and load ``name``'s region companion."""
         companion = region_collection(name)
         if not self._has(companion):
-            try:
-                self._call(
-                    _Operation.ADMIN,
-                    f"create collection {companion}",
-                    "create_collection",
-                    companion,
-                    schema=region_schema(dimension),
-                )
-            except StoreUnavailableError:
-                if not self._has(companion):  # else another creator made it first
-                    raise
+            self._create_companion(companion, region_schema(dimension))
         if self._vector_index(companion) is None:
             self._call(
                 _Operation.INDEX,
