@@ -28,6 +28,9 @@ class _Adapter:
         CLOSED.append(self.name)
 
     # What the runtime calls while assembling.
+    def resolve_alias(self, name: str) -> str:
+        return name  # a plain collection: the worker creates its default one
+
     def create_collection(self, *args: Any, **kwargs: Any) -> bool:
         return True
 

@@ -29,6 +29,9 @@ class _Adapter:
     def close(self, *args: Any) -> None:
         CLOSED.append(type(self).__name__)
 
+    def resolve_alias(self, name: str) -> str:
+        return name  # a plain collection: the worker creates its default one
+
     def create_collection(self, *args: Any, **kwargs: Any) -> bool:
         return True
 
