@@ -1251,9 +1251,11 @@ class VectorStore:
         what: str,
         *,
         guarantee_from: Sequence[str] = (),
+        filter_expr: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The rows of ``ids`` in ``name``, ``IDS_PER_REQUEST`` at a time. ``consistency`` None:
-        the collection's default. A ``Session`` read waits for this process's last write to
+        """The rows of ``ids`` in ``name``, ``IDS_PER_REQUEST`` at a time, only those matching
+        ``filter_expr`` when given (a boolean expression, trusted). ``consistency`` None: the
+        collection's default. A ``Session`` read waits for this process's last write to
         ``name`` or to any of ``guarantee_from``."""
 
         def query(client: MilvusClient) -> list[dict[str, Any]]:
@@ -1266,9 +1268,12 @@ class VectorStore:
                     level = {"consistency_level": "Customized", "guarantee_timestamp": written}
             rows: list[dict[str, Any]] = []
             for start in range(0, len(ids), IDS_PER_REQUEST):
+                expr = _ids_expr(ids[start : start + IDS_PER_REQUEST])
+                if filter_expr:
+                    expr = f"({expr}) and ({filter_expr})"
                 rows += client.query(
                     name,
-                    filter=_ids_expr(ids[start : start + IDS_PER_REQUEST]),
+                    filter=expr,
                     output_fields=fields,
                     timeout=self._settings.timeout_s,
                     **level,
@@ -1484,10 +1489,14 @@ class VectorStore:
         vectors: Sequence[npt.NDArray[np.float32]],
         limit: int,
         collection: str | None = None,
+        *,
+        filter_expr: str | None = None,
     ) -> list[RegionHit]:
         """The ``limit`` items whose regions best match any of ``vectors`` (e.g. a query
         embedded at the global and at the region size), best first, each with its best
-        region's score and box.
+        region's score and box; with ``filter_expr`` (a Milvus boolean expression on the
+        collection's own fields, as :meth:`search` takes it, already validated), only items
+        whose stored row matches it.
 
         Fetches ``limit * REGION_OVER_FETCH`` region hits per vector (at most
         ``QUERY_LIMIT_MAX``), keeps each item's best, then, best first, ``limit +
@@ -1504,10 +1513,17 @@ class VectorStore:
         """
         if not vectors or limit < 1:
             return []
-        return self._by_name(collection, lambda name: self._search_regions_in(name, vectors, limit))
+        return self._by_name(
+            collection,
+            lambda name: self._search_regions_in(name, vectors, limit, filter_expr),
+        )
 
     def _search_regions_in(
-        self, name: str, vectors: Sequence[npt.NDArray[np.float32]], limit: int
+        self,
+        name: str,
+        vectors: Sequence[npt.NDArray[np.float32]],
+        limit: int,
+        filter_expr: str | None,
     ) -> list[RegionHit]:
         name, info = self._regions_of(name)
         queries = [np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]
@@ -1543,17 +1559,24 @@ class VectorStore:
         step = limit + REGION_CHECK_SLACK
         for start in range(0, len(ranked), step):
             chunk = ranked[start : start + step]
-            current = self._current_versions(name, [hit.id for hit in chunk])
+            current = self._current_versions(name, [hit.id for hit in chunk], filter_expr)
             found += [hit for hit in chunk if current.get(hit.id) == hit.event_version]
             if len(found) >= limit:
                 break
         return found[:limit]
 
-    def _current_versions(self, name: str, ids: list[str]) -> dict[str, int]:
-        """``id -> event_version`` of the stored rows of ``ids`` (the collection's default
-        consistency: what a search of it sees)."""
+    def _current_versions(
+        self, name: str, ids: list[str], filter_expr: str | None
+    ) -> dict[str, int]:
+        """``id -> event_version`` of the stored rows of ``ids`` that match ``filter_expr``
+        (the collection's default consistency: what a search of it sees)."""
         rows = self._query_ids(
-            name, ids, ["id", "event_version"], None, f"check region versions in {name}"
+            name,
+            ids,
+            ["id", "event_version"],
+            None,
+            f"check region versions in {name}",
+            filter_expr=filter_expr,
         )
         return {str(row["id"]): int(row["event_version"]) for row in rows}
 
