@@ -7,13 +7,15 @@ stops only the processes it started (pid files, working directories under its ro
 stacks, e.g. the quick start and the tests, share one install cache but never each other's
 processes.
 
-Triton serves EfficientNet-Lite0 (its uint8- and float32-input models) and, when asked, other
-built-in models of the registry (``LocalStack(models=...)``, ``trident-stack up --models``). The
-choice is remembered in ``<root>/triton/extra_models.json``, so a later ``up`` without a choice
-(``make up``, the tests' fixture) serves the same models instead of restarting Triton without
-them; an empty choice goes back to Lite0 alone. Models no longer asked for leave the repository
-(and Triton, which is restarted when the repository changes). :meth:`LocalStack.serve_models`
-(``trident-stack models add``) adds models to the running Triton without a restart.
+Triton serves EfficientNet-Lite0 (its uint8- and float32-input models), the region model of
+each served model that has a region recipe (Lite0 uint8's, for collections with region vectors:
+issue 24), and, when asked, other built-in models of the registry (``LocalStack(models=...)``,
+``trident-stack up --models``). The choice is remembered in ``<root>/triton/extra_models.json``,
+so a later ``up`` without a choice (``make up``, the tests' fixture) serves the same models
+instead of restarting Triton without them; an empty choice goes back to Lite0 alone. Models no
+longer asked for leave the repository (and Triton, which is restarted when it changes).
+:meth:`LocalStack.serve_models` (``trident-stack models add``) adds models to the running Triton
+without a restart.
 """
 
 from __future__ import annotations
@@ -36,11 +38,24 @@ from devstack.kafka import KafkaService
 from devstack.milvus import MilvusService
 from devstack.triton import TritonService
 from engine.errors import ConfigurationError
-from engine.models import model_spec
+from engine.models import UINT8_MODEL_SPEC, ModelSpec, model_spec, region_model_of
 from engine.settings import Settings
 from reembed.local import stop_all
 
 logger = logging.getLogger(__name__)
+
+
+def region_models(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+    """The region models (:func:`engine.models.region_model_of`) of the ``specs`` that have a
+    region recipe, in order, without repeats: a stack serving a model serves its regions' too,
+    so that a collection with region vectors needs no extra step."""
+    found: list[ModelSpec] = []
+    for spec in specs:
+        if spec.regions is not None:
+            region = region_model_of(spec)
+            if region not in found:
+                found.append(region)
+    return found
 
 
 class Service(Protocol):
@@ -110,7 +125,8 @@ class LocalStack:
     def build_model_repository(self) -> Path:
         """Convert the models and write the Triton model repository (no-op when up to date).
 
-        Writes Lite0's models (uint8- and float32-input) and :attr:`extra_models`, removes the
+        Writes Lite0's models (uint8- and float32-input), :attr:`extra_models` and the region
+        models of those with a region recipe (:func:`region_models`), removes the
         built-in models no longer asked for, and remembers the choice. A running Triton that
         loaded another repository content is restarted by ``up()`` (see
         :meth:`TritonService.start`).
@@ -127,7 +143,8 @@ class LocalStack:
         )
 
         extra = builtin_specs(self.extra_models)
-        folders = write_served_models(self.model_repository, backend="python", extra=extra)
+        served = [*extra, *(s for s in region_models([UINT8_MODEL_SPEC, *extra]) if s not in extra)]
+        folders = write_served_models(self.model_repository, backend="python", extra=served)
         remove_builtin_models(self.model_repository, keep=[folder.name for folder in folders])
         self._models_choice.write_text(json.dumps([spec.name for spec in extra]))
         return self.model_repository

@@ -6,7 +6,7 @@ store (which sends them) both depend on this module, never on each other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from engine.errors import UnknownModelError
 from engine.indexes import IndexSpec
-from engine.models import ModelSpec
+from engine.models import Box, ModelSpec
 
 VECTOR_FIELD = "embedding"
 # Scalar fields stored beside each vector (see VectorRecord).
@@ -31,8 +31,24 @@ RECORD_FIELDS = (
 
 
 @dataclass(frozen=True, slots=True)
+class ItemRegions:
+    """One item's regions at one version: ``boxes[i]``'s vector is ``vectors[i]``."""
+
+    item_id: str
+    version: int
+    boxes: Sequence[Box]
+    vectors: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
 class VectorRecord:
-    """One stored embedding with what it was made from."""
+    """One stored embedding with what it was made from.
+
+    ``regions``: the item's region vectors (issue 24), of this id and version, for a collection
+    made with regions (:meth:`engine.store.VectorStore.upsert` writes them before the row; a
+    record without them there leaves the item without regions). A collection without regions
+    ignores them.
+    """
 
     id: str
     vector: npt.NDArray[np.float32]
@@ -42,6 +58,7 @@ class VectorRecord:
     model_version: str = ""
     event_version: int = 0
     ingested_at_ms: int = 0
+    regions: ItemRegions | None = None
 
     def to_row(self) -> dict[str, Any]:
         """The record as pymilvus's rows API takes it (``MilvusClient.upsert(data=[...])``)."""

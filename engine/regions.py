@@ -20,6 +20,7 @@ each row belongs to (:class:`RegionBatch`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ class RegionBatch:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def region_decode_short_side(boxes: Sequence[Box], region_model: ModelSpec) -> int:
+    """The image's shorter side at which every box's shorter side, at least the smallest box
+    side times the image's shorter side, is ``region_model``'s ``resize_short_side``."""
+    smallest = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes)
+    return math.ceil(region_model.resize_short_side / smallest - 1e-9)
 
 
 def region_preprocess_settings(
@@ -124,6 +132,13 @@ class RegionPreprocessor:
         self._preprocessor: BaseJAXPreprocessor = build_preprocessor(
             region_preprocess_settings(settings, self.region_model)
         )
+
+    @property
+    def decode_short_side(self) -> int:
+        """The shorter side an image must be decoded at for its regions: the smallest region's
+        shorter side then reaches the region model's ``resize_short_side``, so no region is
+        upscaled for want of decoded pixels (JPEGs are draft-decoded no smaller than this)."""
+        return region_decode_short_side(self.boxes, self.region_model)
 
     @property
     def preprocessor(self) -> BaseJAXPreprocessor:

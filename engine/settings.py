@@ -321,6 +321,12 @@ class MilvusSettings(_Section):
     uri: str = "http://127.0.0.1:19530"
     token: str = ""
     collection: str = Field("images", description="The default collection, created by the worker.")
+    regions: bool = Field(
+        False,
+        description="The default collection is made with region vectors (issue 24): the model "
+        "(triton.model_name) needs a region recipe, and Triton must serve its region model. "
+        "Chosen at creation: an existing collection keeps what it was made with.",
+    )
     dimension: int = Field(
         UINT8_MODEL_SPEC.output_dim,
         ge=1,

@@ -62,7 +62,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -85,6 +84,7 @@ from engine.errors import (
     ConfigurationError,
     InvalidQueryError,
     InvalidRowError,
+    ModelSpecError,
     Reason,
     Stage,
     StoreAuthenticationError,
@@ -100,6 +100,7 @@ from engine.records import (
     CollectionInfo,
     Consistency,
     Hit,
+    ItemRegions,
     RegionHit,
     StoredRecord,
     StoredVersion,
@@ -159,16 +160,6 @@ REGION_OVER_FETCH = 20
 REGION_CHECK_SLACK = 10
 # Items whose older regions one delete request removes (an expression of one clause each).
 _REGION_DELETES_PER_REQUEST = 100
-
-
-@dataclass(frozen=True, slots=True)
-class ItemRegions:
-    """One item's regions at one version: ``boxes[i]``'s vector is ``vectors[i]``."""
-
-    item_id: str
-    version: int
-    boxes: Sequence[Box]
-    vectors: npt.NDArray[np.float32]
 
 
 COMPANION_SUFFIXES = (TOMBSTONE_SUFFIX, REGION_SUFFIX)
@@ -767,14 +758,22 @@ class VectorStore:
 
     def create_version(self, like: str, name: str, model: ModelSpec) -> bool:
         """Create (unless it exists) the collection ``name`` bound to ``model``, of its
-        dimension, with the index and description of the collection ``like``; True if created.
+        dimension, with the index and description of the collection ``like``, and with region
+        vectors when ``like`` has them; True if created.
 
         Raises:
             UnknownCollectionError: no collection ``like``.
-            CollectionConflictError: ``name`` exists with another dimension or model.
+            CollectionConflictError: ``name`` exists with another dimension or model, or
+                without regions that ``like`` has.
+            ModelSpecError: ``like`` has regions and ``model`` no region recipe (nothing made).
             StoreUnavailableError: Milvus is unreachable or not ready.
         """
         info = self.describe_collection(like)
+        if info.regions and model.regions is None:
+            raise ModelSpecError(
+                f"collection {like!r} holds region vectors and model {model.name!r} has no "
+                "region recipe, so its version could not have them: choose a model with one"
+            )
         return self.create_collection(
             name,
             dimension=model.output_dim,
@@ -782,6 +781,7 @@ class VectorStore:
             description=info.description,
             model_tag=model.model_version_tag,
             model_name=model.name,
+            regions=info.regions,
         )
 
     def copy_tombstones(self, source: str, target: str) -> int:
@@ -932,7 +932,9 @@ class VectorStore:
                 (``empty_id``, ``id_too_long``), the source over ``SOURCE_MAX_LENGTH``
                 (``source_too_long``), the metadata not JSON or over ``METADATA_MAX_BYTES``
                 encoded (``metadata_not_json``, ``metadata_too_large``), the vector not of the
-                collection's dimension or not finite (``wrong_dimension``, ``not_finite``).
+                collection's dimension or not finite (``wrong_dimension``, ``not_finite``), or
+                its regions not of its id and version, or their vectors not one per box, of
+                that dimension and finite.
             UnknownCollectionError: no such collection.
             StoreUnavailableError: Milvus is unreachable (to look up the dimension).
         """
@@ -950,6 +952,8 @@ class VectorStore:
             raise InvalidRowError(
                 f"row {record.id[:80]!r}: {detail}", reason=reason, stage=Stage.UPSERT
             )
+        if record.regions is not None:
+            _region_rows(*_regions_of_record(record), record.vector.shape[0])
 
     def upsert(self, records: Sequence[VectorRecord], collection: str | None = None) -> int:
         """Insert or replace records by id; return how many were written.
@@ -958,6 +962,13 @@ class VectorStore:
         records is sent as several requests, up to ``upsert_in_flight`` at a time; it returns or
         raises once none of them is in flight any more. A refused call may have written some of
         its chunks: upserts are idempotent, so retrying or bisecting it rewrites them unchanged.
+
+        Into a collection made with regions, each record's regions (``VectorRecord.regions``)
+        are written first (:meth:`upsert_regions_of`, which deletes the item's regions of older
+        versions; a record without regions has its older ones deleted), then the rows. So a
+        failure between the two leaves the row at its older version, and the record, delivered
+        again, is embedded again rather than skipped as unchanged. A collection without regions
+        ignores the records' regions. Returns the rows written, regions not counted.
 
         Raises:
             InvalidRowError: the server refused a request for a row's value (it refuses the whole
@@ -984,8 +995,26 @@ class VectorStore:
             )
             for start in range(0, len(records), self._chunk_rows)
         ]
+        if info.regions:
+            self._write_regions(name, info, records)
         self._send_upserts(name, requests, f"upsert {len(records)} rows into {name}")
         return len(records)
+
+    def _write_regions(
+        self, name: str, info: CollectionInfo, records: Sequence[VectorRecord]
+    ) -> None:
+        """The records' regions into ``name``'s companion (none: the older ones deleted)."""
+        empty = np.empty((0, info.dimension), dtype=np.float32)
+        items = [
+            record.regions
+            if record.regions is not None
+            else ItemRegions(record.id, record.event_version, (), empty)
+            for record in records
+        ]
+        for record in records:
+            if record.regions is not None:
+                _regions_of_record(record)  # another item's or version's regions: refused
+        self.upsert_regions_of(items, name)
 
     def _send_upserts(self, name: str, requests: list[Any], what: str) -> None:
         """Send the requests on this store's client; raise the first failure, translated."""
@@ -1049,6 +1078,8 @@ class VectorStore:
         tombstones are written first: a failure between the two leaves the tombstone and the
         row, and the delete, done again, completes (both steps are idempotent). Of an id given
         twice, the highest version counts. The companion collection is made on the first delete.
+        In a collection made with regions, the items' regions (of every version) are deleted
+        after the tombstones and before the rows: no region of a deleted item outlives its row.
 
         Raises:
             InvalidRowError: (stage ``delete``) an id empty or over ``ID_MAX_LENGTH`` UTF-8 bytes
@@ -1090,6 +1121,8 @@ class VectorStore:
             self._existing(name)
             self._write_tombstones(name, rows)
         ids = list(versions)
+        if self.describe_collection(name).regions:
+            self._delete_regions_in(name, ids)
         for start in range(0, len(ids), IDS_PER_REQUEST):
             chunk = ids[start : start + IDS_PER_REQUEST]
             self._call(
@@ -1472,6 +1505,9 @@ class VectorStore:
         for item_id in ids:
             validate_id(item_id, stage=Stage.DELETE)
         name, _ = self._regions_of(collection)
+        self._delete_regions_in(name, ids)
+
+    def _delete_regions_in(self, name: str, ids: Sequence[str]) -> None:
         companion = region_collection(name)
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), IDS_PER_REQUEST):
@@ -1740,6 +1776,23 @@ def _region_rows(
         }
         for index, (box, row) in enumerate(zip(boxes, matrix, strict=True))
     ]
+
+
+def _regions_of_record(
+    record: VectorRecord,
+) -> tuple[str, int, Sequence[Box], npt.NDArray[np.float32]]:
+    """What :func:`_region_rows` checks of a record's regions, as of the record's id and
+    version (regions of another item or version are refused as the record's)."""
+    regions = record.regions
+    assert regions is not None
+    if (regions.item_id, regions.version) != (record.id, record.event_version):
+        raise InvalidRowError(
+            f"row {record.id[:80]!r}: its regions are of {regions.item_id[:80]!r} at version "
+            f"{regions.version}, not of the row's version {record.event_version}",
+            reason=Reason.ROW_REJECTED,
+            stage=Stage.UPSERT,
+        )
+    return record.id, record.event_version, regions.boxes, regions.vectors
 
 
 def _best_per_item(results: Sequence[Any], *, higher_is_better: bool) -> dict[str, RegionHit]:

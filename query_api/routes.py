@@ -236,7 +236,11 @@ def create_collection(
 ) -> Response[CollectionCreated]:
     """Create a collection bound to ``model`` (default: the configured model) (201), or leave an
     existing one of that dimension and model as it is (200). An unknown model or a ``dim``
-    other than the model's is 422; an existing collection of another dimension or model 409."""
+    other than the model's is 422; an existing collection of another dimension or model 409.
+
+    ``regions: true`` also stores a vector per region of each image (the model's region
+    recipe), so that a search by a part of an image finds it, each hit's ``box`` saying where;
+    422 for a model without a region recipe."""
     created = service.create_collection(data)
     return Response(
         CollectionCreated(name=data.name, created=created), status_code=201 if created else 200
@@ -300,6 +304,11 @@ def search(
     the search begins, the query embedded by that collection's model. Each hit, and the
     ``Trident-Collection``, ``Trident-Model`` and ``Trident-Model-Tag`` headers, name that
     collection and model.
+
+    On a collection made with regions, a search by image (``query_input`` or an upload) also
+    matches the regions of the stored images: each hit's ``box`` is where it matched
+    (normalised ``[x0, y0, x1, y1]``; ``[0, 0, 1, 1]``: the whole image). Otherwise, and for
+    searches by ``vector`` or ``id``, ``box`` is null.
     """
     with _timed(metrics) as timings:
         answer = service.query(data, timings)

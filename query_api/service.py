@@ -23,6 +23,16 @@ the switch (docs/OPERATIONS.md, "Changing the model"). Should the
 collection an alias pointed at be dropped under a request (``trident-reembed finish`` right
 after a switch), the request is resolved and run once more.
 
+A collection made with regions (issue 24: a vector per region of each image, beside its whole
+image's; ``CollectionInfo.regions``) is searched by image with two query vectors: the image
+embedded by the collection's model, and by that model's region model (at the regions' smaller
+input, preprocessed as the workers preprocess a region: ``engine.regions``). The whole-image
+search and the region search (``VectorStore.search_regions``, with the same filter) are merged
+per item, keeping its best score, and each hit says where it matched (``SearchHit.box``: the
+winning region's box, the whole image's when its own vector won). The region model's runtime
+is built like any other model's, on the first such search, its preprocessing compiled at
+start when the configured model has a region recipe.
+
 It raises engine/errors.py's errors only; the HTTP layer maps them to statuses. Every query
 method takes the request's :class:`StageTimings` and times each stage it runs in it
 (query_api.timing). Its methods are called from worker threads, several at once: the clients
@@ -36,6 +46,8 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_all
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -50,6 +62,7 @@ from engine.errors import (
     ImageReferenceError,
     InferenceConfigurationError,
     InvalidQueryError,
+    ModelSpecError,
     Reason,
     UnknownCollectionError,
     UnknownModelError,
@@ -59,13 +72,14 @@ from engine.health import HEALTH_DEADLINE_S, Probe, Prober, milvus_probe, triton
 from engine.images import decode_image
 from engine.indexes import IndexSpec
 from engine.inference import TritonEmbedder
-from engine.models import ModelSpec, model_spec
+from engine.models import WHOLE_IMAGE, Box, ModelBatch, ModelSpec, model_spec, region_model_of
 from engine.preprocess import BaseJAXPreprocessor, build_preprocessor
-from engine.records import CollectionInfo, Hit
+from engine.records import CollectionInfo, Hit, RegionHit
+from engine.regions import region_preprocess_settings
 from engine.settings import Settings
 from engine.store import VectorStore
 from query_api.filters import combined_filter
-from query_api.timing import StageTimings
+from query_api.timing import Stage, StageTimings
 from schemas import PathImage, UrlImage, reference_from_string
 from schemas.api import (
     CollectionList,
@@ -81,10 +95,16 @@ from schemas.search import MAX_RESULT_WINDOW, SearchHit, SearchOptions, SearchRe
 logger = logging.getLogger(__name__)
 
 _Answer = TypeVar("_Answer")
+_First = TypeVar("_First")
+_Second = TypeVar("_Second")
 
 # How long a query waits for Triton to have another model ready, the first time one of its
 # collections is searched (the configured model is waited for at start instead).
 MODEL_READY_WAIT_S = 10.0
+# Threads running the second of two calls a search by image makes at once on a collection with
+# regions (the region model's embedding beside the whole image's, the region search beside the
+# whole-image search): one per such search in flight, the others queue.
+SIDE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,7 @@ class Target:
     name: str
     collection: str
     model: CollectionModel
+    regions: bool = False  # made with region vectors: a search by image answers boxes
 
     @property
     def is_alias(self) -> bool:
@@ -117,12 +138,41 @@ class SearchAnswer:
     target: Target
 
 
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """A query image embedded for a collection: by its model (``whole``) and, for a collection
+    with regions, by its region model too (``regional``)."""
+
+    whole: Vector
+    regional: Vector | None = None
+
+
 def runtime_from_settings(settings: Settings) -> ModelRuntime:
     """The preprocessor (batches of one) and the Triton client of ``settings.model``."""
     return ModelRuntime(
         preprocessor=build_preprocessor(settings.preprocess, batch_sizes=(1,)),
         # Checked against the model's spec when it is waited for.
         embedder=TritonEmbedder(settings.triton, model=settings.model, role="query"),
+    )
+
+
+def region_runtime_from_settings(settings: Settings, region_model: ModelSpec) -> ModelRuntime:
+    """What embeds a query image as the workers embed a region: the region preprocessing
+    (batches of one) and a query Triton client of ``region_model``.
+
+    Raises:
+        ConfigurationError: a custom preprocessing class (regions take the built-in one), or
+            a model these settings cannot serve.
+    """
+    preprocess = region_preprocess_settings(settings.preprocess, region_model)
+    return ModelRuntime(
+        preprocessor=build_preprocessor(preprocess, batch_sizes=(1,)),
+        embedder=TritonEmbedder(
+            settings.for_model(region_model.name).triton, model=region_model, role="query"
+        ),
     )
 
 
@@ -142,6 +192,9 @@ class SearchService:
         preprocessor: BaseJAXPreprocessor,
         fetcher: ImageFetcher,
         runtime_factory: Callable[[Settings], ModelRuntime] = runtime_from_settings,
+        region_runtime_factory: Callable[
+            [Settings, ModelSpec], ModelRuntime
+        ] = region_runtime_from_settings,
     ) -> None:
         self._settings = settings
         self.store = store
@@ -151,8 +204,14 @@ class SearchService:
         # One runtime per model name, the configured one first; the others made on demand.
         self._runtime_factory = runtime_factory
         self._runtimes = {settings.model.name: ModelRuntime(preprocessor, embedder)}
+        # The region models' runtimes, by region model name; one made at start (its
+        # preprocessing compiled) waits in _prepared until a search first needs it.
+        self._region_runtime_factory = region_runtime_factory
+        self._region_runtimes: dict[str, ModelRuntime] = {}
+        self._prepared: dict[str, ModelRuntime] = {}
         self._runtimes_lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
+        self._side = ThreadPoolExecutor(SIDE_THREADS, thread_name_prefix="search-side")
         self._thumbnails = _ThumbnailCache(settings.api.thumbnail_cache_items)
         self._prober = Prober()
         self._started = False
@@ -181,14 +240,38 @@ class SearchService:
         if self._started:
             return
         self._preprocessor.warmup()
+        self._prepare_regions()
         self.embedder.wait_until_ready(self._settings.triton.ready_timeout_s)
         self._started = True
 
+    def _prepare_regions(self) -> None:
+        """Compile the configured model's region preprocessing now, when it has a region
+        recipe, so that the first search of a collection with regions does not; Triton is
+        asked for the region model only then (a stack without collections with regions need
+        not serve it)."""
+        spec = self._settings.model
+        if spec.regions is None:
+            return
+        try:
+            region = region_model_of(spec, self._settings.triton.registry())
+            runtime = self._region_runtime_factory(self._settings, region)
+        except ConfigurationError as exc:  # said again, as a 409, by a search that needs it
+            logger.info("no region search for model %s: %s", spec.name, exc)
+            return
+        runtime.preprocessor.warmup()
+        with self._runtimes_lock:
+            self._prepared[region.name] = runtime
+
     def close(self) -> None:
+        self._side.shutdown(wait=True)
         self._prober.close()
         self._fetcher.close()
         with self._runtimes_lock:
-            runtimes = list(self._runtimes.values())
+            runtimes = [
+                *self._runtimes.values(),
+                *self._region_runtimes.values(),
+                *self._prepared.values(),
+            ]
         for runtime in runtimes:
             runtime.embedder.close()
         self.store.close()
@@ -209,7 +292,9 @@ class SearchService:
         with _untimed_if_none(timings).stage("resolve"):
             collection = self.store.resolve_alias(public)
             info = self.store.describe_collection(collection)  # cached by the store
-        return Target(name=public, collection=collection, model=self._model_of(info))
+        return Target(
+            name=public, collection=collection, model=self._model_of(info), regions=info.regions
+        )
 
     def _on_target(
         self,
@@ -269,25 +354,74 @@ class SearchService:
         if collection is None:
             return self._runtimes[self._settings.model.name]
         spec = self.collection_model(collection)
+        bound = f"collection {collection!r} is bound to model {spec.name!r} "
+        bound += f"(tag {spec.model_version_tag!r}, {spec.output_dim} dimensions)"
+        return self._kept(
+            self._runtimes,
+            spec,
+            lambda: self._start_runtime(
+                spec, bound, lambda: self._runtime_factory(self._settings.for_model(spec.name))
+            ),
+        )
+
+    def region_runtime_for(self, collection: str) -> ModelRuntime:
+        """What embeds a query of ``collection`` (made with regions) as a region: its model's
+        region model, made and checked against Triton on first use, then kept.
+
+        Raises:
+            CollectionConflictError: (``model_not_served``) the collection's model has no
+                region recipe in this registry, or Triton does not serve its region model (the
+                message names it).
+            UnknownCollectionError, InferenceUnavailableError, StoreUnavailableError: as
+                :meth:`runtime_for`.
+        """
+        info = self.store.describe_collection(collection)
+        registry = self._settings.triton.registry()
+        try:
+            # The collection's own model (not the configured one of the same tag: its recipe).
+            region = region_model_of(info.bound_model(registry, self._settings.model), registry)
+        except (UnknownModelError, ModelSpecError) as exc:
+            raise CollectionConflictError(
+                f"collection {collection!r} has region vectors, which this API cannot search: "
+                f"{exc}",
+                reason=Reason.MODEL_NOT_SERVED,
+            ) from exc
+        bound = f"collection {collection!r} has region vectors of model {region.name!r}"
+
+        def build() -> ModelRuntime:
+            with self._runtimes_lock:
+                prepared = self._prepared.pop(region.name, None)
+            return prepared or self._region_runtime_factory(self._settings, region)
+
+        return self._kept(
+            self._region_runtimes, region, lambda: self._start_runtime(region, bound, build)
+        )
+
+    def _kept(
+        self, kept: dict[str, ModelRuntime], spec: ModelSpec, start: Callable[[], ModelRuntime]
+    ) -> ModelRuntime:
+        """``kept[spec.name]``, started once (``start``) on first use."""
         with self._runtimes_lock:
-            found = self._runtimes.get(spec.name)
+            found = kept.get(spec.name)
             building = self._building.setdefault(spec.name, threading.Lock())
         if found is not None:
             return found
         with building:  # one build per model; queries of other models go on meanwhile
             with self._runtimes_lock:
-                found = self._runtimes.get(spec.name)
+                found = kept.get(spec.name)
             if found is None:
-                found = self._start_runtime(spec, collection)
+                found = start()
                 with self._runtimes_lock:
-                    self._runtimes[spec.name] = found
+                    kept[spec.name] = found
         return found
 
-    def _start_runtime(self, spec: ModelSpec, collection: str) -> ModelRuntime:
-        bound = f"collection {collection!r} is bound to model {spec.name!r} "
-        bound += f"(tag {spec.model_version_tag!r}, {spec.output_dim} dimensions)"
+    def _start_runtime(
+        self, spec: ModelSpec, bound: str, factory: Callable[[], ModelRuntime]
+    ) -> ModelRuntime:
+        """``factory``'s runtime, its preprocessing compiled and its model ready on Triton
+        (``bound`` says, in errors, which collection needs it)."""
         try:
-            runtime = self._runtime_factory(self._settings.for_model(spec.name))
+            runtime = factory()
         except ConfigurationError as exc:
             raise CollectionConflictError(
                 f"{bound}, which these settings cannot serve: {exc}",
@@ -314,7 +448,7 @@ class SearchService:
         except BaseException:
             runtime.embedder.close()
             raise
-        logger.info("query images of %s are embedded with model %s", collection, spec.name)
+        logger.info("%s: query images are embedded with model %s", bound, spec.name)
         return runtime
 
     # Health ---------------------------------------------------------------------------------
@@ -371,6 +505,59 @@ class SearchService:
             embedding: npt.NDArray[np.float32] = runtime.embedder.embed(batch)[0]
         return embedding
 
+    def embed_for(
+        self, data: bytes, target: Target, timings: StageTimings | None = None
+    ) -> ImageQuery:
+        """One encoded image embedded for a search of ``target``: by its collection's model,
+        and, for a collection with regions, by its region model too (one decode for both).
+
+        Raises:
+            As :meth:`embed_image`, and :meth:`region_runtime_for`'s errors.
+        """
+        if not target.regions:
+            return ImageQuery(self.embed_image(data, timings, target.collection))
+        timings = _untimed_if_none(timings)
+        regional = self.region_runtime_for(target.collection)
+        runtime = self.runtime_for(target.collection)
+        with timings.stage("decode"):
+            pixels = decode_image(
+                data,
+                max_pixels=self._settings.fetch.max_pixels,
+                # Enough pixels for both preprocessings (each resizes from there).
+                target_short_side=max(
+                    runtime.preprocessor.decode_short_side,
+                    regional.preprocessor.decode_short_side,
+                ),
+            ).pixels
+        with timings.stage("preprocess"):
+            batch = runtime.preprocessor.preprocess([pixels])
+            small = regional.preprocessor.preprocess([pixels])
+
+        def embed(embedder: TritonEmbedder, pixels: ModelBatch, stage: Stage) -> Vector:
+            with timings.stage(stage):
+                vector: Vector = embedder.embed(pixels)[0]
+            return vector
+
+        return ImageQuery(
+            *self._at_once(
+                lambda: embed(runtime.embedder, batch, "embed"),
+                lambda: embed(regional.embedder, small, "embed_regions"),
+            )
+        )
+
+    def _at_once(
+        self, first: Callable[[], _First], second: Callable[[], _Second]
+    ) -> tuple[_First, _Second]:
+        """``first()`` here while ``second()`` runs on a side thread; both answers, or the first
+        error (once both ended: each call has its own deadline, the service's timeouts)."""
+        future = self._side.submit(second)
+        try:
+            answer = first()
+        except BaseException:
+            wait_for_all([future])
+            raise
+        return answer, future.result()
+
     def embed_reference(
         self, reference: str, timings: StageTimings | None = None, collection: str | None = None
     ) -> npt.NDArray[np.float32]:
@@ -382,10 +569,18 @@ class SearchService:
             ImageContentError, InferenceUnavailableError, FetchUnavailableError, and those of
             :meth:`embed_image`.
         """
-        timings = _untimed_if_none(timings)
-        with timings.stage("fetch"):
-            data = self._fetcher.fetch(_reference(reference))
-        return self.embed_image(data, timings, collection)
+        return self.embed_image(self.fetch_reference(reference, timings), timings, collection)
+
+    def fetch_reference(self, reference: str, timings: StageTimings | None = None) -> bytes:
+        """The bytes of the image at a path (under the allowed roots) or http(s) URL.
+
+        Raises:
+            ImageReferenceError: forbidden, malformed or missing reference.
+            ImageContentError: too many bytes.
+            FetchUnavailableError: the host did not answer in time.
+        """
+        with _untimed_if_none(timings).stage("fetch"):
+            return self._fetcher.fetch(_reference(reference))
 
     def embedding(self, vector: npt.NDArray[np.float32]) -> Embedding:
         """The wire form of an embedding, naming the model that made it."""
@@ -415,7 +610,8 @@ class SearchService:
 
     def query(self, request: SearchRequest, timings: StageTimings | None = None) -> SearchAnswer:
         """Answer a JSON search (by reference, vector or id), best first, on the collection the
-        named collection or alias is when the request begins (:meth:`target`).
+        named collection or alias is when the request begins (:meth:`target`). A search by
+        reference of a collection with regions matches them too (:meth:`search_image_query`).
 
         Raises:
             UnknownCollectionError, InvalidQueryError (unknown id, wrong dimension, bad filter),
@@ -425,8 +621,9 @@ class SearchService:
 
         def run(target: Target) -> list[SearchHit]:
             if request.query_input is not None:
-                vector = self.embed_reference(request.query_input, timings, target.collection)
-                return self.search(vector, request, timings, target=target)
+                data = self.fetch_reference(request.query_input, timings)
+                query = self.embed_for(data, target, timings)
+                return self.search_image_query(query, request, timings, target)
             if request.id is not None:
                 vector = self.vector_of(request.id, target.collection, timings)
                 exclude = None if request.include_self else request.id
@@ -441,7 +638,8 @@ class SearchService:
         self, data: bytes, options: SearchOptions, timings: StageTimings | None = None
     ) -> SearchAnswer:
         """The hits of an encoded image (embedded as the workers embed what they store, by the
-        model of the collection searched: see :meth:`query`).
+        model of the collection searched: see :meth:`query`; with its regions, on a collection
+        that has them: :meth:`search_image_query`).
 
         Raises:
             ImageContentError, InferenceUnavailableError, UnknownCollectionError,
@@ -450,11 +648,75 @@ class SearchService:
         """
 
         def run(target: Target) -> list[SearchHit]:
-            vector = self.embed_image(data, timings, target.collection)
-            return self.search(vector, options, timings, target=target)
+            query = self.embed_for(data, target, timings)
+            return self.search_image_query(query, options, timings, target)
 
         hits, target = self._on_target(options.collection_name, timings, run)
         return SearchAnswer(hits, target)
+
+    def search_image_query(
+        self,
+        query: ImageQuery,
+        options: SearchOptions,
+        timings: StageTimings | None,
+        target: Target,
+    ) -> list[SearchHit]:
+        """The hits of an embedded query image in ``target``: with its regions when it has them
+        (each hit's ``box`` says where it matched), else as :meth:`search`.
+
+        Raises:
+            UnknownCollectionError, InvalidQueryError, StoreUnavailableError.
+        """
+        if query.regional is None:
+            return self.search(query.whole, options, timings, target=target)
+        timings = _untimed_if_none(timings)
+        expression = combined_filter(options.filter_expr, options.filter)
+        # The best offset + topk of the merge are among each side's best offset + topk.
+        window = options.offset + options.topk
+        collection = target.collection
+        vectors = [query.whole, query.regional]
+
+        def whole() -> list[Hit]:
+            with timings.stage("search"):
+                return self.store.search(
+                    query.whole, top_k=window, filter_expr=expression, collection=collection
+                )
+
+        def regional() -> list[RegionHit]:
+            with timings.stage("search_regions"):
+                return self.store.search_regions(
+                    vectors, window, collection, filter_expr=expression
+                )
+
+        hits, regions = self._at_once(whole, regional)
+        higher = self.store.describe_collection(collection).index.metric != "L2"
+        best = _merged(hits, regions, higher_is_better=higher)
+        page = best[options.offset : window]
+        if options.score_threshold is not None:
+            kept = self._above_threshold(
+                [hit for hit, _ in page], options.score_threshold, collection
+            )
+            page = page[: len(kept)]  # best first: those above are a prefix
+        with timings.stage("lookup"):
+            page = self._with_fields(page, collection)
+        return [_hit(hit, options.output_fields, target, box) for hit, box in page]
+
+    def _with_fields(self, page: list[tuple[Hit, Box]], collection: str) -> list[tuple[Hit, Box]]:
+        """``page`` with the stored fields of the items only a region found (the region search
+        answers ids and boxes); an item deleted meanwhile is left out."""
+        missing = [hit.id for hit, _ in page if not hit.fields]
+        if not missing:
+            return page
+        rows = {str(row["id"]): row for row in self.store.get(missing, collection)}
+        found: list[tuple[Hit, Box]] = []
+        for hit, box in page:
+            if hit.fields:
+                found.append((hit, box))
+            elif hit.id in rows:
+                fields = dict(rows[hit.id])
+                metadata = dict(fields.pop("metadata", None) or {})
+                found.append((Hit(hit.id, hit.score, metadata, fields), box))
+        return found
 
     def search(
         self,
@@ -523,8 +785,9 @@ class SearchService:
             InvalidQueryError: (``invalid_index``) a parameter the index type does not take, or
                 out of range; (``unknown_model``) a model the registry does not have (the
                 message lists the known ones); (``wrong_dimension``) a ``dim`` other than the
-                model's.
-            CollectionConflictError: the collection exists with another dimension or model.
+                model's; (``invalid_query``) ``regions`` for a model without a region recipe.
+            CollectionConflictError: the collection exists with another dimension or model, or
+                without regions when they are asked.
             StoreUnavailableError: Milvus is unavailable.
         """
         model = self._requested_model(request.model)
@@ -535,6 +798,8 @@ class SearchService:
                 "a model of that dimension",
                 reason=Reason.WRONG_DIMENSION,
             )
+        if request.regions:
+            self._check_region_recipe(model)
         try:
             index = IndexSpec(
                 index_type=request.index_type,
@@ -552,7 +817,14 @@ class SearchService:
             description=request.description,
             model_tag=model.model_version_tag,
             model_name=model.name,
+            regions=request.regions,
         )
+
+    def _check_region_recipe(self, model: ModelSpec) -> None:
+        try:
+            region_model_of(model, self._settings.triton.registry())
+        except (ModelSpecError, UnknownModelError) as exc:
+            raise InvalidQueryError(str(exc), reason=Reason.INVALID_QUERY) from exc
 
     def _requested_model(self, name: str | None) -> ModelSpec:
         configured = self._settings.model
@@ -582,6 +854,7 @@ class SearchService:
             description=info.description,
             model_tag=info.model_tag,
             model=self._model_of(info),
+            regions=info.regions,
         )
 
     def collections(self) -> CollectionList:
@@ -711,7 +984,30 @@ def _reference(text: str) -> PathImage | UrlImage:
         ) from exc
 
 
-def _hit(hit: Hit, output_fields: Sequence[str], target: Target) -> SearchHit:
+def _merged(
+    hits: Sequence[Hit], regions: Sequence[RegionHit], *, higher_is_better: bool
+) -> list[tuple[Hit, Box]]:
+    """Whole-image ``hits`` and ``regions`` per item, its best score kept with where it matched
+    (``WHOLE_IMAGE`` when its own vector won; a tie goes to the whole image), best first. An item
+    only a region found has no fields yet."""
+
+    def better(a: float, b: float) -> bool:
+        return a > b if higher_is_better else a < b
+
+    best: dict[str, tuple[Hit, Box]] = {hit.id: (hit, WHOLE_IMAGE) for hit in hits}
+    for region in regions:
+        found = best.get(region.id)
+        if found is None:
+            best[region.id] = (Hit(region.id, region.score, {}, {}), region.box)
+        elif better(region.score, found[0].score):
+            hit = found[0]
+            best[region.id] = (Hit(hit.id, region.score, hit.metadata, hit.fields), region.box)
+    return sorted(best.values(), key=lambda pair: pair[0].score, reverse=higher_is_better)
+
+
+def _hit(
+    hit: Hit, output_fields: Sequence[str], target: Target, box: Box | None = None
+) -> SearchHit:
     return SearchHit(
         id=hit.id,
         score=hit.score,
@@ -721,6 +1017,7 @@ def _hit(hit: Hit, output_fields: Sequence[str], target: Target) -> SearchHit:
         collection=target.collection,
         model=target.model.name,
         model_tag=target.model.tag,
+        box=box,
     )
 
 

@@ -2,7 +2,8 @@
 
 A handler makes one :class:`StageTimings` per request and hands it to the service, which times
 each stage it runs (``resolve``: which collection an alias names, ``fetch``, ``decode``,
-``preprocess``, ``embed``, ``lookup``, ``search``).
+``preprocess``, ``embed``, ``lookup``, ``search``; a search by image of a collection with
+regions also runs ``embed_regions`` and ``search_regions``).
 The handler then answers the stages in a ``Server-Timing`` header (milliseconds, in the order
 they ran: ``decode;dur=2.9, preprocess;dur=4.1, embed;dur=21.3, search;dur=5.2``) and records
 them in the ``trident_api_stage_seconds`` histogram, so a slow answer says which step made it
@@ -16,7 +17,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-Stage = Literal["resolve", "fetch", "decode", "preprocess", "embed", "lookup", "search"]
+Stage = Literal[
+    "resolve",
+    "fetch",
+    "decode",
+    "preprocess",
+    "embed",
+    "embed_regions",
+    "lookup",
+    "search",
+    "search_regions",
+]
 SERVER_TIMING = "Server-Timing"
 
 
@@ -24,7 +35,9 @@ class StageTimings:
     """The stages one request ran and how long each took, in order.
 
     Used by one request at a time: its handler and the worker thread it hands the work to run
-    one after the other, never together.
+    one after the other, never together. Two stages a search runs at once (on a collection
+    with regions: ``embed`` and ``embed_regions``, ``search`` and ``search_regions``) are each
+    recorded, from two threads, in the order they end; their times overlap.
     """
 
     def __init__(self) -> None:

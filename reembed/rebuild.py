@@ -35,7 +35,7 @@ from engine.errors import (
 )
 from engine.inference import TritonEmbedder
 from engine.kafka import delete_consumer_group, ensure_topics
-from engine.models import ModelSpec, model_spec
+from engine.models import ModelSpec, model_spec, region_model_of
 from engine.settings import RebuildTarget, Settings
 from engine.store import VectorStore, version_collection, version_number
 from reembed import local
@@ -89,10 +89,11 @@ def start(
 
     Raises:
         UnknownModelError: ``model`` is not in the registry.
-        ConfigurationError: Triton does not serve it (and ``serve`` is None), or the model does
-            not fit the settings.
+        ConfigurationError: Triton does not serve it, or its region model for a collection with
+            regions (and ``serve`` is None), or the model does not fit the settings.
         RebuildRefusedError: another rebuild of ``alias`` (to another model) is recorded, or
-            ``alias`` is bound to ``model`` already.
+            ``alias`` is bound to ``model`` already, or ``alias`` holds region vectors and
+            ``model`` has no region recipe.
         UnknownCollectionError: no collection ``alias``.
         StoreUnavailableError, BrokerUnavailableError: Milvus or Kafka is unavailable.
     """
@@ -108,6 +109,7 @@ def start(
         state = state.model_copy(update={"workers": workers})
         return _resume(settings, store, state, spec, serve=serve)
     _require_served(settings.for_model(spec.name), spec, serve)
+    _require_regions(settings, store, alias, spec, serve)
     migration = _migrate(store, alias)
     old = store.resolve_alias(alias)
     if store.describe_collection(old).model_tag == spec.model_version_tag:
@@ -189,6 +191,27 @@ def _require_served(settings: Settings, spec: ModelSpec, serve: ServeModel | Non
             )
         serve(spec.name)
         embedder.wait_until_ready(settings.triton.ready_timeout_s)
+
+
+def _require_regions(
+    settings: Settings, store: VectorStore, alias: str, spec: ModelSpec, serve: ServeModel | None
+) -> None:
+    """Of a collection with region vectors: refuse a model without a region recipe (its new
+    version would lose them), and return once Triton serves the model's region model.
+
+    Raises:
+        RebuildRefusedError: ``spec`` has no region recipe.
+        ConfigurationError: Triton does not serve the region model (and ``serve`` is None).
+    """
+    if not store.describe_collection(alias).regions:
+        return
+    if spec.regions is None:
+        raise RebuildRefusedError(
+            f"{alias} holds region vectors and {spec.name} has no region recipe, so its new "
+            "version would have none: choose a model with a region recipe"
+        )
+    region = region_model_of(spec, settings.triton.registry())
+    _require_served(settings.for_model(region.name), region, serve)
 
 
 def _migrate(store: VectorStore, alias: str) -> Migration | None:

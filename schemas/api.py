@@ -60,6 +60,13 @@ class CreateCollectionRequest(BaseModel):
     search_params: dict[str, int] = Field(
         default_factory=dict, description="Search parameters: HNSW ef; IVF_FLAT nprobe."
     )
+    regions: bool = Field(
+        default=False,
+        description="Also store a vector per region of each image (the model's region recipe: "
+        "16 windows of 0.4 x 0.4 for Lite0 uint8), so that a search by a part of an image "
+        "finds the image and says where (each hit's box). Chosen at creation; the model must "
+        "have a region recipe (the default, Lite0 uint8, has).",
+    )
 
 
 class IndexDescription(BaseModel):
@@ -85,6 +92,9 @@ class CollectionStats(BaseModel):
     description: str
     model_tag: str
     model: CollectionModel = Field(description="The model it is bound to.")
+    regions: bool = Field(
+        default=False, description="Made with region vectors: searches by image answer boxes."
+    )
     alias_of: str | None = Field(
         default=None,
         exclude_if=lambda value: value is None,  # left out for a collection: as it was

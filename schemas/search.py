@@ -34,6 +34,8 @@ MAX_RESULT_WINDOW = 16_384
 MAX_FILTER_LENGTH = 4096
 
 CollectionName = Annotated[str, Field(pattern=COLLECTION_NAME_PATTERN)]
+# Where in a stored image a hit matched: normalised (x0, y0, x1, y1), 0-1, left/top first.
+HitBox = tuple[float, float, float, float]
 # Extra stored fields a hit may carry besides id, score, metadata and source.
 OutputField = Literal["content_sha256", "model_version", "event_version", "ingested_at_ms"]
 Scalar = str | int | float | bool
@@ -204,6 +206,13 @@ class SearchHit(BaseModel):
         "was embedded by it): its registry name.",
     )
     model_tag: str | None = Field(default=None, description="That model's version tag.")
+    box: HitBox | None = Field(
+        default=None,
+        description="Where in the stored image the query matched best, as normalised "
+        "[x0, y0, x1, y1] (0-1, from the top left): a region's box, or [0, 0, 1, 1] when the "
+        "whole image matched best. Searches by image on a collection made with regions answer "
+        "it; null otherwise (no regions, or a search by vector or id).",
+    )
 
 
 AllOf.model_rebuild()

@@ -97,10 +97,12 @@ class Worker:
        ``batch.max_wait_ms`` of the first one (the loop thread);
     2. **prepare** it: decode the events, screen their versions (stale ones are skipped before
        any download), fetch and decode each image on its own (a bad one fails alone),
-       preprocess the images as one JAX batch (the prepare thread);
-    3. **embed** it with Triton (the embed thread);
-    4. **upsert** the vectors and metadata into Milvus, rows Milvus refuses isolated (the store
+       preprocess the images as one JAX batch, and the regions of those whose collection has
+       region vectors as another (the prepare thread);
+    3. **embed** it with Triton: the model, then the region model on the regions (the embed
        thread);
+    4. **upsert** the vectors and metadata into Milvus, each item's regions before its row,
+       rows Milvus refuses isolated (the store thread);
     5. **dead-letter** the records that can never succeed and **re-queue** those whose image
        host failed transiently, waiting for the acknowledgements (the loop thread);
     6. **commit** each partition up to its last terminal record (the loop thread).
@@ -166,7 +168,8 @@ class Worker:
 
         Raises:
             KafkaException: a fatal consumer error (e.g. fenced by the group coordinator).
-            ConfigurationError: Triton refused the requests for its model (see the processor).
+            ConfigurationError: Triton refused the requests for its model or for the region
+                model (see the processor).
         """
         # The ingest topic and the retry topic, co-partitioned (engine.kafka.consumer_config):
         # an id's records from either reach the one member that owns partition p of both.

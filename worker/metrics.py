@@ -21,6 +21,9 @@ class Step(StrEnum):
     DECODE_IMAGE = "decode_image"
     PREPROCESS = "preprocess"
     EMBED = "embed"
+    # The region vectors of collections made with regions (issue 24).
+    PREPROCESS_REGIONS = "preprocess_regions"
+    EMBED_REGIONS = "embed_regions"
     UPSERT = "upsert"
     DELETE = "delete"
     DEAD_LETTER = "dead_letter"

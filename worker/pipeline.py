@@ -7,10 +7,21 @@ for a batch, on any thread (``worker.stages`` runs each on its own, overlapping 
   is a delete: ``schemas.deletes``; any other an ingest event), route each to the collection
   its rows go into, or skip it (``worker.routing``: aliases, rebuilds), screen them against the
   stale-version guard (before any download: ``worker.versions``), fetch the images, skip or
-  reuse what is already stored, decode the images, preprocess them into the model's input batch;
-- :meth:`~BatchProcessor.embed`: run the model on that batch (Triton);
-- :meth:`~BatchProcessor.store`: upsert the vectors and metadata, and apply the deletes (rows
-  Milvus refuses are isolated), remembering what was written.
+  reuse what is already stored, decode the images, preprocess them into the model's input batch
+  and, for the images of collections made with regions, crop and preprocess their regions;
+- :meth:`~BatchProcessor.embed`: run the model on that batch (Triton), then the region model on
+  the regions;
+- :meth:`~BatchProcessor.store`: upsert the vectors and metadata (with their regions, which the
+  store writes first), and apply the deletes (rows Milvus refuses are isolated), remembering
+  what was written.
+
+Regions (issue 24, ``worker.regions``): whether a collection has them is read from the store
+once per collection (``CollectionInfo.regions``). Its images are decoded large enough for their
+regions (``RegionEmbedding.decode_short_side``), and never reuse a stored vector: the same image
+at a newer version is embedded again, regions included, so the new version has its own. A
+worker that cannot make regions (its model has no region recipe) dead-letters the ingest events
+of such a collection with a :class:`~engine.errors.ConfigurationError` rather than write a row
+without them.
 
 Deletes obey the same version rule as upserts (a record older than what is stored, deleted or in
 flight for its id is stale; equal versions: the later record wins, within a batch by offset)
@@ -58,6 +69,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from engine.errors import (
     BatchAbandonedError,
     CollectionConflictError,
+    ConfigurationError,
     FetchUnavailableError,
     ImageDecodeError,
     InvalidEventError,
@@ -69,7 +81,9 @@ from engine.errors import (
     UnknownCollectionError,
 )
 from engine.images import decode_image
-from engine.records import Consistency, StoredVersion, VectorRecord
+from engine.models import Box
+from engine.records import Consistency, ItemRegions, StoredVersion, VectorRecord
+from engine.regions import RegionBatch
 from engine.settings import FetchSettings, RetrySettings
 from schemas import (
     DEFAULT_EVENT_LIMITS,
@@ -85,6 +99,7 @@ from schemas.events import ImageRef
 from worker.dead_letter import DeadLetter
 from worker.metrics import Step, WorkerMetrics
 from worker.ownership import Owner, Ownership
+from worker.regions import RegionEmbedding
 from worker.retry import call_with_retries, retry_rounds
 from worker.routing import Route
 from worker.versions import Candidate, Known, VersionGuard
@@ -159,6 +174,10 @@ class Item:
     content_sha256: str = ""
     pixels: npt.NDArray[np.uint8] | None = None
     reuse_vector: npt.NDArray[np.float32] | None = None
+    # Its collection holds region vectors (an ingest event only), and, once embedded, its own.
+    regions: bool = False
+    region_vectors: npt.NDArray[np.float32] | None = None
+    region_boxes: tuple[Box, ...] = ()
     # Attempts at this record's own transient failure so far, including earlier deliveries.
     attempts: int = 0
     outcome: Outcome = Outcome.PENDING
@@ -209,6 +228,9 @@ class Batch:
     to_embed: list[Item] = field(default_factory=list)
     model_input: npt.NDArray[Any] | None = None
     vectors: npt.NDArray[np.float32] | None = None
+    # The items of ``to_embed`` whose collection has regions, and their regions' model input.
+    region_items: list[Item] = field(default_factory=list)
+    region_input: RegionBatch | None = None
 
 
 class BatchProcessor:
@@ -238,7 +260,12 @@ class BatchProcessor:
         event_limits: EventLimits = DEFAULT_EVENT_LIMITS,
         collection_model_tag: Callable[[str], str] | None = None,
         router: Router | None = None,
+        collection_regions: Callable[[str], bool] | None = None,
+        regions: RegionEmbedding | None = None,
     ) -> None:
+        """``collection_regions``: whether a collection was made with region vectors (read once
+        per collection; None: none is); ``regions``: how this worker makes them (None: it
+        cannot, and dead-letters the ingest events of such collections)."""
         self._fetcher = fetcher
         self._preprocessor = preprocessor
         # JPEGs are draft-decoded no smaller than the model's preprocessing needs.
@@ -257,6 +284,11 @@ class BatchProcessor:
         self._bound_tags: dict[str, str] = {}
         # Where each named collection's rows go (None: the collection named).
         self._router = router
+        # Which collections hold region vectors: read once per collection, as the model tags
+        # (chosen at creation, never changed).
+        self._collection_regions = collection_regions
+        self._with_regions: dict[str, bool] = {}
+        self._regions = regions
         self._default_collection = default_collection
         self._metrics = metrics
         metrics.versions_remembered.set_function(self._versions.remembered_count)
@@ -280,7 +312,7 @@ class BatchProcessor:
     # The three stages -----------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> None:
-        """Decode, screen, fetch, skip or reuse, decode images, preprocess.
+        """Decode, screen, fetch, skip or reuse, decode images, preprocess (regions too).
 
         Raises:
             StoreUnavailableError: Milvus stayed unavailable through the version lookup's
@@ -308,16 +340,19 @@ class BatchProcessor:
                 batch.model_input = self._preprocessor.preprocess(
                     [item.pixels for item in batch.to_embed if item.pixels is not None]
                 )
+            self._preprocess_regions(batch)
             for item in batch.to_embed:
                 item.pixels = None  # the model input holds them now
 
     def embed(self, batch: Batch) -> None:
-        """Run the model on the prepared batch (nothing to do if everything was skipped).
+        """Run the model on the prepared batch (nothing to do if everything was skipped), then
+        the region model on its regions, in chunks, with the same retries and cancel checks.
 
         Raises:
             InferenceUnavailableError: Triton stayed unavailable through the retries.
-            ConfigurationError: Triton refused the request as invalid for its model (the
-                deployment does not match the settings; no record is to blame).
+            ConfigurationError: Triton refused the request as invalid for its model, or for the
+                region model (e.g. it does not serve it: the message says how to serve it); the
+                deployment does not match the settings, no record is to blame.
             BatchAbandonedError: the batch was cancelled.
         """
         self._check(batch)
@@ -329,6 +364,10 @@ class BatchProcessor:
                 lambda: self._embedder.embed(model_input), Step.EMBED, "inference", batch
             )
         batch.model_input = None
+        if batch.region_input is not None:
+            with self._timed(Step.EMBED_REGIONS):
+                self._embed_regions(batch, batch.region_input)
+            batch.region_input = None
 
     def store(self, batch: Batch) -> None:
         """Validate and upsert the rows, and apply the deletes; rows and deletes the store
@@ -446,11 +485,14 @@ class BatchProcessor:
         dead-lettered (``unknown_collection``), never written, and so are those of one made
         elsewhere without a vector index (``no_vector_index``). The ingest events of a
         collection bound to another model than the worker's are dead-lettered too
-        (``collection_model_mismatch``): its vectors are never mixed with another model's.
+        (``collection_model_mismatch``): its vectors are never mixed with another model's. The
+        ingest events of a collection with regions are marked to get them (or, when this
+        worker cannot make them, dead-lettered).
         """
         for collection, named in self._by_collection(batch.items).items():
             try:
                 self._refuse_other_models(collection, named, batch)
+                self._mark_regions(collection, named, batch)
             except _UNUSABLE_COLLECTION as exc:
                 for item in named:
                     item.fail(exc, Stage.UPSERT)
@@ -507,6 +549,85 @@ class BatchProcessor:
         for item in group:
             if item.ingest:
                 item.fail(error, Stage.UPSERT)
+
+    def _mark_regions(self, collection: str, group: list[Item], batch: Batch) -> None:
+        """Mark the ingest events of ``group`` for regions when ``collection`` has them; when
+        this worker cannot make them, dead-letter those events instead.
+
+        Raises:
+            UnknownCollectionError, CollectionConflictError: the collection cannot be described.
+            StoreUnavailableError: Milvus stayed unavailable through the retries.
+        """
+        ingests = [item for item in group if item.pending and item.ingest]
+        if self._collection_regions is None or not ingests:
+            return
+        has = self._with_regions.get(collection)
+        if has is None:
+            read = functools.partial(self._collection_regions, collection)
+            has = self._with_retries(read, Step.VERSION_LOOKUP, "collection regions", batch)
+            self._with_regions[collection] = has
+        if not has:
+            return
+        for item in ingests:
+            if self._regions is None:
+                item.fail(_cannot_make_regions(collection), Stage.EMBED)
+            else:
+                item.regions = True
+
+    def _short_side_of(self, item: Item) -> int | None:
+        """The shorter side to decode ``item``'s image at: its regions' need, when it has them
+        and it is more than the model's."""
+        if not item.regions or self._regions is None:
+            return self._decode_short_side
+        return max(self._decode_short_side or 0, self._regions.decode_short_side)
+
+    def _preprocess_regions(self, batch: Batch) -> None:
+        """Crop and preprocess the regions of the items of ``to_embed`` that have them."""
+        batch.region_items = [
+            item for item in batch.to_embed if item.regions and item.pixels is not None
+        ]
+        if not batch.region_items or self._regions is None:
+            return
+        with self._timed(Step.PREPROCESS_REGIONS):
+            batch.region_input = self._regions.pixels.preprocess(
+                [item.pixels for item in batch.region_items if item.pixels is not None]
+            )
+
+    def _embed_regions(self, batch: Batch, regions: RegionBatch) -> None:
+        """Embed the regions ``chunk_rows`` at a time (each chunk retried as the global batch
+        is, the cancel checked between chunks) and hand each item its rows.
+
+        Raises:
+            InferenceUnavailableError: Triton stayed unavailable through the retries.
+            InferenceConfigurationError: Triton refused the region model's request (it does
+                not serve it: the message says how to).
+            BatchAbandonedError: the batch was cancelled.
+        """
+        embedding = self._regions
+        assert embedding is not None  # region input is made only with it
+        parts = []
+        for start in range(0, len(regions), embedding.chunk_rows):
+            self._check(batch)
+            chunk = regions.pixels[start : start + embedding.chunk_rows]
+            parts.append(
+                self._with_retries(
+                    functools.partial(embedding.embed, chunk),
+                    Step.EMBED_REGIONS,
+                    "region inference",
+                    batch,
+                )
+            )
+        vectors = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+        for index, item in enumerate(batch.region_items):
+            rows = np.flatnonzero(regions.items == index)
+            item.region_vectors = vectors[rows]
+            item.region_boxes = tuple(regions.boxes[row] for row in rows)
+
+    def _regions_of(self, item: Item, event: IngestEvent) -> ItemRegions | None:
+        """The item's regions for its record (None: its collection has none)."""
+        if item.region_vectors is None:
+            return None
+        return ItemRegions(event.id, event.version, item.region_boxes, item.region_vectors)
 
     def _version_reader(
         self, collection: str, batch: Batch
@@ -601,7 +722,8 @@ class BatchProcessor:
 
     def _skip_unchanged(self, batch: Batch) -> None:
         """Inference skip, against the versions the guard found: the same image and model as
-        stored, at the same version, needs nothing; at a newer version, its stored vector. A
+        stored, at the same version, needs nothing; at a newer version, its stored vector (in a
+        collection with regions: nothing, it is embedded again, regions included). A
         tombstone has neither: an upsert after a delete is always written."""
         for collection, group in self._by_collection(batch.items).items():
             reusable: list[Item] = []
@@ -615,8 +737,8 @@ class BatchProcessor:
                     and stored.model_version == self._model_version
                 ):
                     if stored.event_version == event.version:
-                        item.skip("unchanged")
-                    else:
+                        item.skip("unchanged")  # its regions were written before its row
+                    elif not item.regions:
                         reusable.append(item)
             if reusable:
                 with self._timed(Step.VECTOR_LOOKUP):
@@ -659,7 +781,7 @@ class BatchProcessor:
             item.pixels = decode_image(
                 item.data,
                 max_pixels=self._fetch_settings.max_pixels,
-                target_short_side=self._decode_short_side,
+                target_short_side=self._short_side_of(item),
             ).pixels
         except ImageDecodeError as exc:
             item.fail(exc, Stage.DECODE_IMAGE)
@@ -676,6 +798,10 @@ class BatchProcessor:
                 event = item.ingest
                 if vector is None or event is None:
                     continue
+                if item.regions and item.region_vectors is None:
+                    # Never a row without its regions (prepare gives every such item some).
+                    item.fail(_cannot_make_regions(collection), Stage.EMBED)
+                    continue
                 record = VectorRecord(
                     id=event.id,
                     vector=vector,
@@ -685,6 +811,7 @@ class BatchProcessor:
                     model_version=self._model_version,
                     event_version=event.version,
                     ingested_at_ms=now_ms,
+                    regions=self._regions_of(item, event),
                 )
                 if self._valid(item, record, collection, batch):
                     by_collection.setdefault(collection, []).append((item, record))
@@ -851,3 +978,14 @@ def _attempts_so_far(message: Message) -> int:
             except ValueError:
                 return 0
     return 0
+
+
+def _cannot_make_regions(collection: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"collection {collection!r} holds region vectors, and this worker cannot make them (its "
+        "model has no region recipe, or preprocess.class is set), so nothing was written: run "
+        "a worker of the collection's model with the built-in preprocessing, then replay this "
+        "dead letter",
+        reason=Reason.COLLECTION_MODEL_MISMATCH,
+        stage=Stage.EMBED,
+    )

@@ -14,13 +14,13 @@ from typing import TypeVar
 
 from confluent_kafka import Consumer
 
-from engine.errors import UnknownCollectionError
+from engine.errors import InferenceConfigurationError, UnknownCollectionError
 from engine.fetch import ImageFetcher
 from engine.health import HEALTH_DEADLINE_S, Prober, milvus_probe, triton_probe
 from engine.inference import TritonEmbedder
 from engine.kafka import consumer_config, ensure_topics
 from engine.preprocess import build_preprocessor
-from engine.settings import Settings
+from engine.settings import Settings, TritonSettings
 from engine.store import VectorStore
 from worker.consumer import Worker
 from worker.dead_letter import RecordPublisher
@@ -29,6 +29,7 @@ from worker.metrics import RebuildMetrics, WorkerMetrics
 from worker.ownership import Ownership
 from worker.pipeline import BatchProcessor
 from worker.progress import ProgressReporter, read_offsets
+from worker.regions import build_region_embedding
 from worker.retry import call_with_retries
 from worker.routing import CollectionRouter
 
@@ -75,6 +76,11 @@ class WorkerRuntime:
             "close",
         )
         preprocessor = build_preprocessor(settings.preprocess)
+        # Region vectors, for the collections made with them (None: this model has no recipe).
+        built = build_region_embedding(settings)
+        regions = built[0] if built is not None else None
+        if built is not None:
+            self._owned(built[1], "close")
         ownership = Ownership()
         processor = self._owned(
             BatchProcessor(
@@ -100,6 +106,8 @@ class WorkerRuntime:
                     rebuild=settings.worker.rebuild,
                     cache_s=settings.worker.routing_cache_s,
                 ),
+                collection_regions=lambda name: store.describe_collection(name).regions,
+                regions=regions,
             ),
             "close",
         )
@@ -119,6 +127,11 @@ class WorkerRuntime:
         # Then the model: a worker that cannot embed must not join the group and take
         # partitions. A model Triton does not serve is a configuration error, at once.
         embedder.wait_until_ready(settings.triton.ready_timeout_s)
+        if built is not None and settings.milvus.regions:
+            # The default collection has regions: the region model too, before joining.
+            # Otherwise it is needed only when a collection with regions comes (embed stage).
+            built[0].pixels.warmup()
+            _wait_for_region_model(built[1], built[0].model_name, settings.triton)
         # The loop closes its consumer itself when it stops (leaving the group at once);
         # Worker.close covers a worker that never ran.
         consumer = Consumer(consumer_config(settings.kafka, **{"client.id": worker_id}))
@@ -208,8 +221,28 @@ def _ensure_default_collection(store: VectorStore, settings: Settings) -> None:
         if store.resolve_alias(name) != name:
             return
     store.create_collection(
-        name, model_tag=settings.triton.model_tag, model_name=settings.model.name
+        name,
+        model_tag=settings.triton.model_tag,
+        model_name=settings.model.name,
+        regions=settings.milvus.regions,
     )
+
+
+def _wait_for_region_model(embedder: TritonEmbedder, name: str, triton: TritonSettings) -> None:
+    """Wait, as for the worker's model, until Triton serves the region model ``name``.
+
+    Raises:
+        InferenceConfigurationError: Triton does not serve it; the message says how to.
+        InferenceUnavailableError, ModelMismatchError: as ``TritonEmbedder.wait_until_ready``.
+    """
+    try:
+        embedder.wait_until_ready(triton.ready_timeout_s)
+    except InferenceConfigurationError as exc:
+        raise InferenceConfigurationError(
+            f"{exc}. milvus.regions is true: Triton must serve the region model {name!r} too "
+            f"(local stack: `trident-stack models add {name}`; elsewhere: "
+            f"`trident-model-repository DIR --models {name}`)"
+        ) from exc
 
 
 def build_worker(settings: Settings, *, worker_id: str | None = None) -> WorkerRuntime:
@@ -220,10 +253,12 @@ def build_worker(settings: Settings, *, worker_id: str | None = None) -> WorkerR
     Raises:
         StoreUnavailableError: Milvus stayed unreachable while creating the default collection.
         CollectionConflictError: the default collection exists with another dimension, or bound
-            to another model than the worker's (``milvus.collection``: name another).
+            to another model than the worker's, or without regions when ``milvus.regions`` asks
+            for them (``milvus.collection``: name another).
         InferenceUnavailableError: Triton's model was not ready within ``triton.ready_timeout_s``.
         InferenceConfigurationError: Triton does not serve the configured model.
-        ConfigurationError: the settings are inconsistent.
+        ConfigurationError: the settings are inconsistent (e.g. ``milvus.regions`` for a model
+            without a region recipe).
     """
     return WorkerRuntime(settings, worker_id=worker_id)
 

@@ -22,7 +22,7 @@ from PIL import Image
 from devstack.samples import skimage_images
 from devstack.stack import LocalStack
 from engine.inference import TritonEmbedder
-from engine.models import LITE2_MODEL_SPEC, UINT8_MODEL_SPEC
+from engine.models import LITE0_REGION_MODEL_SPEC, LITE2_MODEL_SPEC, UINT8_MODEL_SPEC
 from engine.resampling import reference_pixels
 from engine.settings import TritonSettings
 from model_build.efficientnet_lite import build_embedding_model, load_packaged_weights
@@ -184,6 +184,7 @@ def test_triton_serves_lite2_beside_lite0_when_asked(
     assert set(local.triton.models) == {
         UINT8_MODEL_SPEC.name,
         UINT8_MODEL_SPEC.name.removesuffix("_uint8"),
+        LITE0_REGION_MODEL_SPEC.name,  # Lite0's regions' model, served with it (issue 24)
         SPEC.name,
     }
     client = grpcclient.InferenceServerClient(local.config.triton_grpc_url)

@@ -199,3 +199,40 @@ def test_many_items_regions_are_written_in_one_call(store: VectorStore, unique: 
     finally:
         store.drop_collection(name)
         store.close()
+
+
+def test_upserts_and_deletes_of_records_carry_their_regions(
+    store: VectorStore, unique: str
+) -> None:
+    name = f"regions_{unique}"
+    store.create_collection(name, dimension=DIM, model_name=UINT8_MODEL_SPEC.name, regions=True)
+    rng = np.random.default_rng(5)
+
+    def record(item: str, version: int, boxes: tuple[Box, ...]) -> VectorRecord:
+        regions = ItemRegions(item, version, boxes, _unit(rng, len(boxes))) if boxes else None
+        return VectorRecord(
+            id=item, vector=_unit(rng, 1)[0], event_version=version, regions=regions
+        )
+
+    def regions_of(item: str) -> list[str]:
+        rows = store._strong_query(
+            region_collection(name), "probe", filter=f'item_id == "{item}"', output_fields=["id"]
+        )
+        return sorted(str(row["id"]) for row in rows)
+
+    try:
+        assert store.upsert([record("a", 1, BOXES), record("b", 1, BOXES[:1])], name) == 2
+        assert regions_of("a") == ["1:0:a", "1:1:a", "1:2:a"] and regions_of("b") == ["1:0:b"]
+        store.upsert([record("a", 2, BOXES[:2]), record("b", 2, ())], name)
+        assert regions_of("a") == ["2:0:a", "2:1:a"]  # the older version's are gone
+        assert regions_of("b") == []  # a record without regions leaves none
+        store.delete([("a", 3)], name)
+        assert regions_of("a") == []
+        # A rebuild's new version of a collection with regions has them too.
+        assert store.create_version(name, f"{name}_v2", UINT8_MODEL_SPEC)
+        assert store.describe_collection(f"{name}_v2").regions
+    finally:
+        for each in (name, f"{name}_v2"):
+            if store.collection_exists(each):
+                store.drop_collection(each)
+        store.close()

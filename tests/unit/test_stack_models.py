@@ -18,6 +18,7 @@ from devstack.stack import LocalStack
 from engine.errors import UnknownModelError
 from engine.models import (
     DEFAULT_MODEL_SPEC,
+    LITE0_REGION_MODEL_SPEC,
     LITE1_MODEL_SPEC,
     LITE2_MODEL_SPEC,
     MODEL_SPEC_FILE,
@@ -28,6 +29,8 @@ from model_build.triton_repository import Backend, render_config
 from model_build.triton_repository import main as repository_main
 
 LITE0 = {UINT8_MODEL_SPEC.name, DEFAULT_MODEL_SPEC.name}
+# What the stack's Triton serves with Lite0: its region model too (issue 24).
+STACK = LITE0 | {LITE0_REGION_MODEL_SPEC.name}
 
 
 def _served(repository: Path) -> set[str]:
@@ -38,10 +41,10 @@ def _mtimes(repository: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()}
 
 
-def test_the_default_stack_serves_lite0_alone(tmp_path: Path) -> None:
+def test_the_default_stack_serves_lite0_and_its_region_model(tmp_path: Path) -> None:
     stack = LocalStack(StackConfig(root=tmp_path))
     assert stack.extra_models == []
-    assert _served(stack.build_model_repository()) == LITE0
+    assert _served(stack.build_model_repository()) == STACK
 
 
 def test_models_asked_for_are_served_remembered_and_dropped_when_no_longer_asked(
@@ -49,7 +52,7 @@ def test_models_asked_for_are_served_remembered_and_dropped_when_no_longer_asked
 ) -> None:
     config = StackConfig(root=tmp_path)
     repository = LocalStack(config, models=[LITE1_MODEL_SPEC.name]).build_model_repository()
-    assert _served(repository) == LITE0 | {LITE1_MODEL_SPEC.name}
+    assert _served(repository) == STACK | {LITE1_MODEL_SPEC.name}
     model = onnx.load(str(repository / LITE1_MODEL_SPEC.name / "1" / "model.onnx"))
     input_dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     assert input_dims == list(LITE1_MODEL_SPEC.input_dims)  # 240 px, from the spec
@@ -69,9 +72,9 @@ def test_models_asked_for_are_served_remembered_and_dropped_when_no_longer_asked
     user.mkdir()
     (user / MODEL_SPEC_FILE).write_text("name: my_clip\n")
     LocalStack(config, models=[LITE2_MODEL_SPEC.name]).build_model_repository()
-    assert _served(repository) == LITE0 | {LITE2_MODEL_SPEC.name}
+    assert _served(repository) == STACK | {LITE2_MODEL_SPEC.name}
     LocalStack(config, models=[]).build_model_repository()
-    assert _served(repository) == LITE0
+    assert _served(repository) == STACK
     assert (user / MODEL_SPEC_FILE).is_file()
     assert LocalStack(config).extra_models == []
 
@@ -114,7 +117,7 @@ def test_triton_starts_in_explicit_mode_loading_the_repository_models(tmp_path: 
     argv = record["argv"]
     assert "--model-control-mode=explicit" in argv
     loads = {arg.removeprefix("--load-model=") for arg in argv if arg.startswith("--load-model=")}
-    assert loads == LITE0 | {LITE1_MODEL_SPEC.name}
+    assert loads == STACK | {LITE1_MODEL_SPEC.name}
     assert record["files"] == stack.triton.repository_fingerprint()
 
 
@@ -130,7 +133,7 @@ def test_serving_more_models_needs_a_running_triton_that_can_load_them(tmp_path:
     with pytest.raises(StackError, match="trident-stack up"):
         stack.serve_models([LITE2_MODEL_SPEC.name])
     # Refused before anything is written or remembered.
-    assert _served(stack.model_repository) == LITE0
+    assert _served(stack.model_repository) == STACK
     assert LocalStack(config).extra_models == []
 
 
@@ -155,7 +158,7 @@ def test_a_model_that_fails_to_load_is_forgotten_and_removed(
     monkeypatch.setattr(stack.triton, "_load", refuse)
     with pytest.raises(StackError, match="out of memory"):
         stack.serve_models([LITE2_MODEL_SPEC.name])
-    assert _served(stack.model_repository) == LITE0 | {LITE1_MODEL_SPEC.name}
+    assert _served(stack.model_repository) == STACK | {LITE1_MODEL_SPEC.name}
     assert LocalStack(config).extra_models == [LITE1_MODEL_SPEC.name]
 
 
