@@ -108,6 +108,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 W = TypeVar("W")
+R = TypeVar("R")
 # A collection that cannot take the rows (missing, or made elsewhere without a vector index): its
 # items are dead-lettered, never written and never a reason to stop the worker.
 _UNUSABLE_COLLECTION = (UnknownCollectionError, CollectionConflictError)
@@ -531,11 +532,9 @@ class BatchProcessor:
         """
         if self._collection_model_tag is None or not any(item.ingest for item in group):
             return
-        tag = self._bound_tags.get(collection)
-        if tag is None:
-            read = functools.partial(self._collection_model_tag, collection)
-            tag = self._with_retries(read, Step.VERSION_LOOKUP, "collection model", batch)
-            self._bound_tags[collection] = tag
+        tag = self._read_once(
+            self._bound_tags, collection, self._collection_model_tag, "collection model", batch
+        )
         if not tag or tag == self._model_version:
             return
         error = CollectionConflictError(
@@ -550,6 +549,22 @@ class BatchProcessor:
             if item.ingest:
                 item.fail(error, Stage.UPSERT)
 
+    def _read_once(
+        self,
+        known: dict[str, R],
+        collection: str,
+        read: Callable[[str], R],
+        what: str,
+        batch: Batch,
+    ) -> R:
+        """``known[collection]``, read (with retries) the first time: what a collection was
+        created with never changes."""
+        if collection not in known:
+            known[collection] = self._with_retries(
+                functools.partial(read, collection), Step.VERSION_LOOKUP, what, batch
+            )
+        return known[collection]
+
     def _mark_regions(self, collection: str, group: list[Item], batch: Batch) -> None:
         """Mark the ingest events of ``group`` for regions when ``collection`` has them; when
         this worker cannot make them, dead-letter those events instead.
@@ -561,11 +576,9 @@ class BatchProcessor:
         ingests = [item for item in group if item.pending and item.ingest]
         if self._collection_regions is None or not ingests:
             return
-        has = self._with_regions.get(collection)
-        if has is None:
-            read = functools.partial(self._collection_regions, collection)
-            has = self._with_retries(read, Step.VERSION_LOOKUP, "collection regions", batch)
-            self._with_regions[collection] = has
+        has = self._read_once(
+            self._with_regions, collection, self._collection_regions, "collection regions", batch
+        )
         if not has:
             return
         for item in ingests:

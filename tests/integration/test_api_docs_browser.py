@@ -4,7 +4,6 @@ Swagger UI shows the API's title and operations, and the page loaded nothing fro
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,28 +14,15 @@ from engine.store import VectorStore
 from query_api import create_app
 from query_api.app import TITLE
 from tests.integration.api_support import served
-from tests.integration.test_api_known_set import _ensure_chromium
+from tests.support.browser import headless_chromium
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    _ensure_chromium()
-    from selenium import webdriver  # noqa: PLC0415 (a dev-only dependency)
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or ""
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(
-        options=options,
-        service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
-    )
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_the_docs_render_offline_in_a_headless_browser(

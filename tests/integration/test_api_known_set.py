@@ -10,8 +10,6 @@ a brute-force cosine ranking, in numpy, of the vectors Milvus holds.
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from engine.store import VectorStore
 from query_api import create_app
 from tests.integration.api_support import served
 from tests.integration.conftest import running_worker, wait_for
+from tests.support.browser import headless_chromium
 
 pytestmark = pytest.mark.stack
 
@@ -339,13 +338,6 @@ def test_collection_listing_and_stats(known: KnownSet) -> None:
 # The search page in a real browser -------------------------------------------------------------
 
 
-def _ensure_chromium() -> None:
-    if shutil.which("chromium") and shutil.which("chromedriver"):
-        return
-    subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], check=True)
-    assert shutil.which("chromium") and shutil.which("chromedriver"), "chromium did not install"
-
-
 @pytest.fixture
 def page_api(known: KnownSet) -> Iterator[tuple[str, str]]:
     """The API with auth on, served over HTTP; yields (base URL, key)."""
@@ -358,23 +350,13 @@ def page_api(known: KnownSet) -> Iterator[tuple[str, str]]:
 def test_search_page_in_a_headless_browser(
     known: KnownSet, page_api: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    _ensure_chromium()
-    from selenium import webdriver  # noqa: PLC0415 (a dev-only dependency)
-    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.common.by import By  # noqa: PLC0415 (a dev-only dependency)
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     base, key = page_api
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or ""
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(
-        options=options,
-        service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
-    )
-    wait = WebDriverWait(driver, 60)
     artifacts = tmp_path_factory.mktemp("browser")
-    try:
+    with headless_chromium() as driver:
+        wait = WebDriverWait(driver, 60)
         driver.get(base + "/")
         key_input = driver.find_element(By.ID, "api-key")
         key_input.send_keys(key)
@@ -423,6 +405,4 @@ def test_search_page_in_a_headless_browser(
         wait.until(lambda d: hit_ids(d) == dogs[:5])
         driver.save_screenshot(str(artifacts / "pasted-path-with-filter.png"))
         print(f"screenshots in {artifacts}")
-    finally:
-        driver.quit()
     assert (artifacts / "more-like-this.png").stat().st_size > 0

@@ -4,7 +4,6 @@ as the query, and each hit's matched box is drawn on its thumbnail."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,13 @@ from engine.models import LITE0_REGION_MODEL_SPEC
 from engine.settings import Settings
 from query_api import create_app
 from tests.integration.api_support import served
-from tests.integration.test_api_known_set import _ensure_chromium
 from tests.integration.test_region_search_api import (
     CROP,
     CROP_OF,
     RegionSet,
     region_collections,
 )
+from tests.support.browser import headless_chromium
 
 pytestmark = pytest.mark.stack
 
@@ -83,21 +82,8 @@ def photos(api: str, settings: Settings, unique: str, tmp_path: Path) -> Iterato
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    _ensure_chromium()
-    from selenium import webdriver  # noqa: PLC0415 (a dev-only dependency)
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or ""
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(
-        options=options,
-        service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
-    )
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_a_dragged_part_of_the_query_is_searched_and_hits_show_their_box(
