@@ -66,6 +66,11 @@ BENCH_MILVUS      ?= http://127.0.0.1:19530
 BENCH_MILVUS_TOKEN_FILE ?= .stack/milvus/secret
 BENCH_ONNX        ?= .stack/triton/models/efficientnet_lite0_embedding/1/model.onnx
 BENCH_API_KEY     ?=
+# The region benchmark (issue 24) reads the stack's Milvus data folder and process ids: its root
+# (the quick start's ports; its --port-offset N takes the test stack's ports + N). Full size it
+# fills 20,000 images with their regions and waits for Milvus's index builds: ~40 min on 2 cores
+# (--quick: ~3 min).
+BENCH_STACK_ROOT  ?= .stack
 BENCH_ARGS        ?=
 BENCH_STACK := --kafka $(BENCH_KAFKA) --triton-grpc $(BENCH_TRITON_GRPC) --milvus $(BENCH_MILVUS) \
   --milvus-token-file $(BENCH_MILVUS_TOKEN_FILE)
@@ -89,6 +94,7 @@ bench: install $(STAMPS)
 	$(BIN)/python benchmarks/bench_search.py $(BENCH_STACK) --api-key '$(BENCH_API_KEY)' $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_STACK) --api-key '$(BENCH_API_KEY)' $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_models.py $(BENCH_STACK) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_region_search.py --stack-root $(BENCH_STACK_ROOT) $(BENCH_ARGS)
 	$(BIN)/python benchmarks/charts.py bench/results/latest.json
 
 bench-quick:

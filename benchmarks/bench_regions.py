@@ -127,9 +127,10 @@ def build_gallery(stamps: Path, per_class: int, min_side: int) -> Gallery:
 
 def _random_crop(
     rng: np.random.Generator, image: Image.Image, area: tuple[float, float]
-) -> Image.Image:
+) -> tuple[Image.Image, Box]:
+    """A seeded crop of ``image`` and where it was, normalised."""
     width, height = image.size
-    crop = image
+    crop, box = image, WHOLE
     for _ in range(20):
         fraction = rng.uniform(*area)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -137,22 +138,26 @@ def _random_crop(
         h = min(height, max(8, round(fraction * width * height / w)))
         x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
         crop = image.crop((x0, y0, x0 + w, y0 + h))
+        box = (x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height)
         if float(np.asarray(crop.convert("L"), np.float32).std()) >= MIN_CROP_STD:
             break
-    return crop
+    return crop, box
 
 
 def detail_crops(
     gallery: Gallery, area: tuple[float, float], per_image: int, seed: int
-) -> tuple[list[Image.Image], npt.NDArray[np.int64]]:
-    """``per_image`` seeded crops of each gallery image and the index of each one's source."""
+) -> tuple[list[Image.Image], npt.NDArray[np.int64], list[Box]]:
+    """``per_image`` seeded crops of each gallery image, the index of each one's source and
+    where in it each crop was (normalised)."""
     rng = np.random.default_rng(seed)
-    crops, truth = [], []
+    crops, truth, boxes = [], [], []
     for index, image in enumerate(gallery.images):
         for _ in range(per_image):
-            crops.append(_random_crop(rng, image, area))
+            crop, box = _random_crop(rng, image, area)
+            crops.append(crop)
+            boxes.append(box)
             truth.append(index)
-    return crops, np.asarray(truth, np.int64)
+    return crops, np.asarray(truth, np.int64), boxes
 
 
 # --- regions -----------------------------------------------------------------------------
@@ -483,17 +488,20 @@ class Bank:
 class QuerySets:
     crops: dict[str, list[Image.Image]]  # "small", "large", "dup"
     truth: dict[str, npt.NDArray[np.int64]]
+    # Where each crop of "small" and "large" is in its source image, normalised.
+    boxes: dict[str, list[Box]] = field(default_factory=dict)
 
 
 def build_queries(gallery: Gallery, per_image: int, seed: int) -> QuerySets:
     """The two crop sets and the near-duplicates, seeded."""
-    small, small_truth = detail_crops(gallery, SMALL_AREA, per_image, seed)
-    large, large_truth = detail_crops(gallery, LARGE_AREA, per_image, seed + 1)
+    small, small_truth, small_boxes = detail_crops(gallery, SMALL_AREA, per_image, seed)
+    large, large_truth, large_boxes = detail_crops(gallery, LARGE_AREA, per_image, seed + 1)
     dups = [near_duplicate(image, n) for n, image in enumerate(gallery.images)]
     everyone = np.arange(len(gallery.images))
     return QuerySets(
         {"small": small, "large": large, "dup": dups},
         {"small": small_truth, "large": large_truth, "dup": everyone, "whole": everyone},
+        {"small": small_boxes, "large": large_boxes},
     )
 
 
