@@ -209,16 +209,7 @@ def stack_of(args: argparse.Namespace) -> LocalStack:
         return LocalStack(StackConfig())
     offset = args.port_offset
     return LocalStack(
-        StackConfig(
-            root=args.own_stack,
-            cache=Path(".stack/cache").resolve(),
-            kafka_port=29092 + offset,
-            kafka_controller_port=29093 + offset,
-            triton_http_port=28000 + offset,
-            triton_grpc_port=28001 + offset,
-            triton_metrics_port=28002 + offset,
-            milvus_port=29530 + offset,
-        )
+        StackConfig.test_stack(args.own_stack, Path(".stack/cache").resolve(), offset)
     )
 
 

@@ -119,18 +119,7 @@ def stack_of(root: Path, offset: int | None) -> LocalStack:
     """The running stack at ``root``: the quick start's ports, or the test stack's + ``offset``."""
     if offset is None:
         return LocalStack(StackConfig(root=root))
-    return LocalStack(
-        StackConfig(
-            root=root,
-            cache=Path(".stack/cache").resolve(),
-            kafka_port=29092 + offset,
-            kafka_controller_port=29093 + offset,
-            triton_http_port=28000 + offset,
-            triton_grpc_port=28001 + offset,
-            triton_metrics_port=28002 + offset,
-            milvus_port=29530 + offset,
-        )
-    )
+    return LocalStack(StackConfig.test_stack(root, Path(".stack/cache").resolve(), offset))
 
 
 def serve_region_model(stack: LocalStack) -> None:

@@ -32,6 +32,22 @@ class StackConfig(BaseModel):
 
     milvus_port: int = 19530
 
+    @classmethod
+    def test_stack(cls, root: Path, cache: Path, offset: int = 0) -> StackConfig:
+        """A test stack's settings: its data in ``root``, the installs shared from ``cache``,
+        and every port the tests' (Kafka 29092, Triton 28000-28002, Milvus 29530) moved by
+        ``offset``, so several stacks share one machine beside the quick start's."""
+        return cls(
+            root=root,
+            cache=cache,
+            kafka_port=29092 + offset,
+            kafka_controller_port=29093 + offset,
+            triton_http_port=28000 + offset,
+            triton_grpc_port=28001 + offset,
+            triton_metrics_port=28002 + offset,
+            milvus_port=29530 + offset,
+        )
+
     @property
     def kafka_bootstrap(self) -> str:
         return f"{self.host}:{self.kafka_port}"

@@ -22,15 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 # test stack on one machine (fault tests run beside other test runs) moves every port by
 # TEST_STACK_PORT_OFFSET and keeps its data in TEST_STACK_ROOT.
 PORT_OFFSET = int(os.environ.get("TEST_STACK_PORT_OFFSET", "0"))
-TEST_STACK_CONFIG = StackConfig(
-    root=Path(os.environ.get("TEST_STACK_ROOT", REPO / ".stack-test")),
-    cache=REPO / ".stack" / "cache",
-    kafka_port=29092 + PORT_OFFSET,
-    kafka_controller_port=29093 + PORT_OFFSET,
-    triton_http_port=28000 + PORT_OFFSET,
-    triton_grpc_port=28001 + PORT_OFFSET,
-    triton_metrics_port=28002 + PORT_OFFSET,
-    milvus_port=29530 + PORT_OFFSET,
+TEST_STACK_CONFIG = StackConfig.test_stack(
+    Path(os.environ.get("TEST_STACK_ROOT", REPO / ".stack-test")),
+    REPO / ".stack" / "cache",
+    PORT_OFFSET,
 )
 
 
