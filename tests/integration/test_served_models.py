@@ -85,17 +85,28 @@ def test_the_uint8_model_matches_the_float32_path(
     assert np.sum(got * expected, axis=1).min() >= 0.999
 
 
-def _requests_served(url: str, protocol: str, model: str) -> int:
-    """Requests Triton has answered for ``model`` (each part of a split batch is one)."""
-    module = grpcclient if protocol == "grpc" else httpclient
-    client = module.InferenceServerClient(url=url)
-    try:
-        stats = client.get_inference_statistics(model)
-        if protocol == "grpc":
-            return int(stats.model_stats[0].inference_stats.success.count)
-        return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
-    finally:
-        client.close()
+def _rows_per_request(monkeypatch: pytest.MonkeyPatch, protocol: str) -> list[int]:
+    """The rows of every request this process sends to Triton from now on, in order (counted
+    at the client: Triton's own statistics also count the other tests' requests, which run
+    at the same time on the shared stack)."""
+    client_class = (grpcclient if protocol == "grpc" else httpclient).InferenceServerClient
+    sent: list[int] = []
+    for method in ("infer", "async_infer"):
+        original = getattr(client_class, method)
+
+        def counted(
+            self: Any,
+            model_name: str,
+            inputs: list[Any],
+            *args: Any,
+            _original: Any = original,
+            **kwargs: Any,
+        ) -> Any:
+            sent.append(int(inputs[0].shape()[0]))
+            return _original(self, model_name, inputs, *args, **kwargs)
+
+        monkeypatch.setattr(client_class, method, counted)
+    return sent
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -104,25 +115,23 @@ def test_a_batch_split_into_parallel_requests_comes_back_whole_and_in_order(
     photos: list[npt.NDArray[np.uint8]],
     pixels: npt.NDArray[np.uint8],
     protocol: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = _url(stack, protocol)
     whole = TritonSettings(url=url, protocol=protocol, parallel_requests=1)
     with TritonEmbedder(whole) as embedder:
         expected = embedder.embed(pixels)
+    sent = _rows_per_request(monkeypatch, protocol)
     for parallel in (2, 3, 5):
         settings = TritonSettings(url=url, protocol=protocol, parallel_requests=parallel)
-        before = _requests_served(url, protocol, settings.model_name)
+        sent.clear()
         with TritonEmbedder(settings) as embedder:
             got = embedder.embed(pixels)
         # One request per part of ceil(rows / parallel) rows: 12 rows go as 2, 3 and 4 requests.
-        requests = -(-len(photos) // -(-len(photos) // parallel))
-        # Triton counts a request once its answer is out, a moment after the client has it.
-        deadline = time.monotonic() + 5
-        while (sent := _requests_served(url, protocol, settings.model_name) - before) < requests:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert sent == requests, parallel
+        part = -(-len(photos) // parallel)
+        requests = -(-len(photos) // part)
+        assert len(sent) == requests, (parallel, sent)
+        assert sum(sent) == len(photos) and max(sent) == part, (parallel, sent)
         assert got.shape == expected.shape
         # Row i is still image i's vector: a mix-up of parts would pair it with another image.
         assert np.sum(got * expected, axis=1).min() >= 0.9999, parallel
