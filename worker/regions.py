@@ -67,13 +67,20 @@ class RegionEmbedding:
         except InferenceConfigurationError as exc:
             raise InferenceConfigurationError(
                 f"{exc}. Collections with region vectors need Triton to serve the region model "
-                f"{self.model_name!r} beside the worker's model: on the local stack `trident-stack "
-                f"models add {self.model_name}` (`trident-stack up` serves it already), elsewhere "
-                f"`trident-model-repository DIR --models {self.model_name}` into Triton's model "
-                "repository; then restart the worker",
+                f"{self.model_name!r} beside the worker's model: {how_to_serve(self.model_name)}; "
+                "then restart the worker",
                 reason=exc.reason,
                 stage=exc.stage,
             ) from exc
+
+
+def how_to_serve(model_name: str) -> str:
+    """How to make Triton serve ``model_name``, in a message's words."""
+    return (
+        f"on the local stack `trident-stack models add {model_name}` (`trident-stack up` "
+        f"serves Lite0's region model already), elsewhere `trident-model-repository DIR "
+        f"--models {model_name}` into Triton's model repository"
+    )
 
 
 def build_region_embedding(settings: Settings) -> tuple[RegionEmbedding, TritonEmbedder] | None:

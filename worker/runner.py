@@ -29,7 +29,7 @@ from worker.metrics import RebuildMetrics, WorkerMetrics
 from worker.ownership import Ownership
 from worker.pipeline import BatchProcessor
 from worker.progress import ProgressReporter, read_offsets
-from worker.regions import build_region_embedding
+from worker.regions import build_region_embedding, how_to_serve
 from worker.retry import call_with_retries
 from worker.routing import CollectionRouter
 
@@ -239,9 +239,8 @@ def _wait_for_region_model(embedder: TritonEmbedder, name: str, triton: TritonSe
         embedder.wait_until_ready(triton.ready_timeout_s)
     except InferenceConfigurationError as exc:
         raise InferenceConfigurationError(
-            f"{exc}. milvus.regions is true: Triton must serve the region model {name!r} too "
-            f"(local stack: `trident-stack models add {name}`; elsewhere: "
-            f"`trident-model-repository DIR --models {name}`)"
+            f"{exc}. milvus.regions is true: Triton must serve the region model {name!r} too: "
+            f"{how_to_serve(name)}"
         ) from exc
 
 
