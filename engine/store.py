@@ -1123,14 +1123,26 @@ class VectorStore:
         ids = list(versions)
         if self.describe_collection(name).regions:
             self._delete_regions_in(name, ids)
-        for start in range(0, len(ids), IDS_PER_REQUEST):
-            chunk = ids[start : start + IDS_PER_REQUEST]
+        self._delete_in_chunks(name, ids, IDS_PER_REQUEST, "rows", _ids_expr)
+
+    def _delete_in_chunks(
+        self,
+        name: str,
+        items: Sequence[T],
+        per_request: int,
+        what: str,
+        expr: Callable[[Sequence[T]], str],
+    ) -> None:
+        """Delete from ``name`` what ``expr`` selects of ``items``, ``per_request`` items a
+        request (bounds the expression's length)."""
+        for start in range(0, len(items), per_request):
+            chunk = items[start : start + per_request]
             self._call(
                 _Operation.DELETE,
-                f"delete {len(chunk)} rows from {name}",
+                f"delete {what} of {len(chunk)} items from {name}",
                 "delete",
                 name,
-                filter=_ids_expr(chunk),
+                filter=expr(chunk),
             )
 
     def _write_tombstones(self, name: str, rows: list[dict[str, Any]]) -> None:
@@ -1478,19 +1490,16 @@ class VectorStore:
         newest: dict[str, int] = {}
         for item in items:
             newest[item.item_id] = max(item.version, newest.get(item.item_id, item.version))
-        pairs = list(newest.items())
-        for start in range(0, len(pairs), _REGION_DELETES_PER_REQUEST):
-            chunk_pairs = pairs[start : start + _REGION_DELETES_PER_REQUEST]
-            self._call(
-                _Operation.DELETE,
-                f"delete older regions of {len(chunk_pairs)} items from {companion}",
-                "delete",
-                companion,
-                filter=" or ".join(
-                    f"(item_id == {_quoted(item_id)} and event_version < {version})"
-                    for item_id, version in chunk_pairs
-                ),
-            )
+        self._delete_in_chunks(
+            companion,
+            list(newest.items()),
+            _REGION_DELETES_PER_REQUEST,
+            "older regions",
+            lambda pairs: " or ".join(
+                f"(item_id == {_quoted(item_id)} and event_version < {version})"
+                for item_id, version in pairs
+            ),
+        )
         return len(rows)
 
     def delete_regions(self, ids: Sequence[str], collection: str | None = None) -> None:
@@ -1508,17 +1517,13 @@ class VectorStore:
         self._delete_regions_in(name, ids)
 
     def _delete_regions_in(self, name: str, ids: Sequence[str]) -> None:
-        companion = region_collection(name)
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), IDS_PER_REQUEST):
-            chunk = unique[start : start + IDS_PER_REQUEST]
-            self._call(
-                _Operation.DELETE,
-                f"delete the regions of {len(chunk)} items from {companion}",
-                "delete",
-                companion,
-                filter=f"item_id in [{', '.join(map(_quoted, chunk))}]",
-            )
+        self._delete_in_chunks(
+            region_collection(name),
+            list(dict.fromkeys(ids)),
+            IDS_PER_REQUEST,
+            "the regions",
+            lambda chunk: f"item_id in [{', '.join(map(_quoted, chunk))}]",
+        )
 
     def search_regions(
         self,
@@ -1562,15 +1567,7 @@ class VectorStore:
         filter_expr: str | None,
     ) -> list[RegionHit]:
         name, info = self._regions_of(name)
-        queries = [np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]
-        for query in queries:
-            if query.shape[0] != info.dimension:
-                raise InvalidQueryError(
-                    f"vector has {query.shape[0]} dimensions; collection {name!r} holds "
-                    f"{info.dimension}",
-                    reason=Reason.WRONG_DIMENSION,
-                    stage=Stage.SEARCH,
-                )
+        queries = [_query_vector(v, name, info.dimension) for v in vectors]
         fetch = min(limit * REGION_OVER_FETCH, QUERY_LIMIT_MAX)
         companion = region_collection(name)
         results = self._call(
@@ -1646,14 +1643,7 @@ class VectorStore:
         offset: int,
     ) -> list[Hit]:
         info = self.describe_collection(name)
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if query.shape[0] != info.dimension:
-            raise InvalidQueryError(
-                f"vector has {query.shape[0]} dimensions; collection {name!r} holds "
-                f"{info.dimension}",
-                reason=Reason.WRONG_DIMENSION,
-                stage=Stage.SEARCH,
-            )
+        query = _query_vector(vector, name, info.dimension)
         results = self._call(
             _Operation.SEARCH,
             f"search {name}",
@@ -1893,6 +1883,24 @@ def validate_id(record_id: str, *, stage: Stage = Stage.UPSERT) -> None:
             reason=Reason.ID_TOO_LONG,
             stage=stage,
         )
+
+
+def _query_vector(
+    vector: npt.NDArray[np.float32] | Sequence[float], name: str, dimension: int
+) -> npt.NDArray[np.float32]:
+    """``vector`` as a flat float32 array of collection ``name``'s ``dimension``.
+
+    Raises:
+        InvalidQueryError: (``wrong_dimension``) another number of dimensions.
+    """
+    query = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if query.shape[0] != dimension:
+        raise InvalidQueryError(
+            f"vector has {query.shape[0]} dimensions; collection {name!r} holds {dimension}",
+            reason=Reason.WRONG_DIMENSION,
+            stage=Stage.SEARCH,
+        )
+    return query
 
 
 def _ids_expr(ids: Sequence[str]) -> str:
