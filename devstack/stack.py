@@ -24,13 +24,15 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
+from devstack._locking import exclusive_file_lock
 from devstack._process import ManagedProcess, port_open, wait_until
 from devstack.config import StackConfig
 from devstack.errors import StackError
@@ -43,6 +45,10 @@ from engine.settings import Settings
 from reembed.local import stop_all
 
 logger = logging.getLogger(__name__)
+
+# A process changing the model repository waits this long for another one's change (a write and
+# the loads into Triton, each bounded by LOAD_TIMEOUT) before it gives up.
+_REPOSITORY_LOCK_TIMEOUT_S = 300.0
 
 
 def region_models(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -96,6 +102,10 @@ class LocalStack:
         """The models served besides Lite0's: those asked for, else the remembered choice."""
         if self._asked is not None:
             return list(dict.fromkeys(self._asked))
+        return self._remembered_models()
+
+    def _remembered_models(self) -> list[str]:
+        """The choice the last repository write of this root remembered ([] when none)."""
         try:
             remembered = json.loads(self._models_choice.read_text())
         except (FileNotFoundError, ValueError):
@@ -134,7 +144,13 @@ class LocalStack:
         Raises:
             UnknownModelError: a remembered model is no longer in the registry.
             ConfigurationError, TorchPickleError, OSError: as ``write_served_models``.
+            StackError: another process kept the repository locked for too long.
         """
+        with self._repository_locked():
+            return self._write_repository()
+
+    def _write_repository(self) -> Path:
+        """:meth:`build_model_repository`, for a caller that holds :meth:`_repository_locked`."""
         # onnx (the model extra) is needed only here, not by the other stack commands.
         from model_build.triton_repository import (  # noqa: PLC0415
             builtin_specs,
@@ -171,22 +187,43 @@ class LocalStack:
         except ConfigurationError as exc:
             raise StackError(str(exc)) from None
         self.triton.check_loadable()
-        previous = self.extra_models
-        self._asked = [*previous, *asked]
-        try:
-            self._build_for_stack()
-            return self.triton.load_models(asked)
-        except BaseException:
-            self._asked = previous
-            self._build_for_stack()
-            raise
+        with self._repository_locked():
+            # Another process of this root (a second `models add`, the tests' processes) may
+            # have added models since this object last read the choice: keep theirs too, or
+            # the rewrite would take their folders out of the repository.
+            previous = list(dict.fromkeys([*self._remembered_models(), *(self._asked or [])]))
+            self._asked = [*previous, *asked]
+            try:
+                self._build_for_stack()
+                return self.triton.load_models(asked)
+            except BaseException:
+                self._asked = previous
+                self._build_for_stack()
+                raise
 
     def _build_for_stack(self) -> None:
-        """:meth:`build_model_repository`, its failures as StackError."""
+        """:meth:`_write_repository` (the lock held), its failures as StackError."""
         try:
-            self.build_model_repository()
+            self._write_repository()
         except (ConfigurationError, OSError) as exc:
             raise StackError(f"triton: could not write the model repository: {exc}") from exc
+
+    @contextmanager
+    def _repository_locked(self) -> Iterator[None]:
+        """Hold this root's model-repository lock: one process at a time reads the remembered
+        choice, rewrites the repository and loads models.
+
+        Raises:
+            StackError: another process held it for over ``_REPOSITORY_LOCK_TIMEOUT_S``.
+        """
+        lock = self.config.folder("triton") / ".models.lock"
+        try:
+            with exclusive_file_lock(
+                lock, timeout_s=_REPOSITORY_LOCK_TIMEOUT_S, what="another process's model change"
+            ):
+                yield
+        except TimeoutError as exc:
+            raise StackError(f"triton: {exc}; is a `trident-stack models add` stuck?") from None
 
     def up(self) -> None:
         """Install what is missing and start every service; a second call is harmless.

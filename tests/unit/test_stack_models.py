@@ -210,3 +210,24 @@ def test_configs_keep_an_instance_for_searches_and_let_them_go_first(backend: Ba
     assert f"instance_group [ {{ count: {count}, kind:" in config
     assert f"  priority_levels: {PRIORITY_LEVELS}\n" in config
     assert f"  default_priority_level: {INGEST_PRIORITY}\n" in config
+
+
+def test_a_process_serving_models_keeps_those_another_process_added_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes of one root (the suite's pytest workers; two `models add`): the one whose
+    memory of the choice is older must not take the other's model out of the repository
+    (what Triton's repository index, and so "is it served?", reads). Failed in CI once."""
+    config = StackConfig(root=tmp_path)
+    first, second = LocalStack(config), LocalStack(config)
+    first.build_model_repository()
+    _pretend_running(first)
+    first.triton._write_record(first.triton._expected_record())
+    for stack in (first, second):
+        monkeypatch.setattr(stack.triton, "_load", lambda names, deadline: list(names))
+    first.serve_models([LITE1_MODEL_SPEC.name])
+    second.serve_models([LITE2_MODEL_SPEC.name])
+    first.serve_models([LITE1_MODEL_SPEC.name])  # served already: a rewrite of the repository
+    both = {LITE1_MODEL_SPEC.name, LITE2_MODEL_SPEC.name}
+    assert _served(first.model_repository) == STACK | both
+    assert set(LocalStack(config).extra_models) == both
