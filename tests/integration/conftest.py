@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -215,30 +214,14 @@ def worker_metric(process: ManagedProcess, name: str) -> float:
     return float(found.group(1))
 
 
-def _worker_environment(stack: LocalStack) -> dict[str, str]:
-    """This process's environment plus a JAX compilation cache shared by the worker processes.
-
-    Every worker process compiles the same preprocessing executables at start-up; from the
-    cache, the second and later ones load them instead (the suite starts over a dozen). Only
-    these child processes use it: the unit tests in this process count real compilations.
-    """
-    return {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(stack.config.root / "jax-cache"),
-        # Cache every executable, however quickly it compiled and however small it is.
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-
-
 @contextmanager
 def worker_processes(
     stack: LocalStack, settings: Settings, names: list[str]
 ) -> Iterator[list[Any]]:
     """Worker processes (real ``trident-worker``s) on ``settings``; stopped on exit."""
     settings_file = stack.write_settings(settings, name=f"{settings.kafka.group_id}.yaml")
-    environment = _worker_environment(stack)
-    processes = [stack.start_worker(settings_file, name=name, env=environment) for name in names]
+    # The JAX compilation cache of the run comes with the environment (tests/conftest.py).
+    processes = [stack.start_worker(settings_file, name=name) for name in names]
     try:
         yield processes
     finally:

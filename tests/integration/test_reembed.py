@@ -63,13 +63,12 @@ LITE2 = model_spec("efficientnet_lite2_embedding_uint8")
 
 @pytest.fixture
 def setup(
-    stack: LocalStack, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack: LocalStack, settings: Settings, tmp_path: Path
 ) -> Iterator[tuple[Settings, Path, VectorStore]]:
-    """Settings with a state folder of this test's (the rebuild workers share the session's JAX
-    cache), the settings file the CLI reads, and a store; everything dropped after."""
+    """Settings with a state folder of this test's (the rebuild workers share the run's JAX
+    compilation cache, tests/conftest.py), the settings file the CLI reads, and a store;
+    everything dropped after."""
     stack.serve_models([LITE2.name])
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(stack.config.root / "jax-cache"))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     ours = settings.model_copy(
         update={
             "reembed": settings.reembed.model_copy(
