@@ -105,7 +105,7 @@ bench-quick:
 # and while a worker ingests (bench_growing.py, ~40 min); Milvus at scale in stages up to 1M
 # vectors (bench_scale.py, hours on 2 cores: pick the stages with BENCH_SCALE_SIZES). Both merge
 # their sections into bench/results/latest.json without starting it afresh.
-BENCH_GROWING_VARIANTS ?= interim_off stack
+BENCH_GROWING_VARIANTS ?= interim_off stack_builds_not_idle stack
 BENCH_SCALE_SIZES ?= 100000 250000 500000 1000000
 bench-growing: install
 	$(BIN)/python benchmarks/bench_growing.py bulk --variants $(BENCH_GROWING_VARIANTS) \

@@ -19,7 +19,9 @@ folder, wiped afterwards), then:
    the same queries again: the settled figures of the same variant.
 
 The variants fix every key they are about, so their figures do not depend on what the stack
-adopts; ``stack`` is the stack's own settings (``devstack/milvus.py``) with nothing over them.
+adopts; ``stack`` is the stack's own settings (``devstack/milvus.py``) with nothing over them,
+its index builds at idle CPU priority as the stack runs them (``devstack/build_priority.py``);
+``stack_builds_not_idle`` the same without that.
 
 ``ingest``: CPU shares. On the stack at ``--milvus`` (the quick start's, with the stack's
 settings): a collection of ``--count`` vectors is written and settled, then a
@@ -39,7 +41,7 @@ Milvus as the stack does (``stack``, or one whose keys are the stack's own),
 ``search_{vector,image}_p99_ms_during_ingest`` and ``ingest_rate_ratio_during_search`` from the
 first nice value). From the repository root, with the quick start running::
 
-    .venv/bin/python benchmarks/bench_growing.py bulk --variants interim_off stack
+    .venv/bin/python benchmarks/bench_growing.py bulk --variants stack_builds_not_idle stack
     .venv/bin/python benchmarks/bench_growing.py ingest --nice 0 10
 """
 
@@ -93,11 +95,13 @@ INTERIM = "queryNode.segcore.interimIndex.enableIndex"
 
 @dataclass(frozen=True)
 class Variant:
-    """Milvus settings (dotted ``milvus.yaml`` keys) and environment over the stack's own."""
+    """Milvus settings (dotted ``milvus.yaml`` keys) and environment over the stack's own, and
+    whether its index builds run at idle CPU priority (devstack/build_priority.py)."""
 
     about: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     environment: Mapping[str, str] = field(default_factory=dict)
+    idle_builds: bool = True
 
 
 VARIANTS: dict[str, Variant] = {
@@ -126,6 +130,11 @@ VARIANTS: dict[str, Variant] = {
         {INTERIM: True, "dataCoord.compaction.enableAutoCompaction": False},
     ),
     "stack": Variant("the stack's own settings (devstack/milvus.py)"),
+    "stack_builds_not_idle": Variant(
+        "the stack's own settings, its index builds at their own priority (nice 19, like its "
+        "searches) instead of SCHED_IDLE",
+        idle_builds=False,
+    ),
 }
 
 
@@ -350,7 +359,12 @@ def run_variant(
     """One variant on a fresh private server; its figures."""
     root = folder / name
     config = StackConfig(root=root, cache=args.cache, milvus_port=args.milvus_port)
-    milvus = MilvusService(config, settings=variant.settings, environment=variant.environment)
+    milvus = MilvusService(
+        config,
+        settings=variant.settings,
+        environment=variant.environment,
+        idle_builds=variant.idle_builds,
+    )
     milvus.install()
     before = top_snapshot()
     milvus.start()
@@ -512,7 +526,7 @@ def runs_as_stack(name: str) -> bool:
     """Whether variant ``name`` runs Milvus as the stack does (its headline figures)."""
     variant = VARIANTS[name]
     same = all(SEARCH_UNDER_LOAD.get(key) == value for key, value in variant.settings.items())
-    return same and not variant.environment
+    return same and not variant.environment and variant.idle_builds
 
 
 def record_bulk(
@@ -762,7 +776,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--milvus-port", type=int, default=19830, help="bulk mode's private servers"
     )
     parser.add_argument("--api-port", type=int, default=28395)
-    parser.add_argument("--variants", nargs="+", default=["interim_off", "stack"], choices=VARIANTS)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["interim_off", "stack_builds_not_idle", "stack"],
+        choices=VARIANTS,
+    )
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--window", type=float, default=300.0)
     parser.add_argument("--delay", type=float, default=5.0)

@@ -20,6 +20,10 @@ in ``secret`` and sets it on the server; clients use :attr:`MilvusService.token`
 Several stacks share the cached binary, so a stack recognises its own server by pid file and
 working directory (its folder), never by the binary's path: stopping one stack never touches
 another's server.
+
+Beside the server, ``start()`` runs a small watcher (``milvus-build-priority.pid``/``.log``,
+:mod:`devstack.build_priority`) that moves the server's index-build threads to idle CPU
+priority, so that searches keep the CPU while it builds; it ends with the server.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -120,11 +125,15 @@ class MilvusService:
         *,
         settings: Mapping[str, Any] | None = None,
         environment: Mapping[str, str] | None = None,
+        idle_builds: bool = True,
     ) -> None:
         """``settings`` (dotted ``milvus.yaml`` keys) and ``environment`` are applied over the
         stack's own at each start: benchmarks compare Milvus settings with them
-        (``benchmarks/bench_growing.py``); the stack itself passes neither."""
+        (``benchmarks/bench_growing.py``); the stack itself passes neither. ``idle_builds``:
+        run the server's index builds at idle CPU priority (:mod:`devstack.build_priority`);
+        benchmarks turn it off to measure what it does."""
         self.config = config
+        self.idle_builds = idle_builds
         self.extra_settings = dict(settings or {})
         self.extra_environment = dict(environment or {})
         self.folder = config.folder(self.name)
@@ -141,6 +150,7 @@ class MilvusService:
         self.secret_file = self.folder / "secret"
         self.marker = self.server_dir / f".installed-{MILVUS_VERSION}"
         self.process = ManagedProcess(self.name, self.folder)
+        self.build_priority = ManagedProcess(f"{self.name}-build-priority", self.folder)
         self.ports = {key: config.milvus_port + off for key, off in _PORT_OFFSETS.items()}
         self.all_ports = (config.milvus_port, *self.ports.values())
 
@@ -266,6 +276,7 @@ class MilvusService:
             process=self.process,
             interval=_POLL_S,
         )
+        self._watch_builds()
         # Loaded collections come back asynchronously after a restart; queries fail with
         # "collection not loaded" until then, so ready means reloaded too.
         wait_until(
@@ -276,6 +287,19 @@ class MilvusService:
             interval=_POLL_S,
         )
         logger.info("milvus ready at %s after %.1fs", self.uri, time.monotonic() - started)
+
+    def _watch_builds(self) -> None:
+        """(Re)start the watcher that keeps this server's index builds at idle priority
+        (:mod:`devstack.build_priority`; one per server: it ends with the server it watches)."""
+        pid = self.process.pid()
+        if not self.idle_builds or pid is None:
+            return
+        argv = [sys.executable, "-m", "devstack.build_priority", "--pid", str(pid)]
+        watched = self.build_priority.pid()
+        if watched is not None and _command_line(watched) == argv:
+            return
+        self.build_priority.stop(timeout=5.0)
+        self.build_priority.start(argv)
 
     def healthy(self) -> bool:
         """True if the server runs, says healthy and answers ``list_collections``; never raises."""
@@ -294,6 +318,7 @@ class MilvusService:
         # lands during background DDL work (seen right after a drop_collection). SIGKILL loses
         # nothing acknowledged: the write-ahead log and etcd are on disk (kill() tests prove it).
         self.process.stop(timeout=15.0)
+        self.build_priority.stop(timeout=5.0)
         for pid in self._server_pids():
             # A server of this stack whose pid file was lost: it runs in our folder, so ours.
             logger.warning("milvus: stopping stray server pid %d", pid)
@@ -307,6 +332,7 @@ class MilvusService:
         Raises nothing.
         """
         self.process.kill()
+        self.build_priority.stop(timeout=5.0)
         self._wait_released()
 
     def reset(self) -> None:
@@ -514,3 +540,12 @@ def _probe_alias() -> str:
     # A connection of the probe's own: pymilvus shares connections by URI and token otherwise,
     # and the probe's close() would close them for every other client of this process.
     return f"stack-probe-{secrets.token_hex(8)}"
+
+
+def _command_line(pid: int) -> list[str]:
+    """Process ``pid``'s argv ([] when it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]

@@ -1,6 +1,6 @@
 """The stack's running Milvus was started with the settings adopted for search under load
 (issue 25): its environment names the config folder it read at start, and that config and the
-environment carry them.
+environment carry them; its index builds run at idle CPU priority, its searches do not.
 
 The interim index's effect itself is not asserted here: rows still in a growing segment were
 searched exactly with it on (20,000 64-d rows, recall@10 1.0), so it shows only on segments
@@ -10,14 +10,19 @@ benchmarks/bench_growing.py measures it (docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from pymilvus import MilvusClient
 
+from devstack.build_priority import BUILD_THREAD_PREFIX
 from devstack.milvus import SEARCH_UNDER_LOAD, SERVER_ENVIRONMENT
 from devstack.stack import LocalStack
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -52,3 +57,53 @@ def test_the_running_server_reads_the_adopted_settings(stack: LocalStack) -> Non
     assert rendered["queryNode"]["segcore"]["interimIndex"]["enableIndex"] is True
     assert rendered["rocksmq"]["compressionTypes"] == [0, 0, 0, 0, 0]
     assert rendered["dataNode"]["segment"]["insertBufSize"] == 64 * 1024 * 1024
+
+
+def _policies(pid: int) -> dict[str, set[int]]:
+    """Thread name -> the scheduling policies its threads run under, for process ``pid``."""
+    found: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            found.setdefault(name, set()).add(os.sched_getscheduler(int(task.name)))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_index_builds_run_at_idle_priority_and_searches_do_not(
+    stack: LocalStack, unique: str
+) -> None:
+    """After an index build on the running server, its build threads are in SCHED_IDLE (the
+    watcher the stack starts beside it) and its search threads are not."""
+    pid = stack.milvus.process.pid()
+    assert pid is not None
+    watcher = stack.milvus.build_priority.pid()
+    assert watcher is not None, "the stack started no build-priority watcher beside Milvus"
+    name, dimension, rows = f"priority_{unique}", 32, 3000
+    client = MilvusClient(uri=stack.milvus.uri, token=stack.milvus.token)
+    try:
+        # pymilvus' quick setup: an index on the vector field, loaded; the flush seals the
+        # segment, which Milvus then indexes (over its 1,024-row minimum).
+        client.create_collection(collection_name=name, dimension=dimension)
+        vectors = np.random.default_rng(0).random((rows, dimension), dtype=np.float32)
+        client.insert(name, [{"id": n, "vector": v.tolist()} for n, v in enumerate(vectors)])
+        client.flush(name)
+        wait_for(
+            lambda: client.describe_index(name, "vector").get("indexed_rows") == rows,
+            timeout=120,
+            what="the index build",
+        )
+        client.search(collection_name=name, data=[vectors[0].tolist()], limit=3)
+        wait_for(  # the watcher looks once a second
+            lambda: _policies(pid).get("Knowhere_Build0") == {os.SCHED_IDLE},
+            timeout=10,
+            what="the build threads at idle priority",
+        )
+        policies = _policies(pid)
+        builds = {n: p for n, p in policies.items() if n.startswith(BUILD_THREAD_PREFIX)}
+        assert builds and all(p == {os.SCHED_IDLE} for p in builds.values()), policies
+        assert os.SCHED_IDLE not in policies["Knowhere_Search"], policies
+    finally:
+        client.drop_collection(name)
+        client.close()

@@ -53,11 +53,15 @@ def test_buckets_put_each_answer_in_the_window_it_ended_in() -> None:
 
 def test_variants_fix_the_keys_they_compare() -> None:
     # The figures of a variant must not change with what the stack adopts: each one but
-    # "stack" states the interim index setting it is about.
+    # "stack" and the stack with its builds at their own priority states the interim index
+    # setting it is about.
     for name, variant in bench_growing.VARIANTS.items():
-        if name != "stack":
+        if not name.startswith("stack"):
             assert bench_growing.INTERIM in variant.settings, name
     assert not bench_growing.VARIANTS["stack"].settings
+    assert bench_growing.VARIANTS["stack"].idle_builds
+    unlike = bench_growing.VARIANTS["stack_builds_not_idle"]
+    assert not unlike.settings and not unlike.environment and not unlike.idle_builds
 
 
 def test_scale_vectors_are_the_same_whichever_way_the_rows_are_cut() -> None:
@@ -94,3 +98,4 @@ def test_the_headline_comes_from_a_variant_that_runs_milvus_as_the_stack_does() 
         for key, value in variant.settings.items():
             assert bench_growing.SEARCH_UNDER_LOAD[key] == value
     assert "interim_on_gomaxprocs1" not in stacked  # an environment of its own
+    assert "stack_builds_not_idle" not in stacked  # its builds not at idle priority
