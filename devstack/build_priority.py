@@ -8,9 +8,10 @@ and searches' tail grows. Lowering the searches' nice value would need ``CAP_SYS
 one's own threads into ``SCHED_IDLE`` needs nothing. So this watcher, started by the local
 stack beside its server (:meth:`devstack.milvus.MilvusService.start`), moves each build thread
 into ``SCHED_IDLE`` as it appears: a build then uses only the CPU that nothing else wants, and
-still all of it when nothing else does. Figures (docs/PERFORMANCE.md, "Search while the
-collection grows"): after a 100,000-vector bulk write, by-vector p99 161 -> 102 ms and Milvus's
-own search stage p99 129 -> 63 ms on an otherwise quiet 2-core machine.
+still all of it when nothing else does. Measured (docs/PERFORMANCE.md, "On a quiet machine, and
+index builds at idle CPU priority"): in the minutes after a 100,000-vector bulk write on a quiet
+2-core machine, the searches' p99 was 31-37 % lower in two of three same-run pairs and the same
+within the noise in the third; the builds take longer while searches run.
 
 Run as ``python -m devstack.build_priority --pid PID``; it ends by itself when the server ends.
 Linux only (``SCHED_IDLE``); elsewhere it logs that and ends.
