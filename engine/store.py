@@ -1522,7 +1522,7 @@ class VectorStore:
             list(dict.fromkeys(ids)),
             IDS_PER_REQUEST,
             "the regions",
-            lambda chunk: f"item_id in [{', '.join(map(_quoted, chunk))}]",
+            lambda chunk: _ids_expr(chunk, field="item_id"),
         )
 
     def search_regions(
@@ -1903,10 +1903,10 @@ def _query_vector(
     return query
 
 
-def _ids_expr(ids: Sequence[str]) -> str:
-    """``id in [...]`` with each id JSON-quoted (module docstring): never pymilvus's own
+def _ids_expr(ids: Sequence[str], field: str = "id") -> str:
+    """``<field> in [...]`` with each id JSON-quoted (module docstring): never pymilvus's own
     ``ids=``, which quotes without escaping (an id ``a','b`` would name ``a`` and ``b``)."""
-    return "id in [" + ", ".join(orjson.dumps(record_id).decode() for record_id in ids) + "]"
+    return f"{field} in [{', '.join(map(_quoted, ids))}]"
 
 
 def _row_wins(row_version: int, ingested_at_ms: int, tombstone: tuple[int, int]) -> bool:
