@@ -36,7 +36,7 @@ BUILD_THREAD_PREFIX = "Knowhere_Build"
 _INTERVAL_S = 1.0
 
 
-def idle_build_threads(pid: int, *, proc: Path = Path("/proc")) -> list[int]:
+def idle_build_threads(pid: int) -> list[int]:
     """Put every index-build thread of process ``pid`` that is not yet there into ``SCHED_IDLE``.
 
     Returns:
@@ -46,13 +46,13 @@ def idle_build_threads(pid: int, *, proc: Path = Path("/proc")) -> list[int]:
         ProcessLookupError: process ``pid`` is gone.
     """
     try:
-        tids = [int(name) for name in os.listdir(proc / str(pid) / "task")]
+        tids = [int(name) for name in os.listdir(f"/proc/{pid}/task")]
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
     moved: list[int] = []
     for tid in tids:
         try:
-            name = (proc / str(pid) / "task" / str(tid) / "comm").read_text().strip()
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
             if not name.startswith(BUILD_THREAD_PREFIX):
                 continue
             if os.sched_getscheduler(tid) != os.SCHED_IDLE:

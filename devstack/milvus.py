@@ -290,16 +290,15 @@ class MilvusService:
 
     def _watch_builds(self) -> None:
         """(Re)start the watcher that keeps this server's index builds at idle priority
-        (:mod:`devstack.build_priority`; one per server: it ends with the server it watches)."""
+        (:mod:`devstack.build_priority`; one per server: it ends with the server it watches,
+        and a start replaces one that watched an earlier server)."""
         pid = self.process.pid()
         if not self.idle_builds or pid is None:
             return
-        argv = [sys.executable, "-m", "devstack.build_priority", "--pid", str(pid)]
-        watched = self.build_priority.pid()
-        if watched is not None and _command_line(watched) == argv:
-            return
         self.build_priority.stop(timeout=5.0)
-        self.build_priority.start(argv)
+        self.build_priority.start(
+            [sys.executable, "-m", "devstack.build_priority", "--pid", str(pid)]
+        )
 
     def healthy(self) -> bool:
         """True if the server runs, says healthy and answers ``list_collections``; never raises."""
@@ -540,12 +539,3 @@ def _probe_alias() -> str:
     # A connection of the probe's own: pymilvus shares connections by URI and token otherwise,
     # and the probe's close() would close them for every other client of this process.
     return f"stack-probe-{secrets.token_hex(8)}"
-
-
-def _command_line(pid: int) -> list[str]:
-    """Process ``pid``'s argv ([] when it is gone)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]

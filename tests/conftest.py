@@ -141,9 +141,8 @@ def _file_orders(items: list[pytest.Item]) -> dict[Path, int]:
     orders: dict[Path, int] = {}
     for item in items:
         order = _order(item, parallel=True)
-        current = orders.get(item.path)
-        if current is None or order == 0 or (current != 0 and order > current):
-            orders[item.path] = order
+        # 0 (stops a service) outranks every other order; otherwise the larger one wins.
+        orders[item.path] = max(orders.get(item.path, order), order, key=lambda o: (o == 0, o))
     return orders
 
 

@@ -23,6 +23,7 @@ from devstack.build_priority import BUILD_THREAD_PREFIX
 from devstack.milvus import SEARCH_UNDER_LOAD, SERVER_ENVIRONMENT
 from devstack.stack import LocalStack
 from tests.integration.conftest import wait_for
+from tests.support.threads import thread_policies
 
 pytestmark = pytest.mark.stack
 
@@ -59,18 +60,6 @@ def test_the_running_server_reads_the_adopted_settings(stack: LocalStack) -> Non
     assert rendered["dataNode"]["segment"]["insertBufSize"] == 64 * 1024 * 1024
 
 
-def _policies(pid: int) -> dict[str, set[int]]:
-    """Thread name -> the scheduling policies its threads run under, for process ``pid``."""
-    found: dict[str, set[int]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            found.setdefault(name, set()).add(os.sched_getscheduler(int(task.name)))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
 def test_index_builds_run_at_idle_priority_and_searches_do_not(
     stack: LocalStack, unique: str
 ) -> None:
@@ -96,11 +85,11 @@ def test_index_builds_run_at_idle_priority_and_searches_do_not(
         )
         client.search(collection_name=name, data=[vectors[0].tolist()], limit=3)
         wait_for(  # the watcher looks once a second
-            lambda: _policies(pid).get("Knowhere_Build0") == {os.SCHED_IDLE},
+            lambda: thread_policies(pid).get("Knowhere_Build0") == {os.SCHED_IDLE},
             timeout=10,
             what="the build threads at idle priority",
         )
-        policies = _policies(pid)
+        policies = thread_policies(pid)
         builds = {n: p for n, p in policies.items() if n.startswith(BUILD_THREAD_PREFIX)}
         assert builds and all(p == {os.SCHED_IDLE} for p in builds.values()), policies
         assert os.SCHED_IDLE not in policies["Knowhere_Search"], policies

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from devstack.build_priority import BUILD_THREAD_PREFIX, idle_build_threads, main
+from tests.support.threads import thread_policies
 
 # A process with three named threads (Linux: a thread's name is its /proc comm file).
 _CHILD = f"""
@@ -38,23 +38,15 @@ def child() -> Iterator[subprocess.Popen[str]]:
     process.wait()
 
 
-def _policies(pid: int) -> dict[str, int]:
-    tasks = Path(f"/proc/{pid}/task")
-    return {
-        (task / "comm").read_text().strip(): os.sched_getscheduler(int(task.name))
-        for task in tasks.iterdir()
-    }
-
-
 def test_build_threads_go_idle_once_and_the_others_stay(child: subprocess.Popen[str]) -> None:
-    before = _policies(child.pid)
-    assert before[f"{BUILD_THREAD_PREFIX}0"] == os.SCHED_OTHER
+    before = thread_policies(child.pid)
+    assert before[f"{BUILD_THREAD_PREFIX}0"] == {os.SCHED_OTHER}
     moved = idle_build_threads(child.pid)
     assert len(moved) == 2
-    after = _policies(child.pid)
-    assert after[f"{BUILD_THREAD_PREFIX}0"] == after[f"{BUILD_THREAD_PREFIX}1"] == os.SCHED_IDLE
-    assert after["Knowhere_Search"] == os.SCHED_OTHER
-    assert after["python"] == before["python"] == os.SCHED_OTHER  # the main thread
+    after = thread_policies(child.pid)
+    assert after[f"{BUILD_THREAD_PREFIX}0"] == after[f"{BUILD_THREAD_PREFIX}1"] == {os.SCHED_IDLE}
+    assert after["Knowhere_Search"] == {os.SCHED_OTHER}
+    assert after["python"] == before["python"] == {os.SCHED_OTHER}  # the main thread
     assert idle_build_threads(child.pid) == []  # already there: nothing moved again
 
 
